@@ -1,0 +1,1 @@
+"""Empty: open_clip imports this module; rsitr's tests call none of it."""
