@@ -1,0 +1,161 @@
+"""``rsitr data check PATH``: what a caption dataset holds and what is wrong with it.
+
+The report (a JSON-able dict) has: format, files, images, captions, splits
+({name: {"images", "captions"}}), captions_per_image ({n_captions: n_images}, string keys),
+classes ({name: n_images} or null when any image lacks a label), label_source,
+duplicate_captions ({"within_image", "across_images"}), missing_images / missing_examples,
+unreadable_images / unreadable_examples, resolution (images found by each path rule, see
+:mod:`rsitr.data.captions`), image_roots, problems / problem_examples (bad annotation entries:
+empty caption, unknown split, duplicate id...), notes, seconds.
+
+Malformed annotations (JSON/CSV that cannot be parsed, unknown layout) raise ``DataError``.
+Missing or unreadable images never raise: they are counted and named. Bad entries are reported
+under ``problems`` instead of stopping at the first one. :func:`exit_code` is 1 when an image is
+missing or unreadable, and also when an entry problem was found (``load_dataset`` would refuse
+such a file without ``skip_bad``), else 0.
+
+Duplicate captions: text is normalised by lower-casing, collapsing runs of whitespace to one
+space and trimming. ``within_image`` = per image, captions minus distinct captions, summed;
+``across_images`` = captions whose normalised text also appears under another image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from rsitr.data.captions import FORMATS, _load
+from rsitr.data.types import CaptionDataset
+
+N_EXAMPLES = 5
+
+
+def normalise_caption(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def duplicate_captions(ds: CaptionDataset) -> dict[str, int]:
+    within = 0
+    owners: dict[str, set[int]] = defaultdict(set)
+    for i, e in enumerate(ds.entries):
+        norm = [normalise_caption(c) for c in e.captions]
+        within += len(norm) - len(set(norm))
+        for n in norm:
+            owners[n].add(i)
+    across = sum(1 for e in ds.entries for c in e.captions if len(owners[normalise_caption(c)]) > 1)
+    return {"within_image": within, "across_images": across}
+
+
+def check_dataset(
+    path: str | os.PathLike,
+    *,
+    format: str = "auto",
+    image_root: str | os.PathLike | None = None,
+    split: str | None = None,
+    workers: int | None = None,
+    labels: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Load ``path`` (file or folder) keeping entries with missing/unreadable images, check
+    every image header in threads, and return the report described in the module docstring."""
+    t0 = time.perf_counter()
+    ds, info = _load(path, format=format, image_root=image_root, split=split, labels=labels,
+                     skip_entries=True, images="keep", check_images=True, workers=workers)
+    splits: dict[str, dict[str, int]] = {}
+    for e in ds.entries:
+        s = splits.setdefault(e.split, {"images": 0, "captions": 0})
+        s["images"] += 1
+        s["captions"] += len(e.captions)
+    hist = Counter(len(e.captions) for e in ds.entries)
+    classes = None
+    if ds.classes is not None:
+        counts = Counter(e.label for e in ds.entries)
+        classes = {c: counts[c] for c in ds.classes}
+    labelled = sum(e.label is not None for e in ds.entries)
+
+    def examples(recs: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+        return [{"image": i, "path": p, "reason": r} for i, p, r in recs[:N_EXAMPLES]]
+
+    return {
+        "path": str(path),
+        "format": ds.format,
+        "files": [str(f) for f in info.files],
+        "images": len(ds),
+        "captions": ds.n_captions,
+        "splits": dict(sorted(splits.items(), key=lambda kv: ("train", "val", "test").index(kv[0]))),
+        "captions_per_image": {str(k): hist[k] for k in sorted(hist)},
+        "classes": classes,
+        "labelled_images": labelled,
+        "label_source": info.label_source,
+        "duplicate_captions": duplicate_captions(ds),
+        "missing_images": len(info.missing),
+        "missing_examples": examples(info.missing),
+        "unreadable_images": len(info.unreadable),
+        "unreadable_examples": examples(info.unreadable),
+        "resolution": dict(info.resolution),
+        "image_roots": [str(r) for r in info.image_roots],
+        "problems": len(info.problems),
+        "problem_examples": info.problems[:N_EXAMPLES],
+        "notes": list(info.notes),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """1 when an image is missing or unreadable (or an annotation entry is bad), else 0."""
+    return 1 if report["missing_images"] or report["unreadable_images"] or report.get("problems") else 0
+
+
+def render_check(report: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    r = report
+    lines = [f"{r['path']}: {r['format']} format ({', '.join(r['files'])})",
+             f"  images {r['images']:,}   captions {r['captions']:,}   ({r['seconds']:.2f}s)"]
+    for name, s in r["splits"].items():
+        lines.append(f"  {name:<6} {s['images']:>7,} images {s['captions']:>8,} captions")
+    lines.append("  captions per image: " + ", ".join(f"{k}: {v:,}" for k, v in r["captions_per_image"].items()))
+    if r["classes"]:
+        lines.append(f"  classes ({len(r['classes'])}, from {r['label_source']}): "
+                     + ", ".join(f"{c} {n}" for c, n in r["classes"].items()))
+    else:
+        lines.append(f"  classes: none ({r['labelled_images']:,} of {r['images']:,} images labelled; no classification task)")
+    d = r["duplicate_captions"]
+    lines.append(f"  duplicate captions: {d['within_image']:,} within an image, {d['across_images']:,} shared across images")
+    lines.append("  image paths: " + ", ".join(f"{k} {v:,}" for k, v in r["resolution"].items() if v)
+                 + f"   (under {', '.join(r['image_roots'])})")
+    for key, title in (("missing", "missing images"), ("unreadable", "unreadable images")):
+        n = r[f"{key}_images"]
+        lines.append(f"  {title}: {n:,}" + ("" if n else "  ok"))
+        for ex in r[f"{key}_examples"]:
+            lines.append(f"    {ex['image']} -> {ex['path']}" + ("" if key == "missing" else f" ({ex['reason']})"))
+        if n > len(r[f"{key}_examples"]):
+            lines.append(f"    ... and {n - len(r[f'{key}_examples']):,} more")
+    if r["problems"]:
+        lines.append(f"  bad annotation entries: {r['problems']:,}")
+        lines.extend(f"    {p}" for p in r["problem_examples"])
+        if r["problems"] > len(r["problem_examples"]):
+            lines.append(f"    ... and {r['problems'] - len(r['problem_examples']):,} more")
+    for n in r["notes"]:
+        lines.append(f"  note: {n}")
+    lines.append("  status: " + ("OK" if exit_code(r) == 0 else "PROBLEMS FOUND (exit 1)"))
+    return "\n".join(lines)
+
+
+def add_data_check_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="annotation file (Karpathy JSON, PIR/HarMA JSON, iEBAKER CSV, simple CSV) or dataset folder")
+    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="force the annotation format (default: detect)")
+    parser.add_argument("--image-root", default=None, help="folder the listed image paths are resolved under")
+    parser.add_argument("--split", default=None, choices=("train", "val", "test"),
+                        help="split of entries whose annotation names none (e.g. an iEBAKER CSV)")
+    parser.add_argument("--labels", default=None, help="scene labels: a CSV path, 'filename', 'ucm-order' or 'none' (default: detect)")
+    parser.add_argument("--workers", type=int, default=None, help="threads for the image header checks")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    report = check_dataset(args.path, format=args.format, image_root=args.image_root, split=args.split,
+                           workers=args.workers, labels=getattr(args, "labels", None))
+    print(json.dumps(report, indent=2) if args.json else render_check(report))
+    return exit_code(report)

@@ -1,0 +1,67 @@
+"""In-memory form of every caption dataset, whatever file format it came from."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KNOWN_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageEntry:
+    """One image and all its captions.
+
+    image_id: the image's key as listed in the annotation (e.g. ``"train/bridge_942.tif"`` or
+              ``"1.tif"``); unique within a dataset.
+    path:     resolved path of the image file (may not exist if images were not checked).
+    split:    "train" | "val" | "test" (other names are rejected at load time).
+    captions: the raw caption strings, in file order.
+    label:    scene class name, or None when the dataset has no labels.
+    """
+
+    image_id: str
+    path: Path
+    split: str
+    captions: list[str]
+    label: str | None = None
+
+
+@dataclass
+class CaptionDataset:
+    entries: list[ImageEntry]
+    format: str = "unknown"  # "karpathy" | "pir" | "iebaker-csv" | "csv" | "synth"
+    source: Path | None = None
+    problems: list[str] = field(default_factory=list)  # what --skip-bad skipped, one line each
+
+    # -- views ---------------------------------------------------------------------------
+    def split(self, name: str) -> "CaptionDataset":
+        return CaptionDataset([e for e in self.entries if e.split == name], self.format, self.source)
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return dict(Counter(e.split for e in self.entries))
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Sorted scene classes, or None when any image lacks a label (no classification task)."""
+        if not self.entries or any(e.label is None for e in self.entries):
+            return None
+        return sorted({e.label for e in self.entries})  # type: ignore[misc]
+
+    def texts(self) -> tuple[list[str], list[int]]:
+        """All captions flattened in order, and for each its image index (the protocol's
+        ``text_to_image``)."""
+        texts: list[str] = []
+        owner: list[int] = []
+        for i, e in enumerate(self.entries):
+            texts.extend(e.captions)
+            owner.extend([i] * len(e.captions))
+        return texts, owner
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def n_captions(self) -> int:
+        return sum(len(e.captions) for e in self.entries)
