@@ -1,0 +1,251 @@
+"""The two-tower backbone: an EfficientNet-Lite image trunk and a MiniLM text trunk, each
+followed by a projection head into a shared ``embed_dim`` space (LiT-style, Zhai et al. 2022).
+
+Trunk outputs (what the training loop caches when a trunk is frozen):
+
+* image: the last feature map ``[B, 1280, h, w]`` (``h = w = image_size / 32``, rounded up)
+  flattened to spatial tokens ``[B, h*w, 1280]`` (mask all True); pooled = their average
+  (global average pooling, as the ImageNet classifier does);
+* text: the last hidden states ``[B, L, 384]``; pooled = their mean over the real tokens
+  ([CLS] and [SEP] included, padding excluded), sentence-transformers' pooling for
+  all-MiniLM-L6-v2. The token mask marks the word pieces only: [CLS], [SEP] and padding are
+  False, and tokens stay position-aligned with the ids (``tokens[:, i]`` is ``ids[:, i]``).
+
+Heads (:class:`Projection`): ``LayerNorm(width) -> Linear(width, embed_dim)``, one per
+modality, shared between the pooled vector and the tokens of that modality. The LayerNorm
+puts both trunks' very differently scaled features (ReLU6 activations vs BERT hidden states)
+on one scale, so one learning rate suits both heads. Both heads are initialised from the
+global torch RNG (weights ``N(0, width^-1/2)``, zero bias, unit LayerNorm), right after
+``torch.manual_seed`` the same seed gives the same heads; the trunks' throw-away random
+initialisation runs under a forked RNG so it does not shift the global stream.
+
+Fine-tuning modes (:meth:`TwoTower.trainable_groups`): ``heads`` (the two heads), ``locked-image``
+(LiT: text trunk + heads), ``full`` (everything) and ``frozen`` (nothing: method modules only).
+The ImageNet classifier ``_fc`` and BERT's ``pooler`` are loaded (so the shipped weights load
+strictly) but never used for retrieval: they are frozen and in no group.
+
+A trunk none of whose parameters requires grad is kept in eval mode even when the model is
+put in training mode (``model.train()``): its batch-norm statistics are not updated and its
+dropout is off, so its outputs equal the cached features. A trainable EfficientNet trunk trains
+its batch norms in batch mode (use reasonably large batches in ``full`` mode).
+
+There is no temperature here; the method adds its own.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsitr.models.base import Backbone, BackboneInfo, Features, PreprocessConfig
+from rsitr.models.towers.efficientnet_lite import CONFIGS as LITE_CONFIGS
+from rsitr.models.towers.efficientnet_lite import MEAN, STD, EfficientNetLite, LiteConfig
+from rsitr.models.towers.minilm import DEFAULT_MAX_LENGTH, BertConfig, MiniLM, WordPieceTokenizer, mean_pool, pad_trim
+from rsitr.utils.errors import RsitrError
+
+MODES = ("heads", "locked-image", "full", "frozen")
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, computed once per process for a given (path, size, mtime)."""
+    from rsitr.utils.io import sha256_file
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(p)
+    return _SHA_CACHE[key]
+
+
+class Projection(nn.Module):
+    """``LayerNorm(width) -> Linear(width, dim)``, applied to the last axis."""
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, dim)
+        nn.init.normal_(self.linear.weight, std=width ** -0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
+
+
+class AdapterSlot(nn.Module):
+    """Identity until a method puts an adapter in it: ``adapter(x, valid) -> x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapter: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        return x if self.adapter is None else self.adapter(x, valid)
+
+
+class TwoTower(Backbone):
+    """EfficientNet-Lite + MiniLM dual encoder implementing :class:`~rsitr.models.base.Backbone`
+    and the trunk/head split used by the frozen-feature cache."""
+
+    def __init__(
+        self,
+        image: LiteConfig | str = "efficientnet-lite0",
+        text: BertConfig | None = None,
+        tokenizer: WordPieceTokenizer | None = None,
+        *,
+        embed_dim: int = 256,
+        context_length: int | None = None,
+        name: str | None = None,
+        weights: dict | None = None,
+    ):
+        super().__init__()
+        image_cfg = LITE_CONFIGS[image] if isinstance(image, str) else image
+        text_cfg = text or BertConfig()
+        if tokenizer is not None and context_length is not None and tokenizer.max_length != context_length:
+            raise ValueError(f"context_length {context_length} != tokenizer max_length {tokenizer.max_length}")
+        self.embed_dim = int(embed_dim)
+        self.context_length = int(tokenizer.max_length if tokenizer is not None else (context_length or DEFAULT_MAX_LENGTH))
+        if self.context_length > text_cfg.max_position_embeddings:
+            raise ValueError(f"context_length {self.context_length} > {text_cfg.max_position_embeddings} BERT positions")
+        self.pad_id = text_cfg.pad_token_id
+        self._tokenizer = tokenizer
+        self.cls_id = tokenizer.cls_id if tokenizer is not None else 101
+        self.sep_id = tokenizer.sep_id if tokenizer is not None else 102
+        self.preprocess = PreprocessConfig(image_size=image_cfg.image_size, mean=MEAN, std=STD, interpolation="bicubic", resize_mode="shortest")
+
+        # heads first, from the global RNG; the trunks' random init (overwritten by the
+        # pretrained weights) must not move the global stream
+        self.image_proj = Projection(image_cfg.head_channels, self.embed_dim)
+        self.text_proj = Projection(text_cfg.hidden_size, self.embed_dim)
+        # image-side adapters act on the CNN's last feature map as spatial tokens, after the
+        # (cacheable) trunk and before pooling: see token_adapter_slot
+        self.image_token_slot = AdapterSlot()
+        with torch.random.fork_rng(devices=[]):
+            self.image_tower = EfficientNetLite(image_cfg)
+            self.text_tower = MiniLM(text_cfg)
+        for p in list(self.image_tower._fc.parameters()) + list(self.text_tower.pooler.parameters()):
+            p.requires_grad_(False)
+
+        self.info = BackboneInfo(
+            kind="towers",
+            name=name or f"{image_cfg.name}+minilm-l{text_cfg.num_hidden_layers}",
+            config={
+                "image": image_cfg.name,
+                "text": f"minilm-l{text_cfg.num_hidden_layers}",
+                "embed_dim": self.embed_dim,
+                "context_length": self.context_length,
+                "image_size": image_cfg.image_size,
+                "image_width": image_cfg.head_channels,
+                "text_width": text_cfg.hidden_size,
+                "head": "layernorm+linear",
+                "image_config": image_cfg.to_dict(),
+                "text_config": text_cfg.to_dict(),
+            },
+            weights=dict(weights or {}),
+        )
+
+    # -- trunks and heads ---------------------------------------------------------------------
+    def _image_trunk_params(self) -> list[nn.Parameter]:
+        return [p for n, p in self.image_tower.named_parameters() if not n.startswith("_fc.")]
+
+    def _text_trunk_params(self) -> list[nn.Parameter]:
+        return [p for n, p in self.text_tower.named_parameters() if not n.startswith("pooler.")]
+
+    def image_trunk(self, pixels: torch.Tensor) -> Features:
+        """Trunk features: pooled ``[B, 1280]`` (GAP), tokens ``[B, h*w, 1280]``, mask all True."""
+        fmap = self.image_tower.forward_features(pixels)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Features(tokens.mean(dim=1), tokens, mask)
+
+    def text_trunk(self, ids: torch.Tensor) -> Features:
+        """Trunk features: pooled ``[B, 384]`` (mean over non-pad tokens), tokens ``[B, L, 384]``
+        aligned with ``ids``, mask True on word pieces (not [CLS]/[SEP]/padding)."""
+        if ids.dim() != 2:
+            raise RsitrError(f"text ids must be [B, L], got shape {tuple(ids.shape)}")
+        valid = ids != self.pad_id
+        # run BERT only over the columns that hold real tokens; padding is masked anyway
+        n = pad_trim(ids, self.pad_id)
+        hidden = self.text_tower(ids[:, :n], valid[:, :n])
+        if n < ids.shape[1]:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - n))
+        pooled = mean_pool(hidden, valid)
+        words = valid & (ids != self.cls_id) & (ids != self.sep_id)
+        return Features(pooled, hidden, words)
+
+    def image_head(self, f: Features) -> Features:
+        if self.image_token_slot.adapter is not None:
+            if f.tokens.shape[1] == 0:
+                raise RsitrError("an image token adapter is installed but the cached trunk features have no tokens (method.needs_tokens must be True)")
+            tokens = self.image_token_slot(f.tokens, f.mask)
+            return Features(self.image_proj(tokens.mean(dim=1)), self.image_proj(tokens), f.mask)
+        return Features(self.image_proj(f.pooled), self.image_proj(f.tokens), f.mask)
+
+    # -- adapter slots (parameter-efficient methods) -------------------------------------------
+    def adapter_blocks(self, modality: str) -> nn.ModuleList | None:
+        """Transformer blocks with an ``adapter`` slot: MiniLM's layers for ``"text"``; None for
+        ``"image"`` (a CNN: use :meth:`token_adapter_slot`)."""
+        if modality == "text":
+            return self.text_tower.encoder.layer
+        if modality == "image":
+            return None
+        raise RsitrError(f"modality must be 'image' or 'text', got {modality!r}")
+
+    def token_adapter_slot(self, modality: str) -> AdapterSlot | None:
+        """One slot over the CNN's spatial tokens ``[B, h*w, 1280]`` (image only). It sits after
+        the trunk, so frozen-trunk features stay cacheable; the pooled embedding becomes the mean
+        of the adapted tokens."""
+        return self.image_token_slot if modality == "image" else None
+
+    def text_head(self, f: Features) -> Features:
+        return Features(self.text_proj(f.pooled), self.text_proj(f.tokens), f.mask)
+
+    def trunk_trainable(self, modality: str) -> bool:
+        """True iff any parameter of that trunk (``"image"`` or ``"text"``) requires grad."""
+        if modality == "image":
+            params = self._image_trunk_params()
+        elif modality == "text":
+            params = self._text_trunk_params()
+        else:
+            raise RsitrError(f"modality must be 'image' or 'text', got {modality!r}")
+        return any(p.requires_grad for p in params)
+
+    # -- Backbone interface -----------------------------------------------------------------
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
+        if self._tokenizer is None:
+            raise RsitrError("this two-tower model was built without a tokenizer (use rsitr.models.towers.load_towers)")
+        return self._tokenizer(texts)
+
+    def image_features(self, pixels: torch.Tensor) -> Features:
+        return self.image_head(self.image_trunk(pixels))
+
+    def text_features(self, ids: torch.Tensor) -> Features:
+        return self.text_head(self.text_trunk(ids))
+
+    def trainable_groups(self, mode: str) -> dict[str, list[nn.Parameter]]:
+        """``heads``: the two projection heads; ``locked-image``: text trunk + heads (LiT);
+        ``full``: both trunks + heads; ``frozen``: nothing."""
+        heads = {"image_head": list(self.image_proj.parameters()), "text_head": list(self.text_proj.parameters())}
+        if mode == "heads":
+            return heads
+        if mode == "locked-image":
+            return {"text": self._text_trunk_params(), **heads}
+        if mode == "full":
+            return {"image": self._image_trunk_params(), "text": self._text_trunk_params(), **heads}
+        if mode == "frozen":
+            return {}
+        raise RsitrError(f"unknown fine-tuning mode {mode!r}; use one of {', '.join(MODES)}")
+
+    def train(self, mode: bool = True) -> "TwoTower":
+        """As ``nn.Module.train``, but a frozen trunk stays in eval mode (see the module doc)."""
+        super().train(mode)
+        if mode:
+            if not self.trunk_trainable("image"):
+                self.image_tower.eval()
+            if not self.trunk_trainable("text"):
+                self.text_tower.eval()
+        return self
