@@ -1,0 +1,176 @@
+"""``rsitr`` command line: one entry point, subcommands per stage of the pipeline.
+
+    rsitr demo                      synthetic benchmark -> zero-shot -> train -> metrics table
+    rsitr data synth|check          make the synthetic benchmark / inspect a caption dataset
+    rsitr train --config C.yaml     train a method (YAML config + key=value overrides)
+    rsitr eval --data D --checkpoint M
+    rsitr bench encode              encoding throughput of a backbone
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rsitr.utils.errors import RsitrError
+
+log = logging.getLogger("rsitr")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="annotation file (Karpathy JSON, PIR/HarMA JSON, iEBAKER CSV, simple CSV) or dataset folder")
+    p.add_argument("--format", default="auto", help="force the annotation format (default: detect)")
+    p.add_argument("--image-root", default=None, help="folder the listed image paths are resolved under")
+    p.add_argument("--labels", default=None, help="scene labels: a CSV path, 'filename', 'ucm-order' or 'none' (default: detect)")
+    p.add_argument("--skip-bad", action="store_true", help="report and skip bad entries instead of stopping")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rsitr.data.captions import load_dataset
+    from rsitr.models.registry import load_model
+    from rsitr.retrieval.evaluate import evaluate
+    from rsitr.retrieval.metrics import format_table
+
+    # entries whose annotation names no split (iEBAKER CSV rows...) are taken as the evaluated split
+    data = load_dataset(args.data, format=args.format, image_root=args.image_root, labels=args.labels, skip_bad=args.skip_bad, split=args.split)
+    split = data.split(args.split)
+    if len(split) == 0:
+        raise RsitrError(f"{args.data}: split '{args.split}' is empty (splits present: {data.splits})")
+    model = load_model(args.checkpoint, device=args.device, quick_gelu=args.quick_gelu)
+    metrics = evaluate(model, split, batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+                          "images": len(split), "captions": split.n_captions, **metrics}, indent=2))
+    else:
+        print(format_table(metrics, title=f"{args.checkpoint} on {args.data} [{args.split}: {len(split)} images, {split.n_captions} captions]"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rsitr.train.config import TrainConfig, parse_override
+    from rsitr.train.loop import train
+    from rsitr.retrieval.metrics import format_table
+
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    overrides = dict(parse_override(s) for s in args.set)
+    for flag, key in (("data", "data.path"), ("out", "out_dir"), ("backbone", "model.backbone"), ("mode", "model.mode"),
+                      ("method", "method.name"), ("epochs", "epochs"), ("seed", "seed"), ("image_root", "data.image_root"), ("format", "data.format")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    cfg = cfg.override(overrides)
+    if not cfg.data.path:
+        raise RsitrError("no dataset: give --data PATH or data.path in the config")
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"trained {result.trainable_params:,} / {result.total_params:,} parameters in {result.seconds:.1f}s; run folder {result.out_dir}")
+    if result.best.get("epoch", -1) >= 0 and "mR" in result.best:
+        print(format_table({k: result.best[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR") if k in result.best},
+                           title=f"best validation (epoch {result.best['epoch']})"))
+    if result.test:
+        print(format_table(result.test, title="test (best checkpoint)"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rsitr.demo import run_demo
+
+    return run_demo(out=Path(args.out), images=args.images, seed=args.seed, backbone=args.backbone, epochs=args.epochs,
+                    mode=args.mode, json_out=args.json, progress=not args.quiet)
+
+
+def cmd_bench_encode(args: argparse.Namespace) -> int:
+    from rsitr.bench.throughput import encode_throughput, render
+
+    rows = [encode_throughput(b, batch_size=args.batch_size, n_batches=args.batches, device=args.device, threads=args.threads) for b in args.backbone]
+    print(json.dumps(rows, indent=2) if args.json else render(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rsitr import __version__
+
+    p = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
+    p.add_argument("--version", action="version", version=f"rsitr {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default: synthetic data, small pretrained model, before/after table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--images", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
+    d.add_argument("--mode", default=None, help="what trains (default: the backbone's demo choice)")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    from rsitr.data.synth import add_synth_args, run_synth
+
+    s = data.add_parser("synth", help="write the synthetic benchmark (Karpathy JSON + images + labels.csv)")
+    add_synth_args(s)
+    s.set_defaults(func=run_synth)
+    from rsitr.data.check import add_data_check_args, run_data_check
+
+    c = data.add_parser("check", help="inspect a caption dataset: format, splits, duplicates, missing images")
+    add_data_check_args(c)
+    c.set_defaults(func=run_data_check)
+
+    e = sub.add_parser("eval", help="evaluate a model on a dataset split (the field's protocol)")
+    _add_data_args(e)
+    e.add_argument("--checkpoint", required=True, help="CLIP checkpoint, HF CLIP folder, rsitr run/checkpoint, or towers:NAME")
+    e.add_argument("--split", default="test", help="split to evaluate; also the split of entries whose annotation has none")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None, help="CLIP activation override for open_clip state dicts")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="train a method from a YAML config (override any key with --set key=value)")
+    t.add_argument("--config", default=None)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--data", default=None)
+    t.add_argument("--image-root", default=None)
+    t.add_argument("--format", default=None)
+    t.add_argument("--out", default=None)
+    t.add_argument("--backbone", default=None)
+    t.add_argument("--mode", default=None)
+    t.add_argument("--method", default=None)
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
+    be = b.add_parser("encode", help="image/text encoding throughput of backbones")
+    be.add_argument("--backbone", action="append", required=True, help="repeatable: towers:NAME, clip:ViT-B-32, a checkpoint path")
+    be.add_argument("--batch-size", type=int, default=64)
+    be.add_argument("--batches", type=int, default=5)
+    be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench_encode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rsitr.utils.logging import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except RsitrError as exc:
+        print(f"rsitr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rsitr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Encode a dataset split and score it with the field's protocol."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rsitr.data.types import CaptionDataset
+from rsitr.models.base import Backbone, Features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    images: torch.Tensor  # [N, D] L2-normalised
+    texts: torch.Tensor  # [M, D] L2-normalised
+    text_to_image: list[int]
+    image_features: Features | None = None  # raw (not normalised) features with tokens, if asked
+    text_features: Features | None = None
+
+
+@torch.no_grad()
+def encode_dataset(
+    backbone: Backbone,
+    dataset: CaptionDataset,
+    *,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    trunk_cache=None,
+    progress: bool = True,
+    keep_tokens: bool = False,
+) -> Encoded:
+    """Embed every image (eval transform) and caption of ``dataset``.
+
+    ``trunk_cache`` (a :class:`rsitr.train.data.TrunkCache` built on this dataset) lets a
+    backbone with frozen trunks skip the towers and apply only its heads. ``keep_tokens``
+    also returns the token-level features (for methods that re-rank with them).
+    """
+    from tqdm import tqdm
+
+    from rsitr.data.transforms import EvalTransform
+    from rsitr.train.data import ImageSet, iterate_images
+
+    device = torch.device(device)
+    was_training = backbone.training
+    backbone.eval()
+    def keep(f: Features) -> Features:
+        if keep_tokens:
+            return Features(f.pooled.float().cpu(), f.tokens.float().cpu(), f.mask.cpu())
+        return Features(f.pooled.float().cpu(), f.pooled.new_zeros(0), f.mask.new_zeros(0))
+
+    if trunk_cache is not None and trunk_cache.image is not None:
+        feats = trunk_cache.image[0]
+        img_parts = [keep(backbone.image_head(_slice(feats, i, batch_size, device))) for i in range(0, len(dataset), batch_size)]
+    else:
+        images = ImageSet(dataset, EvalTransform(backbone.preprocess), train=False)
+        img_parts = []
+        it = iterate_images(images, range(len(dataset)), batch_size, workers)
+        for px in tqdm(it, total=math.ceil(len(dataset) / batch_size), desc="encode images", disable=not progress, leave=False):
+            px = px.to(device)
+            img_parts.append(keep(backbone.image_features(px)) if keep_tokens else keep(Features(backbone.encode_image(px), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))))
+    texts, owner = dataset.texts()
+    if trunk_cache is not None and trunk_cache.text is not None:
+        feats = trunk_cache.text
+        txt_parts = [keep(backbone.text_head(_slice(feats, i, batch_size, device))) for i in range(0, len(texts), batch_size)]
+    else:
+        txt_parts = []
+        for i in tqdm(range(0, len(texts), batch_size), desc="encode texts", disable=not progress, leave=False):
+            ids = backbone.tokenize(texts[i : i + batch_size]).to(device)
+            txt_parts.append(keep(backbone.text_features(ids)) if keep_tokens else keep(Features(backbone.encode_text(ids), ids.new_zeros(0), ids.new_zeros(0, dtype=torch.bool))))
+    backbone.train(was_training)
+    img_f, txt_f = _cat(img_parts, keep_tokens), _cat(txt_parts, keep_tokens)
+    return Encoded(F.normalize(img_f.pooled, dim=-1), F.normalize(txt_f.pooled, dim=-1), owner,
+                   img_f if keep_tokens else None, txt_f if keep_tokens else None)
+
+
+def _cat(parts: list[Features], tokens: bool) -> Features:
+    pooled = torch.cat([p.pooled for p in parts])
+    if not tokens:
+        return Features(pooled, pooled.new_zeros(0), torch.zeros(0, dtype=torch.bool))
+    width = max(p.tokens.shape[1] for p in parts)  # text batches may differ in length (towers pad per batch)
+    tok = torch.cat([F.pad(p.tokens, (0, 0, 0, width - p.tokens.shape[1])) for p in parts])
+    mask = torch.cat([F.pad(p.mask, (0, width - p.mask.shape[1]), value=False) for p in parts])
+    return Features(pooled, tok, mask)
+
+
+def _slice(f, start: int, size: int, device):
+    from rsitr.models.base import Features
+
+    return Features(f.pooled[start : start + size].to(device), f.tokens[start : start + size].to(device).float(), f.mask[start : start + size].to(device))
+
+
+def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, **kwargs) -> tuple[torch.Tensor, list[int]]:
+    """Image x text score matrix of a split: cosine of the pooled embeddings, or the trained
+    method's own scoring (re-ranking with token features) when it defines one."""
+    method = method if method is not None else backbone.__dict__.get("method")
+    needs_tokens = bool(method is not None and method.rerank_needs_tokens)
+    enc = encode_dataset(backbone, dataset, keep_tokens=needs_tokens, **kwargs)
+    if method is None:
+        return enc.images @ enc.texts.t(), enc.text_to_image
+    with torch.no_grad():
+        was = method.training
+        method.eval()
+        sim = method.similarity(backbone, enc)
+        method.train(was)
+    return sim, enc.text_to_image
+
+
+def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, **kwargs) -> dict[str, float]:
+    """Standard protocol metrics (percent) of ``backbone`` on ``dataset`` (one split).
+
+    ``method``: the trained method (default: the one a loaded rsitr checkpoint carries), whose
+    ``similarity`` scores the split (e.g. FTF's re-ranking, iEBAKER's SAR)."""
+    from rsitr.retrieval.metrics import retrieval_metrics
+
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate an empty split")
+    t0 = time.perf_counter()
+    sim, text_to_image = similarity(backbone, dataset, method=method, **kwargs)
+    metrics = retrieval_metrics(sim, text_to_image)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    log.info("evaluated %d images / %d captions in %.1fs: mR %.2f", len(dataset), len(text_to_image), time.perf_counter() - t0, metrics["mR"])
+    return metrics

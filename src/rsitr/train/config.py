@@ -1,0 +1,155 @@
+"""Training configuration: one dataclass tree, loaded from YAML and overridden from the CLI.
+
+A *method* is a config that picks components (``method.name``); the loop is the same for all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsitr.utils.errors import RsitrError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # annotation file or dataset folder
+    format: str = "auto"
+    image_root: str | None = None
+    labels: str | None = None  # None/"auto", a CSV path, "filename", "ucm-order", "none"
+    skip_bad: bool = False
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    epoch_unit: str = "pairs"  # "pairs": every (image, caption) once per epoch; "images": one random caption per image
+    workers: int = 0  # DataLoader worker processes for image decoding
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "towers:efficientnet-lite0+minilm-l6"  # a checkpoint path, "towers:NAME" or "clip:CONFIG"
+    mode: str = "heads"  # what trains: "full" | "heads" | "locked-image" | "proj" | "frozen"
+    quick_gelu: bool | None = None  # CLIP activation override for open_clip state dicts
+    embed_dim: int = 256  # shared space of the two-tower heads
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    scale: tuple[float, float] = (0.5, 1.0)  # random resized crop area fraction
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: bool = True
+
+
+@dataclass
+class MethodConfig:
+    name: str = "baseline"  # "baseline" (symmetric InfoNCE); the method issues add more
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    out_dir: str = "runs/default"
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    time_budget: float | None = None  # stop after this many seconds of training (incl. feature caching; summed over resumes); for same-budget comparisons
+    batch_size: int = 64  # global batch (split across processes under torchrun)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float | None = 1.0
+    amp: str = "auto"  # "auto" (fp16 on CUDA, off on CPU) | "off" | "bf16" | "fp16"
+    seed: int = 0
+    eval_every: int = 1  # validate every N epochs (0: never; best = last)
+    select_metric: str = "mR"
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
+    cache_features: str = "auto"  # "auto": cache frozen-trunk outputs when the trunk is frozen; "off"
+    cache_views: int = 1  # augmented views cached per image when caching (1 = the eval view only)
+    eval_batch_size: int = 128
+    device: str = "auto"
+    log_every: int = 10
+
+    # -- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, d, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise RsitrError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RsitrError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RsitrError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(raw)
+        except RsitrError as exc:
+            raise RsitrError(f"{path}: {exc}") from exc
+
+    def override(self, dotted: dict[str, Any]) -> "TrainConfig":
+        """Return a copy with ``{"model.mode": "full", "lr": 1e-4}``-style overrides applied."""
+        d = self.to_dict()
+        for key, value in dotted.items():
+            node = d
+            parts = key.split(".")
+            for p in parts[:-1]:
+                if p not in node or not isinstance(node[p], dict):
+                    raise RsitrError(f"unknown config key: {key}")
+                node = node[p]
+            if parts[-1] not in node and not (len(parts) > 1 and parts[-2] == "options"):
+                raise RsitrError(f"unknown config key: {key}")
+            node[parts[-1]] = value
+        return TrainConfig.from_dict(d)
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise RsitrError(f"{where}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise RsitrError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        f = fields[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value or {}, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``lr=1e-4``, ``model.mode=full``)."""
+    if "=" not in text:
+        raise RsitrError(f"override must look like key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed

@@ -1,0 +1,226 @@
+"""Training-time data: the epoch order, image batches, and cached frozen-trunk features.
+
+On a CPU the expensive part of training a LiT-style model is running the frozen towers;
+when a tower's trunk is frozen its outputs are computed once per image/caption (and per
+augmented view) and cached on disk next to the run, so each epoch costs only the heads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rsitr.data.types import CaptionDataset
+from rsitr.models.base import Backbone, Features
+from rsitr.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+# -- epoch order -------------------------------------------------------------------------
+def epoch_order(dataset: CaptionDataset, epoch: int, seed: int, unit: str = "pairs") -> np.ndarray:
+    """Deterministic list of (image index, caption index within the image) for one epoch.
+
+    Depends only on (seed, epoch), so a resumed run sees exactly the order it would have seen.
+    ``unit="pairs"``: every caption once (the field's usual epoch); ``"images"``: one random
+    caption per image.
+    """
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    if unit == "pairs":
+        pairs = np.array([(i, c) for i, e in enumerate(dataset.entries) for c in range(len(e.captions))], dtype=np.int64)
+    elif unit == "images":
+        pairs = np.array([(i, int(rng.integers(len(e.captions)))) for i, e in enumerate(dataset.entries)], dtype=np.int64)
+    else:
+        raise ValueError(f"epoch_unit must be 'pairs' or 'images', got {unit!r}")
+    return pairs[rng.permutation(len(pairs))]
+
+
+def steps_per_epoch(n_pairs: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch; the last incomplete global batch is dropped (InfoNCE wants
+    full batches), so every step sees ``batch_size * grad_accum`` pairs."""
+    return n_pairs // (batch_size * grad_accum)
+
+
+# -- images --------------------------------------------------------------------------------
+class ImageSet(Dataset):
+    """Image tensors of a dataset's entries under a transform. ``item_seed`` makes the random
+    augmentation of (image, epoch, position) reproducible across resumes and worker counts."""
+
+    def __init__(self, dataset: CaptionDataset, transform, train: bool):
+        self.paths = [e.path for e in dataset.entries]
+        self.transform = transform
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int, seed: int | None = None) -> torch.Tensor:
+        from rsitr.data.images import load_image
+
+        img = load_image(self.paths[index])
+        if self.train:
+            return self.transform(img, rng=np.random.default_rng(seed))
+        return self.transform(img)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, seed = key
+            return self.load(index, seed)
+        return self.load(key)
+
+
+def make_transforms(backbone: Backbone, augment) -> tuple:
+    from rsitr.data.transforms import EvalTransform, TrainTransform
+
+    eval_tf = EvalTransform(backbone.preprocess)
+    if not augment.enabled:
+        return eval_tf, None
+    train_tf = TrainTransform(backbone.preprocess, scale=tuple(augment.scale), hflip=augment.hflip, vflip=augment.vflip, rot90=augment.rot90)
+    return eval_tf, train_tf
+
+
+def iterate_images(images: ImageSet, indices, batch_size: int, workers: int = 0, seeds=None):
+    """Yield stacked image batches in order (decoding in ``workers`` processes)."""
+    keys = list(indices) if seeds is None else list(zip(indices, seeds))
+    loader = DataLoader(
+        _Keyed(images, keys), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=torch.stack, persistent_workers=False
+    )
+    yield from loader
+
+
+class _Keyed(Dataset):
+    def __init__(self, base: ImageSet, keys: list):
+        self.base, self.keys = base, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.base[self.keys[i]]
+
+
+# -- trunk feature cache ------------------------------------------------------------------
+def supports_trunk_cache(backbone: Backbone) -> bool:
+    return all(hasattr(backbone, n) for n in ("image_trunk", "image_head", "text_trunk", "text_head", "trunk_trainable"))
+
+
+@dataclass
+class TrunkCache:
+    """Frozen-trunk outputs: ``image[v]`` is a Features over all images for view v (view 0 is
+    the eval transform); ``text`` a Features over all captions in ``dataset.texts()`` order.
+    Missing modalities (trainable trunk) are None."""
+
+    image: list[Features] | None
+    text: Features | None
+
+
+def _key(backbone: Backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"backbone": backbone.info.name, "weights": backbone.info.weights, "what": what, **extra}, sort_keys=True, default=str).encode())
+    for e in dataset.entries:
+        h.update(str(e.path).encode())
+        if what == "text":
+            h.update("\x00".join(e.captions).encode())
+    return h.hexdigest()[:20]
+
+
+def _features_to_cpu(f: Features, keep_tokens: bool) -> Features:
+    if keep_tokens:
+        return Features(f.pooled.float().cpu(), f.tokens.half().cpu(), f.mask.cpu())
+    return Features(f.pooled.float().cpu(), f.pooled.new_zeros(f.pooled.shape[0], 0, f.pooled.shape[1]).cpu(), torch.zeros(f.pooled.shape[0], 0, dtype=torch.bool))
+
+
+def _cat(parts: list[Features]) -> Features:
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    # text token counts differ between batches: pad to the longest
+    n = max(p.tokens.shape[1] for p in parts)
+    toks, masks = [], []
+    for p in parts:
+        pad = n - p.tokens.shape[1]
+        toks.append(torch.nn.functional.pad(p.tokens, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(p.mask, (0, pad), value=False))
+    return Features(torch.cat([p.pooled for p in parts]), torch.cat(toks), torch.cat(masks))
+
+
+def _load_or_compute(path: Path | None, compute) -> Features:
+    if path is not None and path.is_file():
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("loaded cached trunk features %s", path)
+        return Features(d["pooled"], d["tokens"], d["mask"])
+    f = compute()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save({"pooled": f.pooled, "tokens": f.tokens, "mask": f.mask}, tmp)
+    return f
+
+
+@torch.no_grad()
+def build_trunk_cache(
+    backbone: Backbone,
+    dataset: CaptionDataset,
+    *,
+    cache_dir: Path | None,
+    views: int = 1,
+    train_transform=None,
+    eval_transform=None,
+    keep_tokens: bool = False,
+    batch_size: int = 64,
+    workers: int = 0,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> TrunkCache:
+    """Compute (or load) frozen-trunk features for every image view and caption."""
+    from tqdm import tqdm
+
+    was_training = backbone.training
+    backbone.eval()
+    image_views = None
+    if not backbone.trunk_trainable("image"):
+        images_eval = ImageSet(dataset, eval_transform, train=False)
+        images_aug = ImageSet(dataset, train_transform, train=True) if train_transform is not None else None
+        image_views = []
+        for v in range(views):
+            if v > 0 and images_aug is None:
+                break
+            key = _key(backbone, dataset, "image", {"view": v, "seed": seed, "tokens": keep_tokens, "pre": repr(backbone.preprocess)})
+            path = cache_dir / f"img-{key}.pt" if cache_dir else None
+
+            def compute(v=v):
+                parts = []
+                src = images_eval if v == 0 else images_aug
+                seeds = None if v == 0 else [int(s) for s in np.random.default_rng([seed, v, 0xA06]).integers(0, 2**31, len(dataset))]
+                it = iterate_images(src, range(len(dataset)), batch_size, workers, seeds)
+                for px in tqdm(it, total=math.ceil(len(dataset) / batch_size), desc=f"image trunk (view {v})", disable=not progress, leave=False):
+                    parts.append(_features_to_cpu(backbone.image_trunk(px.to(device)), keep_tokens))
+                return _cat(parts)
+
+            image_views.append(_load_or_compute(path, compute))
+    text = None
+    if not backbone.trunk_trainable("text"):
+        texts, _ = dataset.texts()
+        key = _key(backbone, dataset, "text", {"tokens": keep_tokens})
+        path = cache_dir / f"txt-{key}.pt" if cache_dir else None
+
+        def compute_text():
+            parts = []
+            for i in tqdm(range(0, len(texts), batch_size), desc="text trunk", disable=not progress, leave=False):
+                ids = backbone.tokenize(texts[i : i + batch_size]).to(device)
+                parts.append(_features_to_cpu(backbone.text_trunk(ids), keep_tokens))
+            return _cat(parts)
+
+        text = _load_or_compute(path, compute_text)
+    backbone.train(was_training)
+    return TrunkCache(image_views, text)
+
+
+def select(f: Features, index: torch.Tensor, device: torch.device) -> Features:
+    return Features(f.pooled[index].to(device), f.tokens[index].to(device).float(), f.mask[index].to(device))

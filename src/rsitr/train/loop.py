@@ -1,0 +1,428 @@
+"""The one training loop (single process, or torchrun/DDP). Methods plug in via
+:mod:`rsitr.train.methods`; nothing here is method-specific.
+
+Resume is exact: the epoch order and every augmentation depend only on (seed, epoch,
+position), and the checkpoint holds the optimizer, scheduler, scaler and RNG states, so a run
+killed after step k and resumed ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from rsitr.models.base import Backbone, Features
+from rsitr.train import checkpoint as ckpt
+from rsitr.train.config import TrainConfig
+from rsitr.train.data import (
+    ImageSet,
+    TrunkCache,
+    build_trunk_cache,
+    epoch_order,
+    make_transforms,
+    select,
+    steps_per_epoch,
+    supports_trunk_cache,
+)
+from rsitr.train.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_with_grad, init_distributed, resolve_device
+from rsitr.train.methods import Method, TrainContext, build_method
+from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TrainStep(nn.Module):
+    """Backbone + method as one module, so DDP sees every trainable parameter."""
+
+    def __init__(self, backbone: Backbone, method: Method, dist_info: DistInfo):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.dist_info = dist_info
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        bb = self.backbone
+        img = bb.image_head(batch["image_trunk"]) if "image_trunk" in batch else bb.image_features(batch["pixels"])
+        txt = bb.text_head(batch["text_trunk"]) if "text_trunk" in batch else bb.text_features(batch["ids"])
+        if self.dist_info.enabled:
+            img = _gather_features(img, self.dist_info, self.method.needs_tokens)
+            txt = _gather_features(txt, self.dist_info, self.method.needs_tokens)
+        return self.method.loss(bb, img, txt, batch)
+
+
+def _gather_features(f: Features, info: DistInfo, tokens: bool) -> Features:
+    pooled = gather_with_grad(f.pooled, info)
+    if not tokens:
+        return Features(pooled, f.tokens, f.mask)
+    return Features(pooled, gather_with_grad(f.tokens, info), gather_with_grad(f.mask, info))
+
+
+def _set_trainable(module: TrainStep, mode: str) -> None:
+    bb = module.backbone
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    groups = bb.trainable_groups(mode)
+    for params in groups.values():
+        for p in params:
+            p.requires_grad_(True)
+    # method modules always train (their own parameters)
+    for p in module.method.parameters():
+        p.requires_grad_(True)
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases, embeddings-like 1-D tensors and the temperature
+    (open_clip's exclusion rule)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name or "bias" in name or "embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext(), None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler(device.type) if (amp == "fp16" and device.type == "cuda") else None
+    return torch.autocast(device_type=device.type, dtype=dtype), scaler
+
+
+def trainable_state(module: TrainStep, full_backbone: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: every trained tensor (and the whole backbone when it cannot
+    be rebuilt from its source, e.g. randomly initialised or fully fine-tuned)."""
+    out: dict[str, torch.Tensor] = {}
+    if full_backbone:
+        for k, v in module.backbone.state_dict().items():
+            out[f"backbone.{k}"] = v.detach().cpu().clone()
+    else:
+        for k, p in module.backbone.named_parameters():
+            if p.requires_grad:
+                out[f"backbone.{k}"] = p.detach().cpu().clone()
+    for k, v in module.method.state_dict().items():
+        out[f"method.{k}"] = v.detach().cpu().clone()
+    return out
+
+
+def load_trainable_state(module: TrainStep, state: dict[str, torch.Tensor], where: str) -> None:
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    bad = [k for k in state if k not in own]
+    if bad:
+        raise RsitrError(f"{where}: checkpoint has tensors this model does not ({bad[:5]}...)")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise RsitrError(f"{where}: shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test: dict[str, float] | None = None
+    seconds: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` and return the best validation metrics (and test metrics of the best
+    checkpoint). ``on_step(global_step)`` is called after every optimizer step (tests use it
+    to simulate a crash)."""
+    from tqdm import tqdm
+
+    from rsitr.data.captions import load_dataset
+    from rsitr.models.registry import load_model
+    from rsitr.retrieval.evaluate import evaluate
+
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(device)
+    out = Path(cfg.out_dir)
+    last_path, best_path = out / "checkpoint_last.pt", out / "checkpoint_best.pt"
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and last_path.exists():
+            raise RsitrError(f"{out} already holds a run (checkpoint_last.pt); pass --resume to continue it or choose another --out")
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    barrier(dist_info)
+
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
+    train_ds, val_ds = data.split(cfg.data.train_split), data.split(cfg.data.val_split)
+    if len(train_ds) == 0:
+        raise RsitrError(f"{cfg.data.path}: the '{cfg.data.train_split}' split is empty")
+    backbone = load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
+    method = build_method(cfg.method.name, backbone, cfg.method.options, train_ds)
+    module = TrainStep(backbone, method, dist_info).to(device)
+    _set_trainable(module, cfg.model.mode)
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in module.parameters())
+    if n_train == 0:
+        raise RsitrError(f"model.mode={cfg.model.mode!r} leaves nothing to train")
+    full_backbone = cfg.model.mode == "full" or cfg.model.backbone.startswith("clip:")
+    log.info("backbone %s, mode %s: %s trainable / %s parameters", backbone.info.name, cfg.model.mode, f"{n_train:,}", f"{n_total:,}")
+
+    eval_tf, train_tf = make_transforms(backbone, cfg.augment)
+    use_cache = cfg.cache_features != "off" and supports_trunk_cache(backbone)
+    cache = val_cache = None
+    if use_cache:
+        cache_dir = out / "cache"
+        cache = build_trunk_cache(
+            backbone, train_ds, cache_dir=cache_dir, views=cfg.cache_views, train_transform=train_tf, eval_transform=eval_tf,
+            keep_tokens=method.needs_tokens, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed, device=device,
+            progress=progress and dist_info.is_main,
+        )
+        if len(val_ds):
+            val_cache = build_trunk_cache(
+                backbone, val_ds, cache_dir=cache_dir, views=1, eval_transform=eval_tf, keep_tokens=method.rerank_needs_tokens or method.needs_tokens,
+                batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed, device=device, progress=progress and dist_info.is_main,
+            )
+    if cache is None or cache.image is None:
+        images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None)
+    offsets = np.cumsum([0] + [len(e.captions) for e in train_ds.entries])
+    all_texts, _ = train_ds.texts()
+    classes = train_ds.classes
+    labels_all = torch.tensor([classes.index(e.label) for e in train_ds.entries]) if classes else None
+
+    def encode_train() -> tuple[Features, Features]:
+        from rsitr.retrieval.evaluate import encode_dataset
+
+        eval_cache = TrunkCache([cache.image[0]] if cache.image else None, cache.text) if cache is not None else None
+        enc = encode_dataset(backbone, train_ds, trunk_cache=eval_cache, keep_tokens=True, batch_size=cfg.eval_batch_size,
+                             workers=cfg.data.workers, device=device, progress=progress and dist_info.is_main)
+        return enc.image_features, enc.text_features
+
+    ctx = TrainContext(backbone=backbone, train_data=train_ds, encode=encode_train, out_dir=out)
+
+    ddp_module: nn.Module = module
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    n_pairs = sum(len(e.captions) for e in train_ds.entries) if cfg.data.epoch_unit == "pairs" else len(train_ds)
+    spe = steps_per_epoch(n_pairs, cfg.batch_size, cfg.grad_accum)
+    if spe == 0:
+        raise RsitrError(f"batch_size*grad_accum={cfg.batch_size * cfg.grad_accum} is larger than the {n_pairs} training pairs")
+    total_steps = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    autocast, scaler = _autocast(cfg.amp, device)
+
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    saved_order: np.ndarray | None = None  # the running epoch's pairs when a method changed them
+    elapsed_before = 0.0  # training seconds of earlier (resumed) invocations, for time_budget
+    best: dict[str, Any] = {"epoch": -1, cfg.select_metric: -1.0}
+    history: list[dict[str, Any]] = []
+    if resume and last_path.exists():
+        state = ckpt.load_checkpoint(last_path)
+        load_trainable_state(module, state["state"], str(last_path))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        epoch, step_in_epoch, global_step = (state["progress"][k] for k in ("epoch", "step_in_epoch", "global_step"))
+        elapsed_before = float(state["progress"].get("seconds", 0.0))
+        if state.get("epoch_order") is not None and step_in_epoch > 0:
+            saved_order = state["epoch_order"].numpy()
+        best, history = state["best"], state["history"]
+        log.info("resumed %s at epoch %d step %d (global step %d)", last_path, epoch, step_in_epoch, global_step)
+    elif resume:
+        log.info("--resume: no checkpoint in %s yet, starting fresh", out)
+
+    def save(path: Path, with_resume_state: bool) -> None:
+        if not dist_info.is_main:
+            return
+        payload: dict[str, Any] = {
+            "backbone": {"source": cfg.model.backbone, "info": _info_dict(backbone)},
+            "config": cfg.to_dict(),
+            "state": trainable_state(module, full_backbone),
+            "state_is_full": full_backbone,
+            "method": {"name": method.name, "options": dict(cfg.method.options)},
+            "best": best,
+            "history": history,
+            "epoch_order": torch.from_numpy(order_now) if order_now is not None else None,
+            "progress": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                         "seconds": elapsed_before + time.perf_counter() - t_start},
+        }
+        if with_resume_state:
+            payload.update(
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else {}, rng=ckpt.rng_state(),
+            )
+        ckpt.save_checkpoint(path, payload)
+
+    micro = cfg.batch_size
+    order_now: np.ndarray | None = None
+    views = len(cache.image) if cache is not None and cache.image else 1
+    done = global_step >= total_steps
+    while epoch < cfg.epochs and not done:
+        module.train()
+        order = epoch_order(train_ds, epoch, cfg.seed, cfg.data.epoch_unit)
+        if saved_order is not None:  # resumed mid-epoch: the pairs the method chose at its start
+            order, saved_order = saved_order, None
+        else:
+            chosen = method.epoch_pairs(order, epoch, ctx)
+            if chosen is not order:
+                if len(chosen) == 0:
+                    raise RsitrError(f"method {method.name} kept no training pairs in epoch {epoch + 1}")
+                # an epoch is a fixed number of steps: kept pairs are cycled to fill it
+                order = np.resize(chosen, order.shape)
+        order_now = order if not np.array_equal(order, epoch_order(train_ds, epoch, cfg.seed, cfg.data.epoch_unit)) else None
+        view_rng = np.random.default_rng([cfg.seed, epoch, 0x71E])
+        view_of = view_rng.integers(0, views, len(order))
+        aug_seed = np.random.default_rng([cfg.seed, epoch, 0xA06]).integers(0, 2**31, len(order))
+        bar = tqdm(total=spe, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dist_info.is_main), leave=False)
+        running: list[float] = []
+        while step_in_epoch < spe:
+            optimizer.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            for m in range(cfg.grad_accum):
+                start = (step_in_epoch * cfg.grad_accum + m) * micro
+                pos = np.arange(start, start + micro)[dist_info.rank :: dist_info.world_size]
+                pairs = order[pos]
+                img_idx = torch.as_tensor(pairs[:, 0])
+                txt_idx = torch.as_tensor(offsets[pairs[:, 0]] + pairs[:, 1])
+                batch: dict[str, Any] = {"image_index": img_idx.to(device), "text_index": txt_idx.to(device), "epoch": epoch}
+                if labels_all is not None:
+                    batch["labels"] = labels_all[img_idx].to(device)
+                if cache is not None and cache.image is not None:
+                    vsel = view_of[pos]
+                    if views == 1:
+                        batch["image_trunk"] = select(cache.image[0], img_idx, device)
+                    else:
+                        parts = [select(cache.image[int(v)], img_idx[i : i + 1], device) for i, v in enumerate(vsel)]
+                        batch["image_trunk"] = Features(*(torch.cat([getattr(p, a) for p in parts]) for a in ("pooled", "tokens", "mask")))
+                else:
+                    batch["pixels"] = torch.stack([images[(int(i), int(s))] for i, s in zip(pairs[:, 0], aug_seed[pos])]).to(device)
+                if cache is not None and cache.text is not None:
+                    batch["text_trunk"] = select(cache.text, txt_idx, device)
+                else:
+                    batch["ids"] = backbone.tokenize([all_texts[int(j)] for j in txt_idx]).to(device)
+                sync = contextlib.nullcontext() if (m == cfg.grad_accum - 1 or not dist_info.enabled) else ddp_module.no_sync()
+                with sync:
+                    with autocast:
+                        loss, logs = ddp_module(batch)
+                    loss = loss / cfg.grad_accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step_in_epoch += 1
+            global_step += 1
+            method.after_step(global_step)
+            running.append(logs.get("loss", float("nan")))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if cfg.save_every_steps and global_step % cfg.save_every_steps == 0:
+                save(last_path, True)
+            if on_step is not None:
+                on_step(global_step)
+            if global_step >= total_steps:
+                done = True
+                break
+            if cfg.time_budget is not None:
+                over = broadcast_object(elapsed_before + time.perf_counter() - t_start >= cfg.time_budget, dist_info)
+                if over:
+                    log.info("time budget of %.0f s reached at step %d", cfg.time_budget, global_step)
+                    done = True
+                    break
+        bar.close()
+        finished_epoch = step_in_epoch >= spe or done
+        record: dict[str, Any] = {"epoch": epoch + 1, "global_step": global_step, "loss": float(np.mean(running)) if running else None,
+                                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t_start, 2)}
+        if finished_epoch:
+            epoch += 1
+            step_in_epoch = 0
+        do_eval = len(val_ds) > 0 and cfg.eval_every > 0 and (epoch % cfg.eval_every == 0 or done or epoch == cfg.epochs)
+        improved = False
+        if dist_info.is_main:
+            if do_eval:
+                metrics = evaluate(backbone, val_ds, method=method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=device, trunk_cache=val_cache, progress=progress)
+                record["val"] = metrics
+                improved = metrics[cfg.select_metric] > best[cfg.select_metric]
+            elif len(val_ds) == 0 or cfg.eval_every == 0:
+                improved = True  # no validation: the last checkpoint is the best
+            if improved:
+                best = {"epoch": epoch, "global_step": global_step, cfg.select_metric: record.get("val", {}).get(cfg.select_metric, float("nan")), **record.get("val", {})}
+            history.append(record)
+            val_txt = f" val mR {record['val']['mR']:.2f}" if "val" in record else ""
+            log.info("epoch %d: loss %.4f%s%s", record["epoch"], record["loss"] or float("nan"), val_txt, " (best)" if improved else "")
+            with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        improved = broadcast_object(improved, dist_info)
+        if improved:
+            save(best_path, False)
+        save(last_path, True)
+        barrier(dist_info)
+
+    result = TrainResult(out_dir=out, best=best, history=history, trainable_params=n_train, total_params=n_total)
+    if evaluate_test and dist_info.is_main:
+        test_ds = data.split(cfg.data.test_split)
+        if len(test_ds):
+            if best_path.exists():
+                load_trainable_state(module, ckpt.load_checkpoint(best_path)["state"], str(best_path))
+            result.test = evaluate(backbone, test_ds, method=method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=device, progress=progress)
+    result.seconds = time.perf_counter() - t_start
+    if dist_info.is_main:
+        atomic_write_json(out / "result.json", {"best_val": best, "test": result.test, "seconds": round(result.seconds, 2),
+                                                "trainable_params": n_train, "total_params": n_total, "history": history})
+    cleanup(dist_info)
+    return result
+
+
+def _info_dict(backbone: Backbone) -> dict[str, Any]:
+    i = backbone.info
+    return {"kind": i.kind, "name": i.name, "config": dict(i.config), "weights": dict(i.weights)}
