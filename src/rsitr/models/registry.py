@@ -69,6 +69,11 @@ def model_from_checkpoint(state: dict, device: str = "cpu") -> Backbone:
         for k in ("sha256", "image_sha256", "text_sha256"):
             if k in want and have.get(k) != want[k]:
                 raise CheckpointError(f"{where}: backbone weights differ from those it was trained on ({k} {have.get(k)} != {want[k]})")
+    # the method first: it installs its adapters into the backbone's blocks, whose trained
+    # tensors are then part of the backbone state below
+    from rsitr.train.methods import build_method
+
+    method = build_method(state["method"]["name"], model, dict(state["method"].get("options", {})), None)
     backbone_state = {k[len("backbone."):]: v for k, v in state["state"].items() if k.startswith("backbone.")}
     own = model.state_dict()
     unknown = [k for k in backbone_state if k not in own]
@@ -78,7 +83,10 @@ def model_from_checkpoint(state: dict, device: str = "cpu") -> Backbone:
     if state["state_is_full"] and missing:
         raise CheckpointError(f"{where}: full checkpoint lacks {missing[:5]}")
     method_state = {k[len("method."):]: v for k, v in state["state"].items() if k.startswith("method.")}
-    if "logit_scale" in method_state and model.logit_scale is None:
-        model._method_logit_scale = method_state["logit_scale"]
+    bad = method.load_state_dict(method_state, strict=False)
+    if bad.unexpected_keys or bad.missing_keys:
+        raise CheckpointError(f"{where}: method {method.name} state does not match (missing {bad.missing_keys[:5]}, unexpected {bad.unexpected_keys[:5]})")
     model.trained_method = state["method"]
+    # a plain attribute (not a submodule): the backbone's own state dict stays the backbone's
+    object.__setattr__(model, "method", method.to(device).eval())
     return model.to(device).eval()
