@@ -43,7 +43,7 @@ OWNER_3x6 = [0, 0, 1, 1, 2, 2]
 def test_hand_worked_3x6():
     assert ranks_i2t(SIM_3x6, OWNER_3x6).tolist() == [0, 4, 0]
     assert ranks_t2i(SIM_3x6, OWNER_3x6).tolist() == [0, 2, 2, 0, 2, 0]
-    m = retrieval_metrics(SIM_3x6, OWNER_3x6)
+    m = retrieval_metrics(SIM_3x6, OWNER_3x6, ties="optimistic")
     assert list(m) == list(METRIC_KEYS)
     assert all(type(v) is float for v in m.values())
     assert m["i2t_r1"] == pytest.approx(200 / 3)
@@ -53,7 +53,7 @@ def test_hand_worked_3x6():
     assert m["mR"] == pytest.approx((200 / 3 + 100 + 100 + 50 + 100 + 100) / 6)
     # torch input, float32 and float16, text_to_image as a tensor: the same
     for t in (torch.tensor(SIM_3x6), torch.tensor(SIM_3x6, dtype=torch.float32), torch.tensor(SIM_3x6).half()):
-        assert retrieval_metrics(t, torch.tensor(OWNER_3x6)) == pytest.approx(m)
+        assert retrieval_metrics(t, torch.tensor(OWNER_3x6), ties="optimistic") == pytest.approx(m)
 
 
 def test_hand_worked_staircase_12():
@@ -84,10 +84,10 @@ def test_perfect_similarity_gives_100():
     assert all(v == 100.0 for v in m.values())
 
 
-def test_ties_are_optimistic():
+def test_optimistic_ties():
     owner = np.repeat(np.arange(4), 5)
     # every score equal: nothing is strictly higher than a ground truth -> all ranks 0
-    m = retrieval_metrics(np.zeros((4, 20)), owner)
+    m = retrieval_metrics(np.zeros((4, 20)), owner, ties="optimistic")
     assert all(v == 100.0 for v in m.values())
     assert ranks_i2t(np.zeros((4, 20)), owner).tolist() == [0, 0, 0, 0]
     # a wrong candidate tied with the ground truth does not push it down; a higher one does
@@ -153,10 +153,10 @@ def problems(draw):
 @given(problems())
 def test_matches_naive_reference(problem):
     sim, owner, chunk = problem
-    got = retrieval_metrics(sim, owner, chunk_size=chunk)
+    got = retrieval_metrics(sim, owner, chunk_size=chunk, ties="optimistic")
     ref = naive(sim, owner)
     assert got == pytest.approx(ref)
-    assert retrieval_metrics(torch.from_numpy(sim), owner.tolist(), chunk_size=chunk) == pytest.approx(ref)
+    assert retrieval_metrics(torch.from_numpy(sim), owner.tolist(), chunk_size=chunk, ties="optimistic") == pytest.approx(ref)
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_large_split_runs_in_chunks():
 
 # --- table ------------------------------------------------------------------------------------
 def test_format_table():
-    m = retrieval_metrics(SIM_3x6, OWNER_3x6)
+    m = retrieval_metrics(SIM_3x6, OWNER_3x6, ties="optimistic")
     table = format_table(m)
     lines = table.splitlines()
     assert lines[0] == "| model | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR |"
@@ -220,3 +220,53 @@ def test_format_table():
     assert format_table({"x": m, "y": m}).count("| 86.11 |") == 2
     with pytest.raises(ValueError):
         format_table([("only a name",)])
+
+
+def test_tie_modes_hand_worked():
+    # 3x6 case: the only tie is text 3 (own image 1 at .2, image 0 also .2): g=0, t=1, m=1.
+    # expected: P(hit@1) = 1 - C(1,1)/C(2,1) = 1/2 -> t2i R@1 = (3 + 0.5)/6; pessimistic: 3/6... minus t3 -> 2/6
+    e = retrieval_metrics(SIM_3x6, OWNER_3x6)  # default "expected"
+    assert e["t2i_r1"] == pytest.approx(100 * 2.5 / 6)
+    p = retrieval_metrics(SIM_3x6, OWNER_3x6, ties="pessimistic")
+    assert p["t2i_r1"] == pytest.approx(100 * 2 / 6)
+    for m in (e, p):
+        assert m["i2t_r1"] == pytest.approx(200 / 3) and m["t2i_r5"] == 100.0
+    # image query with 2 own captions tied with 3 copies under other images, nothing higher:
+    # n = 5, m = 2; hit@1 = 1 - C(4,2)/C(5,2) = 1 - 6/10 = 0.4; hit@2 = 1 - C(3,2)/C(5,2) = 0.7
+    # hit@4 = 1 - C(1,2)/C(5,2) = 1 (at most 3 wrong ones can come first)
+    owner = [0, 0, 1, 2, 3]
+    sim = np.array([[1.0, 1.0, 1.0, 1.0, 1.0], [0, 0, 5, 0, 0], [0, 0, 0, 5, 0], [0, 0, 0, 0, 5]], dtype=np.float32)
+    from rsitr.retrieval.metrics import hit_probability, tie_counts
+
+    c = tie_counts(sim, owner)
+    assert c["i2t_greater"][0] == 0 and c["i2t_tied"][0] == 3 and c["i2t_gts"][0] == 2
+    assert hit_probability([0], [3], [2], 1)[0] == pytest.approx(0.4)
+    assert hit_probability([0], [3], [2], 2)[0] == pytest.approx(0.7)
+    assert hit_probability([0], [3], [2], 4)[0] == pytest.approx(1.0)
+    assert hit_probability([2], [3], [2], 1)[0] == 0.0
+    m = retrieval_metrics(sim, owner)
+    assert m["i2t_r1"] == pytest.approx(100 * (0.4 + 3) / 4)
+    # no ties: the three modes agree
+    rng = np.random.default_rng(3)
+    sim = rng.random((9, 30))
+    own = np.repeat(np.arange(9), [4, 3, 3, 3, 3, 3, 3, 4, 4])
+    ms = [retrieval_metrics(sim, own, ties=t) for t in ("expected", "optimistic", "pessimistic")]
+    assert ms[0] == pytest.approx(ms[1]) and ms[1] == pytest.approx(ms[2])
+    with pytest.raises(ValueError, match="ties"):
+        retrieval_metrics(sim, own, ties="random")
+
+
+def test_expected_ties_match_random_tie_breaking():
+    """Monte Carlo: average recall over random tie-breaks (argsort of a jittered matrix)."""
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(12), 3)
+    sim = rng.integers(0, 3, size=(12, 36)).astype(np.float64)  # heavy ties
+    want = retrieval_metrics(sim, owner)
+    acc = {k: 0.0 for k in want}
+    n = 3000
+    for _ in range(n):
+        jit = sim + 1e-6 * rng.random(sim.shape)  # random order within each tie group
+        for k, v in retrieval_metrics(jit, owner, ties="optimistic").items():
+            acc[k] += v / n
+    for k in want:
+        assert acc[k] == pytest.approx(want[k], abs=1.0), k

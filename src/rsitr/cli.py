@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(split) == 0:
         raise RsitrError(f"{args.data}: split '{args.split}' is empty (splits present: {data.splits})")
     model = load_model(args.checkpoint, device=args.device, quick_gelu=args.quick_gelu)
-    metrics = evaluate(model, split, batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet)
+    metrics = evaluate(model, split, batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet, ties=args.ties)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
                           "images": len(split), "captions": split.n_captions, **metrics}, indent=2))
@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rsitr.demo import run_demo
 
     return run_demo(out=Path(args.out), images=args.images, seed=args.seed, backbone=args.backbone, epochs=args.epochs,
-                    mode=args.mode, json_out=args.json, progress=not args.quiet)
+                    mode=args.mode, json_out=args.json, progress=not args.quiet, time_budget=args.time_budget)
 
 
 def cmd_bench_encode(args: argparse.Namespace) -> int:
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
     d.add_argument("--mode", default=None, help="what trains (default: the backbone's demo choice)")
     d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds (same-budget comparisons)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None, help="CLIP activation override for open_clip state dicts")
+    e.add_argument("--ties", choices=("expected", "optimistic", "pessimistic"), default="expected",
+                   help="how exact score ties count (repeated captions tie exactly); see rsitr.retrieval.metrics")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 

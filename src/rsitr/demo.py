@@ -19,7 +19,7 @@ DEMO_DEFAULTS = {
 
 
 def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towers:efficientnet-lite0+minilm-l6", epochs: int | None = None,
-             mode: str | None = None, json_out: bool = False, progress: bool = True) -> int:
+             mode: str | None = None, json_out: bool = False, progress: bool = True, time_budget: float | None = None) -> int:
     from rsitr.data.captions import load_dataset
     from rsitr.data.synth import write_synth
     from rsitr.models.registry import load_model
@@ -54,22 +54,23 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
     cfg = TrainConfig().override({
         "data.path": str(ann), "out_dir": str(run_dir), "model.backbone": backbone, "model.mode": defaults["mode"],
         "epochs": defaults["epochs"], "lr": defaults["lr"], "batch_size": defaults["batch_size"],
-        "warmup_steps": defaults["warmup_steps"], "weight_decay": defaults["weight_decay"], "seed": seed,
+        "warmup_steps": defaults["warmup_steps"], "weight_decay": defaults["weight_decay"], "seed": seed, "time_budget": time_budget,
     })
     result = train(cfg, resume=True, progress=progress)
     after = result.test
     seconds = time.perf_counter() - t0
     summary = {"backbone": backbone, "mode": defaults["mode"], "epochs": defaults["epochs"], "images": len(data), "test_images": len(test),
                "test_captions": test.n_captions, "before": before, "after": after, "trainable_params": result.trainable_params,
-               "total_params": result.total_params, "train_seconds": round(result.seconds, 1), "total_seconds": round(seconds, 1)}
+               "total_params": result.total_params, "train_seconds": round(result.seconds, 1), "total_seconds": round(seconds, 1),
+               "time_budget": time_budget, "steps": result.history[-1]["global_step"] if result.history else 0}
     atomic_write_json(out / "demo.json", summary)
     if json_out:
         print(json.dumps(summary, indent=2))
     else:
         print(f"synthetic benchmark: {len(data)} images ({data.splits}); test split {len(test)} images / {test.n_captions} captions")
         print(f"backbone {backbone}, mode {defaults['mode']}: {result.trainable_params:,} trainable of {result.total_params:,} parameters")
-        print(format_table(before, title="before training (test)"))
-        print()
-        print(format_table(after, title=f"after training (test, best-val checkpoint of {defaults['epochs']} epochs)"))
+        name = backbone.split(":", 1)[-1]
+        print(format_table({f"{name} before training": before, f"{name} trained (best-val checkpoint)": after},
+                           title=f"synthetic test split, {summary['steps']} steps" + (f" (time budget {time_budget:.0f}s)" if time_budget else "")))
         print(f"\ntrain {result.seconds:.1f}s, total {seconds:.1f}s; run folder {run_dir}")
     return 0

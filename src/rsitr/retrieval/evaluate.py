@@ -112,7 +112,7 @@ def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, **kwarg
     return sim, enc.text_to_image
 
 
-def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, **kwargs) -> dict[str, float]:
+def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected", **kwargs) -> dict[str, float]:
     """Standard protocol metrics (percent) of ``backbone`` on ``dataset`` (one split).
 
     ``method``: the trained method (default: the one a loaded rsitr checkpoint carries), whose
@@ -123,7 +123,7 @@ def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, **kwargs)
         raise ValueError("cannot evaluate an empty split")
     t0 = time.perf_counter()
     sim, text_to_image = similarity(backbone, dataset, method=method, **kwargs)
-    metrics = retrieval_metrics(sim, text_to_image)
+    metrics = retrieval_metrics(sim, text_to_image, ties=ties)
     metrics = {k: float(v) for k, v in metrics.items()}
     log.info("evaluated %d images / %d captions in %.1fs: mR %.2f", len(dataset), len(text_to_image), time.perf_counter() - t0, metrics["mR"])
     return metrics

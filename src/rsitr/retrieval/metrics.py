@@ -10,12 +10,21 @@ Protocol (RSICD / RSITMD / UCM / Sydney / NWPU, test images x their captions):
 * Text -> image: a caption is a hit at K when its one image is among the K best-scored images.
 * R@K is the percentage of hits; mR is the mean of the six recalls (I2T and T2I at 1, 5, 10).
 
-Ranks are 0-based. **Ties are resolved optimistically**: the rank of a ground truth is the
-number of candidates with a *strictly higher* score, so a candidate scoring exactly the same
-as the ground truth does not push it down (e.g. an all-equal ``sim`` gives 100% everywhere).
-This matches evaluation code that counts ``score > positive_score``; code that breaks ties by
-a sort order can give slightly lower numbers on matrices with exact ties, which are rare with
-floating-point embeddings.
+Ties. Exact ties are *not* rare: UCM-Captions and RSICD repeat the same caption string under
+many images, and identical strings get identical embeddings, so for an image query its own
+caption ties with the copies under other images. The field's evaluation code sorts the scores
+(``np.argsort``) and so breaks such ties in an arbitrary order. ``retrieval_metrics(...,
+ties=...)`` makes the choice explicit:
+
+* ``"expected"`` (default): the expected recall when ties are broken uniformly at random - a
+  query whose ``m`` ground truths tie with ``t`` wrong candidates, ``g`` wrong candidates scoring
+  strictly higher, is a hit at K with probability ``1 - C(n - r, m) / C(n, m)``, ``n = m + t``,
+  ``r = K - g`` (clamped to [0, 1]); this is what sort-based code gives on average;
+* ``"optimistic"``: ties never count against the ground truth (rank = number strictly higher);
+* ``"pessimistic"``: every tied wrong candidate is ranked first.
+
+Without ties the three agree. ``ranks_i2t`` / ``ranks_t2i`` return the optimistic ranks (the
+number of wrong candidates scoring strictly higher); ``tie_counts`` gives the rest.
 
 Memory: the matrix is read in blocks of image rows (one pass for both directions), by default
 ``min(1024, 2**23 // n_texts)`` rows, so the temporaries (a boolean and an int32 block of that
@@ -112,8 +121,8 @@ def _block(sim: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def _ranks(
-    sim: ArrayLike, text_to_image: ArrayLike, chunk_size: int | None, want_i2t: bool, want_t2i: bool
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+    sim: ArrayLike, text_to_image: ArrayLike, chunk_size: int | None, want_i2t: bool, want_t2i: bool, ties: bool = False
+):
     s = _as_sim(sim)
     n_images, n_texts = s.shape
     if chunk_size is None:
@@ -131,16 +140,34 @@ def _ranks(
         best_gt = best_gt.scatter_reduce(0, owner, pos, reduce="amax", include_self=True)
     r_i2t = torch.empty(n_images, dtype=torch.int64, device=s.device) if want_i2t else None
     r_t2i = torch.zeros(n_texts, dtype=torch.int64, device=s.device) if want_t2i else None
+    eq_i2t = torch.empty(n_images, dtype=torch.int64, device=s.device) if (want_i2t and ties) else None
+    eq_t2i = torch.zeros(n_texts, dtype=torch.int64, device=s.device) if (want_t2i and ties) else None
     for start in range(0, n_images, chunk_size):
         stop = min(start + chunk_size, n_images)
         blk = _block(s, start, stop)
         if want_i2t:
             r_i2t[start:stop] = (blk > best_gt[start:stop, None]).sum(dim=1, dtype=torch.int32)
+            if ties:
+                eq_i2t[start:stop] = (blk == best_gt[start:stop, None]).sum(dim=1, dtype=torch.int32)
         if want_t2i:
             r_t2i += (blk > pos[None, :]).sum(dim=0, dtype=torch.int32)
-    return (
+            if ties:
+                eq_t2i += (blk == pos[None, :]).sum(dim=0, dtype=torch.int32)
+    out = (
         r_i2t.cpu().numpy() if r_i2t is not None else None,
         r_t2i.cpu().numpy() if r_t2i is not None else None,
+    )
+    if not ties:
+        return out
+    # ground truths at the best score: i2t, the image's own captions equal to its best; t2i, one
+    m_i2t = None
+    if want_i2t:
+        at_best = (pos == best_gt[owner]).to(torch.int64)
+        m_i2t = torch.zeros(n_images, dtype=torch.int64, device=s.device).scatter_add_(0, owner, at_best)
+    return out + (
+        (eq_i2t - m_i2t).cpu().numpy() if want_i2t else None,
+        m_i2t.cpu().numpy() if want_i2t else None,
+        (eq_t2i - 1).cpu().numpy() if want_t2i else None,
     )
 
 
@@ -170,7 +197,37 @@ def recall_at(ranks: np.ndarray, k: int) -> float:
     return float(100.0 * np.count_nonzero(ranks < k) / ranks.size) if ranks.size else 0.0
 
 
-def retrieval_metrics(sim: ArrayLike, text_to_image: ArrayLike, chunk_size: int | None = None) -> dict[str, float]:
+TIES = ("expected", "optimistic", "pessimistic")
+
+
+def hit_probability(greater: np.ndarray, tied: np.ndarray, gts: np.ndarray, k: int) -> np.ndarray:
+    """P(hit at ``k``) when the ``gts`` ground truths and ``tied`` wrong candidates share one
+    score (random order among them) and ``greater`` wrong candidates score higher:
+    ``1 - C(n - r, m) / C(n, m)`` with ``n = m + t``, ``r = k - g``, clamped."""
+    from math import lgamma
+
+    g, t, m = (np.asarray(a, dtype=np.int64) for a in (greater, tied, gts))
+    r = k - g
+    out = np.where(r > t, 1.0, 0.0)
+    mid = np.flatnonzero((r > 0) & (r <= t))
+    for i in mid:  # only queries with ties near the cut-off: few
+        n, mm, rr = int(m[i] + t[i]), int(m[i]), int(r[i])
+        if n - rr < mm:
+            out[i] = 1.0
+        else:  # C(n-r, m) / C(n, m)
+            log_ratio = (lgamma(n - rr + 1) - lgamma(n - rr - mm + 1)) - (lgamma(n + 1) - lgamma(n - mm + 1))
+            out[i] = 1.0 - float(np.exp(log_ratio))
+    return out
+
+
+def tie_counts(sim: ArrayLike, text_to_image: ArrayLike, chunk_size: int | None = None) -> dict[str, np.ndarray]:
+    """Per query: wrong candidates scoring strictly higher (``*_greater``), wrong candidates tied
+    with the best ground truth (``*_tied``) and ground truths at that score (``i2t_gts``)."""
+    r_i2t, r_t2i, t_i2t, m_i2t, t_t2i = _ranks(sim, text_to_image, chunk_size, True, True, ties=True)
+    return {"i2t_greater": r_i2t, "i2t_tied": t_i2t, "i2t_gts": m_i2t, "t2i_greater": r_t2i, "t2i_tied": t_t2i}
+
+
+def retrieval_metrics(sim: ArrayLike, text_to_image: ArrayLike, chunk_size: int | None = None, ties: str = "expected") -> dict[str, float]:
     """The field's protocol on a ``(n_images, n_texts)`` score matrix (numpy or torch).
 
     Returns percentages ``i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10`` and ``mR`` (their
@@ -179,12 +236,23 @@ def retrieval_metrics(sim: ArrayLike, text_to_image: ArrayLike, chunk_size: int 
     ``chunk_size`` is the number of image rows compared at once (default: automatic, see the
     module docstring); the result does not depend on it.
     """
-    r_i2t, r_t2i = _ranks(sim, text_to_image, chunk_size, True, True)
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     out: dict[str, float] = {}
-    for k in KS:
-        out[f"i2t_r{k}"] = recall_at(r_i2t, k)
-    for k in KS:
-        out[f"t2i_r{k}"] = recall_at(r_t2i, k)
+    if ties == "optimistic":
+        r_i2t, r_t2i = _ranks(sim, text_to_image, chunk_size, True, True)
+        for k in KS:
+            out[f"i2t_r{k}"] = recall_at(r_i2t, k)
+        for k in KS:
+            out[f"t2i_r{k}"] = recall_at(r_t2i, k)
+    else:
+        c = tie_counts(sim, text_to_image, chunk_size)
+        ones = np.ones_like(c["t2i_greater"])
+        for d, m in (("i2t", c["i2t_gts"]), ("t2i", ones)):
+            g, t = c[f"{d}_greater"], c[f"{d}_tied"]
+            for k in KS:
+                hits = hit_probability(g, t, m, k) if ties == "expected" else (g + t < k).astype(np.float64)
+                out[f"{d}_r{k}"] = float(100.0 * hits.mean())
     out["mR"] = float(sum(out[key] for key in METRIC_KEYS[:6]) / 6.0)
     return out
 

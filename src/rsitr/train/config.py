@@ -65,6 +65,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
     lr: float = 1e-3
     weight_decay: float = 0.2
+    trunk_lr_scale: float = 1.0  # learning rate of trainable pretrained trunks (towers' "image"/"text" groups) relative to lr
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     betas: tuple[float, float] = (0.9, 0.98)
@@ -76,6 +77,8 @@ class TrainConfig:
     select_metric: str = "mR"
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
     cache_features: str = "auto"  # "auto": cache frozen-trunk outputs when the trunk is frozen; "off"
+    cache_dir: str | None = None  # where cached trunk features go (default: <out_dir>/cache); share it across runs of one dataset
+    cache_seed: int | None = None  # seed of the cached augmented views (default: the run seed); fix it to share views across seeds
     cache_views: int = 1  # augmented views cached per image when caching (1 = the eval view only)
     eval_batch_size: int = 128
     device: str = "auto"

@@ -191,7 +191,8 @@ def build_trunk_cache(
         for v in range(views):
             if v > 0 and images_aug is None:
                 break
-            key = _key(backbone, dataset, "image", {"view": v, "seed": seed, "tokens": keep_tokens, "pre": repr(backbone.preprocess)})
+            # the eval view (0) does not depend on the seed: runs with different seeds share it
+            key = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": keep_tokens, "pre": repr(backbone.preprocess)})
             path = cache_dir / f"img-{key}.pt" if cache_dir else None
 
             def compute(v=v):

@@ -87,18 +87,19 @@ def _set_trainable(module: TrainStep, mode: str) -> None:
         p.requires_grad_(True)
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(module: nn.Module, weight_decay: float, lr: float, trunk_ids: set[int] | None = None, trunk_lr_scale: float = 1.0) -> list[dict]:
     """No weight decay on gains, biases, embeddings-like 1-D tensors and the temperature
-    (open_clip's exclusion rule)."""
-    decay, no_decay = [], []
+    (open_clip's exclusion rule); pretrained trunk parameters (``trunk_ids``) at
+    ``lr * trunk_lr_scale``."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, t): [] for d in (True, False) for t in (False, True)}
+    trunk_ids = trunk_ids or set()
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name or "bias" in name or "embedding" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name or "bias" in name or "embedding" in name
+        groups[(not no_decay, id(p) in trunk_ids)].append(p)
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr": lr * (trunk_lr_scale if t else 1.0)}
+            for (d, t), ps in groups.items()]
 
 
 def cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -210,10 +211,10 @@ def train(
     use_cache = cfg.cache_features != "off" and supports_trunk_cache(backbone)
     cache = val_cache = None
     if use_cache:
-        cache_dir = out / "cache"
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
         cache = build_trunk_cache(
             backbone, train_ds, cache_dir=cache_dir, views=cfg.cache_views, train_transform=train_tf, eval_transform=eval_tf,
-            keep_tokens=method.needs_tokens, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed, device=device,
+            keep_tokens=method.needs_tokens, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed if cfg.cache_seed is None else cfg.cache_seed, device=device,
             progress=progress and dist_info.is_main,
         )
         if len(val_ds):
@@ -244,7 +245,8 @@ def train(
 
         ddp_module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    trunk_ids = {id(p) for g, ps in backbone.trainable_groups(cfg.model.mode).items() if g in ("image", "text") for p in ps}
+    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay, cfg.lr, trunk_ids, cfg.trunk_lr_scale), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     n_pairs = sum(len(e.captions) for e in train_ds.entries) if cfg.data.epoch_unit == "pairs" else len(train_ds)
     spe = steps_per_epoch(n_pairs, cfg.batch_size, cfg.grad_accum)
     if spe == 0:
