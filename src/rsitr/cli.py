@@ -87,6 +87,25 @@ def cmd_bench_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    from rsitr.bench.report import report
+    from rsitr.bench.suite import load_suite, run_suite
+
+    suite = load_suite(args.suite, seeds=args.seeds, methods=args.methods)
+    out = Path(args.out or f"runs/bench-{suite.name}")
+    records = run_suite(suite, out, progress=not args.quiet)
+    print(report(out))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from rsitr.bench.report import report
+
+    print(report(args.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rsitr import __version__
 
@@ -156,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="cpu")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench_encode)
+    br = b.add_parser("run", help="run a suite of (dataset x method x seed) cells; finished cells are skipped")
+    br.add_argument("--suite", required=True, help="a suite YAML file or a shipped suite name (synthetic-quick, ucm-towers, ...)")
+    br.add_argument("--out", default=None, help="run folder (default runs/bench-<suite>)")
+    br.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
+    br.add_argument("--methods", nargs="+", default=None, help="run only these methods of the suite")
+    br.set_defaults(func=cmd_bench_run)
+    bp = b.add_parser("report", help="markdown + JSON report (and plots) of a bench run folder")
+    bp.add_argument("run_dir")
+    bp.set_defaults(func=cmd_bench_report)
     return p
 
 

@@ -26,6 +26,7 @@ class DataConfig:
     test_split: str = "test"
     epoch_unit: str = "pairs"  # "pairs": every (image, caption) once per epoch; "images": one random caption per image
     workers: int = 0  # DataLoader worker processes for image decoding
+    subset: int | None = None  # use only the first N images of each split (smoke runs)
 
 
 @dataclass

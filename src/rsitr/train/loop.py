@@ -193,6 +193,16 @@ def train(
 
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
+    if cfg.data.subset:
+        from rsitr.data.types import CaptionDataset
+
+        keep = {name: cfg.data.subset for name in data.splits}
+        entries = []
+        for e in data.entries:
+            if keep[e.split] > 0:
+                keep[e.split] -= 1
+                entries.append(e)
+        data = CaptionDataset(entries, data.format, data.source)
     train_ds, val_ds = data.split(cfg.data.train_split), data.split(cfg.data.val_split)
     if len(train_ds) == 0:
         raise RsitrError(f"{cfg.data.path}: the '{cfg.data.train_split}' split is empty")

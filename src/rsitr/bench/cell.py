@@ -1,0 +1,85 @@
+"""One bench cell, run as ``python -m rsitr.bench.cell CELL_DIR`` (by ``rsitr bench run``).
+
+Reads ``CELL_DIR/spec.json``, trains with the shared loop (resuming an interrupted run), then
+measures on the test split: metrics, encoding throughput (images/s, texts/s) and text->image
+query latency over the encoded split; writes ``CELL_DIR/result.json``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run(cell_dir: Path, progress: bool = True) -> dict:
+    import torch
+
+    from rsitr.bench.suite import environment
+    from rsitr.data.captions import load_dataset
+    from rsitr.models.registry import load_model
+    from rsitr.retrieval.evaluate import encode_dataset
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    spec = json.loads((cell_dir / "spec.json").read_text())
+    cfg = TrainConfig().override(spec["overrides"])
+    t0 = time.perf_counter()
+    result = train(cfg, resume=True, progress=progress)
+    train_seconds = time.perf_counter() - t0
+
+    # efficiency on the test split with the best checkpoint
+    data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels)
+    test = data.split(cfg.data.test_split)
+    if cfg.data.subset:
+        from rsitr.data.types import CaptionDataset
+
+        test = CaptionDataset(test.entries[: cfg.data.subset], test.format, test.source)
+    model = load_model(str(result.out_dir))
+    t1 = time.perf_counter()
+    enc = encode_dataset(model, test, batch_size=cfg.eval_batch_size, progress=False)
+    enc_seconds = time.perf_counter() - t1
+    texts, _ = test.texts()
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            model.encode_text(model.tokenize(texts[i : i + 64]))
+    text_seconds = time.perf_counter() - t2
+    lat = []
+    imgs = enc.images
+    for j in range(min(200, len(texts))):  # query = ranking all test images for one embedded text
+        q = enc.texts[j : j + 1]
+        s = time.perf_counter()
+        torch.topk(q @ imgs.t(), k=min(10, imgs.shape[0]))
+        lat.append((time.perf_counter() - s) * 1000)
+    history = [{"epoch": h["epoch"], "loss": h.get("loss"), "val_mR": h.get("val", {}).get("mR")} for h in result.history]
+    return {
+        "cell": spec["cell"], "dataset": spec["dataset"], "method": spec["method"], "seed": spec["seed"], "published": spec.get("published"),
+        "status": "ok", "test": result.test, "best_val": result.best, "trainable_params": result.trainable_params,
+        "total_params": result.total_params, "train_seconds": round(train_seconds, 1),
+        "images_per_s": round(len(test) / max(enc_seconds, 1e-9), 1) if len(test) else None,
+        "texts_per_s": round(len(texts) / max(text_seconds, 1e-9), 1) if texts else None,
+        "query_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
+        "query_ms_p95": round(float(np.percentile(lat, 95)), 3) if lat else None,
+        "backbone": cfg.model.backbone, "mode": cfg.model.mode, "history": history, "environment": environment(),
+        "config": cfg.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rsitr.utils.io import atomic_write_json
+    from rsitr.utils.logging import setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    quiet = "--quiet" in argv
+    cell_dir = Path([a for a in argv if not a.startswith("--")][0])
+    setup_logging(-1 if quiet else 0)
+    rec = run(cell_dir, progress=not quiet)
+    atomic_write_json(cell_dir / "result.json", rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``rsitr bench report RUN_DIR``: the comparison table (mean +- std over seeds), efficiency
+columns, published rows, and plots (matplotlib, PNG, embedded in the markdown)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rsitr.bench.suite import collect
+from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+PUBLISHED = Path(__file__).with_name("published.tsv")
+
+
+def published_rows(dataset: str) -> list[dict[str, str]]:
+    lines = [ln for ln in PUBLISHED.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+    return [r for r in csv.DictReader(lines, delimiter="\t") if r["dataset"].lower() == dataset.lower()]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, method): mean/std of every metric over the finished seeds."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    failed: dict[tuple[str, str], int] = defaultdict(int)
+    order: list[tuple[str, str]] = []
+    for r in records:
+        k = (r["dataset"], r["method"])
+        if k not in order:
+            order.append(k)
+        if r.get("status") == "ok" and r.get("test"):
+            groups[k].append(r)
+        else:
+            failed[k] += 1
+    rows = []
+    for k in order:
+        rs = groups.get(k, [])
+        row: dict[str, Any] = {"dataset": k[0], "method": k[1], "seeds": len(rs), "failed": failed.get(k, 0),
+                               "published": next((r.get("published") for r in rs if r.get("published")), None)}
+        if rs:
+            for key in KEYS:
+                row[key], row[key + "_std"] = _mean_std([r["test"][key] for r in rs])
+            for key in ("trainable_params", "train_seconds", "peak_rss_mb", "images_per_s", "texts_per_s", "query_ms_p50", "query_ms_p95"):
+                vals = [r[key] for r in rs if r.get(key) is not None]
+                row[key] = sum(vals) / len(vals) if vals else None
+            row["backbone"] = rs[0].get("backbone")
+            row["mode"] = rs[0].get("mode")
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _params(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], plots: list[str]) -> str:
+    suite = (run_dir / "suite.yaml").read_text(encoding="utf-8") if (run_dir / "suite.yaml").is_file() else ""
+    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
+    out = [f"# rsitr bench report: {run_dir.name}", ""]
+    if env:
+        out += [f"Environment: rsitr {env.get('rsitr')}, torch {env.get('torch')}, Python {env.get('python')}, "
+                f"{env.get('cpus')} CPUs ({env.get('device')}).", ""]
+    out += ["Test split, the field's protocol (ties broken at random in expectation, see `rsitr.retrieval.metrics`); "
+            "mean ± std over seeds; the best-validation checkpoint of each run.", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        drows = [r for r in rows if r["dataset"] == dataset]
+        out += [f"## {dataset}", "",
+                "| method | backbone (mode) | seeds | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR | trainable | train s | peak MB | img/s | query ms p50 |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in drows:
+            if not r["seeds"]:
+                out.append(f"| {r['method']} | - | 0 ({r['failed']} failed) | " + " | ".join("-" for _ in range(12)) + " |")
+                continue
+            cells = [f"{r[k]:.2f} ± {r[k + '_std']:.2f}" if r["seeds"] > 1 else f"{r[k]:.2f}" for k in KEYS]
+            cells[-1] = f"**{cells[-1]}**"
+            fail = f" (+{r['failed']} failed)" if r["failed"] else ""
+            out.append(f"| {r['method']} | {r['backbone']} ({r['mode']}) | {r['seeds']}{fail} | " + " | ".join(cells) + " | "
+                       f"{_params(r['trainable_params'])} | {_fmt(r['train_seconds'], 0)} | {_fmt(r['peak_rss_mb'], 0)} | "
+                       f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['query_ms_p50'], 3)} |")
+        pub_name = next((r["published"] for r in drows if r.get("published")), None)
+        pub = published_rows(pub_name) if pub_name else []
+        if pub:
+            out += ["", f"Published on {pub_name} (from the papers; their evaluation code breaks ties by sort order):", "",
+                    "| method | backbone | tuning | params | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR | source |",
+                    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            for p in sorted(pub, key=lambda p: float(p["mR"]), reverse=True):
+                out.append(f"| {p['method']} | {p['backbone']} | {p['tuning']} | {p['params']} | " + " | ".join(p[k] for k in KEYS) + f" | {p['source']} |")
+        out.append("")
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        out += ["## Failed cells", ""]
+        for r in failed:
+            last = (r.get("error") or "").strip().splitlines()[-1:] or ["?"]
+            out.append(f"- `{r.get('cell')}`: {last[0]}")
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    if suite:
+        out += ["## Suite", "", "```yaml", suite.rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def make_plots(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    done = [r for r in rows if r["seeds"]]
+    if not done:
+        return []
+    files = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in done:
+        ax.errorbar(r["trainable_params"], r["mR"], yerr=r["mR_std"], fmt="o", capsize=3)
+        ax.annotate(f"{r['dataset']}/{r['method']}", (r["trainable_params"], r["mR"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test mR")
+    ax.set_title("mR vs trainable parameters")
+    fig.tight_layout()
+    fig.savefig(run_dir / "mr_vs_params.png", dpi=110)
+    plt.close(fig)
+    files.append("mr_vs_params.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in done:
+        if r.get("query_ms_p50") is not None:
+            ax.plot(r["query_ms_p50"], r["mR"], "o")
+            ax.annotate(f"{r['dataset']}/{r['method']}", (r["query_ms_p50"], r["mR"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("query latency p50 (ms)")
+    ax.set_ylabel("test mR")
+    ax.set_title("latency vs mR")
+    fig.tight_layout()
+    fig.savefig(run_dir / "latency_vs_mr.png", dpi=110)
+    plt.close(fig)
+    files.append("latency_vs_mr.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for rec in records:
+        h = [x for x in rec.get("history", []) if x.get("val_mR") is not None]
+        if h:
+            ax.plot([x["epoch"] for x in h], [x["val_mR"] for x in h], label=rec["cell"], lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation mR")
+    ax.set_title("training curves")
+    if len(records) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(run_dir / "training_curves.png", dpi=110)
+    plt.close(fig)
+    files.append("training_curves.png")
+    return files
+
+
+def report(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    records = collect(run_dir)
+    if not records:
+        from rsitr.utils.errors import RsitrError
+
+        raise RsitrError(f"{run_dir}: no cells found (run `rsitr bench run` first)")
+    rows = summarise(records)
+    plots = make_plots(run_dir, rows, records)
+    md = render(run_dir, rows, records, plots)
+    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_json(run_dir / "report.json", {"rows": rows, "cells": [{k: v for k, v in r.items() if k not in ("config", "history")} for r in records]})
+    return md

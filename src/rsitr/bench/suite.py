@@ -1,0 +1,242 @@
+"""``rsitr bench run`` / ``rsitr bench report``: a matrix of (dataset x method x seed) cells.
+
+A suite is a YAML file::
+
+    name: ucm-towers
+    description: ...
+    base:                    # TrainConfig overrides shared by every cell (dotted or nested keys)
+      model.backbone: towers:efficientnet-lite0+minilm-l6
+      epochs: 30
+    datasets:                # name -> overrides (at least data.path); a path may use ${VAR}
+      ucm: {data.path: ${RSITR_UCM:-../shared/data/ucm-captions}, published: UCM}
+    methods:                 # name -> overrides
+      baseline: {method.name: baseline}
+      rdb: {method.name: rdb, method.options: {loss_cls: true}}
+    seeds: [0, 1, 2]
+
+Each cell trains in its own process (``python -m rsitr.bench.cell``) so a crash or an
+out-of-memory kill fails that cell only, and its peak memory is measured. A cell's folder holds
+the run (checkpoints, log) and ``cell.json`` (status, metrics, parameters, wall time, peak RSS,
+encoding throughput, query latency, environment). Finished cells are skipped when the suite is
+run again; failed cells are retried.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "configs" / "suites"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            got = os.environ.get(m.group(1))
+            if got is None:
+                if m.group(2) is None:
+                    raise RsitrError(f"suite needs the environment variable {m.group(1)} (e.g. {m.group(1)}=/path/to/dataset)")
+                return m.group(2)
+            return got
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys, except inside ``method.options`` (kept as a dict)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in ("method.options",) and not key.endswith(".options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@dataclass
+class Cell:
+    dataset: str
+    method: str
+    seed: int
+    overrides: dict[str, Any]
+    published: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.method}/seed{self.seed}"
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    cells: list[Cell]
+    source: Path
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def find_suite(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (SUITES_DIR / f"{name_or_path}.yaml", SUITES_DIR / name_or_path):
+        if cand.is_file():
+            return cand
+    shipped = sorted(x.stem for x in SUITES_DIR.glob("*.yaml"))
+    raise RsitrError(f"no suite {name_or_path!r}: not a file, and not one of the shipped suites {shipped}")
+
+
+def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> Suite:
+    path = find_suite(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RsitrError(f"{path}: not valid YAML: {exc}") from exc
+    for key in ("datasets", "methods"):
+        if not isinstance(raw.get(key), dict) or not raw[key]:
+            raise RsitrError(f"{path}: needs a non-empty '{key}' mapping")
+    base = _flatten(_expand(raw.get("base") or {}))
+    all_seeds = seeds if seeds is not None else list(raw.get("seeds") or [0])
+    chosen = list(raw["methods"]) if not methods else methods
+    unknown = [m for m in chosen if m not in raw["methods"]]
+    if unknown:
+        raise RsitrError(f"{path}: unknown method(s) {unknown}; the suite has {list(raw['methods'])}")
+    cells = []
+    for dname, dover in raw["datasets"].items():
+        dover = dict(_expand(dover or {}))
+        published = dover.pop("published", None)
+        for mname in chosen:
+            mover = _flatten(_expand(raw["methods"][mname] or {}))
+            for seed in all_seeds:
+                cells.append(Cell(dname, mname, int(seed), {**base, **_flatten(dover), **mover, "seed": int(seed)}, published))
+    return Suite(raw.get("name", path.stem), raw.get("description", ""), cells, path, raw)
+
+
+def prepare_synthetic(suite: Suite, out: Path) -> None:
+    """Datasets declared as ``synth: {images: N, seed: S, noise_frac: F}`` are generated once
+    under ``RUN_DIR/data/<name>`` (deterministic by seed) and their cells pointed at them."""
+    from rsitr.data.synth import write_synth
+
+    for name, spec in (suite.raw.get("datasets") or {}).items():
+        if not isinstance(spec, dict) or "synth" not in spec:
+            continue
+        opts = dict(spec["synth"] or {})
+        target = out / "data" / name
+        ann = target / "dataset_synth.json"
+        if not ann.is_file():
+            print(f"generating synthetic dataset '{name}' ({opts}) ...", flush=True)
+            ann = Path(write_synth(target, n_images=int(opts.get("images", 600)), seed=int(opts.get("seed", 0)),
+                                   noise_frac=float(opts.get("noise_frac", 0.0))))
+        for c in suite.cells:
+            if c.dataset == name:
+                c.overrides.pop("synth", None)
+                c.overrides = {k: v for k, v in c.overrides.items() if not k.startswith("synth.")}
+                c.overrides["data.path"] = str(ann)
+
+
+def check_inputs(suite: Suite) -> None:
+    """Every dataset path and checkpoint path a suite needs, checked before anything runs."""
+    missing = []
+    for c in suite.cells:
+        p = c.overrides.get("data.path")
+        if not p or not Path(p).exists():
+            missing.append(f"dataset '{c.dataset}': data.path {p!r}")
+        b = str(c.overrides.get("model.backbone", ""))
+        if b and not b.startswith(("towers:", "clip:")) and not Path(b).exists():
+            missing.append(f"dataset '{c.dataset}' method '{c.method}': checkpoint {b!r}")
+    if missing:
+        raise RsitrError(f"suite {suite.name} cannot run; missing:\n  " + "\n  ".join(sorted(set(missing))))
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    from rsitr import __version__
+
+    return {"rsitr": __version__, "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def run_suite(suite: Suite, out: Path, *, progress: bool = True, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Run every cell not finished yet; returns the cell records (finished and failed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_synthetic(suite, out)
+    check_inputs(suite)
+    atomic_write_text(out / "suite.yaml", suite.source.read_text(encoding="utf-8"))
+    atomic_write_json(out / "environment.json", environment())
+    records = []
+    for i, cell in enumerate(suite.cells, 1):
+        cdir = out / "cells" / cell.dataset / cell.method / f"seed{cell.seed}"
+        rec_path = cdir / "cell.json"
+        if rec_path.is_file():
+            rec = json.loads(rec_path.read_text())
+            if rec.get("status") == "ok":
+                print(f"[{i}/{len(suite.cells)}] {cell.key}: done (skipped)", flush=True)
+                records.append(rec)
+                continue
+        cdir.mkdir(parents=True, exist_ok=True)
+        spec = {"cell": cell.key, "dataset": cell.dataset, "method": cell.method, "seed": cell.seed, "published": cell.published,
+                "overrides": {**cell.overrides, "out_dir": str(cdir / "run")}}
+        atomic_write_json(cdir / "spec.json", spec)
+        print(f"[{i}/{len(suite.cells)}] {cell.key}: training ...", flush=True)
+        t0 = time.perf_counter()
+        rec = _run_cell_process(cdir, progress=progress, timeout=timeout)
+        rec.setdefault("wall_seconds", round(time.perf_counter() - t0, 1))
+        atomic_write_json(rec_path, rec)
+        if rec["status"] == "ok":
+            print(f"    test mR {rec['test']['mR']:.2f}  ({rec['wall_seconds']:.0f}s, peak {rec.get('peak_rss_mb', 0):.0f} MB)", flush=True)
+        else:
+            print(f"    FAILED: {rec.get('error', '?').splitlines()[-1] if rec.get('error') else '?'}", flush=True)
+        records.append(rec)
+    return records
+
+
+def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "rsitr.bench.cell", str(cdir)] + ([] if progress else ["--quiet"])
+    stderr_path = cdir / "stderr.log"
+    (cdir / "result.json").unlink(missing_ok=True)
+    base = json.loads((cdir / "spec.json").read_text())
+    with open(stderr_path, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except KeyboardInterrupt:
+            proc.kill()
+            raise
+    result_path = cdir / "result.json"
+    peak = usage.ru_maxrss / 1024  # KiB on Linux
+    if proc.returncode == 0 and result_path.is_file():
+        rec = json.loads(result_path.read_text())
+        rec["peak_rss_mb"] = round(peak, 1)
+        return rec
+    tail = stderr_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+    return {**{k: base[k] for k in ("cell", "dataset", "method", "seed", "published")}, "status": "failed",
+            "returncode": proc.returncode, "error": tail.strip() or f"exit code {proc.returncode}", "peak_rss_mb": round(peak, 1)}
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/*/*/seed*/cell.json"))]

@@ -1,0 +1,106 @@
+"""Bench suites: cells run in their own process, resume skips finished cells, a failing cell is
+recorded and the rest go on, the report renders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rsitr.bench.report import published_rows, report, summarise
+from rsitr.bench.suite import collect, load_suite, run_suite
+from rsitr.cli import main
+from rsitr.utils.errors import RsitrError
+
+SUITE = """
+name: tiny
+base:
+  model.backbone: clip:tiny
+  model.mode: full
+  epochs: 1
+  max_steps: 2
+  batch_size: 16
+  eval_batch_size: 64
+  augment.enabled: false
+datasets:
+  synth:
+    synth: {images: 60, seed: 1}
+    published: UCM
+methods:
+  baseline: {method.name: baseline}
+  broken: {method.name: baseline, model.mode: no-such-mode}
+seeds: [0, 1]
+"""
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    suite_file = root / "tiny.yaml"
+    suite_file.write_text(SUITE)
+    out = root / "run"
+    records = run_suite(load_suite(str(suite_file)), out, progress=False)
+    return suite_file, out, records
+
+
+def test_cells_run_and_failures_are_recorded(bench_run):
+    _, out, records = bench_run
+    status = {r["cell"]: r["status"] for r in records}
+    assert status == {"synth/baseline/seed0": "ok", "synth/baseline/seed1": "ok", "synth/broken/seed0": "failed", "synth/broken/seed1": "failed"}
+    ok = [r for r in records if r["status"] == "ok"]
+    for r in ok:
+        assert 0.0 <= r["test"]["mR"] <= 100.0
+        assert r["trainable_params"] > 0 and r["peak_rss_mb"] > 0 and r["images_per_s"] > 0
+        assert r["query_ms_p50"] is not None and r["environment"]["torch"]
+    bad = [r for r in records if r["status"] == "failed"]
+    assert all("no-such-mode" in r["error"] for r in bad)
+    # the two seeds differ (different head init / order) but share the generated dataset
+    assert (out / "data" / "synth" / "dataset_synth.json").is_file()
+
+
+def test_resume_skips_finished_cells(bench_run, capsys):
+    suite_file, out, _ = bench_run
+    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/synth/baseline/*/cell.json")}
+    records = run_suite(load_suite(str(suite_file)), out, progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("done (skipped)") == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/synth/baseline/*/cell.json")} == before
+    assert sum(r["status"] == "failed" for r in records) == 2  # failed cells are retried, and fail again
+
+
+def test_report_renders(bench_run):
+    _, out, _ = bench_run
+    md = report(out)
+    assert "| baseline | clip:tiny (full) | 2 (+0 failed) |" in md or "| baseline | clip:tiny (full) | 2 |" in md
+    assert "| broken | - | 0 (2 failed) |" in md
+    assert "## Failed cells" in md and "synth/broken/seed0" in md
+    assert "RemoteCLIP" in md  # published UCM rows printed beside ours
+    assert (out / "report.json").is_file() and (out / "report.md").read_text() == md
+    rows = {r["method"]: r for r in summarise(collect(out))}
+    ms = [c["test"]["mR"] for c in collect(out) if c["method"] == "baseline"]
+    assert rows["baseline"]["mR"] == pytest.approx(sum(ms) / 2)
+    pytest.importorskip("matplotlib")
+    assert (out / "mr_vs_params.png").stat().st_size > 1000 and "![training_curves](training_curves.png)" in md
+
+
+def test_suite_errors(tmp_path):
+    with pytest.raises(RsitrError, match="no suite"):
+        load_suite("nope")
+    f = tmp_path / "s.yaml"
+    f.write_text("name: x\ndatasets: {d: {data.path: /no/such/dir}}\nmethods: {b: {method.name: baseline}}\n")
+    with pytest.raises(RsitrError, match="data.path '/no/such/dir'"):
+        run_suite(load_suite(str(f)), tmp_path / "out")
+    f.write_text("name: x\ndatasets: {d: {data.path: '${RSITR_TEST_UNSET_VAR}'}}\nmethods: {b: {}}\n")
+    with pytest.raises(RsitrError, match="RSITR_TEST_UNSET_VAR"):
+        load_suite(str(f))
+    assert main(["bench", "run", "--suite", str(f), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_shipped_suites_parse_and_published_table():
+    for name in ("synthetic-quick", "ucm-towers"):
+        s = load_suite(name)
+        assert s.cells and all(c.overrides.get("model.backbone") for c in s.cells)
+    rows = published_rows("UCM")
+    best = max(rows, key=lambda r: float(r["mR"]))
+    assert best["method"] == "RemoteCLIP" and float(best["mR"]) == pytest.approx(56.36)
+    assert all(r["source"] for r in rows)
+    json.dumps(rows)
