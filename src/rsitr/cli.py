@@ -39,10 +39,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(split) == 0:
         raise RsitrError(f"{args.data}: split '{args.split}' is empty (splits present: {data.splits})")
     model = load_model(args.checkpoint, device=args.device, quick_gelu=args.quick_gelu)
-    metrics = evaluate(model, split, batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet, ties=args.ties)
+    method = model.__dict__.get("method")
+    if args.rerank == "sar" and method is not None and bool(getattr(method, "sar_enabled", False)):
+        log.warning("the checkpoint's iEBAKER method already applies SAR; --rerank sar applies it a second time")
+    metrics = evaluate(model, split, batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet,
+                       ties=args.ties, rerank=args.rerank, rerank_options={"k": args.rerank_k} if args.rerank == "sar" else None)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-                          "images": len(split), "captions": split.n_captions, **metrics}, indent=2))
+                          "images": len(split), "captions": split.n_captions, "rerank": args.rerank, **metrics}, indent=2))
     else:
         print(format_table(metrics, title=f"{args.checkpoint} on {args.data} [{args.split}: {len(split)} images, {split.n_captions} captions]"))
     return 0
@@ -99,6 +103,26 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     return 0 if all(r.get("status") == "ok" for r in records) else 1
 
 
+def cmd_bench_iebaker(args: argparse.Namespace) -> int:
+    from rsitr.bench.iebaker import format_markdown, run_ablation
+    from rsitr.train.config import parse_override
+
+    data = args.data
+    if data is None:
+        from rsitr.data.synth import write_synth
+
+        data = Path(args.out) / "data" / "dataset_synth.json"
+        if not data.is_file():
+            print(f"generating a synthetic benchmark ({args.images} images, noise {args.noise_frac}) ...", flush=True)
+            data = write_synth(data.parent, n_images=args.images, seed=0, noise_frac=args.noise_frac, progress=not args.quiet)
+    opts = dict(parse_override(s) for s in args.option)
+    rows = run_ablation(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
+                        seeds=args.seeds, variants=args.variants, options=opts, overrides=dict(parse_override(s) for s in args.set),
+                        mode=args.mode, progress=not args.quiet)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_markdown(rows))
+    return 0
+
+
 def cmd_bench_report(args: argparse.Namespace) -> int:
     from rsitr.bench.report import report
 
@@ -148,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None, help="CLIP activation override for open_clip state dicts")
     e.add_argument("--ties", choices=("expected", "optimistic", "pessimistic"), default="expected",
                    help="how exact score ties count (repeated captions tie exactly); see rsitr.retrieval.metrics")
+    e.add_argument("--rerank", choices=("none", "sar"), default="none",
+                   help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model)")
+    e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -181,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
     br.add_argument("--methods", nargs="+", default=None, help="run only these methods of the suite")
     br.set_defaults(func=cmd_bench_run)
+    bi = b.add_parser("iebaker", help="iEBAKER ablation: baseline / +EBA / +KER / +SAR / all, same budget, EBA filter quality")
+    bi.add_argument("--data", default=None, help="caption dataset (default: a synthetic benchmark with noisy training captions)")
+    bi.add_argument("--out", default="runs/bench-iebaker")
+    bi.add_argument("--images", type=int, default=1000, help="synthetic images when --data is not given")
+    bi.add_argument("--noise-frac", type=float, default=0.3, help="fraction of mismatched synthetic training captions")
+    bi.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
+    bi.add_argument("--mode", default=None)
+    bi.add_argument("--epochs", type=int, default=10)
+    bi.add_argument("--max-steps", type=int, default=None)
+    bi.add_argument("--time-budget", type=float, default=None)
+    bi.add_argument("--seeds", type=int, nargs="+", default=[0])
+    bi.add_argument("--variants", nargs="+", default=None, help="subset of: baseline +EBA +KER +SAR all")
+    bi.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="iEBAKER option shared by all variants")
+    bi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
+    bi.add_argument("--json", action="store_true")
+    bi.set_defaults(func=cmd_bench_iebaker)
     bp = b.add_parser("report", help="markdown + JSON report (and plots) of a bench run folder")
     bp.add_argument("run_dir")
     bp.set_defaults(func=cmd_bench_report)

@@ -112,17 +112,22 @@ def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, **kwarg
     return sim, enc.text_to_image
 
 
-def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected", **kwargs) -> dict[str, float]:
+def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected",
+             rerank: str | None = None, rerank_options: dict | None = None, **kwargs) -> dict[str, float]:
     """Standard protocol metrics (percent) of ``backbone`` on ``dataset`` (one split).
 
     ``method``: the trained method (default: the one a loaded rsitr checkpoint carries), whose
-    ``similarity`` scores the split (e.g. FTF's re-ranking, iEBAKER's SAR)."""
+    ``similarity`` scores the split (e.g. FTF's re-ranking, iEBAKER's SAR). ``rerank``: a named
+    re-ranker of :mod:`rsitr.retrieval.rerank` applied to that matrix afterwards (``"sar"``,
+    with ``rerank_options`` such as ``k``), usable on any model."""
     from rsitr.retrieval.metrics import retrieval_metrics
+    from rsitr.retrieval.rerank import rerank as apply_rerank
 
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty split")
     t0 = time.perf_counter()
     sim, text_to_image = similarity(backbone, dataset, method=method, **kwargs)
+    sim = apply_rerank(rerank, sim, **(rerank_options or {}))
     metrics = retrieval_metrics(sim, text_to_image, ties=ties)
     metrics = {k: float(v) for k, v in metrics.items()}
     log.info("evaluated %d images / %d captions in %.1fs: mR %.2f", len(dataset), len(text_to_image), time.perf_counter() - t0, metrics["mR"])

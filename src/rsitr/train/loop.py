@@ -139,8 +139,9 @@ def trainable_state(module: TrainStep, full_backbone: bool) -> dict[str, torch.T
 
 
 def load_trainable_state(module: TrainStep, state: dict[str, torch.Tensor], where: str) -> None:
-    own = dict(module.named_parameters())
-    own.update(dict(module.named_buffers()))
+    # shared tensors (tied weights, a teacher aliasing a student) are reachable under every name
+    own = dict(module.named_parameters(remove_duplicate=False))
+    own.update(dict(module.named_buffers(remove_duplicate=False)))
     bad = [k for k in state if k not in own]
     if bad:
         raise RsitrError(f"{where}: checkpoint has tensors this model does not ({bad[:5]}...)")
@@ -149,6 +150,20 @@ def load_trainable_state(module: TrainStep, state: dict[str, torch.Tensor], wher
             if own[k].shape != v.shape:
                 raise RsitrError(f"{where}: shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
             own[k].copy_(v)
+
+
+def _jsonable(value: Any) -> Any:
+    """A method's options as plain Python (numpy scalars/arrays and tuples converted), so that
+    data-derived options (number of classes, KER vocabulary...) persist in the checkpoint."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 @dataclass
@@ -295,7 +310,7 @@ def train(
             "config": cfg.to_dict(),
             "state": trainable_state(module, full_backbone),
             "state_is_full": full_backbone,
-            "method": {"name": method.name, "options": dict(cfg.method.options)},
+            "method": {"name": method.name, "options": _jsonable(method.options)},
             "best": best,
             "history": history,
             "epoch_order": torch.from_numpy(order_now) if order_now is not None else None,
