@@ -99,6 +99,12 @@ def test_shipped_suites_parse_and_published_table():
     for name in ("synthetic-quick", "ucm-towers"):
         s = load_suite(name)
         assert s.cells and all(c.overrides.get("model.backbone") for c in s.cells)
+    # a method's own ``seeds`` limits its cells unless the command line sets the seeds
+    ucm = load_suite("ucm-towers")
+    assert sorted(c.seed for c in ucm.cells if c.method == "rdb") == [0]
+    assert sorted(c.seed for c in ucm.cells if c.method == "baseline") == [0, 1, 2]
+    assert all("seeds" not in c.overrides for c in ucm.cells)
+    assert sorted(c.seed for c in load_suite("ucm-towers", seeds=[4, 5]).cells if c.method == "rdb") == [4, 5]
     rows = published_rows("UCM")
     best = max(rows, key=lambda r: float(r["mR"]))
     assert best["method"] == "RemoteCLIP" and float(best["mR"]) == pytest.approx(56.36)

@@ -276,3 +276,32 @@ def test_weights_hashes_and_registry(towers):
     assert towers.info.weights["image_sha256"] == sha256_file(towers.info.weights["image"])
     model = load_model("towers:efficientnet-lite0+minilm-l6", embed_dim=64)
     assert model.embed_dim == 64 and model.info.weights == towers.info.weights
+
+
+def test_trunk_cache_with_tokens_serves_pooled_only_runs(towers, tmp_path):
+    """A frozen-trunk cache written with tokens (FTF/RDB runs) is reused by runs that need only
+    the pooled features: no trunk forward, same pooled values, tokens dropped."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.data.synth import write_synth
+    from rsitr.train.data import build_trunk_cache
+
+    ds = load_dataset(str(write_synth(tmp_path / "d", n_images=6, seed=2, image_size=64))).split("train")
+    from rsitr.data.transforms import EvalTransform
+
+    ev = EvalTransform(towers.preprocess)
+    towers.requires_grad_(False)  # frozen trunks (what `model.mode: heads` does)
+    with_tokens = build_trunk_cache(towers, ds, cache_dir=tmp_path / "c", eval_transform=ev, keep_tokens=True, progress=False)
+    assert with_tokens.image[0].tokens.shape[1] > 0 and with_tokens.text.tokens.shape[1] > 0
+
+    def boom(*a, **k):
+        raise AssertionError("trunk recomputed although a token cache exists")
+
+    towers.image_trunk, towers.text_trunk = boom, boom  # instance attributes shadow the methods
+    try:
+        pooled = build_trunk_cache(towers, ds, cache_dir=tmp_path / "c", eval_transform=ev, keep_tokens=False, progress=False)
+    finally:
+        del towers.image_trunk, towers.text_trunk
+        towers.requires_grad_(True)
+    assert torch.equal(pooled.image[0].pooled, with_tokens.image[0].pooled)
+    assert torch.equal(pooled.text.pooled, with_tokens.text.pooled)
+    assert pooled.image[0].tokens.shape[1] == 0 and pooled.text.tokens.shape[1] == 0

@@ -9,7 +9,7 @@ A suite is a YAML file::
       epochs: 30
     datasets:                # name -> overrides (at least data.path); a path may use ${VAR}
       ucm: {data.path: ${RSITR_UCM:-../shared/data/ucm-captions}, published: UCM}
-    methods:                 # name -> overrides
+    methods:                 # name -> overrides (``seeds:`` there limits that method's seeds)
       baseline: {method.name: baseline}
       rdb: {method.name: rdb, method.options: {loss_cls: true}}
     seeds: [0, 1, 2]
@@ -129,7 +129,9 @@ def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: li
         published = dover.pop("published", None)
         for mname in chosen:
             mover = _flatten(_expand(raw["methods"][mname] or {}))
-            for seed in all_seeds:
+            # a method may run fewer seeds than the suite (an expensive one), unless --seeds is given
+            mseeds = mover.pop("seeds", None)
+            for seed in (all_seeds if seeds is not None or mseeds is None else [int(x) for x in mseeds]):
                 cells.append(Cell(dname, mname, int(seed), {**base, **_flatten(dover), **mover, "seed": int(seed)}, published))
     return Suite(raw.get("name", path.stem), raw.get("description", ""), cells, path, raw)
 

@@ -194,6 +194,12 @@ def build_trunk_cache(
             # the eval view (0) does not depend on the seed: runs with different seeds share it
             key = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": keep_tokens, "pre": repr(backbone.preprocess)})
             path = cache_dir / f"img-{key}.pt" if cache_dir else None
+            if path is not None and not keep_tokens and not path.is_file():
+                # a cache with tokens also serves a run that needs only the pooled features
+                tkey = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": True, "pre": repr(backbone.preprocess)})
+                if (cache_dir / f"img-{tkey}.pt").is_file():
+                    image_views.append(_features_to_cpu(_load_or_compute(cache_dir / f"img-{tkey}.pt", None), False))
+                    continue
 
             def compute(v=v):
                 parts = []
@@ -210,6 +216,9 @@ def build_trunk_cache(
         texts, _ = dataset.texts()
         key = _key(backbone, dataset, "text", {"tokens": keep_tokens})
         path = cache_dir / f"txt-{key}.pt" if cache_dir else None
+        tpath = cache_dir / f"txt-{_key(backbone, dataset, 'text', {'tokens': True})}.pt" if cache_dir else None
+        if path is not None and not keep_tokens and not path.is_file() and tpath.is_file():
+            path = tpath  # the token cache also serves pooled-only runs (tokens dropped below)
 
         def compute_text():
             parts = []
@@ -219,6 +228,8 @@ def build_trunk_cache(
             return _cat(parts)
 
         text = _load_or_compute(path, compute_text)
+        if not keep_tokens and text.tokens.numel():
+            text = _features_to_cpu(text, False)
     backbone.train(was_training)
     return TrunkCache(image_views, text)
 
