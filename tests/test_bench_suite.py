@@ -95,7 +95,7 @@ def test_suite_errors(tmp_path):
     assert main(["bench", "run", "--suite", str(f), "--out", str(tmp_path / "o")]) == 2
 
 
-def test_shipped_suites_parse_and_published_table():
+def test_shipped_suites_parse_and_published_table(tmp_path):
     for name in ("synthetic-quick", "ucm-towers"):
         s = load_suite(name)
         assert s.cells and all(c.overrides.get("model.backbone") for c in s.cells)
@@ -105,6 +105,21 @@ def test_shipped_suites_parse_and_published_table():
     assert sorted(c.seed for c in ucm.cells if c.method == "baseline") == [0, 1, 2]
     assert all("seeds" not in c.overrides for c in ucm.cells)
     assert sorted(c.seed for c in load_suite("ucm-towers", seeds=[4, 5]).cells if c.method == "rdb") == [4, 5]
+    # the real-data ViT-B/32 suites name every path they need, all at once
+    for name, var in (("ucm-vitb32", "RSITR_UCM"), ("rsitmd-vitb32", "RSITR_RSITMD"), ("rsicd-vitb32", "RSITR_RSICD")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("RSITR_VITB32", raising=False)
+            mp.delenv(var, raising=False)
+            with pytest.raises(RsitrError, match=f"RSITR_VITB32, {var}|{var}, RSITR_VITB32"):
+                load_suite(name)
+            mp.setenv("RSITR_VITB32", "/no/such/ViT-B-32.pt")
+            mp.setenv(var, "/no/such/dataset")
+            s = load_suite(name)
+            assert {c.method for c in s.cells} == {"baseline", "rdb", "iebaker", "ftf"}
+            assert all(c.overrides["model.backbone"] == "/no/such/ViT-B-32.pt" for c in s.cells)
+            with pytest.raises(RsitrError) as err:
+                run_suite(s, tmp_path / name)
+            assert "/no/such/dataset" in str(err.value) and "/no/such/ViT-B-32.pt" in str(err.value)
     rows = published_rows("UCM")
     best = max(rows, key=lambda r: float(r["mR"]))
     assert best["method"] == "RemoteCLIP" and float(best["mR"]) == pytest.approx(56.36)

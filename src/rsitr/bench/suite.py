@@ -45,22 +45,37 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "configs" / "suites"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(value: Any) -> Any:
+def _expand(value: Any, missing: list[str] | None = None) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` from the environment; unset variables without a default
+    are collected in ``missing`` (an error listing them all when ``missing`` is None)."""
+    top = missing is None
+    missing = [] if top else missing
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             got = os.environ.get(m.group(1))
             if got is None:
                 if m.group(2) is None:
-                    raise RsitrError(f"suite needs the environment variable {m.group(1)} (e.g. {m.group(1)}=/path/to/dataset)")
+                    missing.append(m.group(1))
+                    return m.group(0)
                 return m.group(2)
             return got
 
-        return _VAR.sub(sub, value)
-    if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v) for v in value]
-    return value
+        out: Any = _VAR.sub(sub, value)
+    elif isinstance(value, dict):
+        out = {k: _expand(v, missing) for k, v in value.items()}
+    elif isinstance(value, list):
+        out = [_expand(v, missing) for v in value]
+    else:
+        out = value
+    if top and missing:
+        _missing_vars(missing)
+    return out
+
+
+def _missing_vars(names: list[str]) -> None:
+    names = sorted(set(names))
+    raise RsitrError("suite needs the environment variable(s) " + ", ".join(names) + " (paths to your dataset folders / "
+                     "checkpoints), e.g. " + " ".join(f"{n}=/path/to/..." for n in names))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -117,6 +132,12 @@ def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: li
     for key in ("datasets", "methods"):
         if not isinstance(raw.get(key), dict) or not raw[key]:
             raise RsitrError(f"{path}: needs a non-empty '{key}' mapping")
+    # every unset variable the chosen cells need, reported at once
+    chosen_m = list(raw["methods"]) if not methods else [m for m in methods if m in raw["methods"]]
+    need: list[str] = []
+    _expand({"base": raw.get("base"), "datasets": raw["datasets"], "methods": {m: raw["methods"][m] for m in chosen_m}}, need)
+    if need:
+        _missing_vars(need)
     base = _flatten(_expand(raw.get("base") or {}))
     all_seeds = seeds if seeds is not None else list(raw.get("seeds") or [0])
     chosen = list(raw["methods"]) if not methods else methods
