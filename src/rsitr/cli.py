@@ -224,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
     bi.add_argument("--json", action="store_true")
     bi.set_defaults(func=cmd_bench_iebaker)
+    from rsitr.bench.ftf import add_args as add_ftf_args, run_cli as run_ftf
+
+    bf = b.add_parser("ftf", help="FTF on one index: coarse vs two-stage (K) vs exhaustive fine scoring, mR and per-query latency")
+    add_ftf_args(bf)
+    bf.set_defaults(func=run_ftf)
     bp = b.add_parser("report", help="markdown + JSON report (and plots) of a bench run folder")
     bp.add_argument("run_dir")
     bp.set_defaults(func=cmd_bench_report)

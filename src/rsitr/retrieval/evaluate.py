@@ -96,9 +96,11 @@ def _slice(f, start: int, size: int, device):
     return Features(f.pooled[start : start + size].to(device), f.tokens[start : start + size].to(device).float(), f.mask[start : start + size].to(device))
 
 
-def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, **kwargs) -> tuple[torch.Tensor, list[int]]:
+def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, per_direction: bool = False, **kwargs):
     """Image x text score matrix of a split: cosine of the pooled embeddings, or the trained
-    method's own scoring (re-ranking with token features) when it defines one."""
+    method's own scoring (re-ranking with token features) when it defines one. With
+    ``per_direction`` and a method defining ``similarity_pair`` (FTF: the candidate sets depend on
+    the query direction), a ``(t2i matrix, i2t matrix)`` pair instead."""
     method = method if method is not None else backbone.__dict__.get("method")
     needs_tokens = bool(method is not None and method.rerank_needs_tokens)
     enc = encode_dataset(backbone, dataset, keep_tokens=needs_tokens, **kwargs)
@@ -107,7 +109,8 @@ def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, **kwarg
     with torch.no_grad():
         was = method.training
         method.eval()
-        sim = method.similarity(backbone, enc)
+        pair = getattr(method, "similarity_pair", None) if per_direction else None
+        sim = pair(backbone, enc) if pair is not None else method.similarity(backbone, enc)
         method.train(was)
     return sim, enc.text_to_image
 
@@ -126,9 +129,16 @@ def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty split")
     t0 = time.perf_counter()
-    sim, text_to_image = similarity(backbone, dataset, method=method, **kwargs)
-    sim = apply_rerank(rerank, sim, **(rerank_options or {}))
-    metrics = retrieval_metrics(sim, text_to_image, ties=ties)
+    sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
+    if isinstance(sim, tuple):  # (t2i, i2t): each direction ranked by its own matrix
+        from rsitr.retrieval.metrics import METRIC_KEYS
+
+        m_t2i, m_i2t = (retrieval_metrics(s, text_to_image, ties=ties) for s in sim)
+        metrics = {k: (m_i2t if k.startswith("i2t") else m_t2i)[k] for k in METRIC_KEYS[:6]}
+        metrics["mR"] = sum(metrics.values()) / 6.0
+    else:
+        sim = apply_rerank(rerank, sim, **(rerank_options or {}))
+        metrics = retrieval_metrics(sim, text_to_image, ties=ties)
     metrics = {k: float(v) for k, v in metrics.items()}
     log.info("evaluated %d images / %d captions in %.1fs: mR %.2f", len(dataset), len(text_to_image), time.perf_counter() - t0, metrics["mR"])
     return metrics

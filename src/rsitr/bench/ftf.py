@@ -1,0 +1,290 @@
+"""FTF speed/accuracy benchmark: coarse recall vs two-stage rerank vs exhaustive fine scoring.
+
+Text -> image retrieval over one index (``rsitr bench ftf``):
+
+* ``coarse``: the recall stage alone (FAISS search of the pooled embeddings, top 10);
+* ``two-stage K``: recall ``K`` candidates, rerank them with the parameter-free interaction on
+  their stored patch tokens (:func:`rsitr.retrieval.twostage.search_t2i`), for each ``K`` of
+  ``--ks`` (default 50,100,200);
+* ``exhaustive``: every image scored with ``(1 - alpha) * coarse + alpha * fine`` (the
+  interaction over the whole archive, in blocks).
+
+Accuracy: R@1/5/10 of text->image and their mean ``mR(t2i)`` (percent; the one image of each
+caption among the top K). Latency: per query (one query at a time, as a search engine serves
+them), p50/p95 in ms, all measured in the same run; ``speed-up`` = exhaustive p50 / that row's
+p50. Exhaustive scoring can be slow on a large archive: ``--exhaustive-queries`` measures it on
+the first queries only (the table says how many).
+
+Inputs: a checkpoint (or backbone spec) + a caption dataset split (``--checkpoint``, ``--data``,
+``--split``), or ``--synthetic-archive N``: N random images (``--tokens`` fp16 tokens of
+``--dim`` dims each, pooled = normalised token mean) and random queries - latency only, recall is
+meaningless there (shown as "-").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsitr.retrieval.index import TokenStore, VectorIndex, l2_normalize
+from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores
+from rsitr.retrieval.twostage import DEFAULT_ALPHA, search_t2i
+from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KS = (50, 100, 200)
+TOP = 10  # deepest rank the recalls need
+
+
+def _pct(lat: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(lat) * 1000.0, q)) if lat else float("nan")
+
+
+def _recalls(ranked: np.ndarray, truth: Sequence[int] | None) -> dict[str, float | None]:
+    if truth is None:
+        return {"t2i_r1": None, "t2i_r5": None, "t2i_r10": None, "mR_t2i": None}
+    t = np.asarray(truth)[: ranked.shape[0], None]
+    out = {f"t2i_r{k}": float(100.0 * (ranked[:, :k] == t).any(1).mean()) for k in (1, 5, 10)}
+    out["mR_t2i"] = float(np.mean([out["t2i_r1"], out["t2i_r5"], out["t2i_r10"]]))
+    return out
+
+
+def exhaustive_search(image_pooled: np.ndarray, store: TokenStore, q_pooled: np.ndarray, q_tokens: torch.Tensor, q_mask: torch.Tensor,
+                      *, top: int = TOP, alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU, balance: float = DEFAULT_BALANCE,
+                      block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """One query against every image: combined score over the whole archive (images read from
+    the store ``block`` at a time). Returns ``(scores [top], ids [top])``."""
+    n = len(store)
+    coarse = image_pooled @ l2_normalize(q_pooled.reshape(1, -1).astype(np.float32))[0]
+    fine = np.empty(n, np.float32)
+    toks, mask = store.tokens, store.mask
+    for s in range(0, n, block):
+        t = torch.from_numpy(np.asarray(toks[s : s + block], dtype=np.float32))
+        m = torch.from_numpy(np.asarray(mask[s : s + block]))
+        fine[s : s + block] = fine_scores(t, m, q_tokens[None], q_mask[None], tau=tau, balance=balance, normalize=False)[:, 0].numpy()
+    final = (1 - alpha) * coarse + alpha * fine
+    k = min(top, n)
+    part = np.argpartition(-final, k - 1)[:k]
+    order = part[np.argsort(-final[part], kind="stable")]
+    return final[order], order
+
+
+def run(index: VectorIndex, store: TokenStore, q_pooled: np.ndarray, q_tokens: torch.Tensor, q_mask: torch.Tensor | None, *,
+        truth: Sequence[int] | None = None, ks: Sequence[int] = DEFAULT_KS, alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
+        balance: float = DEFAULT_BALANCE, exhaustive_queries: int | None = None, image_pooled: np.ndarray | None = None,
+        warmup: int = 2, progress: bool = True) -> list[dict[str, Any]]:
+    """Measure every stage on the same queries (one at a time). ``truth[j]`` is the index of query
+    ``j``'s image (None: latency only). Returns one row per stage."""
+    from tqdm import tqdm
+
+    q_pooled = np.asarray(q_pooled, np.float32)
+    nq = q_pooled.shape[0]
+    q_tokens = q_tokens.float()
+    q_mask = torch.ones(q_tokens.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
+    n_img = len(index)
+    if len(store) != n_img:
+        raise RsitrError(f"index has {n_img} images but the token store {len(store)}")
+    rows: list[dict[str, Any]] = []
+
+    def measure(name: str, k: int | None, fn, n: int, warm: int = warmup) -> None:
+        for j in range(min(warm, n)):
+            fn(j)
+        lat, ranked = [], []
+        for j in tqdm(range(n), desc=name, disable=not progress, leave=False):
+            t0 = time.perf_counter()
+            ids = fn(j)
+            lat.append(time.perf_counter() - t0)
+            ranked.append(np.pad(ids[:TOP], (0, TOP - len(ids[:TOP])), constant_values=-1))
+        row = {"stage": name, "k": k, "queries": n, "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "mean_ms": float(np.mean(lat) * 1000)}
+        row.update(_recalls(np.stack(ranked), truth))
+        rows.append(row)
+        log.info("%s: p50 %.2f ms, p95 %.2f ms over %d queries", name, row["p50_ms"], row["p95_ms"], n)
+
+    measure("coarse", None, lambda j: index.search(q_pooled[j : j + 1], TOP)[1][0], nq)
+    for k in ks:
+        kk = min(int(k), n_img)
+
+        def two(j, kk=kk):
+            return search_t2i(index, store, q_pooled[j : j + 1], q_tokens[j : j + 1], q_mask[j : j + 1], k=kk, top=TOP,
+                              alpha=alpha, tau=tau, balance=balance)[1][0]
+
+        measure(f"two-stage K={kk}", kk, two, nq)
+    if exhaustive_queries != 0:
+        pooled = l2_normalize(index.reconstruct_all()) if image_pooled is None else l2_normalize(np.asarray(image_pooled, np.float32))
+        ne = nq if exhaustive_queries is None else min(int(exhaustive_queries), nq)
+        measure("exhaustive", n_img, lambda j: exhaustive_search(pooled, store, q_pooled[j], q_tokens[j], q_mask[j], alpha=alpha,
+                                                                 tau=tau, balance=balance)[1], ne, min(warmup, 1))
+        ex = rows[-1]["p50_ms"]
+        for r in rows:
+            r["speedup_vs_exhaustive"] = float(ex / r["p50_ms"]) if r["p50_ms"] > 0 else None
+    return rows
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def synthetic_archive(n: int, tokens: int, dim: int, *, queries: int = 50, words: int = 16, seed: int = 0, block: int = 8192):
+    """Random archive: fp16 unit tokens ``[n, tokens, dim]``, pooled = normalised token mean;
+    random queries. Returns ``(store, image_pooled, q_pooled, q_tokens, q_mask)``."""
+    rng = np.random.default_rng(seed)
+    toks = np.empty((n, tokens, dim), np.float16)
+    pooled = np.empty((n, dim), np.float32)
+    for s in range(0, n, block):
+        x = rng.standard_normal((min(block, n - s), tokens, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=-1, keepdims=True)
+        toks[s : s + x.shape[0]] = x
+        pooled[s : s + x.shape[0]] = l2_normalize(x.mean(1))
+    store = TokenStore.from_arrays(toks, np.ones((n, tokens), bool))
+    qt = F.normalize(torch.from_numpy(rng.standard_normal((queries, words, dim), dtype=np.float32)), dim=-1)
+    qm = torch.ones(queries, words, dtype=torch.bool)
+    qp = l2_normalize(qt.mean(1).numpy())
+    return store, pooled, qp, qt, qm
+
+
+def build_index(pooled: np.ndarray, kind: str = "flat", **kwargs) -> tuple[VectorIndex, float]:
+    t0 = time.perf_counter()
+    ix = VectorIndex(pooled.shape[1], kind, **kwargs)
+    ix.add(pooled)
+    return ix, time.perf_counter() - t0
+
+
+def dataset_inputs(checkpoint: str, data: str, split: str, *, batch_size: int = 128, progress: bool = True, top_n: int | None = None):
+    """Encode a caption split with a checkpoint: ``(store, image_pooled, q_pooled, q_tokens, q_mask,
+    truth, method_options)``."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.models.registry import load_model
+    from rsitr.retrieval.evaluate import encode_dataset
+
+    model = load_model(checkpoint)
+    ds = load_dataset(data).split(split)
+    if len(ds) == 0:
+        raise RsitrError(f"{data}: the {split!r} split is empty")
+    enc = encode_dataset(model, ds, keep_tokens=True, batch_size=batch_size, progress=progress)
+    store = TokenStore(top_n=top_n)
+    store.append(enc.image_features.tokens, enc.image_features.mask, pooled=enc.image_features.pooled)
+    method = model.__dict__.get("method")
+    opts = dict(method.options) if method is not None and getattr(method, "name", "") == "ftf" else {}
+    tf = enc.text_features
+    return store, enc.images.numpy(), enc.texts.numpy(), F.normalize(tf.tokens.float(), dim=-1), tf.mask, list(enc.text_to_image), opts
+
+
+# -- report ----------------------------------------------------------------------------------------
+def format_markdown(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [f"FTF text->image: {s['source']}, {s['images']:,} images, {s['queries']} queries, index {s['index']} "
+             f"(built in {s['index_build_s']:.1f}s), alpha {s['alpha']}, tau {s['tau']}, balance {s['balance']}, "
+             f"{s['threads']} threads", ""]
+    if not s["recall_meaningful"]:
+        lines += ["Synthetic random archive: latency only, recall is not meaningful (shown as -).", ""]
+    lines += ["| stage | K | queries | R@1 | R@5 | R@10 | mR(t2i) | p50 ms | p95 ms | speed-up vs exhaustive |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v, d=2):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    for r in result["rows"]:
+        lines.append(f"| {r['stage']} | {r['k'] if r['k'] is not None else '-'} | {r['queries']} | {f(r['t2i_r1'])} | {f(r['t2i_r5'])} | "
+                     f"{f(r['t2i_r10'])} | {f(r['mR_t2i'])} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | "
+                     f"{f(r.get('speedup_vs_exhaustive'), 1) + 'x' if r.get('speedup_vs_exhaustive') else '-'} |")
+    ex = [r for r in result["rows"] if r["stage"] == "exhaustive"]
+    if ex and ex[0]["queries"] < s["queries"]:
+        lines += ["", f"Exhaustive scoring measured on the first {ex[0]['queries']} of the {s['queries']} queries "
+                      f"(its recall columns cover those queries only)."]
+    return "\n".join(lines)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="rsitr run dir / checkpoint / backbone spec (with --data)")
+    p.add_argument("--data", default=None, help="caption dataset (Karpathy JSON folder or file)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--synthetic-archive", type=int, default=None, metavar="N",
+                   help="random archive of N images instead of a dataset (latency only)")
+    p.add_argument("--tokens", type=int, default=49, help="synthetic: tokens per image")
+    p.add_argument("--dim", type=int, default=256, help="synthetic: token/embedding dimension")
+    p.add_argument("--words", type=int, default=16, help="synthetic: words per query")
+    p.add_argument("--queries", type=int, default=50, help="queries to time (dataset: first N captions; 0 = all)")
+    p.add_argument("--exhaustive-queries", type=int, default=None,
+                   help="queries for the exhaustive row (default: all for a dataset, 5 for a synthetic archive; 0 = skip)")
+    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="two-stage candidate counts, comma separated")
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
+    p.add_argument("--nlist", type=int, default=None)
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="final = (1-alpha) coarse + alpha fine (default: checkpoint's, else 0.5)")
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--balance", type=float, default=None)
+    p.add_argument("--top-n", type=int, default=None, help="keep only the N largest-norm tokens per image (dataset mode)")
+    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: as configured)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    p.add_argument("--out", default=None, help="also write JSON to this file (and markdown next to it, .md)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(int(args.threads))
+        except ImportError:
+            pass
+    ks = [int(x) for x in str(args.ks).split(",") if x.strip()]
+    if not ks or min(ks) < 1:
+        raise RsitrError(f"--ks must list positive integers, got {args.ks!r}")
+    opts: dict[str, Any] = {}
+    truth = None
+    t0 = time.perf_counter()
+    if args.synthetic_archive:
+        store, pooled, qp, qt, qm = synthetic_archive(int(args.synthetic_archive), args.tokens, args.dim, queries=max(1, args.queries or 50),
+                                                      words=args.words, seed=args.seed)
+        source = f"synthetic random archive ({args.tokens} fp16 tokens x {args.dim} dims per image)"
+        exq = 5 if args.exhaustive_queries is None else args.exhaustive_queries
+    else:
+        if not args.checkpoint or not args.data:
+            raise RsitrError("rsitr bench ftf needs --checkpoint and --data, or --synthetic-archive N")
+        store, pooled, qp, qt, qm, truth, opts = dataset_inputs(args.checkpoint, args.data, args.split, top_n=args.top_n)
+        if args.queries:
+            qp, qt, qm, truth = qp[: args.queries], qt[: args.queries], qm[: args.queries], truth[: args.queries]
+        source = f"{args.data} [{args.split}] with {args.checkpoint}"
+        exq = args.exhaustive_queries
+    prep = time.perf_counter() - t0
+    alpha = args.alpha if args.alpha is not None else float(opts.get("alpha", DEFAULT_ALPHA))
+    tau = args.tau if args.tau is not None else float(opts.get("tau", DEFAULT_TAU))
+    balance = args.balance if args.balance is not None else float(opts.get("balance", DEFAULT_BALANCE))
+    kw = {"nlist": args.nlist, "nprobe": args.nprobe} if args.index == "ivf" else {}
+    index, build_s = build_index(pooled, args.index, **kw)
+    rows = run(index, store, qp, qt, qm, truth=truth, ks=ks, alpha=alpha, tau=tau, balance=balance, exhaustive_queries=exq,
+               image_pooled=pooled)
+    result = {
+        "setup": {"source": source, "images": len(store), "queries": int(qp.shape[0]), "index": args.index, "index_build_s": build_s,
+                  "prepare_s": prep, "alpha": alpha, "tau": tau, "balance": balance, "threads": torch.get_num_threads(),
+                  "tokens_per_image": int(store.tokens.shape[1]), "dim": int(store.tokens.shape[2]),
+                  "recall_meaningful": truth is not None, "machine": platform.machine(), "python": platform.python_version()},
+        "rows": rows,
+    }
+    md = format_markdown(result)
+    if args.out:
+        out = Path(args.out)
+        atomic_write_json(out, result)
+        atomic_write_text(out.with_suffix(".md"), md + "\n")
+    print(json.dumps(result, indent=2) if args.json else md)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rsitr bench ftf", description=__doc__.split("\n\n")[0])
+    add_args(p)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
