@@ -346,6 +346,7 @@ def train(
         aug_seed = np.random.default_rng([cfg.seed, epoch, 0xA06]).integers(0, 2**31, len(order))
         bar = tqdm(total=spe, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dist_info.is_main), leave=False)
         running: list[float] = []
+        terms: dict[str, list[float]] = {}  # the method's other logged values (loss terms, weights), per step
         while step_in_epoch < spe:
             optimizer.zero_grad(set_to_none=True)
             logs: dict[str, float] = {}
@@ -391,6 +392,9 @@ def train(
             global_step += 1
             method.after_step(global_step)
             running.append(logs.get("loss", float("nan")))
+            for k, v in logs.items():
+                if k != "loss":
+                    terms.setdefault(k, []).append(float(v))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if cfg.save_every_steps and global_step % cfg.save_every_steps == 0:
@@ -410,6 +414,8 @@ def train(
         finished_epoch = step_in_epoch >= spe or done
         record: dict[str, Any] = {"epoch": epoch + 1, "global_step": global_step, "loss": float(np.mean(running)) if running else None,
                                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t_start, 2)}
+        if terms:
+            record["terms"] = {k: float(np.mean(v)) for k, v in terms.items()}
         if finished_epoch:
             epoch += 1
             step_in_epoch = 0

@@ -97,6 +97,7 @@ METHODS: dict[str, type[Method] | str] = {
     "rdb": "rsitr.methods.rdb:RDB",
     "iebaker": "rsitr.methods.iebaker:IEBAKER",
     "ftf": "rsitr.methods.ftf:FTF",
+    "combo": "rsitr.methods.combo:Combo",
 }
 
 
