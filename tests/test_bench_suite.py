@@ -115,7 +115,7 @@ def test_shipped_suites_parse_and_published_table(tmp_path):
             mp.setenv("RSITR_VITB32", "/no/such/ViT-B-32.pt")
             mp.setenv(var, "/no/such/dataset")
             s = load_suite(name)
-            assert {c.method for c in s.cells} == {"baseline", "rdb", "iebaker", "ftf"}
+            assert {c.method for c in s.cells} == {"baseline", "rdb", "iebaker", "ftf", "combo"}
             assert all(c.overrides["model.backbone"] == "/no/such/ViT-B-32.pt" for c in s.cells)
             with pytest.raises(RsitrError) as err:
                 run_suite(s, tmp_path / name)
