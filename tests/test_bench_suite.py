@@ -100,11 +100,13 @@ def test_shipped_suites_parse_and_published_table(tmp_path):
         s = load_suite(name)
         assert s.cells and all(c.overrides.get("model.backbone") for c in s.cells)
     # a method's own ``seeds`` limits its cells unless the command line sets the seeds
-    ucm = load_suite("ucm-towers")
-    assert sorted(c.seed for c in ucm.cells if c.method == "rdb") == [0]
-    assert sorted(c.seed for c in ucm.cells if c.method == "baseline") == [0, 1, 2]
-    assert all("seeds" not in c.overrides for c in ucm.cells)
-    assert sorted(c.seed for c in load_suite("ucm-towers", seeds=[4, 5]).cells if c.method == "rdb") == [4, 5]
+    f = tmp_path / "seeds.yaml"
+    f.write_text("name: s\ndatasets: {d: {data.path: x}}\nmethods: {a: {method.name: baseline}, b: {method.name: rdb, seeds: [0]}}\nseeds: [0, 1, 2]\n")
+    s = load_suite(str(f))
+    assert sorted(c.seed for c in s.cells if c.method == "b") == [0]
+    assert sorted(c.seed for c in s.cells if c.method == "a") == [0, 1, 2]
+    assert all("seeds" not in c.overrides for c in s.cells)
+    assert sorted(c.seed for c in load_suite(str(f), seeds=[4, 5]).cells if c.method == "b") == [4, 5]
     # the real-data ViT-B/32 suites name every path they need, all at once
     for name, var in (("ucm-vitb32", "RSITR_UCM"), ("rsitmd-vitb32", "RSITR_RSITMD"), ("rsicd-vitb32", "RSITR_RSICD")):
         with pytest.MonkeyPatch.context() as mp:
