@@ -11,7 +11,6 @@ Both save atomically (temporary name, then rename) and round-trip exactly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_path, atomic_write_json
+from rsitr.utils.io import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +180,7 @@ class VectorIndex:
             raise RsitrError(f"{path}: no such index file")
         if not side.is_file():
             raise RsitrError(f"{path}: missing parameter file {side.name} next to the index")
-        try:
-            p = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RsitrError(f"{side}: unreadable index parameters ({exc})") from exc
+        p = read_json(side, "index parameters")
         if p.get("format") != INDEX_FORMAT or p.get("kind") not in KINDS:
             raise RsitrError(f"{side}: unsupported index parameters (format {p.get('format')}, kind {p.get('kind')})")
         obj = cls(int(p["dim"]), p["kind"], nlist=p.get("nlist"), nprobe=int(p["nprobe"]), hnsw_m=int(p["hnsw_m"]),
@@ -355,10 +351,7 @@ class TokenStore:
         meta_p = folder / "meta.json"
         if not meta_p.is_file():
             raise RsitrError(f"{folder}: not a token store (no meta.json)")
-        try:
-            meta = json.loads(meta_p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RsitrError(f"{meta_p}: unreadable ({exc})") from exc
+        meta = read_json(meta_p, "token store metadata")
         if meta.get("format") != TOKEN_FORMAT:
             raise RsitrError(f"{meta_p}: unsupported token store format {meta.get('format')}")
         st = cls(top_n=meta.get("top_n"), select=meta.get("select", "norm"), normalize=bool(meta.get("normalize", True)))

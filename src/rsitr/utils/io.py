@@ -46,3 +46,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; an unreadable or invalid file is an ``RsitrError`` naming it and ``what``
+    it should have been."""
+    from rsitr.utils.errors import RsitrError
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RsitrError(f"{p}: unreadable {what} ({exc})") from exc

@@ -1,0 +1,200 @@
+"""Search benchmarks (``rsitr bench search``) and a sample imagery writer for tests and demos.
+
+* :func:`run_search_bench`: query latency p50/p95 (one query at a time, as a user's search) of
+  exact (flat) vs IVF vs HNSW :class:`~rsitr.retrieval.index.VectorIndex` over ``n`` random unit
+  vectors, and recall@k of the approximate kinds against exact search on the same queries
+  (|approx top-k ∩ exact top-k| / k, averaged). Also the index build time.
+* :func:`run_build_bench`: index-build throughput (tiles/s, encoding only and end to end) of a
+  model on a generated source folder (:func:`write_sample_source`).
+
+Data: ``"random"`` = i.i.d. Gaussian vectors, L2-normalised (the worst case for approximate
+search: no cluster structure); ``"clustered"`` = a Gaussian mixture (``n // 100`` centres, closer
+to real embedding archives). Queries are drawn from the same distribution (not from the base).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# -- sample imagery --------------------------------------------------------------------------------
+def write_sample_source(out: str | Path, n_png: int = 4, *, geotiff: bool = True, grid: tuple[int, int] = (2, 3), tile: int = 128,
+                        seed: int = 0, crs: str = "EPSG:32633", origin: tuple[float, float] = (500000.0, 5000000.0), res: float = 10.0) -> Path:
+    """A small folder of synthetic aerial images: ``n_png`` PNG tiles (``png/``), and, with
+    ``geotiff``, one 4-band uint16 GeoTIFF scene (``scene.tif``) mosaicked from a ``grid`` of
+    synthetic tiles (``tile`` px each) with a north-up transform at ``origin`` (``res`` m pixels,
+    ``crs``) and nodata 0 in a 5-pixel left border."""
+    from rsitr.data.synth import CLASSES, generate
+
+    out = Path(out)
+    (out / "png").mkdir(parents=True, exist_ok=True)
+    for i in range(n_png):
+        _, _, img = generate(i, CLASSES[i % len(CLASSES)], seed, tile)
+        img.save(out / "png" / f"tile_{i:04d}.png")
+    if geotiff:
+        import rasterio
+        from rasterio.transform import from_origin
+
+        rows, cols = grid
+        mosaic = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+        for r in range(rows):
+            for c in range(cols):
+                j = 1000 + r * cols + c
+                _, _, img = generate(j, CLASSES[j % len(CLASSES)], seed, tile)
+                mosaic[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.asarray(img.convert("RGB"))
+        data = mosaic.astype(np.uint16) * 16 + 100  # 12-bit-like values in a 16-bit container
+        nir = data.mean(axis=-1, keepdims=True).astype(np.uint16)
+        bands = np.concatenate([data, nir], axis=-1).transpose(2, 0, 1)
+        bands[:, :, :5] = 0  # nodata border
+        with rasterio.open(out / "scene.tif", "w", driver="GTiff", width=cols * tile, height=rows * tile, count=4, dtype="uint16",
+                           crs=crs, transform=from_origin(origin[0], origin[1], res, res), nodata=0) as ds:
+            ds.write(bands)
+    return out
+
+
+# -- vector search ---------------------------------------------------------------------------------
+def _vectors(n: int, dim: int, rng: np.random.Generator, data: str, centres: np.ndarray | None = None) -> np.ndarray:
+    if data == "random":
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+    else:
+        assign = rng.integers(0, len(centres), n)
+        x = centres[assign] + 0.35 * rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256, kinds: Sequence[str] = ("flat", "ivf", "hnsw"),
+                     n_queries: int = 200, k: int = 10, data: str = "random", seed: int = 0, nprobe: int = 16, hnsw_m: int = 32,
+                     ef_search: int = 128, threads: int | None = 1, progress: bool = True) -> list[dict]:
+    """One row per (n, kind): build seconds, p50/p95/mean query latency (ms, one query per call,
+    ``threads`` FAISS threads), recall@k vs exact."""
+    import faiss
+
+    from rsitr.retrieval.index import VectorIndex
+
+    build_threads = faiss.omp_get_max_threads()
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(seed)
+        centres = None
+        if data == "clustered":
+            centres = rng.standard_normal((max(1, n // 100), dim), dtype=np.float32)
+        xb = _vectors(n, dim, rng, data, centres)
+        xq = _vectors(n_queries, dim, rng, data, centres)
+        exact = None
+        for kind in sorted(kinds, key=lambda s: s != "flat"):  # exact first: the recall reference
+            faiss.omp_set_num_threads(build_threads)
+            t0 = time.perf_counter()
+            vi = VectorIndex(dim, kind, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, normalize=False)
+            vi.add(xb)
+            build = time.perf_counter() - t0
+            if threads:
+                faiss.omp_set_num_threads(int(threads))  # query threads (builds use all of FAISS's)
+            vi.search(xq[:1], k)  # warm-up
+            lat, ids = [], []
+            for i in range(n_queries):
+                t1 = time.perf_counter()
+                _, I = vi.search(xq[i : i + 1], k)
+                lat.append((time.perf_counter() - t1) * 1e3)
+                ids.append(I[0])
+            ids = np.stack(ids)
+            if kind == "flat":
+                exact = ids
+            rec = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, exact)])) if exact is not None else float("nan")
+            row = {"n": n, "dim": dim, "kind": kind, "data": data, "build_s": round(build, 2), "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                   "p95_ms": round(float(np.percentile(lat, 95)), 3), "mean_ms": round(float(np.mean(lat)), 3), f"recall@{k}": round(rec, 4),
+                   "params": {"flat": "", "ivf": f"nlist={vi.nlist} nprobe={min(nprobe, vi.nlist or nprobe)}",
+                              "hnsw": f"M={hnsw_m} efSearch={ef_search}"}[kind]}
+            rows.append(row)
+            if progress:
+                log.info("search bench: %s", row)
+            del vi
+        del xb
+    faiss.omp_set_num_threads(build_threads)
+    return rows
+
+
+def render_search(rows: list[dict], k: int = 10) -> str:
+    head = f"| n | kind | params | build s | p50 ms | p95 ms | recall@{k} vs exact |\n|---:|---|---|---:|---:|---:|---:|"
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['kind']} | {r['params']} | {r['build_s']:.2f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r[f'recall@{k}']:.4f} |")
+    return "\n".join(lines)
+
+
+# -- build throughput ------------------------------------------------------------------------------
+def run_build_bench(models: Sequence[str] = ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"), n_tiles: int = 200, tile: int = 128,
+                    batch_size: int = 32, workdir: str | Path | None = None, progress: bool = False) -> list[dict]:
+    """Index-build throughput per model over ``n_tiles`` generated tiles (PNG tiles + GeoTIFF
+    tiles, about half each): encoding-only tiles/s (model forward) and end-to-end tiles/s
+    (read + preprocess + encode + write), model loading excluded."""
+    from rsitr.search.build import BuildOptions, build_index, load_backbone
+
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rsitr-bench-"))
+    n_geo = n_tiles // 2
+    cols = 10
+    rows_ = max(1, n_geo // cols)
+    src = write_sample_source(tmp / "source", n_png=n_tiles - rows_ * cols, grid=(rows_, cols), tile=tile)
+    out = []
+    for m in models:
+        model = load_backbone(m)
+        idx = tmp / ("index-" + m.replace(":", "_").replace("+", "_"))
+        r = build_index(src, m, idx, BuildOptions(tile_size=tile, batch_size=batch_size, progress=progress), model=model)
+        out.append({"model": m, "tiles": r.encoded, "image_size": model.preprocess.image_size, "embed_dim": int(model.embed_dim),
+                    "encode_tiles_per_s": round(r.tiles_per_s, 1), "end_to_end_tiles_per_s": round(r.encoded / r.seconds, 1),
+                    "seconds": round(r.seconds, 2)})
+    return out
+
+
+def render_build(rows: list[dict]) -> str:
+    lines = ["| model | tiles | input px | dim | encode tiles/s | end-to-end tiles/s | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tiles']} | {r['image_size']} | {r['embed_dim']} | {r['encode_tiles_per_s']} | "
+                     f"{r['end_to_end_tiles_per_s']} | {r['seconds']} |")
+    return "\n".join(lines)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="archive sizes (vectors)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"])
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--data", choices=("random", "clustered"), default="random")
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads per query (default 1: one query per request; "
+                   "index builds use all cores)")
+    p.add_argument("--build", action="store_true", help="also measure index-build throughput of --model on generated tiles")
+    p.add_argument("--model", action="append", default=None, help="repeatable (default: clip:tiny and towers:efficientnet-lite0+minilm-l6)")
+    p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--no-search", action="store_true", help="skip the vector search part")
+    p.add_argument("--json", action="store_true")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    out: dict = {}
+    if args.build:
+        out["build"] = run_build_bench(args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"), n_tiles=args.tiles)
+    if not args.no_search:
+        out["search"] = run_search_bench(args.sizes, args.dim, args.kinds, args.queries, args.k, args.data, nprobe=args.nprobe,
+                                         hnsw_m=args.hnsw_m, ef_search=args.ef_search, threads=args.threads)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        if "build" in out:
+            print(render_build(out["build"]) + "\n")
+        if "search" in out:
+            print(render_search(out["search"], args.k))
+    return 0

@@ -1,0 +1,155 @@
+"""CLI of the search engine: ``rsitr index build|add``, ``rsitr search``, ``rsitr serve``.
+
+Wire into :func:`rsitr.cli.build_parser` with ``add_cli(sub)`` (``sub`` = its subparsers object).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rsitr.utils.errors import RsitrError
+
+log = logging.getLogger(__name__)
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
+    if tiling:
+        p.add_argument("--tile-size", type=int, default=256, help="tile size in pixels for georeferenced rasters (default 256)")
+        p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
+        p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw"), default="flat", help="vector index: exact (flat) or approximate")
+        p.add_argument("--keep-tokens", action="store_true", help="also store image patch tokens (fp16) for --rerank ftf")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
+    p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
+    p.add_argument("--device", default="cpu")
+
+
+def _opts(args, **kw):
+    from rsitr.search.build import BuildOptions
+
+    return BuildOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, skip_bad=args.skip_bad, device=args.device,
+                        progress=_progress(args), **kw)
+
+
+def cmd_index_build(args) -> int:
+    from rsitr.search.build import build_index
+
+    r = build_index(args.source, args.checkpoint, args.out,
+                    _opts(args, tile_size=args.tile_size, overlap=args.overlap, index_kind=args.index_kind, keep_tokens=args.keep_tokens))
+    print(f"index {r.index_dir}: {r.total} items ({r.encoded} encoded now, {r.skipped} already done) in {r.seconds:.1f}s"
+          + (f", {r.tiles_per_s:.1f} tiles/s encoding" if r.encoded else ""))
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from rsitr.search.build import add_to_index
+
+    r = add_to_index(args.index, args.source, _opts(args), checkpoint=args.checkpoint)
+    print(f"index {r.index_dir}: {r.total} items (+{r.added}; {r.skipped} of the source already indexed) in {r.seconds:.1f}s")
+    return 0
+
+
+def format_results(results: list[dict], query: str) -> str:
+    lines = [f"{len(results)} results for {query!r}", f"{'rank':>4}  {'score':>8}  {'id':>6}  path"]
+    for r in results:
+        where = r["path"] + (f" [x={r['window'][0]} y={r['window'][1]} {r['window'][2]}x{r['window'][3]}]" if r.get("window") else "")
+        if r.get("wgs84"):
+            w, s, e, n = r["wgs84"]
+            where += f"  lon {w:.5f}..{e:.5f} lat {s:.5f}..{n:.5f}"
+        lines.append(f"{r['rank']:>4}  {r['score']:8.4f}  {r['id']:>6}  {where}")
+    return "\n".join(lines)
+
+
+def cmd_search(args) -> int:
+    from rsitr.search.engine import SearchEngine
+
+    if args.image is None and not args.query:
+        raise RsitrError("give a text query or --image PATH")
+    if args.k < 1:
+        raise RsitrError(f"-k must be >= 1, got {args.k}")
+    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device)
+    if args.image is not None:
+        if args.rerank != "none":
+            raise RsitrError("--rerank applies to text queries only")
+        query = f"image:{args.image}"
+        results = eng.search_image(args.image, k=args.k)
+    else:
+        query = args.query
+        results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth)
+    if args.geojson:
+        from rsitr.search.geo import write_geojson
+
+        n = write_geojson(args.geojson, results, query)
+        log.info("wrote %d footprints to %s", n, args.geojson)
+        if n == 0:
+            print(f"note: no result has a geographic footprint; {args.geojson} has an empty FeatureCollection", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"query": query, "k": args.k, "rerank": args.rerank, "results": results}, indent=1))
+    else:
+        print(format_results(results, query))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from rsitr.serve.app import create_app
+
+    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info")
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Register ``index build|add``, ``search`` and ``serve`` on ``rsitr.cli``'s subparsers."""
+    ix = sub.add_parser("index", help="build / grow a search index over images or GeoTIFF scenes").add_subparsers(dest="index_command", required=True)
+    b = ix.add_parser("build", help="encode a folder of images / GeoTIFF scenes into an index (re-run to resume)")
+    b.add_argument("source", help="folder (recursive) or file: jpg/png/tif; georeferenced rasters are tiled")
+    b.add_argument("--checkpoint", required=True, help="model: rsitr run/checkpoint, CLIP checkpoint, towers:NAME, clip:NAME")
+    b.add_argument("--out", required=True, help="index folder")
+    _add_build_opts(b, tiling=True)
+    b.set_defaults(func=cmd_index_build)
+    a = ix.add_parser("add", help="add the images of SOURCE not yet in the index")
+    a.add_argument("index")
+    a.add_argument("source")
+    a.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
+    _add_build_opts(a, tiling=False)
+    a.set_defaults(func=cmd_index_add)
+
+    s = sub.add_parser("search", help="search an index with a sentence (or an image)")
+    s.add_argument("index")
+    s.add_argument("query", nargs="?", default=None)
+    s.add_argument("-k", type=int, default=20)
+    s.add_argument("--rerank", choices=("none", "ftf", "sar"), default="none",
+                   help="ftf: FTF token rerank (index built with --keep-tokens); sar: needs a query set, refused")
+    s.add_argument("--rerank-depth", type=int, default=100, help="candidates reranked (default 100)")
+    s.add_argument("--image", default=None, help="query with an image file instead: tiles that look like it")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")
+    s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("serve", help="HTTP API + web page over an index")
+    v.add_argument("index")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--checkpoint", default=None)
+    v.add_argument("--device", default="cpu")
+    v.set_defaults(func=cmd_serve)
+
+
+def add_bench_cli(bench_sub) -> None:
+    """Register ``rsitr bench search`` on the ``bench`` subparsers of ``rsitr.cli``."""
+    from rsitr.search.bench import add_bench_args, run_bench_cli
+
+    p = bench_sub.add_parser("search", help="vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput")
+    add_bench_args(p)
+    p.set_defaults(func=run_bench_cli)

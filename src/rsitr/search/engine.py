@@ -1,0 +1,215 @@
+"""Query an index: text -> tiles, image -> similar tiles, optional re-ranking, thumbnails.
+
+:class:`SearchEngine` loads an index folder (:mod:`rsitr.search.build`), its model (refused
+unless its weights hash to the manifest's), and answers queries. It is safe to share between
+threads: model forward passes and FAISS searches run under one lock (a 2-core CPU gains nothing
+from running them concurrently), everything else is read-only.
+
+Re-ranking (``rerank=``):
+
+* ``"none"``: the vector index order (cosine of pooled embeddings).
+* ``"ftf"``: the top ``rerank_depth`` candidates are re-scored by the FTF fine-grained stage
+  (:mod:`rsitr.retrieval.twostage`) with the index's token store (built with ``--keep-tokens``)
+  and the query's word tokens, using the FTF interaction module the checkpoint was trained with.
+* ``"sar"``: not available for a single query. SAR (iEBAKER) re-sorts a candidate list by the
+  *reverse* rank of the query in each candidate's own ranking of a *set of texts*; one free-text
+  query has no such set, so the reverse ranks are undefined. It is refused with an explanation
+  (use ``rsitr eval`` on a caption dataset for SAR).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsitr.search import build as B
+from rsitr.search.sources import Item, read_item
+from rsitr.utils.errors import RsitrError
+
+log = logging.getLogger(__name__)
+
+RERANKS = ("none", "ftf", "sar")
+SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sorts candidates by the reverse rank of the query "
+                   "among a set of texts each candidate image ranks, and a free-text search has no such query set. "
+                   "Use `rsitr eval` on a caption dataset for SAR, or --rerank ftf with an index built with --keep-tokens.")
+
+
+class SearchEngine:
+    def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
+                 load_model: bool = True, thumb_cache: int = 256):
+        self.index_dir = Path(index_dir)
+        self.manifest = B.read_manifest(self.index_dir)
+        if not self.manifest["files"]:
+            raise RsitrError(f"{self.index_dir}: the index is empty (its build has not finished: run the same `rsitr index build` again)")
+        self.items: list[Item] = B.read_items(self.index_dir, self.manifest)
+        self.embeddings = B.read_embeddings(self.index_dir, self.manifest, mmap=True)
+        if len(self.items) != self.manifest["count"] or self.embeddings.shape[0] != len(self.items):
+            raise RsitrError(f"{self.index_dir}: items ({len(self.items)}), embeddings ({self.embeddings.shape[0]}) and manifest count "
+                             f"({self.manifest['count']}) disagree; rebuild the index")
+        from rsitr.retrieval.index import VectorIndex
+
+        self.vectors = VectorIndex.load(self.index_dir / self.manifest["files"]["vectors"])
+        self.device = device
+        self._lock = threading.Lock()
+        self._tokens = None
+        self._thumbs: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
+        self._thumb_cache = int(thumb_cache)
+        self.model = None
+        if model is not None or load_model:
+            spec = checkpoint or self.manifest["model"]["checkpoint"]
+            m = model if model is not None else B.load_backbone(spec, device)
+            B.check_model(self.manifest, B.model_identity(spec, m), self.index_dir)
+            self.model = m.eval()
+
+    # -- info ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_geo(self) -> bool:
+        return any(it.wgs84 for it in self.items)
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"items": len(self.items), "embed_dim": m["embed_dim"], "index_kind": m["index"]["kind"],
+                "model": m["model"]["checkpoint"], "backbone": f"{m['backbone']['kind']}:{m['backbone']['name']}",
+                "tokens": m["tokens"], "geo": self.has_geo, "created": m["created"], "updated": m["updated"]}
+
+    def item(self, item_id: int) -> Item:
+        if not 0 <= int(item_id) < len(self.items):
+            raise KeyError(item_id)
+        return self.items[int(item_id)]
+
+    # -- encoding --------------------------------------------------------------------------------
+    def _need_model(self):
+        if self.model is None:
+            raise RsitrError("this engine was opened without its model (load_model=False); text/image queries need it")
+        return self.model
+
+    @torch.no_grad()
+    def _text_features(self, query: str):
+        model = self._need_model()
+        ids = model.tokenize([query]).to(self.device)
+        return model.text_features(ids), ids
+
+    @torch.no_grad()
+    def encode_text(self, query: str) -> np.ndarray:
+        model = self._need_model()
+        with self._lock:
+            e = model.encode_text(model.tokenize([query]).to(self.device)).float()
+        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def encode_image(self, image) -> np.ndarray:
+        """``image``: a PIL image (converted to RGB) or a file path (read as index items are)."""
+        from PIL import Image
+
+        from rsitr.data.transforms import EvalTransform
+
+        model = self._need_model()
+        if not isinstance(image, Image.Image):
+            from rsitr.search.sources import scan_file
+
+            its = scan_file(Path(image).resolve(), self.manifest["tiling"]["tile_size"], 0)
+            if len(its) == 1:
+                image = read_item(its[0])  # read exactly as an indexed item would be
+            else:  # a georeferenced scene larger than a tile as the query: the whole raster
+                from rsitr.data.images import load_image
+
+                image = load_image(image, stretch="p2-98")
+        px = EvalTransform(model.preprocess)(image.convert("RGB"))[None].to(self.device)
+        with self._lock:
+            e = model.encode_image(px).float()
+        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+
+    # -- search ----------------------------------------------------------------------------------
+    def _results(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
+        out = []
+        for s, i in zip(scores.tolist(), ids.tolist()):
+            if i < 0:
+                continue
+            it = self.items[i]
+            out.append({"rank": len(out) + 1, "id": int(i), "score": float(s), "path": it.path, "window": it.window,
+                        "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84})
+        return out
+
+    def search_vector(self, q: np.ndarray, k: int) -> list[dict]:
+        k = int(k)
+        if k < 1:
+            raise RsitrError(f"k must be >= 1, got {k}")
+        with self._lock:
+            scores, ids = self.vectors.search(q, k)
+        return self._results(scores[0], ids[0])
+
+    def search(self, query: str, k: int = 20, rerank: str = "none", rerank_depth: int = 100) -> list[dict]:
+        query = (query or "").strip()
+        if not query:
+            raise RsitrError("empty query")
+        if rerank not in RERANKS:
+            raise RsitrError(f"--rerank must be one of {RERANKS}, got {rerank!r}")
+        if rerank == "sar":
+            raise RsitrError(SAR_UNAVAILABLE)
+        if rerank == "none":
+            return self.search_vector(self.encode_text(query), k)
+        return self._search_ftf(query, int(k), int(rerank_depth))
+
+    def search_image(self, image, k: int = 20, exclude_self: bool = False) -> list[dict]:
+        res = self.search_vector(self.encode_image(image), k + (1 if exclude_self else 0))
+        if exclude_self and res and res[0]["score"] > 0.9999:
+            res = res[1:]
+            for r, d in enumerate(res, 1):
+                d["rank"] = r
+        return res[:k]
+
+    # -- FTF -------------------------------------------------------------------------------------
+    def _token_store(self):
+        if self._tokens is None:
+            from rsitr.retrieval.index import TokenStore
+
+            name = self.manifest["files"].get("tokens")
+            if not self.manifest.get("tokens") or not name:
+                raise RsitrError(f"{self.index_dir}: --rerank ftf needs the image token store; rebuild the index with --keep-tokens")
+            self._tokens = TokenStore.load(self.index_dir / name)
+        return self._tokens
+
+    @torch.no_grad()
+    def _search_ftf(self, query: str, k: int, depth: int) -> list[dict]:
+        """FTF two-stage search: recall ``depth`` tiles by the pooled cosine, rerank them with the
+        parameter-free text-guided interaction over the stored patch tokens
+        (:func:`rsitr.retrieval.twostage.search_t2i`, ``final = (1-alpha) coarse + alpha fine``)."""
+        from rsitr.retrieval import twostage
+
+        store = self._token_store()
+        depth = max(k, depth)
+        with self._lock:
+            tf, _ = self._text_features(query)
+            q = torch.nn.functional.normalize(tf.pooled.float(), dim=-1)
+            scores, ids, _parts = twostage.search_t2i(self.vectors, store, q, tf.tokens.float(), tf.mask, k=depth, top=k)
+        return self._results(scores[0], ids[0])
+
+    # -- thumbnails ------------------------------------------------------------------------------
+    def thumbnail(self, item_id: int, size: int = 256, fmt: str = "JPEG") -> bytes:
+        """The item rendered to at most ``size`` px (long side), encoded as JPEG/PNG (cached)."""
+        it = self.item(item_id)
+        key = (int(item_id), int(size), fmt)
+        with self._lock:
+            hit = self._thumbs.get(key)
+            if hit is not None:
+                self._thumbs.move_to_end(key)
+                return hit
+        img = read_item(it)
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, quality=88) if fmt == "JPEG" else img.save(buf, format=fmt)
+        data = buf.getvalue()
+        with self._lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > self._thumb_cache:
+                self._thumbs.popitem(last=False)
+        return data
