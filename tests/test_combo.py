@@ -1,7 +1,6 @@
 """``method.name: combo``: several methods in one run (adapters, pair selection, losses, scoring)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

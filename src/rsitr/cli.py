@@ -4,7 +4,8 @@
     rsitr data synth|check          make the synthetic benchmark / inspect a caption dataset
     rsitr train --config C.yaml     train a method (YAML config + key=value overrides)
     rsitr eval --data D --checkpoint M
-    rsitr bench encode              encoding throughput of a backbone
+    rsitr bench encode|run|report|iebaker|ftf|search
+    rsitr index build|add, rsitr search, rsitr serve   search your own imagery
 """
 from __future__ import annotations
 
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp = b.add_parser("report", help="markdown + JSON report (and plots) of a bench run folder")
     bp.add_argument("run_dir")
     bp.set_defaults(func=cmd_bench_report)
+    from rsitr.search.cli import add_bench_cli, add_cli
+
+    add_cli(sub)  # index build / index add / search / serve
+    add_bench_cli(b)  # bench search
     return p
 
 

@@ -273,7 +273,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         sd = s.get(k + "_std", 0.0) * scale
         return f"{m:.{d}f}" + (f" ± {sd:.{d}f}" if n_seeds > 1 else "")
 
-    lines = [f"| variant | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summ:
         lines.append("| " + " | ".join([s["variant"]] + [cell(s, k) for k in METRICS] + [cell(s, "seconds", d=0)]) + " |")
     ebas = [s for s in summ if "eba_recall" in s]
