@@ -127,3 +127,19 @@ def test_shipped_suites_parse_and_published_table(tmp_path):
     assert best["method"] == "RemoteCLIP" and float(best["mR"]) == pytest.approx(56.36)
     assert all(r["source"] for r in rows)
     json.dumps(rows)
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: x\ndatasets: {d: {data.path: /no/such/dir}}\nmethods: {b: {method.name: baseline}}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running `bench run` holds
+        with pytest.raises(RsitrError, match="another `rsitr bench run`"):
+            run_suite(load_suite(str(f)), out)
+    # released: the run proceeds (and stops at the missing dataset)
+    with pytest.raises(RsitrError, match="data.path"):
+        run_suite(load_suite(str(f)), out)

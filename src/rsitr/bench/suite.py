@@ -203,9 +203,40 @@ def environment() -> dict[str, Any]:
 
 
 def run_suite(suite: Suite, out: Path, *, progress: bool = True, timeout: float | None = None) -> list[dict[str, Any]]:
-    """Run every cell not finished yet; returns the cell records (finished and failed)."""
+    """Run every cell not finished yet; returns the cell records (finished and failed).
+
+    One run folder serves one ``bench run`` at a time (a lock file; a second run on the same
+    folder is refused instead of training the same cells twice)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / ".lock"):
+        return _run_suite(suite, out, progress=progress, timeout=timeout)
+
+
+class _exclusive:
+    """An advisory ``flock`` on ``path`` for the duration of the block (released by the OS if the
+    process dies)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise RsitrError(f"{self.path.parent}: another `rsitr bench run` is using this folder; wait for it or stop it") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()  # closing releases the lock
+        return False
+
+
+def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None) -> list[dict[str, Any]]:
     prepare_synthetic(suite, out)
     check_inputs(suite)
     atomic_write_text(out / "suite.yaml", suite.source.read_text(encoding="utf-8"))
