@@ -46,6 +46,13 @@ Adapters:
 * ``phrase_window`` (4): TSA phrase = fixed window of k consecutive token positions (special
   tokens included); ``0`` = one group, sentence-level attention only. *Paper silent* on how
   phrases are formed: fixed windows need no parser and work for any tokenizer.
+* ``symmetric`` (false): ablation of the *asymmetric* design. ``false``: VEA in the image tower,
+  TSA in the text tower (CMAA). ``true`` or ``"vea"``: the same adapter type *and* size in both
+  towers -- a VEA (``vea_bottleneck``, ``vea_heads``; depth from the host block as usual) in
+  every chosen slot of the image *and* the text tower (padding keys masked on the text side).
+  ``"tsa"``: a TSA (``tsa_bottleneck``, ``phrase_window``) in both towers. The layer specs
+  (``vea_layers`` image, ``tsa_layers`` text) still choose the slots, and ``self.vea`` /
+  ``self.tsa`` still hold the image / text tower's adapters whatever their type.
 * ``token_slot_depth`` (12): the depth ``l`` giving ``lambda_init`` for a VEA in a single token
   slot (CNN tower: the slot sits after a deep trunk). In blocks, ``l`` is the block's 1-based
   index (as in the DIFF Transformer).
@@ -110,6 +117,7 @@ DEFAULTS: dict[str, Any] = {
     "tsa_bottleneck": 32,
     "phrase_window": 4,
     "token_slot_depth": 12,
+    "symmetric": False,
     "loss_contrastive": True,
     "loss_cls": True,
     "loss_consistency": True,
@@ -266,6 +274,8 @@ class RDB(Method):
             allowed = {"weighting": ("uncertainty", "fixed"), "teacher": ("ema", "bank"), "cls_on": ("both", "image", "text")}[key]
             if o[key] not in allowed:
                 raise RsitrError(f"RDB option {key} must be one of {allowed}, got {o[key]!r}")
+        if o["symmetric"] not in (False, True, "vea", "tsa"):
+            raise RsitrError(f"RDB option symmetric must be false, true, 'vea' or 'tsa', got {o['symmetric']!r}")
         for key in ("ema_momentum", "bank_momentum"):
             if not 0.0 <= float(o[key]) < 1.0:
                 raise RsitrError(f"RDB option {key} must be in [0, 1), got {o[key]!r}")
@@ -338,10 +348,12 @@ class RDB(Method):
 
     def _add(self, modality: str, width: int, depth: int) -> None:
         o = self.options
-        if modality == "image":
-            self.vea.append(DiffAttnAdapter(width, int(o["vea_bottleneck"]), int(o["vea_heads"]), depth=depth))
+        kind = {"vea": "image", True: "image", "tsa": "text"}.get(o["symmetric"], modality)  # symmetric: one type for both
+        target = self.vea if modality == "image" else self.tsa
+        if kind == "image":
+            target.append(DiffAttnAdapter(width, int(o["vea_bottleneck"]), int(o["vea_heads"]), depth=depth))
         else:
-            self.tsa.append(HierAttnAdapter(width, int(o["tsa_bottleneck"]), int(o["phrase_window"])))
+            target.append(HierAttnAdapter(width, int(o["tsa_bottleneck"]), int(o["phrase_window"])))
 
     # -- installation ---------------------------------------------------------------------------
     def install(self, backbone: Backbone) -> None:

@@ -230,7 +230,13 @@ def train(
     if n_train == 0:
         raise RsitrError(f"model.mode={cfg.model.mode!r} leaves nothing to train")
     full_backbone = cfg.model.mode == "full" or cfg.model.backbone.startswith("clip:")
-    log.info("backbone %s, mode %s: %s trainable / %s parameters", backbone.info.name, cfg.model.mode, f"{n_train:,}", f"{n_total:,}")
+    # printed with the progress output (not only logged): what a method trains is part of its result
+    msg = (f"{cfg.method.name} on {backbone.info.name} (mode {cfg.model.mode}): {n_train:,} trainable of {n_total:,} parameters "
+           f"({100.0 * n_train / n_total:.2f}%)")
+    if dist_info.is_main and progress:
+        print(msg, flush=True)
+    else:
+        log.info(msg)
 
     eval_tf, train_tf = make_transforms(backbone, cfg.augment)
     use_cache = cfg.cache_features != "off" and supports_trunk_cache(backbone)
