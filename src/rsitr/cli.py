@@ -4,7 +4,7 @@
     rsitr data synth|check          make the synthetic benchmark / inspect a caption dataset
     rsitr train --config C.yaml     train a method (YAML config + key=value overrides)
     rsitr eval --data D --checkpoint M
-    rsitr bench encode|run|report|iebaker|ftf|search
+    rsitr bench encode|run|report|iebaker|rdb|ftf|search
     rsitr index build|add, rsitr search, rsitr serve   search your own imagery
 """
 from __future__ import annotations
@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     bf = b.add_parser("ftf", help="FTF on one index: coarse vs two-stage (K) vs exhaustive fine scoring, mR and per-query latency")
     add_ftf_args(bf)
     bf.set_defaults(func=run_ftf)
+    from rsitr.bench.rdb import add_args as add_rdb_args, run_cli as run_rdb
+
+    brd = b.add_parser("rdb", help="RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget")
+    add_rdb_args(brd)
+    brd.set_defaults(func=run_rdb)
     bp = b.add_parser("report", help="markdown + JSON report (and plots) of a bench run folder")
     bp.add_argument("run_dir")
     bp.set_defaults(func=cmd_bench_report)

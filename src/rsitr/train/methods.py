@@ -98,6 +98,9 @@ METHODS: dict[str, type[Method] | str] = {
     "iebaker": "rsitr.methods.iebaker:IEBAKER",
     "ftf": "rsitr.methods.ftf:FTF",
     "combo": "rsitr.methods.combo:Combo",
+    # PEFT baselines RDB is compared with
+    "adapter": "rsitr.methods.peft:BottleneckAdapterMethod",
+    "lora": "rsitr.methods.peft:LoRAMethod",
 }
 
 
