@@ -59,6 +59,7 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
         "cell": spec["cell"], "dataset": spec["dataset"], "method": spec["method"], "seed": spec["seed"], "published": spec.get("published"),
         "status": "ok", "test": result.test, "best_val": result.best, "trainable_params": result.trainable_params,
         "total_params": result.total_params, "train_seconds": round(train_seconds, 1),
+        "train_images": len(data.split(cfg.data.train_split)) if not cfg.data.subset else min(cfg.data.subset, len(data.split(cfg.data.train_split))),
         "images_per_s": round(len(test) / max(enc_seconds, 1e-9), 1) if len(test) else None,
         "texts_per_s": round(len(texts) / max(text_seconds, 1e-9), 1) if texts else None,
         "query_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
