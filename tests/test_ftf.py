@@ -208,3 +208,40 @@ def test_bench_synthetic_archive_latency_only(tmp_path, capsys):
     assert res["setup"]["images"] == 300 and not res["setup"]["recall_meaningful"]
     assert [r["queries"] for r in res["rows"]] == [4, 4, 4, 2]
     assert all(r["mR_t2i"] is None and r["p50_ms"] > 0 for r in res["rows"])
+
+
+def test_plain_scores_fast_path_matches_the_definition():
+    """``renorm=False`` goes through one big cosine matrix; same values as the per-pair block."""
+    from rsitr.retrieval.interaction import fine_scores, interaction_scores
+
+    g = torch.Generator().manual_seed(3)
+    p, w = torch.randn(7, 9, 16, generator=g), torch.randn(5, 6, 16, generator=g)
+    mp, mw = torch.rand(7, 9, generator=g) > 0.2, torch.rand(5, 6, generator=g) > 0.3
+    mp[:, 0] = mw[:, 0] = True
+    for balance in (0.0, 0.5, 1.0):
+        ref = torch.stack([torch.stack([interaction_scores(p[i], mp[i], w[j], mw[j], renorm=False, balance=balance) for j in range(5)])
+                           for i in range(7)])
+        for chunk in (1, 50, 1 << 22):  # text blocks of 1, a few, all
+            got = fine_scores(p, mp, w, mw, renorm=False, balance=balance, chunk=chunk)
+            assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_candidate_fine_loss_equals_full_loss_when_every_item_is_a_candidate():
+    from rsitr.methods.ftf import candidate_fine_ce, symmetric_ce
+    from rsitr.models.base import Features
+    from rsitr.retrieval.interaction import fine_scores
+
+    g = torch.Generator().manual_seed(5)
+    n = 6
+    img = Features(torch.randn(n, 8, generator=g), torch.randn(n, 5, 8, generator=g), torch.ones(n, 5, dtype=torch.bool))
+    mask = torch.rand(n, 4, generator=g) > 0.3
+    mask[:, 0] = True
+    txt = Features(torch.randn(n, 8, generator=g), torch.randn(n, 4, 8, generator=g), mask)
+    scale = torch.tensor(10.0)
+    full = symmetric_ce(scale * fine_scores(img.tokens, img.mask, txt.tokens, txt.mask))
+    assert torch.allclose(candidate_fine_ce(img, txt, n, scale), full, atol=1e-5)
+    # fewer candidates: a different (smaller-support) loss, finite, with gradients into the tokens
+    img.tokens.requires_grad_(True)
+    part = candidate_fine_ce(img, txt, 3, scale)
+    part.backward()
+    assert torch.isfinite(part) and img.tokens.grad is not None and img.tokens.grad.abs().sum() > 0

@@ -15,7 +15,11 @@ Loss (``loss``), each term weighted by an option:
 * ``fine_weight`` (1.0) x inter-modal symmetric InfoNCE on the in-batch fine scores
   ``fine_scores(img tokens, txt tokens)`` ``[B, B]`` (the rerank stage's score), scaled by the
   model's temperature (``fine_logit_scale``: null) or by a fixed ``fine_logit_scale`` (a log
-  inverse temperature).
+  inverse temperature). ``fine_candidates`` (null = the whole batch): score only each query's
+  ``fine_candidates`` best in-batch candidates by coarse cosine (the positive always among them)
+  and take the cross-entropy over those, in both directions -- the fine stage is trained on what
+  the recall stage hands it at search time, and the cost drops from ``B x B`` to ``B x k``
+  interactions per step (*our choice*, for CPU training; with ``k >= B`` it equals the full loss).
 * ``intra_weight`` (0.5) x intra-modal term, ``intra_mode``:
   ``"granularity"`` (default; *our choice* - the paper's intra-modal loss is described as
   aligning multi-granular representations): within each modality, a symmetric InfoNCE between
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 from rsitr.data.types import CaptionDataset
 from rsitr.losses.contrastive import MAX_LOGIT_SCALE, info_nce
 from rsitr.models.base import Backbone, Features
-from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores
+from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores, interaction_scores
 from rsitr.retrieval.twostage import DEFAULT_ALPHA, DEFAULT_K, exhaustive, two_stage
 from rsitr.train.methods import Method
 from rsitr.utils.errors import RsitrError
@@ -57,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "intra_weight": 0.5,
     "intra_mode": "granularity",  # granularity | structure | none
     "fine_logit_scale": None,  # None: the model's temperature; else a fixed log inverse temperature
+    "fine_candidates": None,  # None: fine loss over the whole batch; k: over each query's k coarse-best in-batch candidates
     "k": DEFAULT_K,
     "alpha": DEFAULT_ALPHA,
     "tau": DEFAULT_TAU,
@@ -73,6 +78,22 @@ RERANKS = ("two_stage", "exhaustive", "none")
 
 def _scale(logit_scale) -> torch.Tensor:
     return torch.as_tensor(logit_scale, dtype=torch.float32).clamp(max=MAX_LOGIT_SCALE).exp()
+
+
+def candidate_fine_ce(img: Features, txt: Features, k: int, scale: torch.Tensor, **kw) -> torch.Tensor:
+    """Cross-entropy of the fine scores over each query's ``k`` best in-batch candidates by
+    coarse cosine, the positive (pair ``i`` <-> ``i``) always first; mean of both directions."""
+    n = img.pooled.shape[0]
+    k = max(1, min(int(k), n))
+    with torch.no_grad():
+        c = F.normalize(img.pooled.float(), dim=-1) @ F.normalize(txt.pooled.float(), dim=-1).t()  # [images, texts]
+        c = c.masked_fill(torch.eye(n, dtype=torch.bool, device=c.device), float("inf"))
+        imgs_of_text = c.t().topk(k, dim=1).indices  # [texts, k], column 0 = the positive image
+        texts_of_img = c.topk(k, dim=1).indices  # [images, k]
+    s_t2i = interaction_scores(img.tokens[imgs_of_text], img.mask[imgs_of_text], txt.tokens[:, None], txt.mask[:, None], **kw)
+    s_i2t = interaction_scores(img.tokens[:, None], img.mask[:, None], txt.tokens[texts_of_img], txt.mask[texts_of_img], **kw)
+    target = torch.zeros(n, dtype=torch.long, device=s_t2i.device)
+    return 0.5 * (F.cross_entropy(scale * s_t2i, target) + F.cross_entropy(scale * s_i2t, target))
 
 
 def symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -125,6 +146,8 @@ class FTF(Method):
         if not 0 <= float(o["alpha"]) <= 1 or not 0 <= float(o["balance"]) <= 1 or float(o["tau"]) <= 0 or int(o["k"]) < 1:
             raise RsitrError(f"FTF: need 0 <= alpha, balance <= 1, tau > 0, k >= 1 (got alpha={o['alpha']}, balance={o['balance']}, "
                              f"tau={o['tau']}, k={o['k']})")
+        if o["fine_candidates"] is not None and int(o["fine_candidates"]) < 2:
+            raise RsitrError(f"FTF fine_candidates must be null or >= 2 (the positive and a negative), got {o['fine_candidates']!r}")
         self.options = o
 
     # -- training ------------------------------------------------------------------------------
@@ -145,9 +168,13 @@ class FTF(Method):
             if img.tokens.dim() != 3 or txt.tokens.dim() != 3 or img.tokens.shape[1] == 0 or txt.tokens.shape[1] == 0:
                 raise RsitrError("FTF needs token features for both modalities (the backbone/cache gave none)")
         if float(o["fine_weight"]) > 0:
-            fs = fine_scores(img.tokens, img.mask, txt.tokens, txt.mask, chunk=int(o["chunk"]), **self._fine_kw())
             fscale = temp if o["fine_logit_scale"] is None else float(o["fine_logit_scale"])
-            lf = symmetric_ce(_scale(fscale).to(fs.device) * fs)
+            k = o["fine_candidates"]
+            if k is not None and int(k) < img.pooled.shape[0]:
+                lf = candidate_fine_ce(img, txt, int(k), _scale(fscale).to(img.pooled.device), **self._fine_kw())
+            else:
+                fs = fine_scores(img.tokens, img.mask, txt.tokens, txt.mask, chunk=int(o["chunk"]), **self._fine_kw())
+                lf = symmetric_ce(_scale(fscale).to(fs.device) * fs)
             total = total + float(o["fine_weight"]) * lf
             logs["loss_fine"] = float(lf.detach())
         if o["intra_mode"] != "none" and float(o["intra_weight"]) > 0:
@@ -189,4 +216,4 @@ class FTF(Method):
         return self.scores(enc, str(self.options["eval_direction"]))
 
 
-__all__ = ["DEFAULTS", "FTF", "intra_granularity", "intra_structure", "symmetric_ce", "token_mean"]
+__all__ = ["DEFAULTS", "FTF", "candidate_fine_ce", "intra_granularity", "intra_structure", "symmetric_ce", "token_mean"]
