@@ -245,3 +245,32 @@ def test_candidate_fine_loss_equals_full_loss_when_every_item_is_a_candidate():
     part = candidate_fine_ce(img, txt, 3, scale)
     part.backward()
     assert torch.isfinite(part) and img.tokens.grad is not None and img.tokens.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("balance", [0.0, 0.5, 1.0])
+def test_fast_candidate_loss_matches_the_interaction_definition(renorm, balance):
+    """The training loss built from one batch-wide cosine matrix equals the loss computed through
+    ``interaction_scores`` on gathered candidate tokens, value and gradients."""
+    from rsitr.methods.ftf import candidate_fine_ce, candidate_fine_ce_reference
+    from rsitr.models.base import Features
+
+    g = torch.Generator().manual_seed(11)
+    n = 9
+    pm = torch.rand(n, 6, generator=g) > 0.2
+    wm = torch.rand(n, 5, generator=g) > 0.3
+    pm[:, 0] = wm[:, 0] = True
+    grads = []
+    vals = []
+    for fn in (candidate_fine_ce, candidate_fine_ce_reference):
+        g2 = torch.Generator().manual_seed(12)
+        it = torch.randn(n, 6, 8, generator=g2, requires_grad=True)
+        tt = torch.randn(n, 5, 8, generator=g2, requires_grad=True)
+        img = Features(torch.randn(n, 8, generator=g2), it, pm)
+        txt = Features(torch.randn(n, 8, generator=g2), tt, wm)
+        loss = fn(img, txt, 4, torch.tensor(7.0), tau=0.1, balance=balance, renorm=renorm)
+        loss.backward()
+        vals.append(loss.detach())
+        grads.append((it.grad, tt.grad))
+    assert torch.allclose(vals[0], vals[1], atol=1e-5)
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
