@@ -110,12 +110,9 @@ def cmd_bench_iebaker(args: argparse.Namespace) -> int:
 
     data = args.data
     if data is None:
-        from rsitr.data.synth import write_synth
+        from rsitr.data.synth import bench_dataset
 
-        data = Path(args.out) / "data" / "dataset_synth.json"
-        if not data.is_file():
-            print(f"generating a synthetic benchmark ({args.images} images, noise {args.noise_frac}) ...", flush=True)
-            data = write_synth(data.parent, n_images=args.images, seed=0, noise_frac=args.noise_frac, progress=not args.quiet)
+        data = bench_dataset(args.out, args.images, noise_frac=args.noise_frac, progress=not args.quiet)
     opts = dict(parse_override(s) for s in args.option)
     rows = run_ablation(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
                         seeds=args.seeds, variants=args.variants, options=opts, overrides=dict(parse_override(s) for s in args.set),

@@ -276,12 +276,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     data = args.data
     if data is None:
-        from rsitr.data.synth import write_synth
+        from rsitr.data.synth import bench_dataset
 
-        data = Path(args.out) / "data" / "dataset_synth.json"
-        if not data.is_file():
-            print(f"generating a synthetic benchmark ({args.images} images) ...", flush=True)
-            data = write_synth(data.parent, n_images=args.images, seed=0, progress=not args.quiet)
+        data = bench_dataset(args.out, args.images, progress=not args.quiet)
     mopts: dict[str, dict[str, Any]] = {}
     for s in args.option:
         key, value = parse_override(s)

@@ -1520,6 +1520,16 @@ def write_synth(
 
 
 # -- CLI -------------------------------------------------------------------------------------------
+def bench_dataset(out_dir: str | os.PathLike, n_images: int, noise_frac: float = 0.0, progress: bool = True) -> Path:
+    """The synthetic benchmark a bench command uses when given no ``--data``: written once to
+    ``out_dir/data`` (seed 0) and reused by later runs; returns its annotation path."""
+    ann = Path(out_dir) / "data" / "dataset_synth.json"
+    if ann.is_file():
+        return ann
+    print(f"generating a synthetic benchmark ({n_images} images" + (f", noise {noise_frac}" if noise_frac else "") + ") ...", flush=True)
+    return write_synth(ann.parent, n_images=n_images, seed=0, noise_frac=noise_frac, progress=progress)
+
+
 def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (images/, labels.csv, dataset_synth.json)")
     parser.add_argument("--images", type=int, default=600, help="number of images (default 600)")
