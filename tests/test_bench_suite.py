@@ -3,6 +3,8 @@ recorded and the rest go on, the report renders."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -143,3 +145,52 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
     # released: the run proceeds (and stops at the missing dataset)
     with pytest.raises(RsitrError, match="data.path"):
         run_suite(load_suite(str(f)), out)
+
+
+_STOP_SCRIPT = r"""
+import json, pathlib, subprocess, sys
+import rsitr.bench.suite as S
+
+cdir = pathlib.Path(sys.argv[1])
+(cdir / "spec.json").write_text(json.dumps({k: "x" for k in ("cell", "dataset", "method", "seed", "published")}))
+real = subprocess.Popen
+
+def popen(cmd, **kw):  # the cell's process, replaced by one that writes its pid and waits
+    return real([sys.executable, "-c", "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % str(cdir / "child.pid")], **kw)
+
+S.subprocess.Popen = popen
+with S._terminate_as_exit():
+    S._run_cell_process(cdir, progress=False, timeout=None)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_stops_its_cell(tmp_path, sig):
+    """Stopping `bench run` (kill, or even kill -9) must not leave the cell training on after the
+    folder's lock is released."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(_STOP_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    pid_file = tmp_path / "child.pid"
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(getattr(signal, sig))
+    rc = parent.wait(timeout=30)
+    assert rc == (143 if sig == "SIGTERM" else -9)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:  # gone, or a zombie waiting for a reaper that may not exist in a container
+            if open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the cell's process {child} outlived `bench run` ({sig})")

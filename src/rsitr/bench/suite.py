@@ -209,8 +209,52 @@ def run_suite(suite: Suite, out: Path, *, progress: bool = True, timeout: float 
     folder is refused instead of training the same cells twice)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out / ".lock"):
+    with _exclusive(out / ".lock"), _terminate_as_exit():
         return _run_suite(suite, out, progress=progress, timeout=timeout)
+
+
+class _terminate_as_exit:
+    """SIGTERM (``kill``, a batch scheduler's stop) raises ``SystemExit`` in the main thread for the
+    duration of the block, so the running cell's process is stopped with it (see
+    ``_run_cell_process``) instead of training on unsupervised after the folder's lock is gone."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.prev = None
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(signal.SIGTERM, _raise_exit)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+        return False
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent(parent: int):
+    """``preexec_fn`` of a cell's process (Linux): the kernel sends it SIGTERM when the ``bench run``
+    process dies, even by SIGKILL (``PR_SET_PDEATHSIG``)."""
+
+    def setup():
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
 
 
 class _exclusive:
@@ -274,12 +318,14 @@ def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> d
     (cdir / "result.json").unlink(missing_ok=True)
     base = json.loads((cdir / "spec.json").read_text())
     with open(stderr_path, "w", encoding="utf-8") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        linux = sys.platform.startswith("linux")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent(os.getpid()) if linux else None)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, SIGTERM (as SystemExit): the cell stops with the run
             proc.kill()
+            proc.wait()
             raise
     result_path = cdir / "result.json"
     peak = usage.ru_maxrss / 1024  # KiB on Linux
