@@ -53,6 +53,10 @@ def test_cells_run_and_failures_are_recorded(bench_run):
         assert 0.0 <= r["test"]["mR"] <= 100.0
         assert r["trainable_params"] > 0 and r["peak_rss_mb"] > 0 and r["images_per_s"] > 0
         assert r["query_ms_p50"] is not None and r["environment"]["torch"]
+        ties = r["test_ties"]  # the best checkpoint re-scored under every tie convention
+        assert ties["expected"]["mR"] == pytest.approx(r["test"]["mR"], abs=1e-6)
+        for k in ("i2t_r1", "t2i_r1", "mR"):
+            assert ties["pessimistic"][k] <= ties["expected"][k] + 1e-9 <= ties["optimistic"][k] + 2e-9
     bad = [r for r in records if r["status"] == "failed"]
     assert all("no-such-mode" in r["error"] for r in bad)
     # the two seeds differ (different head init / order) but share the generated dataset
@@ -80,6 +84,9 @@ def test_report_renders(bench_run):
     rows = {r["method"]: r for r in summarise(collect(out))}
     ms = [c["test"]["mR"] for c in collect(out) if c["method"] == "baseline"]
     assert rows["baseline"]["mR"] == pytest.approx(sum(ms) / 2)
+    opt = [c["test_ties"]["optimistic"]["mR"] for c in collect(out) if c["method"] == "baseline"]
+    assert rows["baseline"]["ties_optimistic"]["mR"][0] == pytest.approx(sum(opt) / 2)
+    assert "Tied scores" in md and "| baseline | 2 | " in md
     pytest.importorskip("matplotlib")
     assert (out / "mr_vs_params.png").stat().st_size > 1000 and "![training_curves](training_curves.png)" in md
 
@@ -194,3 +201,22 @@ def test_a_stopped_run_stops_its_cell(tmp_path, sig):
         time.sleep(0.05)
     else:
         pytest.fail(f"the cell's process {child} outlived `bench run` ({sig})")
+
+
+def test_add_ties_backfills_a_finished_cell(bench_run):
+    """`python -m rsitr.bench.cell CELL --add-ties` re-scores a finished cell run before the records
+    carried every tie convention, and gives what the cell would have recorded."""
+    import subprocess
+
+    _, out, _ = bench_run
+    cdir = out / "cells" / "synth" / "baseline" / "seed1"
+    rec = json.loads((cdir / "cell.json").read_text())
+    want = rec.pop("test_ties")
+    (cdir / "cell.json").write_text(json.dumps(rec))
+    proc = subprocess.run([sys.executable, "-m", "rsitr.bench.cell", str(cdir), "--add-ties"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((cdir / "cell.json").read_text())["test_ties"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {t: round(m["mR"], 2) for t, m in got.items()}
+    for t in want:
+        assert got[t] == pytest.approx(want[t], abs=1e-6)
+    assert json.loads((cdir / "result.json").read_text())["test_ties"] == got

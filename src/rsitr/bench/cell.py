@@ -17,10 +17,10 @@ import numpy as np
 def run(cell_dir: Path, progress: bool = True) -> dict:
     import torch
 
-    from rsitr.bench.suite import environment
+    from rsitr.bench.suite import environment, test_split
     from rsitr.data.captions import load_dataset
     from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import encode_dataset
+    from rsitr.retrieval.evaluate import encode_dataset, evaluate_ties
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
 
@@ -32,12 +32,9 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
 
     # efficiency on the test split with the best checkpoint
     data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels)
-    test = data.split(cfg.data.test_split)
-    if cfg.data.subset:
-        from rsitr.data.types import CaptionDataset
-
-        test = CaptionDataset(test.entries[: cfg.data.subset], test.format, test.source)
+    test = test_split(cfg, data)
     model = load_model(str(result.out_dir))
+    test_ties = evaluate_ties(model, test, batch_size=cfg.eval_batch_size, progress=False)
     t1 = time.perf_counter()
     enc = encode_dataset(model, test, batch_size=cfg.eval_batch_size, progress=False)
     enc_seconds = time.perf_counter() - t1
@@ -57,7 +54,7 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
     history = [{"epoch": h["epoch"], "loss": h.get("loss"), "val_mR": h.get("val", {}).get("mR")} for h in result.history]
     return {
         "cell": spec["cell"], "dataset": spec["dataset"], "method": spec["method"], "seed": spec["seed"], "published": spec.get("published"),
-        "status": "ok", "test": result.test, "best_val": result.best, "trainable_params": result.trainable_params,
+        "status": "ok", "test": result.test, "test_ties": test_ties, "best_val": result.best, "trainable_params": result.trainable_params,
         "total_params": result.total_params, "train_seconds": round(train_seconds, 1),
         "train_images": len(data.split(cfg.data.train_split)) if not cfg.data.subset else min(cfg.data.subset, len(data.split(cfg.data.train_split))),
         "images_per_s": round(len(test) / max(enc_seconds, 1e-9), 1) if len(test) else None,
@@ -69,6 +66,30 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
     }
 
 
+def add_ties(cell_dir: Path) -> dict:
+    """Score a finished cell's best checkpoint on test under every tie convention and add them to
+    its records (``test_ties``), for cells run before the records carried them."""
+    from rsitr.bench.suite import test_split
+    from rsitr.models.registry import load_model
+    from rsitr.retrieval.evaluate import evaluate_ties
+    from rsitr.train.config import TrainConfig
+    from rsitr.utils.io import atomic_write_json
+
+    rec = json.loads((cell_dir / "cell.json").read_text())
+    if rec.get("status") != "ok":
+        raise SystemExit(f"{cell_dir}: not a finished cell")
+    spec = json.loads((cell_dir / "spec.json").read_text())
+    cfg = TrainConfig().override(spec["overrides"])
+    model = load_model(str(cell_dir / "run"))
+    rec["test_ties"] = evaluate_ties(model, test_split(cfg), batch_size=cfg.eval_batch_size, progress=False)
+    for name in ("cell.json", "result.json"):
+        if (cell_dir / name).is_file():
+            r = json.loads((cell_dir / name).read_text())
+            r["test_ties"] = rec["test_ties"]
+            atomic_write_json(cell_dir / name, r)
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     from rsitr.utils.io import atomic_write_json
     from rsitr.utils.logging import setup_logging
@@ -77,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet = "--quiet" in argv
     cell_dir = Path([a for a in argv if not a.startswith("--")][0])
     setup_logging(-1 if quiet else 0)
+    if "--add-ties" in argv:
+        rec = add_ties(cell_dir)
+        print(json.dumps({t: round(m["mR"], 2) for t, m in rec["test_ties"].items()}))
+        return 0
     rec = run(cell_dir, progress=not quiet)
     atomic_write_json(cell_dir / "result.json", rec)
     return 0

@@ -51,6 +51,10 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for key in ("trainable_params", "train_seconds", "peak_rss_mb", "images_per_s", "texts_per_s", "query_ms_p50", "query_ms_p95"):
                 vals = [r[key] for r in rs if r.get(key) is not None]
                 row[key] = sum(vals) / len(vals) if vals else None
+            for tie in ("pessimistic", "expected", "optimistic"):  # cells that carry every convention
+                tr = [r["test_ties"][tie] for r in rs if tie in (r.get("test_ties") or {})]
+                row[f"ties_{tie}"] = {key: _mean_std([m[key] for m in tr]) for key in ("i2t_r1", "t2i_r1", "mR")} if tr else None
+                row[f"ties_{tie}_n"] = len(tr)
             row["train_images"] = next((r["train_images"] for r in rs if r.get("train_images")), None)
             row["backbone"] = rs[0].get("backbone")
             row["mode"] = rs[0].get("mode")
@@ -97,6 +101,17 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
             out.append(f"| {r['method']} | {r['backbone']} ({r['mode']}) | {r['seeds']}{fail} | " + " | ".join(cells) + " | "
                        f"{_params(r['trainable_params'])} | {_fmt(r['train_seconds'], 0)} | {_fmt(r['peak_rss_mb'], 0)} | "
                        f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['query_ms_p50'], 3)} |")
+        tied = [r for r in drows if r.get("seeds") and r.get("ties_optimistic")]
+        if tied:
+            out += ["", "Tied scores (the same caption under several images gets exactly the same score) counted three ways: "
+                    "never against the ground truth (optimistic), at random in expectation (the table above), always against it "
+                    "(pessimistic). Code that breaks ties by sort order, as the papers' does, lands between the outer two, "
+                    "depending on the order of the captions in the file.", "",
+                    "| method | seeds | I2T R@1 pess. / exp. / opt. | T2I R@1 pess. / exp. / opt. | mR pess. / exp. / opt. |",
+                    "|---|---:|---:|---:|---:|"]
+            for r in tied:
+                cells = [" / ".join(f"{r[f'ties_{t}'][k][0]:.2f}" for t in ("pessimistic", "expected", "optimistic")) for k in ("i2t_r1", "t2i_r1", "mR")]
+                out.append(f"| {r['method']} | {r['ties_optimistic_n']} | " + " | ".join(cells) + " |")
         pub_name = next((r["published"] for r in drows if r.get("published")), None)
         pub = published_rows(pub_name) if pub_name else []
         if pub:

@@ -202,6 +202,19 @@ def environment() -> dict[str, Any]:
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
+def test_split(cfg, data=None):
+    """The test split a cell of config ``cfg`` is scored on (its ``data.subset`` applied)."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.data.types import CaptionDataset
+
+    if data is None:
+        data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels)
+    test = data.split(cfg.data.test_split)
+    if cfg.data.subset:
+        test = CaptionDataset(test.entries[: cfg.data.subset], test.format, test.source)
+    return test
+
+
 def run_suite(suite: Suite, out: Path, *, progress: bool = True, timeout: float | None = None) -> list[dict[str, Any]]:
     """Run every cell not finished yet; returns the cell records (finished and failed).
 

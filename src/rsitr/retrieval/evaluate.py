@@ -123,22 +123,34 @@ def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str
     ``similarity`` scores the split (e.g. FTF's re-ranking, iEBAKER's SAR). ``rerank``: a named
     re-ranker of :mod:`rsitr.retrieval.rerank` applied to that matrix afterwards (``"sar"``,
     with ``rerank_options`` such as ``k``), usable on any model."""
-    from rsitr.retrieval.metrics import retrieval_metrics
+    return evaluate_ties(backbone, dataset, method=method, ties=(ties,), rerank=rerank, rerank_options=rerank_options, **kwargs)[ties]
+
+
+def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties=("expected", "optimistic", "pessimistic"),
+                  rerank: str | None = None, rerank_options: dict | None = None, **kwargs) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` under several tie conventions at once (``{ties: metrics}``), scoring the
+    split once. See :mod:`rsitr.retrieval.metrics` for what each convention counts."""
+    from rsitr.retrieval.metrics import METRIC_KEYS, TIES, retrieval_metrics
     from rsitr.retrieval.rerank import rerank as apply_rerank
 
+    for t in ties:
+        if t not in TIES:
+            raise ValueError(f"ties must be among {TIES}, got {t!r}")
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty split")
     t0 = time.perf_counter()
     sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
-    if isinstance(sim, tuple):  # (t2i, i2t): each direction ranked by its own matrix
-        from rsitr.retrieval.metrics import METRIC_KEYS
-
-        m_t2i, m_i2t = (retrieval_metrics(s, text_to_image, ties=ties) for s in sim)
-        metrics = {k: (m_i2t if k.startswith("i2t") else m_t2i)[k] for k in METRIC_KEYS[:6]}
-        metrics["mR"] = sum(metrics.values()) / 6.0
-    else:
+    if not isinstance(sim, tuple):
         sim = apply_rerank(rerank, sim, **(rerank_options or {}))
-        metrics = retrieval_metrics(sim, text_to_image, ties=ties)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    log.info("evaluated %d images / %d captions in %.1fs: mR %.2f", len(dataset), len(text_to_image), time.perf_counter() - t0, metrics["mR"])
-    return metrics
+    out = {}
+    for t in ties:
+        if isinstance(sim, tuple):  # (t2i, i2t): each direction ranked by its own matrix
+            m_t2i, m_i2t = (retrieval_metrics(s, text_to_image, ties=t) for s in sim)
+            metrics = {k: (m_i2t if k.startswith("i2t") else m_t2i)[k] for k in METRIC_KEYS[:6]}
+            metrics["mR"] = sum(metrics.values()) / 6.0
+        else:
+            metrics = retrieval_metrics(sim, text_to_image, ties=t)
+        out[t] = {k: float(v) for k, v in metrics.items()}
+    log.info("evaluated %d images / %d captions in %.1fs: mR %s", len(dataset), len(text_to_image), time.perf_counter() - t0,
+             ", ".join(f"{out[t]['mR']:.2f} ({t} ties)" for t in ties) if len(ties) > 1 else f"{out[ties[0]]['mR']:.2f}")
+    return out
