@@ -170,7 +170,8 @@ from rsitr.train.config import TrainConfig
 from rsitr.train.loop import train
 data, out = sys.argv[1], sys.argv[2]
 cfg = TrainConfig().override({"data.path": data, "out_dir": out, "model.backbone": "clip:tiny", "model.mode": "full",
-    "epochs": 1, "max_steps": 3, "batch_size": 16, "lr": 0.05, "eps": 1.0, "warmup_steps": 1, "eval_every": 0, "seed": 5, "augment.enabled": False})
+    "epochs": 1, "max_steps": 3, "batch_size": 16, "lr": 0.05, "eps": 1.0, "warmup_steps": 1, "eval_every": 0, "seed": 5, "augment.enabled": False,
+    "method.false_negatives": "mask"})  # the masking gathers batch indices across processes too
 train(cfg, progress=False, evaluate_test=False)
 """
 

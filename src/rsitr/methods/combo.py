@@ -98,6 +98,11 @@ class Combo(Method):
         for part in self.parts.values():
             part.install(backbone)
 
+    def mask_false_negatives(self, train_data: CaptionDataset) -> None:
+        super().mask_false_negatives(train_data)
+        for part in self.parts.values():  # the parts' contrastive losses read the same table
+            part._fn_text, part._fn_image = self._fn_text, self._fn_image
+
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         total = None
         logs: dict[str, float] = {}

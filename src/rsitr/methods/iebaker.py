@@ -103,7 +103,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsitr.data.types import CaptionDataset
-from rsitr.losses.contrastive import MAX_LOGIT_SCALE
+from rsitr.losses.contrastive import MAX_LOGIT_SCALE, drop_false_negatives
 from rsitr.methods.keywords import KeywordIndex, build_vocab, load_vocab, save_vocab
 from rsitr.models.base import Backbone, Features
 from rsitr.train.methods import Method, TrainContext
@@ -155,13 +155,15 @@ CRITERIA = ("global_fraction", "per_image_fraction", "threshold")
 
 
 # -- pure helpers (tested directly) ---------------------------------------------------------------
-def masked_info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale, keep: torch.Tensor | None = None) -> torch.Tensor:
+def masked_info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale, keep: torch.Tensor | None = None,
+                    same: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE where only the ``keep`` pairs act as positives (query rows); every pair
-    stays a candidate (column). ``keep=None``: all pairs (= :func:`info_nce`)."""
+    stays a candidate (column) except the ``same`` ones (see :func:`drop_false_negatives`).
+    ``keep=None``: all pairs (= :func:`info_nce`)."""
     img = F.normalize(img.float(), dim=-1)
     txt = F.normalize(txt.float(), dim=-1)
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=img.device).clamp(max=MAX_LOGIT_SCALE).exp()
-    return masked_ce_pair(scale * img @ txt.t(), keep)
+    return masked_ce_pair(drop_false_negatives(scale * img @ txt.t(), same), keep)
 
 
 def masked_ce_pair(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -341,7 +343,7 @@ class IEBAKER(Method):
             flags = self.eba_drop.to(idx.device)[idx]
             keep_g, keep_l = (flags & 1) == 0, (flags & 2) == 0
         scale = self.temperature(backbone)
-        loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g)
+        loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g, same=self.same_text(batch, n))
         total = loss_g
         logs = {"loss_global": float(loss_g.detach())}
         if o["local"]:

@@ -58,11 +58,45 @@ class Method(nn.Module):
         else:
             self.logit_scale = None
 
+    _fn_text: torch.Tensor | None = None  # false-negative masking (see mask_false_negatives)
+    _fn_image: torch.Tensor | None = None
+
+    def mask_false_negatives(self, train_data: CaptionDataset) -> None:
+        """From now on :meth:`same_text` tells which batch pairs share a sentence
+        (``method.false_negatives: mask``): every caption gets the id of its normalised text
+        (lower case, single spaces), every image the ids of its captions."""
+        texts, owner = train_data.texts()
+        ids: dict[str, int] = {}
+        tid = [ids.setdefault(" ".join(t.lower().split()), len(ids)) for t in texts]
+        per_image: list[list[int]] = [[] for _ in range(len(train_data))]
+        for j, i in enumerate(owner):
+            per_image[i].append(tid[j])
+        width = max((len(p) for p in per_image), default=1) or 1
+        table = torch.full((len(per_image), width), -1, dtype=torch.int64)
+        for i, p in enumerate(per_image):
+            table[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+        self._fn_text, self._fn_image = torch.as_tensor(tid, dtype=torch.int64), table
+        log.info("false negatives masked: %d captions, %d distinct sentences", len(tid), len(ids))
+
+    def same_text(self, batch: dict, n: int | None = None) -> torch.Tensor | None:
+        """``[B images, B texts]`` bool: batch text j is a caption of batch image i (None unless
+        :meth:`mask_false_negatives` was called). The diagonal is true. ``n``: the number of rows
+        the loss sees; under torchrun the features are gathered from every process, and so are
+        the indices here."""
+        if self._fn_text is None or "text_index" not in batch:
+            return None
+        ti, ii = batch["text_index"], batch["image_index"]
+        if n is not None and ti.shape[0] != n:
+            ti, ii = _all_gather_rows(ti), _all_gather_rows(ii)
+        t = self._fn_text[ti.cpu()]
+        im = self._fn_image[ii.cpu()]
+        return (im[:, :, None] == t[None, None, :]).any(1).to(ti.device)
+
     def temperature(self, backbone: Backbone) -> torch.Tensor:
         return backbone.logit_scale if self.logit_scale is None else self.logit_scale
 
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = info_nce(img.pooled, txt.pooled, self.temperature(backbone))
+        loss = info_nce(img.pooled, txt.pooled, self.temperature(backbone), same=self.same_text(batch, img.pooled.shape[0]))
         return loss, {"loss": float(loss.detach())}
 
     def install(self, backbone: Backbone) -> None:
@@ -76,6 +110,12 @@ class Method(nn.Module):
 
     def similarity(self, backbone: Backbone, enc) -> torch.Tensor:
         return enc.images @ enc.texts.t()
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat(parts)
 
 
 @dataclass
