@@ -59,6 +59,9 @@ def test_cells_run_and_failures_are_recorded(bench_run):
             assert ties["pessimistic"][k] <= ties["expected"][k] + 1e-9 <= ties["optimistic"][k] + 2e-9
     bad = [r for r in records if r["status"] == "failed"]
     assert all("no-such-mode" in r["error"] for r in bad)
+    # one frozen-trunk cache folder per run folder, shared by every cell
+    specs = [json.loads(p.read_text()) for p in out.glob("cells/*/*/seed*/spec.json")]
+    assert len(specs) == 4 and {s["overrides"]["cache_dir"] for s in specs} == {str(out / "cache")}
     # the two seeds differ (different head init / order) but share the generated dataset
     assert (out / "data" / "synth" / "dataset_synth.json").is_file()
 

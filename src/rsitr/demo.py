@@ -42,12 +42,10 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
         defaults["mode"] = mode
     if epochs:
         defaults["epochs"] = epochs
-    before_model = load_model(backbone) if not backbone.startswith("clip:") else None
-    if before_model is None:
-        import torch
+    import torch
 
-        torch.manual_seed(seed)
-        before_model = load_model(backbone)
+    torch.manual_seed(seed)  # the fresh heads of the "before" model: the same row on every run
+    before_model = load_model(backbone)
     before = evaluate(before_model, test, progress=progress)
     del before_model
     run_dir = out / f"run-{backbone.replace(':', '_').replace('/', '_')}"

@@ -18,7 +18,8 @@ Each cell trains in its own process (``python -m rsitr.bench.cell``) so a crash 
 out-of-memory kill fails that cell only, and its peak memory is measured. A cell's folder holds
 the run (checkpoints, log) and ``cell.json`` (status, metrics, parameters, wall time, peak RSS,
 encoding throughput, query latency, environment). Finished cells are skipped when the suite is
-run again; failed cells are retried.
+run again; failed cells are retried. Frozen-trunk features are computed once and shared by
+every cell: in ``RUN_DIR/cache`` unless the suite sets ``cache_dir``.
 """
 from __future__ import annotations
 
@@ -310,7 +311,7 @@ def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None
                 continue
         cdir.mkdir(parents=True, exist_ok=True)
         spec = {"cell": cell.key, "dataset": cell.dataset, "method": cell.method, "seed": cell.seed, "published": cell.published,
-                "overrides": {**cell.overrides, "out_dir": str(cdir / "run")}}
+                "overrides": {"cache_dir": str(out / "cache"), **cell.overrides, "out_dir": str(cdir / "run")}}
         atomic_write_json(cdir / "spec.json", spec)
         print(f"[{i}/{len(suite.cells)}] {cell.key}: training ...", flush=True)
         t0 = time.perf_counter()
