@@ -223,3 +223,14 @@ def test_add_ties_backfills_a_finished_cell(bench_run):
     for t in want:
         assert got[t] == pytest.approx(want[t], abs=1e-6)
     assert json.loads((cdir / "result.json").read_text())["test_ties"] == got
+
+
+def test_report_lists_methods_in_suite_order(tmp_path):
+    from rsitr.bench.report import _suite_order
+
+    (tmp_path / "suite.yaml").write_text("name: x\ndatasets: {d: {}}\nmethods: {zeta: {}, alpha: {}}\n")
+    recs = [{"dataset": "d", "method": m, "seed": s} for m, s in (("alpha", 1), ("extra", 0), ("zeta", 1), ("alpha", 0), ("zeta", 0))]
+    got = [(r["method"], r["seed"]) for r in _suite_order(tmp_path, recs)]
+    assert got == [("zeta", 0), ("zeta", 1), ("alpha", 0), ("alpha", 1), ("extra", 0)]
+    (tmp_path / "suite.yaml").write_text(": not yaml [")
+    assert [r["method"] for r in _suite_order(tmp_path, recs)] == ["alpha", "alpha", "extra", "zeta", "zeta"]

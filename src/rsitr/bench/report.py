@@ -199,6 +199,23 @@ def make_plots(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str
     return files
 
 
+def _suite_order(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in the order the run's suite lists its datasets and methods (methods it does not
+    list, e.g. cells copied in from another run folder, after them), seeds ascending."""
+    try:
+        import yaml
+
+        suite = yaml.safe_load((run_dir / "suite.yaml").read_text(encoding="utf-8")) or {}
+        datasets, methods = list(suite.get("datasets") or {}), list(suite.get("methods") or {})
+    except Exception:  # no or unreadable suite.yaml: by name
+        datasets, methods = [], []
+
+    def pos(names: list[str], name: str) -> int:
+        return names.index(name) if name in names else len(names)
+
+    return sorted(records, key=lambda r: (pos(datasets, r["dataset"]), r["dataset"], pos(methods, r["method"]), r["method"], r.get("seed", 0)))
+
+
 def report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     records = collect(run_dir)
@@ -206,6 +223,7 @@ def report(run_dir: str | Path) -> str:
         from rsitr.utils.errors import RsitrError
 
         raise RsitrError(f"{run_dir}: no cells found (run `rsitr bench run` first)")
+    records = _suite_order(run_dir, records)
     rows = summarise(records)
     plots = make_plots(run_dir, rows, records)
     md = render(run_dir, rows, records, plots)
