@@ -106,6 +106,7 @@ from rsitr.data.types import CaptionDataset
 from rsitr.losses.contrastive import MAX_LOGIT_SCALE, drop_false_negatives
 from rsitr.methods.keywords import KeywordIndex, build_vocab, load_vocab, save_vocab
 from rsitr.models.base import Backbone, Features
+from rsitr.train.distributed import gather_rows
 from rsitr.train.methods import Method, TrainContext
 from rsitr.utils.errors import RsitrError
 
@@ -339,7 +340,7 @@ class IEBAKER(Method):
         n = img.pooled.shape[0]
         keep_g = keep_l = None
         if o["eba_scheme"] == "separate" and self._eba_active(epoch) and int(self.eba_epoch) >= 0:
-            idx = _gather_index(batch["text_index"], n)
+            idx = gather_rows(batch["text_index"], n)
             flags = self.eba_drop.to(idx.device)[idx]
             keep_g, keep_l = (flags & 1) == 0, (flags & 2) == 0
         scale = self.temperature(backbone)
@@ -602,12 +603,3 @@ def _local_rows(n_total: int, n_local: int) -> tuple[int, int]:
         return 0, n_local
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return rank * n_local, (rank + 1) * n_local
-
-
-def _gather_index(index: torch.Tensor, n_total: int) -> torch.Tensor:
-    """The batch's text indices for all (gathered) rows."""
-    if index.shape[0] == n_total:
-        return index
-    parts = [torch.empty_like(index) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, index)
-    return torch.cat(parts)

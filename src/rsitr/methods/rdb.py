@@ -104,6 +104,7 @@ from torch import nn
 from rsitr.losses.contrastive import MAX_LOGIT_SCALE, info_nce
 from rsitr.methods.adapters import DiffAttnAdapter, HierAttnAdapter, frozen_copy
 from rsitr.models.base import Backbone, Features
+from rsitr.train.distributed import gather_rows
 from rsitr.train.methods import Method
 from rsitr.utils.errors import RsitrError
 
@@ -182,20 +183,6 @@ def fixed_weighting(losses: dict[str, torch.Tensor], weights: dict[str, float]) 
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _dist_world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-
-
-def _gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 (no gradient) under torch.distributed; identity otherwise."""
-    world = _dist_world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
 def resolve_layers(spec: Any, n: int, what: str) -> list[int]:
     """Block indices from ``"all"`` / ``"last_half"`` / ``"none"`` / a list of (possibly
     negative) indices, for a tower of ``n`` blocks."""
@@ -418,7 +405,7 @@ class RDB(Method):
         if "cls" in self.terms and "labels" in batch:
             labels = batch["labels"]
             if labels.shape[0] != img.pooled.shape[0]:
-                labels = _gather_nograd(labels)
+                labels = gather_rows(labels)
             pooled = {"both": [img.pooled, txt.pooled], "image": [img.pooled], "text": [txt.pooled]}[o["cls_on"]]
             losses["cls"] = classification_loss(self.cls_head, pooled, labels)
         if "consistency" in self.terms:
@@ -459,7 +446,7 @@ class RDB(Method):
                     else:
                         raise RsitrError("RDB's EMA teacher needs the batch's images ('pixels' or 'image_trunk')")
                     if t_img.shape[0] != img.pooled.shape[0]:
-                        t_img = _gather_nograd(t_img)
+                        t_img = gather_rows(t_img)
                 if have_txt:
                     if "text_trunk" in batch:
                         t_txt = backbone.text_head(batch["text_trunk"]).pooled
@@ -468,7 +455,7 @@ class RDB(Method):
                     else:
                         raise RsitrError("RDB's EMA teacher needs the batch's captions ('ids' or 'text_trunk')")
                     if t_txt.shape[0] != txt.pooled.shape[0]:
-                        t_txt = _gather_nograd(t_txt)
+                        t_txt = gather_rows(t_txt)
         finally:
             backbone.train(was)
         return t_img, t_txt
@@ -480,7 +467,7 @@ class RDB(Method):
                                        (txt, "text_index", self.bank_text, self.bank_text_seen)):
             idx = batch[key]
             if idx.shape[0] != feats.pooled.shape[0]:
-                idx = _gather_nograd(idx)
+                idx = gather_rows(idx)
             if bank.shape[0] == 0 or int(idx.max()) >= bank.shape[0]:
                 raise RsitrError("RDB teacher 'bank' needs the training data at construction (banks sized by it)")
             cur = F.normalize(feats.pooled.detach().float(), dim=-1)

@@ -57,6 +57,20 @@ def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
+def gather_rows(x: torch.Tensor, n_total: int | None = None) -> torch.Tensor:
+    """Concatenate ``x`` along dim 0 from every process, without gradient (indices, labels,
+    teacher outputs). Identity outside a process group, or when ``x`` already has ``n_total``
+    rows (the loss sees this process's batch only)."""
+    if (n_total is not None and x.shape[0] == n_total) or not (dist.is_available() and dist.is_initialized()):
+        return x
+    world = dist.get_world_size()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -18,6 +18,7 @@ from torch import nn
 from rsitr.data.types import CaptionDataset
 from rsitr.losses.contrastive import info_nce
 from rsitr.models.base import Backbone, Features
+from rsitr.train.distributed import gather_rows
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Method(nn.Module):
             return None
         ti, ii = batch["text_index"], batch["image_index"]
         if n is not None and ti.shape[0] != n:
-            ti, ii = _all_gather_rows(ti), _all_gather_rows(ii)
+            ti, ii = gather_rows(ti), gather_rows(ii)
         t = self._fn_text[ti.cpu()]
         im = self._fn_image[ii.cpu()]
         return (im[:, :, None] == t[None, None, :]).any(1).to(ti.device)
@@ -110,12 +111,6 @@ class Method(nn.Module):
 
     def similarity(self, backbone: Backbone, enc) -> torch.Tensor:
         return enc.images @ enc.texts.t()
-
-
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x)
-    return torch.cat(parts)
 
 
 @dataclass
