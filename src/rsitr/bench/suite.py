@@ -209,7 +209,7 @@ def test_split(cfg, data=None):
     from rsitr.data.types import CaptionDataset
 
     if data is None:
-        data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels)
+        data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
     test = data.split(cfg.data.test_split)
     if cfg.data.subset:
         test = CaptionDataset(test.entries[: cfg.data.subset], test.format, test.source)
