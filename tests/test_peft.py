@@ -21,8 +21,9 @@ from rsitr.methods.peft import (
     LoRAMethod,
 )
 from rsitr.methods.rdb import RDB
-from rsitr.models.base import Backbone, BackboneInfo
 from rsitr.utils.errors import RsitrError
+
+from _fake_towers import FakeTowers
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +134,16 @@ def test_adapter_install_symmetric_sizes_and_exact_identity():
         BottleneckAdapterMethod(bb, {"rank": 3}, None)
 
 
+def assert_only_marked_params_train(bb, marker: str) -> None:
+    """After a backward pass: the parameters whose name contains ``marker`` (and only those) are
+    trainable and got a gradient."""
+    for name, p in bb.named_parameters():
+        if marker in name:
+            assert p.requires_grad and p.grad is not None, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
 def test_adapter_only_adapter_params_get_gradients_in_frozen_mode():
     bb = tiny_clip()
     m = BottleneckAdapterMethod(bb, {"bottleneck": 8}, None)
@@ -141,18 +152,14 @@ def test_adapter_only_adapter_params_get_gradients_in_frozen_mode():
     module = trainstep(bb, m, "frozen")
     loss, _ = module(batch_for(bb))
     loss.backward()
-    for name, p in bb.named_parameters():
-        if ".adapter." in name:
-            assert p.requires_grad and p.grad is not None, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
+    assert_only_marked_params_train(bb, ".adapter.")
     # adapters counted once (shared by method and backbone); method state holds no copy of them
     assert sum(p.numel() for p in module.parameters() if p.requires_grad) == sum(p.numel() for p in m.parameters())
     assert not any(k.startswith(("image_adapters.", "text_adapters.")) for k in m.state_dict())
 
 
 def test_adapter_token_slot_on_a_cnn_like_backbone():
-    bb = _FakeTowers()
+    bb = FakeTowers()
     m = BottleneckAdapterMethod(bb, {"bottleneck": 4}, None)
     m.install(bb)
     assert m.needs_tokens and bb.slot.adapter is m.image_adapters[0] and m.image_adapters[0].width == 12
@@ -224,11 +231,7 @@ def test_lora_only_lora_params_get_gradients_and_checkpoint_holds_only_them():
     module = trainstep(bb, m, "frozen")
     loss, _ = module(batch_for(bb))
     loss.backward()
-    for name, p in bb.named_parameters():
-        if ".lora." in name:
-            assert p.requires_grad and p.grad is not None, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
+    assert_only_marked_params_train(bb, ".lora.")
     state = trainable_state(module, full_backbone=False)  # what a rebuildable backbone's checkpoint stores
     assert state and all(k.startswith("backbone.") and ".lora." in k for k in state)
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -237,7 +240,7 @@ def test_lora_only_lora_params_get_gradients_and_checkpoint_holds_only_them():
 def test_lora_skips_a_cnn_tower_with_a_log_line(caplog):
     from rsitr.models.towers.minilm import BertConfig, BertLayer
 
-    class Towers(_FakeTowers):
+    class Towers(FakeTowers):
         def __init__(self):
             super().__init__()
             self.text_blocks = nn.ModuleList(BertLayer(BertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32)) for _ in range(2))
@@ -359,35 +362,6 @@ def test_format_markdown_mean_std_and_failures():
     md = format_markdown(rows)
     assert "| rdb | heads | 11.00 ± 1.00 |" in md and "1.50K" in md and "15.000 ± 0.000" in md
     assert "| lora | heads | failed: RsitrError: boom |" in md
-
-
-# -- a two-tower-like backbone (the slot protocol) -----------------------------------------------
-class _Block(nn.Module):
-    def __init__(self, w):
-        super().__init__()
-        self.ln = nn.LayerNorm(w)
-        self.adapter = None
-
-
-class _Slot(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.adapter = None
-
-
-class _FakeTowers(Backbone):
-    def __init__(self):
-        super().__init__()
-        self.embed_dim = 8
-        self.info = BackboneInfo(kind="towers", name="fake", config={"image_width": 12})
-        self.text_blocks = nn.ModuleList(_Block(10) for _ in range(3))
-        self.slot = _Slot()
-
-    def adapter_blocks(self, modality):
-        return self.text_blocks if modality == "text" else None
-
-    def token_adapter_slot(self, modality):
-        return self.slot if modality == "image" else None
 
 
 def test_bench_rdb_cli_zero_shot_row(synth, tmp_path, capsys):

@@ -29,6 +29,8 @@ from rsitr.methods.rdb import (
 from rsitr.models.base import Backbone, BackboneInfo
 from rsitr.utils.errors import RsitrError
 
+from _fake_towers import FakeTowers
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -336,37 +338,8 @@ def test_layer_specs():
 
 
 # -- the slot protocol on a two-tower-like backbone ---------------------------------------------
-class _Block(nn.Module):
-    def __init__(self, w):
-        super().__init__()
-        self.ln = nn.LayerNorm(w)
-        self.lin = nn.Linear(w, w)
-        self.adapter = None
-
-
-class _Slot(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.adapter = None
-
-
-class _FakeTowers(Backbone):
-    def __init__(self):
-        super().__init__()
-        self.embed_dim = 8
-        self.info = BackboneInfo(kind="towers", name="fake", config={"image_width": 12})
-        self.text_blocks = nn.ModuleList(_Block(10) for _ in range(3))
-        self.slot = _Slot()
-
-    def adapter_blocks(self, modality):
-        return self.text_blocks if modality == "text" else None
-
-    def token_adapter_slot(self, modality):
-        return self.slot if modality == "image" else None
-
-
 def test_install_through_the_backbone_protocol(caplog):
-    bb = _FakeTowers()
+    bb = FakeTowers()
     m = RDB(bb, {"tsa_layers": [-1], "classes": ["a", "b"]}, None)
     m.install(bb)
     assert m.needs_tokens and len(m.vea) == 1 and bb.slot.adapter is m.vea[0] and m.vea[0].width == 12
