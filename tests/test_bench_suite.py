@@ -223,6 +223,8 @@ def test_add_ties_backfills_a_finished_cell(bench_run):
     for t in want:
         assert got[t] == pytest.approx(want[t], abs=1e-6)
     assert json.loads((cdir / "result.json").read_text())["test_ties"] == got
+    bad = subprocess.run([sys.executable, "-m", "rsitr.bench.cell", str(out / "nope"), "--add-ties"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "not a bench cell folder" in bad.stderr
 
 
 def test_report_lists_methods_in_suite_order(tmp_path):

@@ -76,6 +76,8 @@ def add_ties(cell_dir: Path) -> dict:
     from rsitr.train.config import TrainConfig
     from rsitr.utils.io import atomic_write_json
 
+    if not (cell_dir / "cell.json").is_file() or not (cell_dir / "spec.json").is_file():
+        raise SystemExit(f"{cell_dir}: not a bench cell folder (no cell.json / spec.json)")
     rec = json.loads((cell_dir / "cell.json").read_text())
     if rec.get("status") != "ok":
         raise SystemExit(f"{cell_dir}: not a finished cell")
