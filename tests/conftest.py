@@ -34,6 +34,21 @@ def open_clip():
         pytest.skip(f"open_clip reference not installed (pip install --no-deps open_clip_torch): {exc}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """Exported ONNX graphs (rsitr.models.engine) go to one folder of the test session, not the
+    user's cache; graphs are keyed by content, so tests share them."""
+    import os
+
+    old = os.environ.get("RSITR_ONNX_CACHE")
+    os.environ["RSITR_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RSITR_ONNX_CACHE", None)
+    else:
+        os.environ["RSITR_ONNX_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's ../shared folder (real caption files and the UCM benchmark)."""

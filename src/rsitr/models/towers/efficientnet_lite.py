@@ -112,8 +112,10 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         if k > 1 or s > 1:
-            top, bottom = same_padding(x.shape[-2], k, s)
-            left, right = same_padding(x.shape[-1], k, s)
+            # Python ints: an ONNX export bakes the padding of its (fixed) input size; traced as
+            # tensor arithmetic, the ceil division below would become ONNX's truncating division
+            top, bottom = same_padding(int(x.shape[-2]), k, s)
+            left, right = same_padding(int(x.shape[-1]), k, s)
             if top or bottom or left or right:
                 x = F.pad(x, (left, right, top, bottom))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)

