@@ -28,6 +28,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="report and skip bad entries instead of stopping")
 
 
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                   help="no-grad encoder: ONNX Runtime (auto: where installed) or eager torch; same results within 1e-4")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rsitr.data.captions import load_dataset
     from rsitr.models.registry import load_model
@@ -43,8 +48,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     method = model.__dict__.get("method")
     if args.rerank == "sar" and method is not None and bool(getattr(method, "sar_enabled", False)):
         log.warning("the checkpoint's iEBAKER method already applies SAR; --rerank sar applies it a second time")
+    from rsitr.models.engine import engine_for
+
+    engine = engine_for(model, args.engine)
     metrics = evaluate(model, split, batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet,
-                       ties=args.ties, rerank=args.rerank, rerank_options={"k": args.rerank_k} if args.rerank == "sar" else None)
+                       ties=args.ties, rerank=args.rerank, rerank_options={"k": args.rerank_k} if args.rerank == "sar" else None, engine=engine)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
                           "images": len(split), "captions": split.n_captions, "rerank": args.rerank, **metrics}, indent=2))
@@ -85,9 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_encode(args: argparse.Namespace) -> int:
-    from rsitr.bench.throughput import encode_throughput, render
+    from rsitr.bench.throughput import encode_comparison, render
 
-    rows = [encode_throughput(b, batch_size=args.batch_size, n_batches=args.batches, device=args.device, threads=args.threads) for b in args.backbone]
+    rows = [r for b in args.backbone for r in encode_comparison(b, batch_size=args.batch_size, n_batches=args.batches, images=args.images,
+                                                               engines=args.engines, reference=not args.no_reference, progress=not args.quiet)]
     print(json.dumps(rows, indent=2) if args.json else render(rows))
     return 0
 
@@ -135,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"rsitr {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and ONNX Runtime (default: torch's, i.e. the cores)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: synthetic data, small pretrained model, before/after table")
@@ -173,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rerank", choices=("none", "sar"), default="none",
                    help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model)")
     e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
+    add_engine_arg(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -196,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--backbone", action="append", required=True, help="repeatable: towers:NAME, clip:ViT-B-32, a checkpoint path")
     be.add_argument("--batch-size", type=int, default=64)
     be.add_argument("--batches", type=int, default=5)
-    be.add_argument("--threads", type=int, default=None)
-    be.add_argument("--device", default="cpu")
+    be.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads (as rsitr --threads)")
+    be.add_argument("--images", default=None, help="folder of real images to encode (default: the UCM-Captions images when present, else synthetic tiles)")
+    be.add_argument("--engines", nargs="+", default=["torch", "onnx"], choices=("torch", "onnx"), help="rsitr engines to time")
+    be.add_argument("--no-reference", action="store_true", help="skip the reference eager implementations (efficientnet-lite-pytorch, transformers BertModel)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench_encode)
     br = b.add_parser("run", help="run a suite of (dataset x method x seed) cells; finished cells are skipped")
@@ -248,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except RsitrError as exc:

@@ -35,15 +35,16 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
     data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
     test = test_split(cfg, data)
     model = load_model(str(result.out_dir))
-    test_ties = evaluate_ties(model, test, batch_size=cfg.eval_batch_size, progress=False)
+    engine = _engine(model, cfg)
+    test_ties = evaluate_ties(model, test, batch_size=cfg.eval_batch_size, progress=False, engine=engine)
     t1 = time.perf_counter()
-    enc = encode_dataset(model, test, batch_size=cfg.eval_batch_size, progress=False)
+    enc = encode_dataset(model, test, batch_size=cfg.eval_batch_size, progress=False, engine=engine)
     enc_seconds = time.perf_counter() - t1
     texts, _ = test.texts()
     t2 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(texts), 64):
-            model.encode_text(model.tokenize(texts[i : i + 64]))
+            engine.encode_text(model.tokenize(texts[i : i + 64]))
     text_seconds = time.perf_counter() - t2
     lat = []
     imgs = enc.images
@@ -62,9 +63,16 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
         "texts_per_s": round(len(texts) / max(text_seconds, 1e-9), 1) if texts else None,
         "query_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
         "query_ms_p95": round(float(np.percentile(lat, 95)), 3) if lat else None,
-        "backbone": cfg.model.backbone, "mode": cfg.model.mode, "history": history, "environment": environment(),
+        "backbone": cfg.model.backbone, "mode": cfg.model.mode, "engine": engine.kind, "history": history, "environment": environment(),
         "config": cfg.to_dict(),
     }
+
+
+def _engine(model, cfg):
+    """The run's no-grad engine (the exported graphs are shared with its training)."""
+    from rsitr.models.engine import engine_for
+
+    return engine_for(model, cfg.inference.engine, cache_dir=cfg.inference.onnx_cache)
 
 
 def add_ties(cell_dir: Path) -> dict:
@@ -84,7 +92,7 @@ def add_ties(cell_dir: Path) -> dict:
     spec = json.loads((cell_dir / "spec.json").read_text())
     cfg = TrainConfig().override(spec["overrides"])
     model = load_model(str(cell_dir / "run"))
-    rec["test_ties"] = evaluate_ties(model, test_split(cfg), batch_size=cfg.eval_batch_size, progress=False)
+    rec["test_ties"] = evaluate_ties(model, test_split(cfg), batch_size=cfg.eval_batch_size, progress=False, engine=_engine(model, cfg))
     for name in ("cell.json", "result.json"):
         if (cell_dir / name).is_file():
             r = json.loads((cell_dir / name).read_text())

@@ -35,12 +35,15 @@ def encode_dataset(
     trunk_cache=None,
     progress: bool = True,
     keep_tokens: bool = False,
+    engine=None,
 ) -> Encoded:
     """Embed every image (eval transform) and caption of ``dataset``.
 
     ``trunk_cache`` (a :class:`rsitr.train.data.TrunkCache` built on this dataset) lets a
     backbone with frozen trunks skip the towers and apply only its heads. ``keep_tokens``
-    also returns the token-level features (for methods that re-rank with them).
+    also returns the token-level features (for methods that re-rank with them). ``engine`` (an
+    :class:`rsitr.models.engine.InferenceEngine` of ``backbone``) runs the no-grad forward passes
+    (ONNX Runtime); None runs the backbone in torch.
     """
     from tqdm import tqdm
 
@@ -50,6 +53,8 @@ def encode_dataset(
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
+    run = engine if engine is not None else backbone
+
     def keep(f: Features) -> Features:
         if keep_tokens:
             return Features(f.pooled.float().cpu(), f.tokens.float().cpu(), f.mask.cpu())
@@ -64,7 +69,7 @@ def encode_dataset(
         it = iterate_images(images, range(len(dataset)), batch_size, workers)
         for px in tqdm(it, total=math.ceil(len(dataset) / batch_size), desc="encode images", disable=not progress, leave=False):
             px = px.to(device)
-            img_parts.append(keep(backbone.image_features(px)) if keep_tokens else keep(Features(backbone.encode_image(px), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))))
+            img_parts.append(keep(run.image_features(px)) if keep_tokens else keep(Features(run.encode_image(px), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))))
     texts, owner = dataset.texts()
     if trunk_cache is not None and trunk_cache.text is not None:
         feats = trunk_cache.text
@@ -73,7 +78,7 @@ def encode_dataset(
         txt_parts = []
         for i in tqdm(range(0, len(texts), batch_size), desc="encode texts", disable=not progress, leave=False):
             ids = backbone.tokenize(texts[i : i + batch_size]).to(device)
-            txt_parts.append(keep(backbone.text_features(ids)) if keep_tokens else keep(Features(backbone.encode_text(ids), ids.new_zeros(0), ids.new_zeros(0, dtype=torch.bool))))
+            txt_parts.append(keep(run.text_features(ids)) if keep_tokens else keep(Features(run.encode_text(ids), ids.new_zeros(0), ids.new_zeros(0, dtype=torch.bool))))
     backbone.train(was_training)
     img_f, txt_f = _cat(img_parts, keep_tokens), _cat(txt_parts, keep_tokens)
     return Encoded(F.normalize(img_f.pooled, dim=-1), F.normalize(txt_f.pooled, dim=-1), owner,

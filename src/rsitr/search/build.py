@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,6 +152,8 @@ class BuildOptions:
     skip_bad: bool = False
     device: str = "cpu"
     progress: bool = True
+    engine: str = "auto"  # no-grad encoder: "auto" (ONNX Runtime where installed) | "onnx" | "torch"; same vectors within 1e-4
+    onnx_cache: str | None = None  # exported graphs (default: rsitr.models.engine.default_cache_dir())
 
 
 @dataclasses.dataclass
@@ -191,7 +194,8 @@ def _new_manifest(model, ident: dict, opts: BuildOptions) -> dict:
 # -- encoding ------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_batch(model, pixels: torch.Tensor, keep_tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``(embeddings float32 [B, D] L2-normalised, tokens fp16 [B, N, D] | None, mask | None)``."""
+    """``(embeddings float32 [B, D] L2-normalised, tokens fp16 [B, N, D] | None, mask | None)``;
+    ``model``: a backbone or its :class:`rsitr.models.engine.InferenceEngine`."""
     if keep_tokens:
         f = model.image_features(pixels)
         emb = torch.nn.functional.normalize(f.pooled.float(), dim=-1).cpu().numpy()
@@ -238,41 +242,58 @@ def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOpti
     from tqdm import tqdm
 
     from rsitr.data.transforms import EvalTransform
+    from rsitr.models.engine import engine_for
 
     transform = EvalTransform(model.preprocess)
+    encoder = engine_for(model, opts.engine, cache_dir=opts.onnx_cache) if pending else None
     bs = max(1, int(opts.batch_size))
     chunk = int(opts.chunk_size or bs * 4)
     encoded, secs, n_chunk = 0, 0.0, first_chunk
     bar = tqdm(total=len(pending), desc="index: encode", unit="tile", disable=not opts.progress)
+
+    def load(items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
+        """Decode, tile and transform one batch (in a thread, overlapping the previous encode)."""
+        batch, px = [], []
+        for it in items:
+            try:
+                px.append(transform(read_item(it)))
+                batch.append(it)
+            except DataError as exc:
+                if not opts.skip_bad:
+                    raise
+                log.warning("skipped: %s", exc)
+        return batch, (torch.stack(px) if px else None)
+
+    # batches in order, each tagged with its chunk; the next batch is decoded while one encodes
+    slices = [(c0, pending[b0 : min(b0 + bs, c0 + chunk)]) for c0 in range(0, len(pending), chunk) for b0 in range(c0, min(c0 + chunk, len(pending)), bs)]
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsitr-decode")
     try:
-        for c0 in range(0, len(pending), chunk):
-            part = pending[c0 : c0 + chunk]
-            done: list[Item] = []
-            embs, toks = [], [] if opts.keep_tokens else None
-            for b0 in range(0, len(part), bs):
-                batch, px = [], []
-                for it in part[b0 : b0 + bs]:
-                    try:
-                        px.append(transform(read_item(it)))
-                        batch.append(it)
-                    except DataError as exc:
-                        if not opts.skip_bad:
-                            raise
-                        log.warning("skipped: %s", exc)
-                if batch:
-                    t0 = time.perf_counter()
-                    e, t, m = encode_batch(model, torch.stack(px).to(opts.device), opts.keep_tokens)
-                    secs += time.perf_counter() - t0
-                    embs.append(e)
-                    if toks is not None:
-                        toks.append((t, m))
-                    done.extend(batch)
-                    encoded += len(batch)
-                bar.update(len(part[b0 : b0 + bs]))
-            if done:
+        ahead = pool.submit(load, slices[0][1]) if slices else None
+        done: list[Item] = []
+        embs: list[np.ndarray] = []
+        toks: list | None = [] if opts.keep_tokens else None
+        for i, (c0, items) in enumerate(slices):
+            batch, px = ahead.result()
+            ahead = pool.submit(load, slices[i + 1][1]) if i + 1 < len(slices) else None
+            if batch:
+                t0 = time.perf_counter()
+                e, t, m = encode_batch(encoder, px.to(opts.device), opts.keep_tokens)
+                secs += time.perf_counter() - t0
+                embs.append(e)
+                if toks is not None:
+                    toks.append((t, m))
+                done.extend(batch)
+                encoded += len(batch)
+            bar.update(len(items))
+            last_of_chunk = i + 1 == len(slices) or slices[i + 1][0] != c0
+            if last_of_chunk and done:
                 _write_chunk(index_dir, n_chunk, done, np.concatenate(embs), toks)
                 n_chunk += 1
+                done, embs, toks = [], [], ([] if opts.keep_tokens else None)
     finally:
+        if ahead is not None:
+            ahead.cancel()
+        pool.shutdown(wait=True)
         bar.close()
     return encoded, secs
 

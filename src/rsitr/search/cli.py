@@ -28,13 +28,19 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
     p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
     p.add_argument("--device", default="cpu")
+    _add_engine(p)
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                   help="no-grad encoder: ONNX Runtime (auto: where installed) or eager torch; same vectors within 1e-4")
 
 
 def _opts(args, **kw):
     from rsitr.search.build import BuildOptions
 
     return BuildOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, skip_bad=args.skip_bad, device=args.device,
-                        progress=_progress(args), **kw)
+                        progress=_progress(args), engine=args.engine, **kw)
 
 
 def cmd_index_build(args) -> int:
@@ -73,7 +79,7 @@ def cmd_search(args) -> int:
         raise RsitrError("give a text query or --image PATH")
     if args.k < 1:
         raise RsitrError(f"-k must be >= 1, got {args.k}")
-    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device)
+    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine)
     if args.image is not None:
         if args.rerank != "none":
             raise RsitrError("--rerank applies to text queries only")
@@ -101,7 +107,7 @@ def cmd_serve(args) -> int:
 
     from rsitr.serve.app import create_app
 
-    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device)
+    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine)
     print(f"serving {args.index} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info")
     return 0
@@ -135,6 +141,7 @@ def add_cli(sub) -> None:
     s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")
     s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     s.add_argument("--device", default="cpu")
+    _add_engine(s)
     s.set_defaults(func=cmd_search)
 
     v = sub.add_parser("serve", help="HTTP API + web page over an index")
@@ -143,6 +150,7 @@ def add_cli(sub) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--checkpoint", default=None)
     v.add_argument("--device", default="cpu")
+    _add_engine(v)
     v.set_defaults(func=cmd_serve)
 
 

@@ -42,7 +42,7 @@ SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sor
 
 class SearchEngine:
     def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
-                 load_model: bool = True, thumb_cache: int = 256):
+                 load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None):
         self.index_dir = Path(index_dir)
         self.manifest = B.read_manifest(self.index_dir)
         if not self.manifest["files"]:
@@ -60,12 +60,16 @@ class SearchEngine:
         self._tokens = None
         self._thumbs: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
         self._thumb_cache = int(thumb_cache)
-        self.model = None
+        self.model = self.encoder = None
         if model is not None or load_model:
+            from rsitr.models.engine import engine_for
+
             spec = checkpoint or self.manifest["model"]["checkpoint"]
             m = model if model is not None else B.load_backbone(spec, device)
             B.check_model(self.manifest, B.model_identity(spec, m), self.index_dir)
             self.model = m.eval()
+            # query encodes (no grad) through ONNX Runtime where available: same vectors within 1e-4
+            self.encoder = engine_for(self.model, engine, cache_dir=onnx_cache)
 
     # -- info ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -96,13 +100,13 @@ class SearchEngine:
     def _text_features(self, query: str):
         model = self._need_model()
         ids = model.tokenize([query]).to(self.device)
-        return model.text_features(ids), ids
+        return self.encoder.text_features(ids), ids
 
     @torch.no_grad()
     def encode_text(self, query: str) -> np.ndarray:
         model = self._need_model()
         with self._lock:
-            e = model.encode_text(model.tokenize([query]).to(self.device)).float()
+            e = self.encoder.encode_text(model.tokenize([query]).to(self.device)).float()
         return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
 
     @torch.no_grad()
@@ -125,7 +129,7 @@ class SearchEngine:
                 image = load_image(image, stretch="p2-98")
         px = EvalTransform(model.preprocess)(image.convert("RGB"))[None].to(self.device)
         with self._lock:
-            e = model.encode_image(px).float()
+            e = self.encoder.encode_image(px).float()
         return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
 
     # -- search ----------------------------------------------------------------------------------

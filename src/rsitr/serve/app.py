@@ -39,10 +39,12 @@ THUMB_SIZES = (64, 128, 256, 512)
 _ID = re.compile(r"[0-9]{1,12}")
 
 
-def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu", engine=None):
+def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu", engine=None, inference: str = "auto"):
+    """``engine``: an open :class:`SearchEngine` (else one is opened on ``index_dir``);
+    ``inference``: its query encoder, ``auto`` | ``onnx`` | ``torch``."""
     from rsitr.search.engine import SearchEngine
 
-    eng = engine if engine is not None else SearchEngine(index_dir, checkpoint=checkpoint, device=device)
+    eng = engine if engine is not None else SearchEngine(index_dir, checkpoint=checkpoint, device=device, engine=inference)
     app = FastAPI(title="rsitr search", version="1", docs_url="/docs", redoc_url=None)
     app.state.engine = eng
 

@@ -58,11 +58,20 @@ class MethodConfig:
 
 
 @dataclass
+class InferenceConfig:
+    # no-grad encodes (frozen-trunk caches, the test split after training): "auto" (ONNX Runtime
+    # where installed, else torch), "onnx" or "torch"; see rsitr.models.engine
+    engine: str = "auto"
+    onnx_cache: str | None = None  # where exported graphs go (default: $RSITR_ONNX_CACHE or ~/.cache/rsitr/onnx; keyed by content)
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     out_dir: str = "runs/default"
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)

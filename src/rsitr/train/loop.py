@@ -245,17 +245,26 @@ def train(
     eval_tf, train_tf = make_transforms(backbone, cfg.augment)
     use_cache = cfg.cache_features != "off" and supports_trunk_cache(backbone)
     cache = val_cache = None
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+
+    def inference_engine():
+        """The no-grad engine (ONNX Runtime / torch) for the trunk caches and the test split."""
+        from rsitr.models.engine import engine_for
+
+        return engine_for(backbone, cfg.inference.engine, cache_dir=cfg.inference.onnx_cache)
+
     if use_cache:
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+        engine = inference_engine()
         cache = build_trunk_cache(
             backbone, train_ds, cache_dir=cache_dir, views=cfg.cache_views, train_transform=train_tf, eval_transform=eval_tf,
             keep_tokens=method.needs_tokens, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed if cfg.cache_seed is None else cfg.cache_seed, device=device,
-            progress=progress and dist_info.is_main,
+            progress=progress and dist_info.is_main, engine=engine,
         )
         if len(val_ds):
             val_cache = build_trunk_cache(
                 backbone, val_ds, cache_dir=cache_dir, views=1, eval_transform=eval_tf, keep_tokens=method.rerank_needs_tokens or method.needs_tokens,
                 batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed, device=device, progress=progress and dist_info.is_main,
+                engine=engine,
             )
     if cache is None or cache.image is None:
         images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None)
@@ -457,7 +466,8 @@ def train(
         if len(test_ds):
             if best_path.exists():
                 load_trainable_state(module, ckpt.load_checkpoint(best_path)["state"], str(best_path))
-            result.test = evaluate(backbone, test_ds, method=method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=device, progress=progress)
+            result.test = evaluate(backbone, test_ds, method=method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=device, progress=progress,
+                                   engine=inference_engine())
     result.seconds = time.perf_counter() - t_start
     if dist_info.is_main:
         atomic_write_json(out / "result.json", {"best_val": best, "test": result.test, "seconds": round(result.seconds, 2),
