@@ -1,14 +1,32 @@
-"""Encoding throughput of a backbone on this machine (images/s, texts/s).
+"""Encoding throughput on this machine: images/s and texts/s of the reference eager
+implementations, rsitr's torch modules and rsitr's ONNX Runtime engine, side by side in one run
+on the same inputs (``rsitr bench encode``).
 
-Weights do not change the compute, so named CLIP configs (``clip:ViT-B-32``) are measured
-with random weights when no checkpoint is at hand.
+* images: real images when a folder is at hand (``--images DIR``, default the UCM-Captions images
+  at ``$RSITR_UCM`` or ``../shared/data/ucm-captions``), decoded and transformed once, outside the
+  timing; otherwise seeded random pixels (weights, not pixel values, decide the compute);
+* texts: the captions of that dataset when it has a ``dataset*.json``, else a fixed sample;
+* the reference implementations (two-tower only): ``efficientnet-lite-pytorch`` (the image trunk
+  with the same ImageNet weights) and ``transformers``' ``BertModel`` (all-MiniLM-L6-v2); both are
+  optional (``pip install efficientnet-lite-pytorch transformers``) and skipped when absent;
+* each figure is the median over ``n_batches`` timed batches after one warm-up; tokenization is
+  outside the text timing for every row, so the rows compare forward passes.
+
+Named CLIP configs (``clip:ViT-B-32``) are measured with random weights: weights do not change
+the compute.
 """
 from __future__ import annotations
 
+import logging
+import os
 import platform
+import statistics
 import time
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SAMPLE_CAPTIONS = [
     "many buildings and green trees are around a playground",
@@ -16,49 +34,136 @@ SAMPLE_CAPTIONS = [
     "a river with a bridge passes through a dense residential area",
     "several planes are parked near the terminal of the airport",
 ]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def default_image_dir() -> Path | None:
+    root = Path(os.environ.get("RSITR_UCM", "../shared/data/ucm-captions"))
+    return root / "images" if (root / "images").is_dir() else None
+
+
+def load_inputs(model, batch_size: int, images: str | os.PathLike | None) -> tuple[torch.Tensor, list[str], str]:
+    """(pixels [B, 3, S, S] under the model's eval transform, B captions, what they are)."""
+    from rsitr.data.images import load_image
+    from rsitr.data.transforms import EvalTransform
+
+    folder = Path(images) if images else default_image_dir()
+    size = model.preprocess.image_size
+    texts = [SAMPLE_CAPTIONS[i % len(SAMPLE_CAPTIONS)] for i in range(batch_size)]
+    if folder is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(batch_size, 3, size, size, generator=g), texts, "random pixels"
+    if not folder.is_dir():
+        from rsitr.utils.errors import RsitrError
+
+        raise RsitrError(f"{folder}: not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:batch_size]
+    if not files:
+        from rsitr.utils.errors import RsitrError
+
+        raise RsitrError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    tf = EvalTransform(model.preprocess)
+    pixels = torch.stack([tf(load_image(p)) for p in files])
+    if len(files) < batch_size:  # a small folder: repeat its images up to the batch
+        pixels = pixels.repeat((batch_size + len(files) - 1) // len(files), 1, 1, 1)[:batch_size]
+    ann = sorted(folder.parent.glob("dataset*.json"))
+    if ann:
+        import json
+
+        sents = [s["raw"] for im in json.loads(ann[0].read_text(encoding="utf-8")).get("images", []) for s in im.get("sentences", [])]
+        if sents:
+            texts = [sents[i % len(sents)] for i in range(batch_size)]
+    return pixels, texts, f"{len(files)} images of {folder}"
+
+
+def _median_seconds(fn, n_batches: int) -> float:
+    fn()  # warm-up (ONNX: session already built; torch: allocator)
+    times = []
+    for _ in range(n_batches):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _reference_towers(model):
+    """(image fn, text fn) of the reference eager implementations of a two-tower model, or Nones."""
+    image_fn = text_fn = None
+    name = model.info.config.get("image", "")
+    try:
+        import efficientnet_lite_pytorch as ref_pkg
+
+        from rsitr.models.towers import image_weights_path
+
+        ref = ref_pkg.EfficientNet.from_pretrained(name, weights_path=str(image_weights_path(name))).eval()
+        image_fn = ref.extract_features
+    except Exception as exc:  # noqa: BLE001 - the reference is optional
+        log.warning("reference image tower unavailable (%s); pip install efficientnet-lite-pytorch", exc)
+    try:
+        import transformers
+
+        from rsitr.models.towers import text_weights_dir
+
+        transformers.logging.set_verbosity_error()
+        bert = transformers.BertModel.from_pretrained(str(text_weights_dir()), add_pooling_layer=False).eval()
+
+        def text_fn(ids):
+            return bert(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+
+    except Exception as exc:  # noqa: BLE001
+        log.warning("reference text tower unavailable (%s); pip install transformers", exc)
+    return image_fn, text_fn
 
 
 @torch.no_grad()
-def encode_throughput(source: str, *, batch_size: int = 64, n_batches: int = 5, device: str = "cpu", threads: int | None = None) -> dict:
+def encode_comparison(source: str, *, batch_size: int = 64, n_batches: int = 5, images: str | None = None,
+                      engines=("torch", "onnx"), reference: bool = True, progress: bool = True) -> list[dict]:
+    """One row per implementation: images/s and texts/s on the same batch of ``batch_size``
+    images and captions, with ratios to the reference (or to rsitr torch when no reference)."""
+    from rsitr.models.engine import engine_for
     from rsitr.models.registry import load_model
+    from rsitr.models.towers.minilm import pad_trim
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_model(source, device=device).eval()
-    size = model.preprocess.image_size
-    pixels = torch.randn(batch_size, 3, size, size, device=device)
-    texts = [SAMPLE_CAPTIONS[i % len(SAMPLE_CAPTIONS)] for i in range(batch_size)]
-    ids = model.tokenize(texts).to(device)
-
-    def timed(fn) -> float:
-        fn()  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            fn()
-        return (time.perf_counter() - t0) / n_batches
-
-    t_img = timed(lambda: model.encode_image(pixels))
-    t_txt = timed(lambda: model.encode_text(ids))
-    t_tok = timed(lambda: model.tokenize(texts))
-    return {
-        "backbone": source,
-        "name": model.info.name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "image_size": size,
-        "batch_size": batch_size,
-        "images_per_s": round(batch_size / t_img, 1),
-        "texts_per_s": round(batch_size / t_txt, 1),
-        "tokenize_texts_per_s": round(batch_size / t_tok, 1),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-    }
+    model = load_model(source).eval()
+    pixels, texts, what = load_inputs(model, batch_size, images)
+    ids = model.tokenize(texts)
+    towers = model.info.kind == "towers"
+    base = {"backbone": source, "name": model.info.name, "params": sum(p.numel() for p in model.parameters()), "image_size": model.preprocess.image_size,
+            "batch_size": batch_size, "inputs": what, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine()}
+    rows = []
+    if reference and towers:
+        image_fn, text_fn = _reference_towers(model)
+        # the reference BERT gets the padding-trimmed ids, as rsitr's trunk runs them
+        ref_ids = ids[:, : pad_trim(ids, model.pad_id)]
+        rows.append({**base, "impl": "reference eager (efficientnet-lite-pytorch + transformers BertModel)",
+                     "image_s": _median_seconds(lambda: image_fn(pixels), n_batches) if image_fn else None,
+                     "text_s": _median_seconds(lambda: text_fn(ref_ids), n_batches) if text_fn else None})
+    for kind in engines:
+        eng = engine_for(model, kind)
+        if kind == "onnx":
+            eng.describe()  # export / load the graphs outside the timing
+        img = (lambda: eng.image_trunk(pixels)) if towers else (lambda: eng.encode_image(pixels))
+        txt = (lambda: eng.text_trunk(ids)) if towers else (lambda: eng.encode_text(ids))
+        rows.append({**base, "impl": f"rsitr {eng.kind}" + ("" if eng.kind == kind else f" (asked {kind})"),
+                     "image_s": _median_seconds(img, n_batches), "text_s": _median_seconds(txt, n_batches)})
+    ref_img = next((r["image_s"] for r in rows if r["image_s"]), None)
+    ref_txt = next((r["text_s"] for r in rows if r["text_s"]), None)
+    for r in rows:
+        r["images_per_s"] = round(batch_size / r["image_s"], 1) if r["image_s"] else None
+        r["texts_per_s"] = round(batch_size / r["text_s"], 1) if r["text_s"] else None
+        r["image_speedup"] = round(ref_img / r["image_s"], 2) if r["image_s"] and ref_img else None
+        r["text_speedup"] = round(ref_txt / r["text_s"], 2) if r["text_s"] and ref_txt else None
+        r["what"] = "trunks (pooled + tokens)" if towers else "pooled embeddings"
+    return rows
 
 
 def render(rows: list[dict]) -> str:
-    head = "| backbone | params | image size | batch | images/s | texts/s | threads |\n|---|---|---|---|---|---|---|"
+    head = ("| backbone | implementation | what | batch | images/s | x first row | texts/s | x first row | threads | inputs |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
+    fmt = lambda v: "-" if v is None else f"{v}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['image_size']} | {r['batch_size']} | {r['images_per_s']} | {r['texts_per_s']} | {r['threads']} |")
+        lines.append(f"| {r['backbone']} | {r['impl']} | {r['what']} | {r['batch_size']} | {fmt(r['images_per_s'])} | {fmt(r['image_speedup'])} | "
+                     f"{fmt(r['texts_per_s'])} | {fmt(r['text_speedup'])} | {r['threads']} | {r['inputs']} |")
     return "\n".join(lines)
