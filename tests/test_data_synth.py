@@ -1,7 +1,6 @@
 """The synthetic benchmark: layout, determinism, noise marking, and captions true of the scene."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections import Counter
@@ -280,7 +279,7 @@ def test_crash_leaves_no_json(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(scene, size, rng)
 
-    monkeypatch.setattr(synth, "render", flaky)
+    monkeypatch.setattr(synth.writer, "render", flaky)  # what generate() draws with
     with pytest.raises(RuntimeError, match="disk on fire"):
         synth.write_synth(out, n_images=20, seed=5, image_size=32, workers=1)
     assert not (out / "dataset_synth.json").exists()
@@ -295,10 +294,10 @@ def test_bad_arguments(tmp_path):
 
 
 def test_cli_entry(tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    synth.add_synth_args(p)
-    args = p.parse_args(["--out", str(tmp_path / "cli"), "--images", "15", "--seed", "2", "--noise-frac", "0.1", "--size", "32"])
-    assert synth.run_synth(args) == 0
+    from rsitr.cli import main
+
+    assert main(["-q", "data", "synth", "--out", str(tmp_path / "cli"), "--images", "15", "--seed", "2", "--noise-frac", "0.1",
+                 "--size", "32"]) == 0
     assert "15 synthetic images" in capsys.readouterr().out
     obj = json.loads((tmp_path / "cli" / "dataset_synth.json").read_text())
     assert len(obj["images"]) == 15 and any(s["noisy"] for im in obj["images"] for s in im["sentences"])
