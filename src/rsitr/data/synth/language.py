@@ -126,10 +126,16 @@ def side_phrase(side: str, name: str) -> str:
 EDGE_PHRASE = {"left": "on the left side", "right": "on the right side", "top": "at the top", "bottom": "at the bottom"}
 
 
-def count_sentence(scene: Scene, kind: str, rng, tail: str, color: str | None = None) -> Caption | None:
+def count_sentence(scene: Scene, kind: str, rng, tail: str | tuple[str, ...], color: str | None = None,
+                   none: str | None = None) -> Caption | None:
+    """"three red cars are <tail> ." with its count claims. ``tail`` may be a tuple of alternatives
+    (one is picked, only when the sentence is said). When the scene has no such object: the
+    sentence ``none`` with the claim that there are zero, or None (nothing to say) without it."""
     n = scene.count(kind, color)
     if n == 0:
-        return None
+        return Caption(none, [("count", kind, None, 0)]) if none is not None else None
+    if isinstance(tail, tuple):
+        tail = pick(rng, tail)
     phrase, claims = count_phrase(kind, n, rng, color)
     return Caption(f"{phrase} {verb_be(n)} {tail} .", claims)
 
@@ -157,6 +163,125 @@ def colour_breakdown(scene: Scene, kind: str, rng, verb: str) -> Caption | None:
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     total = sum(counts.values())
     return Caption(f"{text} {verb_be(total if len(parts) > 1 else counts[next(iter(counts))])} {verb} .", claims)
+
+
+# The sentences any tile of a class may get (1 or 2 of an image's 5 captions): they state nothing
+# checkable. The order matters (captions are chosen by a permutation of this list).
+GENERIC_CAPTIONS: dict[str, tuple[str, ...]] = {
+    "airport": (
+        "an airport with a runway .",
+        "this is an airport seen from above .",
+        "an aerial image of an airport .",
+    ),
+    "bareland": (
+        "a piece of bare land .",
+        "an area of bare land .",
+        "bare land seen from above .",
+        "this is a piece of empty land .",
+    ),
+    "beach": (
+        "a beach next to the sea .",
+        "yellow sand along the blue sea .",
+        "this is a beach seen from above .",
+        "waves reach a long sandy beach .",
+    ),
+    "farmland": (
+        "farmland divided into rectangular parcels .",
+        "farmland seen from above .",
+        "many pieces of farmland .",
+        "this is a farmland area with striped fields .",
+    ),
+    "forest": (
+        "a dense forest .",
+        "many green trees grow densely together .",
+        "this is a piece of forest seen from above .",
+        "lots of trees form a green forest .",
+    ),
+    "industrial": (
+        "an industrial area with several factories .",
+        "large buildings in an industrial area .",
+        "this is an industrial zone .",
+        "an aerial image of an industrial area .",
+    ),
+    "junction": (
+        "an intersection of two roads .",
+        "a road junction surrounded by green grass .",
+        "this is a road intersection seen from above .",
+        "roads meet at a junction .",
+    ),
+    "lake": (
+        "a lake surrounded by green grass and trees .",
+        "blue water of a lake .",
+        "this is a lake seen from above .",
+        "a pond in a green meadow .",
+    ),
+    "parking": (
+        "a parking lot with cars .",
+        "cars are parked in a parking lot .",
+        "this is a parking lot seen from above .",
+        "a large parking area with white lines .",
+    ),
+    "port": (
+        "a port with ships and piers .",
+        "boats in a harbour .",
+        "this is a port seen from above .",
+        "ships are docked at a port .",
+    ),
+    "residential": (
+        "a residential area with houses and trees .",
+        "houses in a residential area .",
+        "this is a residential area seen from above .",
+        "houses with green trees around them .",
+    ),
+    "river": (
+        "a river passes through green land .",
+        "a river with trees on its banks .",
+        "this is a river seen from above .",
+        "blue water flows in a river .",
+    ),
+    "stadium": (
+        "a stadium with a playground .",
+        "a large stadium seen from above .",
+        "this is a sports stadium .",
+        "a playground with a running track .",
+    ),
+    "storagetanks": (
+        "some storage tanks .",
+        "round storage tanks seen from above .",
+        "this is an oil depot with storage tanks .",
+        "an area with cylindrical tanks .",
+    ),
+}
+
+
+def generic_captions(scene: Scene) -> list[str]:
+    """The generic captions of a scene: its class's :data:`GENERIC_CAPTIONS`, and for an airport
+    one sentence about whether planes are parked."""
+    out = list(GENERIC_CAPTIONS[scene.cls])
+    if scene.cls == "airport":
+        out.append("planes are parked at the airport ." if scene.count("airplane") else "an airport without planes .")
+    return out
+
+
+def choose_captions(details: list[Caption | None], generic: list[str], rng: np.random.Generator) -> list[Caption]:
+    """An image's :data:`CAPTIONS_PER_IMAGE` captions: 1 or 2 generic sentences, the rest drawn
+    from the detailed ones (``None`` entries, sentences a builder could not say, are dropped), in a
+    random order."""
+    details = [c for c in details if c is not None]
+    n_generic = 1 if rng.random() < 0.6 else 2
+    n_detail = min(len(details), CAPTIONS_PER_IMAGE - n_generic)
+    pick_d = sorted(rng.choice(len(details), size=n_detail, replace=False).tolist()) if n_detail else []
+    gen_order = rng.permutation(len(generic)).tolist()
+    caps = [details[i] for i in pick_d]
+    seen = {c.text for c in caps}
+    for i in gen_order:
+        if len(caps) >= CAPTIONS_PER_IMAGE:
+            break
+        if generic[i] not in seen:
+            caps.append(Caption(generic[i], []))
+            seen.add(generic[i])
+    order = rng.permutation(len(caps)).tolist()
+    return [caps[i] for i in order]
 
 
 def tokens_of(text: str) -> list[str]:

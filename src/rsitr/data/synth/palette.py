@@ -39,3 +39,12 @@ def darken(rgb, f=0.6):
 
 def lighten(rgb, f=0.25):
     return tuple(int(c + (255 - c) * f) for c in rgb)
+
+
+# class -> the ground tones a tile of the class is drawn on (one is picked, then jittered); bareland,
+# forest and port choose their ground themselves
+GROUND: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "airport": GRASS, "beach": GRASS, "farmland": SOIL, "industrial": (CONCRETE, (160, 156, 146), (150, 146, 140)),
+    "junction": GRASS, "lake": GRASS, "parking": GRASS, "residential": GRASS, "river": GRASS,
+    "stadium": GRASS + (CONCRETE,), "storagetanks": SOIL + (CONCRETE,),
+}

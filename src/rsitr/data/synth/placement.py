@@ -7,8 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from rsitr.data.synth.palette import COLORS, TREE_GREEN, jitter
-from rsitr.data.synth.scene import Obj, Scene, pick
+from rsitr.data.synth.palette import CAR_COLORS, COLORS, TREE_GREEN, jitter
+from rsitr.data.synth.scene import Obj, Scene, on_band, pick
 
 class Placer:
     """Rejection sampling of non-overlapping circles (object centre + radius)."""
@@ -70,6 +70,14 @@ def scatter_trees(scene, placer, rng, n, ok=None, box=(0.0, 0.0, 1.0, 1.0), size
     for _ in range(n):
         s = float(rng.uniform(*size))
         add_obj(scene, placer, rng, "tree", color, s, s, box=box, ok=ok, pad=-0.004, rgb=pick(rng, TREE_GREEN) if color == "green" else None)
+
+
+def cars_on_road(scene: Scene, placer: Placer, rng, road: dict, n: int) -> None:
+    """Try to place ``n`` cars of :data:`CAR_COLORS` on a road band, driving along it."""
+    ang = 0.0 if road["orient"] == "horizontal" else math.pi / 2
+    ok = on_band(road, 0.012)
+    for _ in range(n):
+        add_obj(scene, placer, rng, "car", pick(rng, CAR_COLORS), 0.05, 0.025, angle=ang, ok=ok, pad=0.004)
 
 
 def shore(rng) -> dict:

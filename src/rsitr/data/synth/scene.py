@@ -71,18 +71,13 @@ def side_of_band(lm: dict, o: Obj) -> str | None:
     """Which side of a band landmark an object lies on entirely ("left"/"right" for vertical
     bands, "top"/"bottom" for horizontal ones), or None when it touches the band."""
     r = o.radius
-    if lm["orient"] == "vertical":
-        c = band_center(lm, o.y)
-        if o.x + r < c - lm["w"] / 2:
-            return "left"
-        if o.x - r > c + lm["w"] / 2:
-            return "right"
-        return None
-    c = band_center(lm, o.x)
-    if o.y + r < c - lm["w"] / 2:
-        return "top"
-    if o.y - r > c + lm["w"] / 2:
-        return "bottom"
+    along, across = along_across(lm, o.x, o.y)
+    c = band_center(lm, along)
+    lo, hi = band_sides(lm)
+    if across + r < c - lm["w"] / 2:
+        return lo
+    if across - r > c + lm["w"] / 2:
+        return hi
     return None
 
 
@@ -112,12 +107,21 @@ def common_region(objs: list[Obj], margin: float = 0.03) -> tuple[int, int] | No
     return cell if inside else None
 
 
+def along_across(lm: dict, x: float, y: float) -> tuple[float, float]:
+    """A point's coordinates (along, across) a band landmark's axis."""
+    return (y, x) if lm["orient"] == "vertical" else (x, y)
+
+
+def band_sides(lm: dict) -> tuple[str, str]:
+    """The names of a band's two sides: (left, right) of a vertical band, (top, bottom) of a horizontal one."""
+    return ("left", "right") if lm["orient"] == "vertical" else ("top", "bottom")
+
+
 def away_from_band(lm: dict, margin: float) -> Callable[..., bool]:
     """The whole circle (centre, r) stays ``margin`` away from the band."""
     def ok(x: float, y: float, r: float = 0.0) -> bool:
-        if lm["orient"] == "vertical":
-            return abs(x - band_center(lm, y)) > lm["w"] / 2 + margin + r
-        return abs(y - band_center(lm, x)) > lm["w"] / 2 + margin + r
+        along, across = along_across(lm, x, y)
+        return abs(across - band_center(lm, along)) > lm["w"] / 2 + margin + r
 
     return ok
 
@@ -125,12 +129,7 @@ def away_from_band(lm: dict, margin: float) -> Callable[..., bool]:
 def on_band(lm: dict, margin: float) -> Callable[..., bool]:
     """The centre lies inside the band, ``margin`` from its edges (objects aligned with it)."""
     def ok(x: float, y: float, r: float = 0.0) -> bool:
-        if lm["orient"] == "vertical":
-            return abs(x - band_center(lm, y)) < lm["w"] / 2 - margin
-        return abs(y - band_center(lm, x)) < lm["w"] / 2 - margin
+        along, across = along_across(lm, x, y)
+        return abs(across - band_center(lm, along)) < lm["w"] / 2 - margin
 
     return ok
-
-
-def band_sides(lm: dict) -> tuple[str, str]:
-    return ("left", "right") if lm["orient"] == "vertical" else ("top", "bottom")
