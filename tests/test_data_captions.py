@@ -261,6 +261,44 @@ def test_forced_format(tmp_path):
         load_dataset(g, format="iebaker-csv", split="test")
 
 
+
+def test_format_registry(tmp_path, monkeypatch):
+    from rsitr.data.captions import FORMATS, CaptionFormat, list_formats, register_format, registry
+
+    assert list_formats() == list(FORMATS) == ["karpathy", "pir", "iebaker-csv", "csv"]  # detection order
+    monkeypatch.setattr(registry, "_FORMATS", dict(registry._FORMATS))  # the test's format goes away after it
+
+    @register_format("pairs")
+    class Pairs(CaptionFormat):  # {"pairs": [[image, caption], ...]}, all test images
+        container = "json"
+        expects = "a {'pairs': [[image, caption], ...]} object"
+
+        def recognises(self, path, obj):
+            return isinstance(obj, dict) and isinstance(obj.get("pairs"), list)
+
+        def parse(self, path, obj, ctx):
+            from rsitr.data.captions.base import RawImage
+
+            out = {}
+            for i, (img, cap) in enumerate(obj["pairs"]):
+                r = out.setdefault(img, RawImage(image_id=img, written=img, split="test", split_field=True, where=f"{path}: pairs[{i}]"))
+                r.captions.append((f"{path}: pairs[{i}]", cap))
+            return list(out.values())
+
+    assert list_formats()[-1] == "pairs"
+    f = tmp_path / "ann.json"
+    f.write_text(json.dumps({"pairs": [["a_1.png", "a red car ."], ["a_1.png", "one car ."], ["b_2.png", "a lake ."]]}))
+    write_placeholders(tmp_path, ["a_1.png", "b_2.png"])
+    assert detect_format(f) == "pairs"
+    ds = load_dataset(f)
+    assert ds.format == "pairs" and [(e.image_id, e.captions, e.label) for e in ds.entries] == [
+        ("a_1.png", ["a red car .", "one car ."], "a"), ("b_2.png", ["a lake ."], "b")]
+    (tmp_path / "x.json").write_text("[1]")
+    with pytest.raises(DataError, match=r"unrecognised JSON layout \(list\); expected .* or a \{'pairs'"):
+        detect_format(tmp_path / "x.json")
+    with pytest.raises(ValueError, match="already registered"):
+        register_format("pairs")(Pairs)
+
 # -- labels -------------------------------------------------------------------------------------
 def test_labels_from_file_names():
     assert label_from_filename("parking_229.tif") == "parking"

@@ -33,6 +33,37 @@ def add_engine_arg(p: argparse.ArgumentParser) -> None:
                    help="no-grad encoder: ONNX Runtime (auto: where installed) or eager torch; same results within 1e-4")
 
 
+def _add_synth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (images/, labels.csv, dataset_synth.json)")
+    parser.add_argument("--images", type=int, default=600, help="number of images (default 600)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-frac", type=float, default=0.0, help="fraction of train captions replaced by weakly related ones (marked noisy)")
+    parser.add_argument("--size", type=int, default=128, help="tile size in pixels (default 128)")
+    parser.add_argument("--splits", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
+    parser.add_argument("--workers", type=int, default=None, help="drawing threads (default: CPU count, at most 8)")
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from rsitr.data.synth import CLASSES, write_synth
+
+    try:
+        splits = tuple(float(v) for v in str(args.splits).split(","))
+    except ValueError:
+        raise RsitrError(f"--splits: expected three comma-separated fractions, got {args.splits!r}") from None
+    if len(splits) != 3:
+        raise RsitrError(f"--splits: expected three comma-separated fractions, got {args.splits!r}")
+    t0 = time.perf_counter()
+    try:
+        ann = write_synth(args.out, n_images=args.images, seed=args.seed, noise_frac=args.noise_frac, image_size=args.size,
+                          splits=splits, workers=args.workers, progress=not getattr(args, "quiet", False))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise RsitrError(str(exc)) from None
+    print(f"wrote {args.images} synthetic images ({len(CLASSES)} classes, {args.size}px) and {ann} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rsitr.data.captions import load_dataset
     from rsitr.models.registry import load_model
@@ -159,11 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    from rsitr.data.synth import add_synth_args, run_synth
-
     s = data.add_parser("synth", help="write the synthetic benchmark (Karpathy JSON + images + labels.csv)")
-    add_synth_args(s)
-    s.set_defaults(func=run_synth)
+    _add_synth_args(s)
+    s.set_defaults(func=cmd_data_synth)
     from rsitr.data.check import add_data_check_args, run_data_check
 
     c = data.add_parser("check", help="inspect a caption dataset: format, splits, duplicates, missing images")

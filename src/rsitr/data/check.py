@@ -27,7 +27,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from rsitr.data.captions import FORMATS, _load
+from rsitr.data.captions import FORMATS, load_with_info
 from rsitr.data.types import CaptionDataset
 
 N_EXAMPLES = 5
@@ -61,7 +61,7 @@ def check_dataset(
     """Load ``path`` (file or folder) keeping entries with missing/unreadable images, check
     every image header in threads, and return the report described in the module docstring."""
     t0 = time.perf_counter()
-    ds, info = _load(path, format=format, image_root=image_root, split=split, labels=labels,
+    ds, info = load_with_info(path, format=format, image_root=image_root, split=split, labels=labels,
                      skip_entries=True, images="keep", check_images=True, workers=workers)
     splits: dict[str, dict[str, int]] = {}
     for e in ds.entries:

@@ -19,11 +19,11 @@ Where labels come from, per dataset as it circulates:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from rsitr.data.csvfile import open_csv
 from rsitr.utils.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -76,37 +76,29 @@ def looks_like_ucm(names: list[str]) -> bool:
 def read_labels_csv(path: str | Path) -> dict[str, str]:
     """Read a ``filename,class[,...]`` CSV (header required) into {filename as written: class}."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, strict=True)
-            header = next(reader, None)
-            if not header:
-                raise DataError(f"{path}: empty labels CSV (expected a header 'filename,class')")
-            cols = [h.strip().lower() for h in header]
-            fcol = next((cols.index(c) for c in _FILENAME_COLUMNS if c in cols), None)
-            ccol = next((cols.index(c) for c in _CLASS_COLUMNS if c in cols), None)
-            if fcol is None or ccol is None:
-                raise DataError(f"{path}: labels CSV header {header} needs a file-name column "
-                                f"({'/'.join(_FILENAME_COLUMNS)}) and a class column ({'/'.join(_CLASS_COLUMNS)})")
-            out: dict[str, str] = {}
-            for row in reader:
-                if not row or all(not c.strip() for c in row):
-                    continue
-                line = reader.line_num
-                if len(row) <= max(fcol, ccol):
-                    raise DataError(f"{path}: line {line}: {len(row)} fields, expected at least {max(fcol, ccol) + 1}")
-                name, cls = row[fcol].strip(), row[ccol].strip()
-                if not name or not cls:
-                    raise DataError(f"{path}: line {line}: empty file name or class")
-                if name in out and out[name] != cls:
-                    raise DataError(f"{path}: line {line}: {name!r} labelled both {out[name]!r} and {cls!r}")
-                out[name] = cls
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read labels CSV ({exc})") from exc
+    with open_csv(path, "labels CSV") as reader:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty labels CSV (expected a header 'filename,class')")
+        cols = [h.strip().lower() for h in header]
+        fcol = next((cols.index(c) for c in _FILENAME_COLUMNS if c in cols), None)
+        ccol = next((cols.index(c) for c in _CLASS_COLUMNS if c in cols), None)
+        if fcol is None or ccol is None:
+            raise DataError(f"{path}: labels CSV header {header} needs a file-name column "
+                            f"({'/'.join(_FILENAME_COLUMNS)}) and a class column ({'/'.join(_CLASS_COLUMNS)})")
+        out: dict[str, str] = {}
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            line = reader.line_num
+            if len(row) <= max(fcol, ccol):
+                raise DataError(f"{path}: line {line}: {len(row)} fields, expected at least {max(fcol, ccol) + 1}")
+            name, cls = row[fcol].strip(), row[ccol].strip()
+            if not name or not cls:
+                raise DataError(f"{path}: line {line}: empty file name or class")
+            if name in out and out[name] != cls:
+                raise DataError(f"{path}: line {line}: {name!r} labelled both {out[name]!r} and {cls!r}")
+            out[name] = cls
     if not out:
         raise DataError(f"{path}: labels CSV has no rows")
     return out
