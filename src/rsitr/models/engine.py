@@ -119,6 +119,9 @@ class _Graph:
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # no busy-waiting between ops: on a 2-core machine shared with data loading or other runs,
+        # spinning threads take the cores from the work (measured here: 2x texts/s, 1.3x images/s)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
