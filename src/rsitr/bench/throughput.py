@@ -9,8 +9,9 @@ on the same inputs (``rsitr bench encode``).
 * the reference implementations (two-tower only): ``efficientnet-lite-pytorch`` (the image trunk
   with the same ImageNet weights) and ``transformers``' ``BertModel`` (all-MiniLM-L6-v2); both are
   optional (``pip install efficientnet-lite-pytorch transformers``) and skipped when absent;
-* each figure is the median over ``n_batches`` timed batches after one warm-up; tokenization is
-  outside the text timing for every row, so the rows compare forward passes.
+* each figure is the median over ``n_batches`` timed batches after one warm-up, the
+  implementations timed in interleaved rounds (a change of machine load hits every row alike);
+  tokenization is outside the text timing for every row, so the rows compare forward passes.
 
 Named CLIP configs (``clip:ViT-B-32``) are measured with random weights: weights do not change
 the compute.
@@ -76,14 +77,18 @@ def load_inputs(model, batch_size: int, images: str | os.PathLike | None) -> tup
     return pixels, texts, f"{len(files)} images of {folder}"
 
 
-def _median_seconds(fn, n_batches: int) -> float:
-    fn()  # warm-up (ONNX: session already built; torch: allocator)
-    times = []
-    for _ in range(n_batches):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict[str, object], n_batches: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds (A B C A B C ...)
+    after one warm-up call each, so that a change of machine load hits every row alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(n_batches):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _reference_towers(model):
@@ -131,22 +136,23 @@ def encode_comparison(source: str, *, batch_size: int = 64, n_batches: int = 5, 
     base = {"backbone": source, "name": model.info.name, "params": sum(p.numel() for p in model.parameters()), "image_size": model.preprocess.image_size,
             "batch_size": batch_size, "inputs": what, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine()}
-    rows = []
+    impls: list[tuple[str, object, object]] = []  # (name, image fn, text fn)
     if reference and towers:
         image_fn, text_fn = _reference_towers(model)
         # the reference BERT gets the padding-trimmed ids, as rsitr's trunk runs them
         ref_ids = ids[:, : pad_trim(ids, model.pad_id)]
-        rows.append({**base, "impl": "reference eager (efficientnet-lite-pytorch + transformers BertModel)",
-                     "image_s": _median_seconds(lambda: image_fn(pixels), n_batches) if image_fn else None,
-                     "text_s": _median_seconds(lambda: text_fn(ref_ids), n_batches) if text_fn else None})
+        impls.append(("reference eager (efficientnet-lite-pytorch + transformers BertModel)",
+                      (lambda: image_fn(pixels)) if image_fn else None, (lambda: text_fn(ref_ids)) if text_fn else None))
     for kind in engines:
         eng = engine_for(model, kind)
         if kind == "onnx":
             eng.describe()  # export / load the graphs outside the timing
-        img = (lambda: eng.image_trunk(pixels)) if towers else (lambda: eng.encode_image(pixels))
-        txt = (lambda: eng.text_trunk(ids)) if towers else (lambda: eng.encode_text(ids))
-        rows.append({**base, "impl": f"rsitr {eng.kind}" + ("" if eng.kind == kind else f" (asked {kind})"),
-                     "image_s": _median_seconds(img, n_batches), "text_s": _median_seconds(txt, n_batches)})
+        img = (lambda eng=eng: eng.image_trunk(pixels)) if towers else (lambda eng=eng: eng.encode_image(pixels))
+        txt = (lambda eng=eng: eng.text_trunk(ids)) if towers else (lambda eng=eng: eng.encode_text(ids))
+        impls.append((f"rsitr {eng.kind}" + ("" if eng.kind == kind else f" (asked {kind})"), img, txt))
+    t_img = _interleaved_medians({name: f for name, f, _ in impls if f is not None}, n_batches)
+    t_txt = _interleaved_medians({name: f for name, _, f in impls if f is not None}, n_batches)
+    rows = [{**base, "impl": name, "image_s": t_img.get(name), "text_s": t_txt.get(name)} for name, _, _ in impls]
     ref_img = next((r["image_s"] for r in rows if r["image_s"]), None)
     ref_txt = next((r["text_s"] for r in rows if r["text_s"]), None)
     for r in rows:
