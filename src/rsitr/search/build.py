@@ -20,8 +20,8 @@ never encoded again. ``rsitr index add INDEX SOURCE`` is the same operation on a
 
 Model identity: ``state_sha256`` hashes every tensor of the backbone (and of the trained method a
 checkpoint carries); an index is only ever used with a model whose hash matches (else
-:class:`RsitrError`). Random-init specs (``clip:tiny``...) are built with seed 0 so the same spec
-always gives the same weights.
+:class:`RsitrError`). Random-init specs (``clip:tiny``..., and the untrained heads of
+``towers:NAME``) are built with seed 0 so the same spec always gives the same weights.
 """
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def load_backbone(spec: str, device: str = "cpu"):
     spec = str(spec)
     if spec.startswith("clip:"):
         model = build_backbone(spec, device, seed=RANDOM_INIT_SEED)
+    elif spec.startswith("towers:"):  # pretrained trunks, untrained heads: seeded like clip:NAME
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = load_model(spec, device=device)
     else:
         model = load_model(spec, device=device)
     return model.eval()
