@@ -1,20 +1,21 @@
-"""A two-tower-like backbone for adapter tests: the slot protocol without the towers' weights.
+"""A small two-tower-like backbone: the slot protocol and the backbone interface without the
+towers' weights (for adapter tests and the method contract tests).
 
-The text tower is 3 transformer-like blocks of width 10 (``adapter_blocks("text")``), the image
-tower a CNN with one token-adapter slot of width 12 (``token_adapter_slot("image")``)."""
+The text tower is 3 BERT layers of width 10 (``adapter_blocks("text")``: LoRA and RDB's TSA find
+their BERT attention and adapter slots there), the image tower a strided convolution whose 4x4
+spatial tokens of width 12 pass one token-adapter slot (``token_adapter_slot("image")``) before
+pooling, as the real two-tower's CNN does. Both project to an 8-dimensional space."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from rsitr.models.base import Backbone, BackboneInfo
+from rsitr.data.transforms import PreprocessConfig
+from rsitr.models.base import Backbone, BackboneInfo, Features
+from rsitr.models.towers.minilm import BertConfig, BertLayer
 
-
-class FakeBlock(nn.Module):
-    def __init__(self, w):
-        super().__init__()
-        self.ln = nn.LayerNorm(w)
-        self.lin = nn.Linear(w, w)
-        self.adapter = None
+CONTEXT = 12
+VOCAB = 97
 
 
 class FakeSlot(nn.Module):
@@ -22,17 +23,51 @@ class FakeSlot(nn.Module):
         super().__init__()
         self.adapter = None
 
+    def forward(self, x, valid=None):
+        return x if self.adapter is None else self.adapter(x, valid)
+
 
 class FakeTowers(Backbone):
     def __init__(self):
         super().__init__()
         self.embed_dim = 8
+        self.context_length = CONTEXT
         self.info = BackboneInfo(kind="towers", name="fake", config={"image_width": 12})
-        self.text_blocks = nn.ModuleList(FakeBlock(10) for _ in range(3))
+        self.preprocess = PreprocessConfig(image_size=16)
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=10, num_attention_heads=2, intermediate_size=20, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+        self.embed = nn.Embedding(VOCAB, 10)
+        self.text_blocks = nn.ModuleList(BertLayer(cfg) for _ in range(3))
+        self.text_proj = nn.Linear(10, 8)
+        self.stem = nn.Conv2d(3, 12, kernel_size=4, stride=4)
         self.slot = FakeSlot()
+        self.image_proj = nn.Linear(12, 8)
 
     def adapter_blocks(self, modality):
         return self.text_blocks if modality == "text" else None
 
     def token_adapter_slot(self, modality):
         return self.slot if modality == "image" else None
+
+    def tokenize(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.zeros(len(texts), CONTEXT, dtype=torch.long)
+        for i, t in enumerate(texts):
+            words = [1] + [2 + sum(map(ord, w)) % (VOCAB - 2) for w in t.lower().split()][: CONTEXT - 1]
+            ids[i, : len(words)] = torch.tensor(words)
+        return ids
+
+    def text_features(self, ids):
+        valid = ids != self.pad_id
+        x = self.embed(ids)
+        key_bias = torch.zeros(ids.shape[0], 1, 1, ids.shape[1]).masked_fill(~valid[:, None, None, :], -1e4)
+        for blk in self.text_blocks:
+            x = blk(x, key_bias)
+        tokens = self.text_proj(x)
+        m = valid[..., None].float()
+        return Features((tokens * m).sum(1) / m.sum(1).clamp_min(1.0), tokens, valid)
+
+    def image_features(self, pixels):
+        x = self.stem(pixels).flatten(2).transpose(1, 2)  # [B, 16, 12]
+        tokens = self.image_proj(self.slot(x))
+        return Features(tokens.mean(1), tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))

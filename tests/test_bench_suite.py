@@ -44,6 +44,7 @@ def bench_run(tmp_path_factory):
     return suite_file, out, records
 
 
+@pytest.mark.slow
 def test_cells_run_and_failures_are_recorded(bench_run):
     _, out, records = bench_run
     status = {r["cell"]: r["status"] for r in records}
@@ -66,6 +67,7 @@ def test_cells_run_and_failures_are_recorded(bench_run):
     assert (out / "data" / "synth" / "dataset_synth.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_cells(bench_run, capsys):
     suite_file, out, _ = bench_run
     before = {p: p.stat().st_mtime_ns for p in out.glob("cells/synth/baseline/*/cell.json")}
@@ -76,6 +78,7 @@ def test_resume_skips_finished_cells(bench_run, capsys):
     assert sum(r["status"] == "failed" for r in records) == 2  # failed cells are retried, and fail again
 
 
+@pytest.mark.slow
 def test_report_renders(bench_run):
     _, out, _ = bench_run
     md = report(out)
@@ -174,6 +177,7 @@ with S._terminate_as_exit():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_stopped_run_stops_its_cell(tmp_path, sig):
@@ -206,6 +210,7 @@ def test_a_stopped_run_stops_its_cell(tmp_path, sig):
         pytest.fail(f"the cell's process {child} outlived `bench run` ({sig})")
 
 
+@pytest.mark.slow
 def test_add_ties_backfills_a_finished_cell(bench_run):
     """`python -m rsitr.bench.cell CELL --add-ties` re-scores a finished cell run before the records
     carried every tie convention, and gives what the cell would have recorded."""

@@ -26,8 +26,8 @@ def _cfg(data, out, parts, **over):
 
 def test_combo_of_all_three_trains_reloads_and_scores(noisy, tmp_path):
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import encode_dataset, evaluate
+    from rsitr.methods.factory import load
+    from rsitr.eval.evaluate import encode_dataset, evaluate
     from rsitr.retrieval.rerank import sar
     from rsitr.train.loop import train
 
@@ -42,15 +42,15 @@ def test_combo_of_all_three_trains_reloads_and_scores(noisy, tmp_path):
     assert not any(k in ("rdb/contrastive", "ftf/loss_coarse") for k in logs)
     assert (out / "eba_epoch2.tsv").is_file()  # EBA ran inside the combination (after its warm-up epoch)
 
-    model = load_model(str(out))
-    method = model.method
+    loaded = load(str(out))
+    model, method = loaded.backbone, loaded.method
     assert method.name == "combo" and list(method.parts) == ["iebaker", "rdb", "ftf"]
     opts = method.options["parts"]
     assert opts["rdb"]["loss_contrastive"] is False and opts["ftf"]["coarse_weight"] == 0.0
     assert opts["iebaker"]["ker_vocab"] and opts["rdb"]["classes"]  # data-derived options persisted
     assert len(method.parts["rdb"].vea) > 0  # RDB's adapters were installed into the rebuilt backbone
     test = load_dataset(str(noisy)).split("test")
-    assert evaluate(model, test, progress=False)["mR"] == pytest.approx(res.test["mR"])
+    assert evaluate(model, test, method=method, progress=False)["mR"] == pytest.approx(res.test["mR"])
     # scoring = FTF's two-stage matrices, each re-ranked by SAR in its own direction
     enc = encode_dataset(model, test, keep_tokens=True, progress=False)
     t2i, i2t = method.similarity_pair(model, enc)
@@ -61,7 +61,7 @@ def test_combo_of_all_three_trains_reloads_and_scores(noisy, tmp_path):
 
 def test_combo_option_errors(noisy, tmp_path):
     from rsitr.models.registry import build_backbone
-    from rsitr.train.methods import build_method
+    from rsitr.methods.base import build_method
 
     bb = build_backbone("clip:tiny", seed=0)
     with pytest.raises(RsitrError, match="options.parts"):
@@ -70,7 +70,7 @@ def test_combo_option_errors(noisy, tmp_path):
         build_method("combo", bb, {"parts": {"nope": {}}}, None)
     with pytest.raises(RsitrError, match="owns it"):
         build_method("combo", bb, {"parts": {"iebaker": {}, "baseline": {}}}, None)
-    with pytest.raises(RsitrError, match="unknown option"):
+    with pytest.raises(RsitrError, match="unknown combo option"):
         build_method("combo", bb, {"parts": {"ftf": {}}, "typo": 1}, None)
     # without dedup every part keeps its own InfoNCE
     m = build_method("combo", bb, {"parts": {"rdb": {}, "ftf": {}}, "dedup_contrastive": False}, None)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rsitr.data.check import add_data_check_args, check_dataset, duplicate_captions, exit_code, render_check, run_data_check
+from rsitr.cli.data import add_data_check_args, run_data_check
+from rsitr.data.check import check_dataset, duplicate_captions, exit_code, render_check
 from rsitr.data.captions import load_dataset
 from rsitr.utils.errors import DataError
 from PIL import Image

@@ -11,6 +11,8 @@ from rsitr.data.captions import load_dataset
 from rsitr.data.check import check_dataset, exit_code
 from rsitr.data.labels import UCM_CLASSES
 
+pytestmark = pytest.mark.slow  # the real UCM benchmark and tower weights
+
 
 @pytest.fixture(scope="module")
 def ucm_dir(shared_dir):

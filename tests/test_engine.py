@@ -249,7 +249,7 @@ def test_gradients_never_go_through_the_engine(tmp_path):
 # -- users of the engine ---------------------------------------------------------------------------
 def test_trunk_cache_is_the_same_with_either_engine(lite0, tmp_path):
     from rsitr.data.captions import load_dataset
-    from rsitr.train.data import build_trunk_cache, make_transforms
+    from rsitr.data.imagesets import build_trunk_cache, make_transforms
     from rsitr.train.config import AugmentConfig
 
     data = _synthetic(tmp_path)
@@ -265,7 +265,7 @@ def test_trunk_cache_is_the_same_with_either_engine(lite0, tmp_path):
 
 
 def _compare_caches(lite0, ds, tmp_path):
-    from rsitr.train.data import build_trunk_cache, make_transforms
+    from rsitr.data.imagesets import build_trunk_cache, make_transforms
     from rsitr.train.config import AugmentConfig
 
     eval_tf, train_tf = make_transforms(lite0, AugmentConfig())
@@ -292,11 +292,11 @@ def test_index_top10_is_the_same_with_either_engine(tmp_path):
     pytest.importorskip("faiss")
     pytest.importorskip("rasterio")
     from rsitr.search import build as B
-    from rsitr.search.bench import write_sample_source
+    from rsitr.bench.search import write_sample_source
     from rsitr.search.engine import SearchEngine
 
     src = write_sample_source(tmp_path / "src", n_png=6, grid=(2, 3), tile=64)
-    model = B.load_backbone("clip:tiny")
+    model = B.load_model("clip:tiny")
     results = {}
     for kind in ("torch", "onnx"):
         out = tmp_path / f"idx-{kind}"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rsitr.data.types import CaptionDataset, ImageEntry
 from rsitr.losses.contrastive import drop_false_negatives, info_nce
 from rsitr.methods.iebaker import masked_info_nce
-from rsitr.train.methods import Method
+from rsitr.methods.base import Method
 from rsitr.utils.errors import RsitrError
 
 

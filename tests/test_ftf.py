@@ -150,8 +150,8 @@ def synth(tmp_path_factory) -> Path:
 
 def test_ftf_trains_evaluates_and_reloads(synth, tmp_path):
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import encode_dataset, evaluate
+    from rsitr.eval.evaluate import encode_dataset, evaluate
+    from rsitr.methods.factory import load
     from rsitr.retrieval.metrics import retrieval_metrics
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
@@ -165,26 +165,27 @@ def test_ftf_trains_evaluates_and_reloads(synth, tmp_path):
     res = train(cfg, progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for h in res.history for k, v in h.items() if k.startswith("loss"))
     assert res.test is not None and 0 <= res.test["mR"] <= 100
-    model = load_model(str(out))
-    assert model.method.name == "ftf" and model.method.options["k"] == 3
+    loaded = load(str(out))
+    model, method = loaded.backbone, loaded.method
+    assert method.name == "ftf" and method.options["k"] == 3 and method.capabilities.two_stage
     test = load_dataset(str(synth)).split("test")
-    m = evaluate(model, test, progress=False)
+    m = evaluate(model, test, method=method, progress=False)
     assert m["mR"] == pytest.approx(res.test["mR"])
     # the two-stage matrix ranks exactly like exhaustive scoring on the 3 candidates of each caption
     enc = encode_dataset(model, test, keep_tokens=True, progress=False)
-    t2i, i2t = model.method.similarity_pair(model, enc)
+    t2i, i2t = method.similarity_pair(model, enc)
     assert t2i.shape == i2t.shape == (len(test), len(enc.text_to_image))
-    model.method.options["rerank"] = "exhaustive"
-    ex = model.method.similarity(model, enc)
+    method.opts.rerank = "exhaustive"
+    ex = method.similarity(model, enc)
     top = t2i.topk(3, dim=0)
     assert torch.allclose(top.values, ex.gather(0, top.indices), atol=1e-5)
-    model.method.options["rerank"] = "none"
-    coarse = retrieval_metrics(model.method.similarity(model, enc), enc.text_to_image)
+    method.opts.rerank = "none"
+    coarse = retrieval_metrics(method.similarity(model, enc), enc.text_to_image)
     assert coarse["t2i_r10"] == pytest.approx(retrieval_metrics(t2i, enc.text_to_image)["t2i_r10"])  # k=3 < 10: same sets
     # the benchmark on this checkpoint and split: all stages, recall columns filled, JSON written
-    from rsitr.bench.ftf import main
+    from rsitr.cli import main
 
-    assert main(["--checkpoint", str(out), "--data", str(synth), "--ks", "2,50", "--out", str(tmp_path / "b.json")]) == 0
+    assert main(["-q", "bench", "ftf", "--checkpoint", str(out), "--data", str(synth), "--ks", "2,50", "--out", str(tmp_path / "b.json")]) == 0
     import json
 
     res_b = json.loads((tmp_path / "b.json").read_text())
@@ -198,9 +199,9 @@ def test_ftf_trains_evaluates_and_reloads(synth, tmp_path):
 
 
 def test_bench_synthetic_archive_latency_only(tmp_path, capsys):
-    from rsitr.bench.ftf import main
+    from rsitr.cli import main
 
-    assert main(["--synthetic-archive", "300", "--tokens", "5", "--dim", "16", "--queries", "4", "--exhaustive-queries", "2",
+    assert main(["-q", "bench", "ftf", "--synthetic-archive", "300", "--tokens", "5", "--dim", "16", "--queries", "4", "--exhaustive-queries", "2",
                  "--ks", "10,20", "--index", "hnsw", "--json"]) == 0
     import json
 

@@ -170,7 +170,7 @@ def test_ker_negatives_deterministic_and_distinct(tmp_path):
     ds = CaptionDataset([ImageEntry(f"i{k}", tmp_path / f"{k}.png", "train", [c]) for k, c in enumerate(CAPTIONS)])
     opts = {"ker": True, "ker_negatives": 3, "ker_min_count": 1}
     m = IEBAKER(bb, opts, ds)
-    assert opts["ker_vocab"] == m.options["ker_vocab"]  # written back for the checkpoint
+    assert "ker_vocab" not in opts and m.options["ker_vocab"]  # carried by the method's options, the caller's untouched
     texts, _ = ds.texts()
     a = m.ker_negatives(texts, list(range(len(texts))), epoch=2)
     b = m.ker_negatives(texts[::-1], list(range(len(texts)))[::-1], epoch=2)
@@ -191,7 +191,7 @@ def test_ker_negatives_deterministic_and_distinct(tmp_path):
     if VOCAB_FILE.is_file():
         m3 = IEBAKER(bb, {"ker": True, "ker_vocab_file": str(VOCAB_FILE)}, ds)
         assert len(m3.kw) == len(load_vocab(VOCAB_FILE, 512))
-    with pytest.raises(RsitrError, match="unknown option"):
+    with pytest.raises(RsitrError, match="unknown iebaker option"):
         IEBAKER(bb, {"kerr": True}, ds)
     with pytest.raises(RsitrError, match="local=true"):
         IEBAKER(bb, {"eba": True, "eba_scheme": "separate"}, ds)
@@ -329,8 +329,8 @@ def noisy_synth(tmp_path_factory) -> Path:
 def test_iebaker_trains_writes_eba_file_and_reloads(noisy_synth, tmp_path):
     from rsitr.bench.iebaker import eba_files_quality, noisy_flags
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import evaluate
+    from rsitr.eval.evaluate import evaluate
+    from rsitr.methods.factory import load
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
 
@@ -362,14 +362,15 @@ def test_iebaker_trains_writes_eba_file_and_reloads(noisy_synth, tmp_path):
     assert flags is not None and flags.shape == (n,) and 0 < flags.sum() < n
     q = eba_files_quality(out, flags)
     assert [x["epoch"] for x in q] == [1] and 0 <= q[0]["recall"] <= 1
-    model = load_model(str(out))
-    assert model.method.name == "iebaker" and model.method.kw is not None and model.method.sar_enabled
-    m = evaluate(model, data.split("test"), progress=False)
+    loaded = load(str(out))
+    method = loaded.method
+    assert method.name == "iebaker" and method.kw is not None and method.sar_enabled and method.capabilities.reranker == "sar"
+    m = evaluate(loaded.backbone, data.split("test"), method=method, progress=False)
     assert m["mR"] == pytest.approx(res.test["mR"])
     # SAR can be switched at evaluation time through the options
-    model.method.options["sar"] = False
-    model.method.options["rerank"] = "sar"
-    assert evaluate(model, data.split("test"), progress=False)["mR"] == pytest.approx(res.test["mR"])
+    method.opts.sar = False
+    method.opts.rerank = "sar"
+    assert evaluate(loaded.backbone, data.split("test"), method=method, progress=False)["mR"] == pytest.approx(res.test["mR"])
 
 
 def test_resume_mid_epoch_after_eba_is_exact(noisy_synth, tmp_path):
@@ -459,8 +460,8 @@ def test_cli_bench_iebaker_and_eval_rerank_sar(noisy_synth, tmp_path, capsys):
 
     from rsitr.cli import main
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import similarity
+    from rsitr.eval.evaluate import similarity
+    from rsitr.methods.factory import load_model
     from rsitr.retrieval.metrics import retrieval_metrics
 
     out = tmp_path / "abl"

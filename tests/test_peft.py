@@ -31,15 +31,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    """The two PEFT methods in the METHODS registry (as src/rsitr/train/methods.py will list them)."""
-    from rsitr.train import methods
-
-    monkeypatch.setitem(methods.METHODS, "adapter", "rsitr.methods.peft:BottleneckAdapterMethod")
-    monkeypatch.setitem(methods.METHODS, "lora", "rsitr.methods.peft:LoRAMethod")
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     from rsitr.data.synth import write_synth
@@ -75,7 +66,7 @@ def perturb(modules):
 
 
 def trainstep(bb, method, mode="frozen"):
-    from rsitr.train.distributed import DistInfo
+    from rsitr.utils.distributed import DistInfo
     from rsitr.train.loop import TrainStep, _set_trainable
 
     module = TrainStep(bb, method, DistInfo())
@@ -264,27 +255,27 @@ def test_lora_skips_a_cnn_tower_with_a_log_line(caplog):
 
 # -- save / reload through the training loop ------------------------------------------------------
 @pytest.mark.parametrize("name, options", [("lora", {"rank": 2, "targets": "qkvo"}), ("adapter", {"bottleneck": 8})])
-def test_train_save_reload_reproduces_embeddings(name, options, synth, tmp_path, monkeypatch, registered):
-    from rsitr.models import registry
+def test_train_save_reload_reproduces_embeddings(name, options, synth, tmp_path, monkeypatch):
+    from rsitr.methods import factory
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
 
     seen = {}
-    real = registry.load_model
+    real = factory.load_model
 
     def spy(*args, **kwargs):
         seen["model"] = real(*args, **kwargs)
         seen["init"] = {k: v.clone() for k, v in seen["model"].state_dict().items()}
         return seen["model"]
 
-    monkeypatch.setattr(registry, "load_model", spy)
+    monkeypatch.setattr(factory, "load_model", spy)
     cfg = TrainConfig().override({
         "data.path": str(synth), "out_dir": str(tmp_path / "run"), "model.backbone": "clip:tiny", "model.mode": "frozen",
         "epochs": 1, "max_steps": 2, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 32,
         "seed": 2, "augment.enabled": False, "method.name": name, "method.options": options,
     })
     res = train(cfg, progress=False)
-    monkeypatch.setattr(registry, "load_model", real)
+    monkeypatch.setattr(factory, "load_model", real)
     bb = seen["model"]  # holds the best checkpoint's state (the loop reloads it for the test split)
     after = bb.state_dict()
     mark = ".lora." if name == "lora" else ".adapter."
@@ -292,8 +283,9 @@ def test_train_save_reload_reproduces_embeddings(name, options, synth, tmp_path,
     assert all(torch.equal(after[k], seen["init"][k]) for k in frozen)  # the backbone did not move
     assert any(after[k].abs().sum() > 0 for k in after if mark in k and k.endswith(("B", "up.weight")))  # the PEFT part did
     assert res.trainable_params == sum(v.numel() for k, v in after.items() if mark in k)
-    reloaded = registry.load_model(str(tmp_path / "run"))
-    assert reloaded.trained_method["name"] == name
+    loaded = factory.load(str(tmp_path / "run"))
+    assert loaded.trained["name"] == name and loaded.method.name == name
+    reloaded = loaded.backbone
     b = batch_for(bb)
     e1, e2 = embeddings(bb, b), embeddings(reloaded, b)
     assert torch.equal(e1[0], e2[0]) and torch.equal(e1[1], e2[1])
@@ -326,7 +318,7 @@ def test_rdb_symmetric_builds_one_adapter_type_and_size_on_both_sides():
 
 
 # -- the comparison bench ------------------------------------------------------------------------
-def test_run_comparison_writes_the_table(synth, tmp_path, registered):
+def test_run_comparison_writes_the_table(synth, tmp_path):
     from rsitr.bench.rdb import format_markdown, run_comparison
 
     out = tmp_path / "cmp"
@@ -365,18 +357,11 @@ def test_format_markdown_mean_std_and_failures():
 
 
 def test_bench_rdb_cli_zero_shot_row(synth, tmp_path, capsys):
-    import argparse
+    from rsitr.cli import main
 
-    from rsitr.bench.rdb import add_args, run_cli
-
-    p = argparse.ArgumentParser()
-    p.add_argument("-q", "--quiet", action="store_true")
-    add_args(p)
-    args = p.parse_args(["-q", "--data", str(synth), "--out", str(tmp_path / "cli"), "--backbone", "clip:tiny", "--variants", "zero-shot",
-                         "--option", "lora.rank=4", "--set", "eval_batch_size=32"])
-    assert run_cli(args) == 0
+    assert main(["-q", "bench", "rdb", "--data", str(synth), "--out", str(tmp_path / "cli"), "--backbone", "clip:tiny",
+                 "--variants", "zero-shot", "--option", "lora.rank=4", "--set", "eval_batch_size=32"]) == 0
     out = capsys.readouterr().out
     assert "| zero-shot | - |" in out and (tmp_path / "cli" / "comparison.md").is_file()
-    bad = p.parse_args(["-q", "--data", str(synth), "--out", str(tmp_path / "cli"), "--option", "rank=4"])
-    with pytest.raises(RsitrError, match="METHOD.KEY"):
-        run_cli(bad)
+    assert main(["-q", "bench", "rdb", "--data", str(synth), "--out", str(tmp_path / "cli"), "--option", "rank=4"]) == 2
+    assert "METHOD.KEY" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from rasterio.transform import from_origin  # noqa: E402
 from rasterio.warp import transform_bounds  # noqa: E402
 
 from rsitr.search import build as B  # noqa: E402
-from rsitr.search.bench import write_sample_source  # noqa: E402
+from rsitr.bench.search import write_sample_source  # noqa: E402
 from rsitr.search.engine import SearchEngine  # noqa: E402
 from rsitr.search.sources import read_item, scan_source, tile_offsets  # noqa: E402
 from rsitr.utils.errors import RsitrError  # noqa: E402
@@ -24,7 +24,7 @@ TILE = 64
 
 @pytest.fixture(scope="module")
 def tiny():
-    return B.load_backbone("clip:tiny")
+    return B.load_model("clip:tiny")
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +214,10 @@ def test_index_add_skips_indexed_paths(tmp_path, source, tiny, monkeypatch):
 
 
 def test_other_model_is_refused(tmp_path, index, source):
+    from rsitr.methods.factory import LoadedModel
     from rsitr.models.registry import build_backbone
 
-    other = build_backbone("clip:tiny", seed=1).eval()
+    other = LoadedModel(build_backbone("clip:tiny", seed=1).eval(), None, "clip:tiny")
     with pytest.raises(RsitrError, match="different model"):
         SearchEngine(index, model=other)
     with pytest.raises(RsitrError, match="different model"):
@@ -250,7 +251,7 @@ def test_bad_image_is_named_or_skipped(tmp_path, source, tiny):
 
 # -- CLI ----------------------------------------------------------------------------------------
 def _run(argv, capsys):
-    from rsitr.search.cli import add_cli
+    from rsitr.cli.search import add_cli
 
     p = argparse.ArgumentParser(prog="rsitr")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -298,6 +299,6 @@ def test_towers_spec_gives_the_same_model_every_time():
 
     spec = "towers:efficientnet-lite0+minilm-l6"
     before = torch.random.get_rng_state()
-    a, b = B.load_backbone(spec), B.load_backbone(spec)
+    a, b = B.load_model(spec), B.load_model(spec)
     assert torch.equal(torch.random.get_rng_state(), before)  # the global stream is left alone
     assert B.state_sha256(a) == B.state_sha256(b)

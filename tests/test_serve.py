@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rsitr.search import build as B  # noqa: E402
-from rsitr.search.bench import write_sample_source  # noqa: E402
+from rsitr.bench.search import write_sample_source  # noqa: E402
 from rsitr.serve.app import MAX_UPLOAD, create_app  # noqa: E402
 
 TILE = 64

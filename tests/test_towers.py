@@ -16,6 +16,8 @@ import torch
 from rsitr.models.base import Features, PreprocessConfig
 from rsitr.utils.errors import RsitrError
 
+pytestmark = pytest.mark.slow  # real pretrained tower weights
+
 TEXTS = [
     "many cars are parked in the parking lot",
     "a parking area full of vehicles",
@@ -270,7 +272,7 @@ def test_load_towers_names_and_errors(monkeypatch):
 
 
 def test_weights_hashes_and_registry(towers):
-    from rsitr.models.registry import load_model
+    from rsitr.methods.factory import load_model
     from rsitr.utils.io import sha256_file
 
     assert towers.info.weights["image_sha256"] == sha256_file(towers.info.weights["image"])
@@ -283,7 +285,7 @@ def test_trunk_cache_with_tokens_serves_pooled_only_runs(towers, tmp_path):
     the pooled features: no trunk forward, same pooled values, tokens dropped."""
     from rsitr.data.captions import load_dataset
     from rsitr.data.synth import write_synth
-    from rsitr.train.data import build_trunk_cache
+    from rsitr.data.imagesets import build_trunk_cache
 
     ds = load_dataset(str(write_synth(tmp_path / "d", n_images=6, seed=2, image_size=64))).split("train")
     from rsitr.data.transforms import EvalTransform

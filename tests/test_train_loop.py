@@ -81,7 +81,7 @@ def test_cosine_with_warmup():
 
 def test_epoch_order_is_a_deterministic_permutation(synth):
     from rsitr.data.captions import load_dataset
-    from rsitr.train.data import epoch_order
+    from rsitr.train.epochs import epoch_order
 
     ds = load_dataset(synth).split("train")
     a, b, c = epoch_order(ds, 0, 1), epoch_order(ds, 0, 1), epoch_order(ds, 1, 1)
@@ -140,9 +140,10 @@ def test_grad_accum_step_bookkeeping(synth, tmp_path):
     assert r1.history[-1]["global_step"] == r2.history[-1]["global_step"]
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_as_model_and_evaluates_via_cli(synth, tmp_path):
     from rsitr.cli import main
-    from rsitr.models.registry import load_model
+    from rsitr.methods.factory import load_model
     from rsitr.train.loop import train
 
     run = tmp_path / "run"

@@ -24,8 +24,10 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from rsitr.search import build as B  # noqa: E402
-from rsitr.search.bench import write_sample_source  # noqa: E402
+from rsitr.bench.search import write_sample_source  # noqa: E402
 from rsitr.serve.app import create_app  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a headless browser and a live server
 
 CHROME = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
 DRIVER = shutil.which("chromedriver")

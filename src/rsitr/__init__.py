@@ -1,7 +1,21 @@
-"""rsitr: remote-sensing image-text retrieval."""
+"""rsitr: remote-sensing image-text retrieval.
+
+The top-level API is lazy: ``import rsitr`` loads nothing else, and the functions below import
+their layer when called. The root package sits above every layer (see README "Layout"); no
+module of the package imports it (the version lives in :mod:`rsitr.utils.version`).
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from rsitr.utils.version import __version__
+
+
+def load(path: str, device: str = "cpu"):
+    """Load a model: :class:`rsitr.methods.factory.LoadedModel` (``backbone``, ``method``,
+    ``preprocess``). ``path`` is anything :func:`load_model` takes; an rsitr training checkpoint
+    comes back with the method it was trained with (its scoring), anything else with ``method=None``."""
+    from rsitr.methods.factory import load as _load
+
+    return _load(path, device=device)
 
 
 def load_model(path: str, device: str = "cpu"):
@@ -11,7 +25,7 @@ def load_model(path: str, device: str = "cpu"):
     TorchScript archive), a Hugging Face CLIP directory (config.json + weights), a two-tower
     name such as ``"towers:efficientnet-lite0+minilm-l6"``, or an rsitr training checkpoint.
     """
-    from rsitr.models.registry import load_model as _load
+    from rsitr.methods.factory import load_model as _load
 
     return _load(path, device=device)
 
@@ -23,4 +37,4 @@ def tokenize(texts, context_length: int = 77):
     return _tok(texts, context_length=context_length)
 
 
-__all__ = ["__version__", "load_model", "tokenize"]
+__all__ = ["__version__", "load", "load_model", "tokenize"]

@@ -19,8 +19,8 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
 
     from rsitr.bench.suite import environment, test_split
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import encode_dataset, evaluate_ties
+    from rsitr.methods.factory import load
+    from rsitr.eval.evaluate import encode_dataset, evaluate_ties
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
 
@@ -34,9 +34,10 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
     # efficiency on the test split with the best checkpoint
     data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
     test = test_split(cfg, data)
-    model = load_model(str(result.out_dir))
+    loaded = load(str(result.out_dir))
+    model = loaded.backbone
     engine = _engine(model, cfg)
-    test_ties = evaluate_ties(model, test, batch_size=cfg.eval_batch_size, progress=False, engine=engine)
+    test_ties = evaluate_ties(model, test, method=loaded.method, batch_size=cfg.eval_batch_size, progress=False, engine=engine)
     t1 = time.perf_counter()
     enc = encode_dataset(model, test, batch_size=cfg.eval_batch_size, progress=False, engine=engine)
     enc_seconds = time.perf_counter() - t1
@@ -79,8 +80,8 @@ def add_ties(cell_dir: Path) -> dict:
     """Score a finished cell's best checkpoint on test under every tie convention and add them to
     its records (``test_ties``), for cells run before the records carried them."""
     from rsitr.bench.suite import test_split
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import evaluate_ties
+    from rsitr.methods.factory import load
+    from rsitr.eval.evaluate import evaluate_ties
     from rsitr.train.config import TrainConfig
     from rsitr.utils.io import atomic_write_json
 
@@ -91,8 +92,9 @@ def add_ties(cell_dir: Path) -> dict:
         raise SystemExit(f"{cell_dir}: not a finished cell")
     spec = json.loads((cell_dir / "spec.json").read_text())
     cfg = TrainConfig().override(spec["overrides"])
-    model = load_model(str(cell_dir / "run"))
-    rec["test_ties"] = evaluate_ties(model, test_split(cfg), batch_size=cfg.eval_batch_size, progress=False, engine=_engine(model, cfg))
+    loaded = load(str(cell_dir / "run"))
+    rec["test_ties"] = evaluate_ties(loaded.backbone, test_split(cfg), method=loaded.method, batch_size=cfg.eval_batch_size, progress=False,
+                                     engine=_engine(loaded.backbone, cfg))
     for name in ("cell.json", "result.json"):
         if (cell_dir / name).is_file():
             r = json.loads((cell_dir / name).read_text())

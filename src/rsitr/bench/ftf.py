@@ -22,8 +22,6 @@ meaningless there (shown as "-").
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import platform
 import time
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 
 from rsitr.retrieval.index import TokenStore, VectorIndex, l2_normalize
 from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores
-from rsitr.retrieval.twostage import DEFAULT_ALPHA, search_t2i
+from rsitr.retrieval.twostage import DEFAULT_ALPHA, TwoStageParams, search_t2i
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
@@ -131,7 +129,7 @@ def run(index: VectorIndex, store: TokenStore, q_pooled: np.ndarray, q_tokens: t
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def synthetic_archive(n: int, tokens: int, dim: int, *, queries: int = 50, words: int = 16, seed: int = 0, block: int = 8192):
+def synthetic_archive_inputs(n: int, tokens: int, dim: int, *, queries: int = 50, words: int = 16, seed: int = 0, block: int = 8192):
     """Random archive: fp16 unit tokens ``[n, tokens, dim]``, pooled = normalised token mean;
     random queries. Returns ``(store, image_pooled, q_pooled, q_tokens, q_mask)``."""
     rng = np.random.default_rng(seed)
@@ -158,22 +156,23 @@ def build_index(pooled: np.ndarray, kind: str = "flat", **kwargs) -> tuple[Vecto
 
 def dataset_inputs(checkpoint: str, data: str, split: str, *, batch_size: int = 128, progress: bool = True, top_n: int | None = None):
     """Encode a caption split with a checkpoint: ``(store, image_pooled, q_pooled, q_tokens, q_mask,
-    truth, method_options)``."""
+    truth, params)``, ``params`` the two-stage parameters of the checkpoint's method (the library
+    defaults when it has no two-stage scoring)."""
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import encode_dataset
+    from rsitr.eval.evaluate import encode_dataset
+    from rsitr.methods.factory import load
 
-    model = load_model(checkpoint)
+    loaded = load(checkpoint)
+    model = loaded.backbone
     ds = load_dataset(data).split(split)
     if len(ds) == 0:
         raise RsitrError(f"{data}: the {split!r} split is empty")
     enc = encode_dataset(model, ds, keep_tokens=True, batch_size=batch_size, progress=progress)
     store = TokenStore(top_n=top_n)
     store.append(enc.image_features.tokens, enc.image_features.mask, pooled=enc.image_features.pooled)
-    method = model.__dict__.get("method")
-    opts = dict(method.options) if method is not None and getattr(method, "name", "") == "ftf" else {}
+    params = (loaded.method.two_stage_params() if loaded.method is not None else None) or TwoStageParams()
     tf = enc.text_features
-    return store, enc.images.numpy(), enc.texts.numpy(), F.normalize(tf.tokens.float(), dim=-1), tf.mask, list(enc.text_to_image), opts
+    return store, enc.images.numpy(), enc.texts.numpy(), F.normalize(tf.tokens.float(), dim=-1), tf.mask, list(enc.text_to_image), params
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -201,90 +200,58 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="rsitr run dir / checkpoint / backbone spec (with --data)")
-    p.add_argument("--data", default=None, help="caption dataset (Karpathy JSON folder or file)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--synthetic-archive", type=int, default=None, metavar="N",
-                   help="random archive of N images instead of a dataset (latency only)")
-    p.add_argument("--tokens", type=int, default=49, help="synthetic: tokens per image")
-    p.add_argument("--dim", type=int, default=256, help="synthetic: token/embedding dimension")
-    p.add_argument("--words", type=int, default=16, help="synthetic: words per query")
-    p.add_argument("--queries", type=int, default=50, help="queries to time (dataset: first N captions; 0 = all)")
-    p.add_argument("--exhaustive-queries", type=int, default=None,
-                   help="queries for the exhaustive row (default: all for a dataset, 5 for a synthetic archive; 0 = skip)")
-    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="two-stage candidate counts, comma separated")
-    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
-    p.add_argument("--nlist", type=int, default=None)
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=None, help="final = (1-alpha) coarse + alpha fine (default: checkpoint's, else 0.5)")
-    p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--balance", type=float, default=None)
-    p.add_argument("--top-n", type=int, default=None, help="keep only the N largest-norm tokens per image (dataset mode)")
-    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: as configured)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
-    p.add_argument("--out", default=None, help="also write JSON to this file (and markdown next to it, .md)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(int(args.threads))
+def measure(*, checkpoint: str | None = None, data: str | None = None, split: str = "test", synthetic_archive: int | None = None,
+            tokens: int = 49, dim: int = 256, words: int = 16, queries: int = 50, exhaustive_queries: int | None = None,
+            ks: Sequence[int] = DEFAULT_KS, index: str = "flat", nlist: int | None = None, nprobe: int = 16,
+            alpha: float | None = None, tau: float | None = None, balance: float | None = None, top_n: int | None = None,
+            threads: int | None = None, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+    """The whole measurement of ``rsitr bench ftf``: inputs (a checkpoint on a caption split, or a
+    synthetic random archive), the recall index, every stage; ``alpha``/``tau``/``balance``
+    default to the checkpoint method's two-stage parameters. Returns ``{"setup", "rows"}`` (also
+    written to ``out`` as JSON, and markdown next to it)."""
+    if threads:
+        torch.set_num_threads(int(threads))
         try:
             import faiss
 
-            faiss.omp_set_num_threads(int(args.threads))
+            faiss.omp_set_num_threads(int(threads))
         except ImportError:
             pass
-    ks = [int(x) for x in str(args.ks).split(",") if x.strip()]
     if not ks or min(ks) < 1:
-        raise RsitrError(f"--ks must list positive integers, got {args.ks!r}")
-    opts: dict[str, Any] = {}
+        raise RsitrError(f"--ks must list positive integers, got {list(ks)!r}")
+    params = TwoStageParams()
     truth = None
     t0 = time.perf_counter()
-    if args.synthetic_archive:
-        store, pooled, qp, qt, qm = synthetic_archive(int(args.synthetic_archive), args.tokens, args.dim, queries=max(1, args.queries or 50),
-                                                      words=args.words, seed=args.seed)
-        source = f"synthetic random archive ({args.tokens} fp16 tokens x {args.dim} dims per image)"
-        exq = 5 if args.exhaustive_queries is None else args.exhaustive_queries
+    if synthetic_archive:
+        store, pooled, qp, qt, qm = synthetic_archive_inputs(int(synthetic_archive), tokens, dim, queries=max(1, queries or 50),
+                                                            words=words, seed=seed)
+        source = f"synthetic random archive ({tokens} fp16 tokens x {dim} dims per image)"
+        exq = 5 if exhaustive_queries is None else exhaustive_queries
     else:
-        if not args.checkpoint or not args.data:
+        if not checkpoint or not data:
             raise RsitrError("rsitr bench ftf needs --checkpoint and --data, or --synthetic-archive N")
-        store, pooled, qp, qt, qm, truth, opts = dataset_inputs(args.checkpoint, args.data, args.split, top_n=args.top_n)
-        if args.queries:
-            qp, qt, qm, truth = qp[: args.queries], qt[: args.queries], qm[: args.queries], truth[: args.queries]
-        source = f"{args.data} [{args.split}] with {args.checkpoint}"
-        exq = args.exhaustive_queries
+        store, pooled, qp, qt, qm, truth, params = dataset_inputs(checkpoint, data, split, top_n=top_n)
+        if queries:
+            qp, qt, qm, truth = qp[:queries], qt[:queries], qm[:queries], truth[:queries]
+        source = f"{data} [{split}] with {checkpoint}"
+        exq = exhaustive_queries
     prep = time.perf_counter() - t0
-    alpha = args.alpha if args.alpha is not None else float(opts.get("alpha", DEFAULT_ALPHA))
-    tau = args.tau if args.tau is not None else float(opts.get("tau", DEFAULT_TAU))
-    balance = args.balance if args.balance is not None else float(opts.get("balance", DEFAULT_BALANCE))
-    kw = {"nlist": args.nlist, "nprobe": args.nprobe} if args.index == "ivf" else {}
-    index, build_s = build_index(pooled, args.index, **kw)
-    rows = run(index, store, qp, qt, qm, truth=truth, ks=ks, alpha=alpha, tau=tau, balance=balance, exhaustive_queries=exq,
+    alpha = alpha if alpha is not None else params.alpha
+    tau = tau if tau is not None else params.tau
+    balance = balance if balance is not None else params.balance
+    kw = {"nlist": nlist, "nprobe": nprobe} if index == "ivf" else {}
+    vindex, build_s = build_index(pooled, index, **kw)
+    rows = run(vindex, store, qp, qt, qm, truth=truth, ks=ks, alpha=alpha, tau=tau, balance=balance, exhaustive_queries=exq,
                image_pooled=pooled)
     result = {
-        "setup": {"source": source, "images": len(store), "queries": int(qp.shape[0]), "index": args.index, "index_build_s": build_s,
+        "setup": {"source": source, "images": len(store), "queries": int(qp.shape[0]), "index": index, "index_build_s": build_s,
                   "prepare_s": prep, "alpha": alpha, "tau": tau, "balance": balance, "threads": torch.get_num_threads(),
                   "tokens_per_image": int(store.tokens.shape[1]), "dim": int(store.tokens.shape[2]),
                   "recall_meaningful": truth is not None, "machine": platform.machine(), "python": platform.python_version()},
         "rows": rows,
     }
-    md = format_markdown(result)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         atomic_write_json(out, result)
-        atomic_write_text(out.with_suffix(".md"), md + "\n")
-    print(json.dumps(result, indent=2) if args.json else md)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rsitr bench ftf", description=__doc__.split("\n\n")[0])
-    add_args(p)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_cli(p.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+        atomic_write_text(out.with_suffix(".md"), format_markdown(result) + "\n")
+    return result

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rsitr.bench import report
+from rsitr.models.registry import parse_spec
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
@@ -131,9 +133,9 @@ def _score_train_pairs(run_dir: Path, train_ds, cache_dir: Path | None) -> np.nd
     import torch
     import torch.nn.functional as F
 
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import encode_dataset
-    from rsitr.train.data import build_trunk_cache, make_transforms, supports_trunk_cache
+    from rsitr.methods.factory import load_model
+    from rsitr.eval.evaluate import encode_dataset
+    from rsitr.data.imagesets import build_trunk_cache, make_transforms, supports_trunk_cache
 
     model = load_model(str(run_dir / "checkpoint_best.pt"))
     for p in model.parameters():  # inference only: frozen trunks can use the run's cached trunk features
@@ -199,7 +201,7 @@ def run_ablation(
                 "max_steps": max_steps, "time_budget": time_budget, "seed": int(seed), "cache_dir": str(out / "cache"),
                 "method.name": "iebaker", "method.options": opts,
             }
-            if mode or backbone.startswith("clip:"):
+            if mode or parse_spec(backbone).family == "clip":
                 ov["model.mode"] = mode or "full"
             ov.update(overrides or {})
             cfg = TrainConfig().override(ov)
@@ -248,17 +250,8 @@ def run_ablation(
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds of each variant's metrics and filter quality."""
-    out = []
-    for v in dict.fromkeys(r["variant"] for r in rows):
-        rs = [r for r in rows if r["variant"] == v]
-        s: dict[str, Any] = {"variant": v, "seeds": len(rs)}
-        for k in METRICS + ("eba_precision", "eba_recall", "eba_first_precision", "eba_first_recall", "noise_auc", "seconds"):
-            vals = [float(r[k]) for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and np.isnan(r[k]))]
-            if vals:
-                s[k] = float(np.mean(vals))
-                s[k + "_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0
-        out.append(s)
-    return out
+    return report.summarize(rows, "variant", METRICS + ("eba_precision", "eba_recall", "eba_first_precision", "eba_first_recall",
+                                                         "noise_auc", "seconds"))
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:

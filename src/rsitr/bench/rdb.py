@@ -33,15 +33,14 @@ when run again, an interrupted one resumed), ``comparison.json`` (rows + summary
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
+from rsitr.bench import report
+from rsitr.models.registry import parse_spec
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
@@ -70,15 +69,15 @@ NUMBERS = METRICS + ("trainable_params", "trainable_pct", "added_params", "steps
 
 
 def default_peft_mode(backbone: str) -> str:
-    return "frozen" if backbone.startswith("clip:") else "heads"
+    return "frozen" if parse_spec(backbone).family == "clip" else "heads"
 
 
 def _zero_shot(cfg, run_dir: Path) -> dict[str, Any]:
     """Test metrics of the backbone as loaded (no training); written to ``result.json``."""
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import evaluate
-    from rsitr.train.distributed import resolve_device
+    from rsitr.methods.factory import load_model
+    from rsitr.eval.evaluate import evaluate
+    from rsitr.utils.distributed import resolve_device
     from rsitr.train.loop import seed_everything
 
     t0 = time.perf_counter()
@@ -87,7 +86,7 @@ def _zero_shot(cfg, run_dir: Path) -> dict[str, Any]:
     data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
     model = load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
     total = sum(p.numel() for p in model.parameters())
-    if getattr(model, "logit_scale", None) is None:
+    if model.logit_scale is None:
         total += 1  # the baseline method's own temperature, counted in the trained rows' totals
     test = evaluate(model, data.split(cfg.data.test_split), batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=device, progress=False)
     res = {"best_val": {}, "test": test, "seconds": round(time.perf_counter() - t0, 2), "trainable_params": 0, "total_params": total,
@@ -203,19 +202,10 @@ def run_comparison(
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds of each variant's numbers (failed rows left out)."""
-    out = []
-    for v in dict.fromkeys(r["variant"] for r in rows):
-        rs = [r for r in rows if r["variant"] == v]
-        ok = [r for r in rs if "error" not in r]
-        s: dict[str, Any] = {"variant": v, "seeds": len(ok), "failed": len(rs) - len(ok), "method": rs[0]["method"], "mode": rs[0]["mode"]}
-        if len(ok) < len(rs):
-            s["error"] = next(r["error"] for r in rs if "error" in r)
-        for k in NUMBERS:
-            vals = [float(r[k]) for r in ok if r.get(k) is not None and not (isinstance(r[k], float) and np.isnan(r[k]))]
-            if vals:
-                s[k] = float(np.mean(vals))
-                s[k + "_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0
-        out.append(s)
+    out = report.summarize(rows, "variant", NUMBERS)
+    for s in out:
+        first = next(r for r in rows if r["variant"] == s["variant"])
+        s["method"], s["mode"] = first["method"], first["mode"]
     return out
 
 
@@ -250,45 +240,3 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
                   _count(s["added_params"]) if "added_params" in s else "-", cell(s, "steps", 0), cell(s, "train_seconds", 0)]
         lines.append("| " + " | ".join([s["variant"], s["mode"]] + [cell(s, k) for k in METRICS] + params) + " |")
     return "\n".join(lines)
-
-
-# -- CLI: rsitr bench rdb ----------------------------------------------------------------------
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="caption dataset (default: a synthetic benchmark written under --out/data)")
-    p.add_argument("--out", default="runs/bench-rdb")
-    p.add_argument("--images", type=int, default=1000, help="synthetic images when --data is not given")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help="backbone of every row (default: the two-tower model; PEFT rows then train the random heads too)")
-    p.add_argument("--peft-mode", default=None, help="model.mode of the adapter/lora/rdb rows (default: frozen on clip:, heads otherwise)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--time-budget", type=float, default=None, help="seconds of training per row (same budget for every row)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variants", nargs="+", default=None, help=f"subset of: {' '.join(VARIANTS)} (default: all but locked-image)")
-    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="method option for every row of that method, e.g. lora.rank=4, rdb.teacher=bank")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override (every row)")
-    p.add_argument("--json", action="store_true")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from rsitr.train.config import parse_override
-
-    data = args.data
-    if data is None:
-        from rsitr.data.synth import bench_dataset
-
-        data = bench_dataset(args.out, args.images, progress=not args.quiet)
-    mopts: dict[str, dict[str, Any]] = {}
-    for s in args.option:
-        key, value = parse_override(s)
-        if "." not in key:
-            raise RsitrError(f"--option must look like METHOD.KEY=VALUE (e.g. lora.rank=4), got {s!r}")
-        m, k = key.split(".", 1)
-        mopts.setdefault(m, {})[k] = value
-    rows = run_comparison(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
-                          seeds=args.seeds, variants=args.variants, overrides=dict(parse_override(s) for s in args.set),
-                          method_options=mopts, peft_mode=args.peft_mode, progress=not args.quiet)
-    print(json.dumps(rows, indent=2, default=str) if args.json else format_markdown(rows))
-    print(f"\n{Path(args.out) / 'comparison.md'}")
-    return 0 if not any("error" in r for r in rows) else 1

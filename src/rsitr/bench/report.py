@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rsitr.bench.suite import collect
+from rsitr.models.registry import parse_spec
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
@@ -21,10 +22,31 @@ def published_rows(dataset: str) -> list[dict[str, str]]:
     return [r for r in csv.DictReader(lines, delimiter="\t") if r["dataset"].lower() == dataset.lower()]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float], ddof: int = 1) -> tuple[float, float]:
+    """Mean and standard deviation (``ddof`` 1: sample, 0: population; 0 for a single value)."""
     m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - ddof)) if len(xs) > 1 else 0.0
     return m, sd
+
+
+def summarize(rows: list[dict[str, Any]], by: str, keys: tuple[str, ...], *, ddof: int = 0) -> list[dict[str, Any]]:
+    """One row per value of ``rows[i][by]`` (first-seen order): ``seeds`` (rows without an
+    ``error``), ``failed``, the first ``error``, and ``key`` / ``key_std`` over the finished rows of
+    every ``key`` they carry (None and NaN left out) -- the one summary of the ablation and
+    comparison benchmarks (:mod:`rsitr.bench.rdb`, :mod:`rsitr.bench.iebaker`)."""
+    out = []
+    for v in dict.fromkeys(r[by] for r in rows):
+        rs = [r for r in rows if r[by] == v]
+        ok = [r for r in rs if "error" not in r]
+        s: dict[str, Any] = {by: v, "seeds": len(ok), "failed": len(rs) - len(ok)}
+        if len(ok) < len(rs):
+            s["error"] = next(r["error"] for r in rs if "error" in r)
+        for k in keys:
+            vals = [float(r[k]) for r in ok if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+            if vals:
+                s[k], s[k + "_std"] = mean_std(vals, ddof)
+        out.append(s)
+    return out
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,13 +69,13 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "published": next((r.get("published") for r in rs if r.get("published")), None)}
         if rs:
             for key in KEYS:
-                row[key], row[key + "_std"] = _mean_std([r["test"][key] for r in rs])
+                row[key], row[key + "_std"] = mean_std([r["test"][key] for r in rs])
             for key in ("trainable_params", "train_seconds", "peak_rss_mb", "images_per_s", "texts_per_s", "query_ms_p50", "query_ms_p95"):
                 vals = [r[key] for r in rs if r.get(key) is not None]
                 row[key] = sum(vals) / len(vals) if vals else None
             for tie in ("pessimistic", "expected", "optimistic"):  # cells that carry every convention
                 tr = [r["test_ties"][tie] for r in rs if tie in (r.get("test_ties") or {})]
-                row[f"ties_{tie}"] = {key: _mean_std([m[key] for m in tr]) for key in ("i2t_r1", "t2i_r1", "mR")} if tr else None
+                row[f"ties_{tie}"] = {key: mean_std([m[key] for m in tr]) for key in ("i2t_r1", "t2i_r1", "mR")} if tr else None
                 row[f"ties_{tie}_n"] = len(tr)
             row["train_images"] = next((r["train_images"] for r in rs if r.get("train_images")), None)
             row["backbone"] = rs[0].get("backbone")
@@ -120,7 +142,7 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
                     "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
             for p in sorted(pub, key=lambda p: float(p["mR"]), reverse=True):
                 out.append(f"| {p['method']} | {p['backbone']} | {p['tuning']} | {p['params']} | " + " | ".join(p[k] for k in KEYS) + f" | {p['source']} |")
-            if any(str(r.get("backbone", "")).startswith("towers:") for r in drows):
+            if any(parse_spec(str(r.get("backbone", ""))).family == "towers" for r in drows):
                 train_imgs = next((r.get("train_images") for r in drows if r.get("train_images")), None)
                 out += ["", "How our rows differ from the published ones: our backbone is an EfficientNet-Lite image tower "
                         "pretrained on ImageNet classification and a MiniLM sentence encoder pretrained on sentence pairs, "

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from rsitr.models.registry import parse_spec
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
@@ -188,7 +189,7 @@ def check_inputs(suite: Suite) -> None:
         if not p or not Path(p).exists():
             missing.append(f"dataset '{c.dataset}': data.path {p!r}")
         b = str(c.overrides.get("model.backbone", ""))
-        if b and not b.startswith(("towers:", "clip:")) and not Path(b).exists():
+        if b and parse_spec(b).is_path and not Path(b).exists():
             missing.append(f"dataset '{c.dataset}' method '{c.method}': checkpoint {b!r}")
     if missing:
         raise RsitrError(f"suite {suite.name} cannot run; missing:\n  " + "\n  ".join(sorted(set(missing))))
@@ -197,7 +198,7 @@ def check_inputs(suite: Suite) -> None:
 def environment() -> dict[str, Any]:
     import torch
 
-    from rsitr import __version__
+    from rsitr.utils.version import __version__
 
     return {"rsitr": __version__, "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}

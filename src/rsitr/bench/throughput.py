@@ -125,8 +125,8 @@ def encode_comparison(source: str, *, batch_size: int = 64, n_batches: int = 5, 
                       engines=("torch", "onnx"), reference: bool = True, progress: bool = True) -> list[dict]:
     """One row per implementation: images/s and texts/s on the same batch of ``batch_size``
     images and captions, with ratios to the reference (or to rsitr torch when no reference)."""
+    from rsitr.methods.factory import load_model
     from rsitr.models.engine import engine_for
-    from rsitr.models.registry import load_model
     from rsitr.models.towers.minilm import pad_trim
 
     model = load_model(source).eval()

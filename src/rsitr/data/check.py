@@ -20,14 +20,12 @@ space and trimming. ``within_image`` = per image, captions minus distinct captio
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from rsitr.data.captions import FORMATS, load_with_info
+from rsitr.data.captions import load_with_info
 from rsitr.data.types import CaptionDataset
 
 N_EXAMPLES = 5
@@ -141,21 +139,3 @@ def render_check(report: dict[str, Any]) -> str:
         lines.append(f"  note: {n}")
     lines.append("  status: " + ("OK" if exit_code(r) == 0 else "PROBLEMS FOUND (exit 1)"))
     return "\n".join(lines)
-
-
-def add_data_check_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="annotation file (Karpathy JSON, PIR/HarMA JSON, iEBAKER CSV, simple CSV) or dataset folder")
-    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="force the annotation format (default: detect)")
-    parser.add_argument("--image-root", default=None, help="folder the listed image paths are resolved under")
-    parser.add_argument("--split", default=None, choices=("train", "val", "test"),
-                        help="split of entries whose annotation names none (e.g. an iEBAKER CSV)")
-    parser.add_argument("--labels", default=None, help="scene labels: a CSV path, 'filename', 'ucm-order' or 'none' (default: detect)")
-    parser.add_argument("--workers", type=int, default=None, help="threads for the image header checks")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run_data_check(args: argparse.Namespace) -> int:
-    report = check_dataset(args.path, format=args.format, image_root=args.image_root, split=args.split,
-                           workers=args.workers, labels=getattr(args, "labels", None))
-    print(json.dumps(report, indent=2) if args.json else render_check(report))
-    return exit_code(report)

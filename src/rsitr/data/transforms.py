@@ -25,13 +25,25 @@ global RNG state.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from rsitr.models.base import PreprocessConfig
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Eval-time preprocessing: resize shorter side to ``image_size`` (``interpolation``),
+    center-crop ``image_size``, scale to [0, 1], normalise with ``mean``/``std``."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # "shortest" (CLIP: resize short side then center crop) or "squash"
+
 
 _RESAMPLE = {
     "nearest": Image.NEAREST,

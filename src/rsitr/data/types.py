@@ -5,6 +5,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 KNOWN_SPLITS = ("train", "val", "test")
 
 
@@ -65,3 +67,18 @@ class CaptionDataset:
     @property
     def n_captions(self) -> int:
         return sum(len(e.captions) for e in self.entries)
+
+
+@dataclass
+class Features:
+    """Pooled and token-level features of one modality.
+
+    pooled: [B, D] projected, not normalised.
+    tokens: [B, N, D] token features in the same space (patch/spatial or word tokens),
+            excluding the pooled/CLS token.
+    mask:   [B, N] bool, True where a token is real (always all-True for images).
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor

@@ -25,10 +25,25 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
         raise ValueError(f"image/text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
     img = F.normalize(image_emb.float(), dim=-1)
     txt = F.normalize(text_emb.float(), dim=-1)
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=img.device).clamp(max=MAX_LOGIT_SCALE).exp()
-    logits = drop_false_negatives(scale * img @ txt.t(), same)
-    target = torch.arange(img.shape[0], device=img.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    return symmetric_ce(drop_false_negatives(logit_scale_exp(logit_scale, img.device) * img @ txt.t(), same))
+
+
+def logit_scale_exp(logit_scale: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
+    """The logit multiplier ``exp(logit_scale)`` of a *log* inverse temperature, in float32, with
+    the log clamped at ln 100 as in CLIP (the one temperature helper of every loss)."""
+    return torch.as_tensor(logit_scale, dtype=torch.float32, device=device).clamp(max=MAX_LOGIT_SCALE).exp()
+
+
+def symmetric_ce(logits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the row and column cross-entropies of a square logit matrix (rows: images, columns:
+    texts) with the diagonal as target. ``keep`` (bool per pair): only those rows act as queries
+    (and those columns, in the other direction); every pair stays a candidate. No pair kept: 0."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    if keep is None:
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return 0.5 * (F.cross_entropy(logits[keep], target[keep]) + F.cross_entropy(logits.t()[keep], target[keep]))
 
 
 def drop_false_negatives(logits: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor:

@@ -1,2 +1,2 @@
-"""Training methods beyond the baseline (RDB, iEBAKER, FTF), loaded lazily by name through
-:data:`rsitr.train.methods.METHODS`."""
+"""Methods (baseline, RDB, iEBAKER, FTF, PEFT baselines, combo) behind one interface and registry:
+:mod:`rsitr.methods.base`."""

@@ -16,24 +16,27 @@ What each part brings, and how they compose:
   keep what they get);
 * **loss**: the sum of the parts' losses (logged per part as ``<part>/<term>``). The symmetric
   InfoNCE on the pooled embeddings is in every method; with ``dedup_contrastive`` (default on)
-  only one part keeps it -- iEBAKER when present (its EBA-masked InfoNCE cannot be switched off),
-  else the first part -- and the others get ``loss_contrastive: false`` (RDB) /
-  ``coarse_weight: 0`` (FTF) unless their options say otherwise;
+  only one part keeps it -- the part that cannot switch it off (``Method.contrastive_off`` is
+  None: iEBAKER, whose EBA-masked InfoNCE is its core, or the baseline) when there is one, else
+  the first part -- and the others get their ``contrastive_off`` options (RDB
+  ``loss_contrastive: false``, FTF ``coarse_weight: 0``) unless their options say otherwise;
 * **temperature**: one learnable temperature shared by every part (the backbone's, or one
   created here for backbones without it);
 * **EMA teachers** (``after_step``): every part's;
-* **scoring**: FTF's two-stage matrices when FTF is a part (one per direction), else iEBAKER's
-  (global, optionally mixed with its local similarity), else cosine; then iEBAKER's SAR when it is
-  on -- on FTF's matrices, each direction is re-ranked within its own matrix (``sar`` with
-  ``direction`` t2i / i2t), *our choice*, since SAR's reverse ranks need a single matrix.
+* **scoring**, by capability (:class:`~rsitr.methods.base.Capabilities`): the scores of the first
+  part with two-stage scoring (FTF: one matrix per direction), else of the first part with its own
+  scoring (iEBAKER's local mix), else cosine; then the re-ranker of the first part that has one
+  (iEBAKER's SAR) -- on two-stage matrices each direction is re-ranked within its own matrix
+  (``rerank(sim, "t2i" | "i2t")``), *our choice*, since SAR's reverse ranks need a single matrix.
 
 The options saved with the checkpoint are each part's complete options (including what they
 derived from the data: RDB's classes, iEBAKER's keyword vocabulary), so the combination is
-rebuilt exactly by ``load_model``.
+rebuilt exactly by :func:`rsitr.methods.factory.load`.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,58 +44,71 @@ import torch
 from torch import nn
 
 from rsitr.data.types import CaptionDataset
+from rsitr.methods.base import Capabilities, Method, TrainContext, method_class, register_method
 from rsitr.models.base import Backbone, Features
-from rsitr.train.methods import Method, TrainContext, method_class
+from rsitr.retrieval.twostage import TwoStageParams
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-COMBINABLE = ("iebaker", "rdb", "ftf", "baseline")
-# how a part's own pooled InfoNCE is switched off when another part owns it
-CONTRASTIVE_SWITCH: dict[str, tuple[str, Any] | None] = {"rdb": ("loss_contrastive", False), "ftf": ("coarse_weight", 0.0),
-                                                         "iebaker": None, "baseline": None}
+
+@dataclass
+class ComboOptions:
+    """``parts``: method name -> its options; ``dedup_contrastive``: one pooled InfoNCE (see the module doc)."""
+
+    parts: dict[str, Any] = field(default_factory=dict)
+    dedup_contrastive: bool = True
 
 
+@register_method
 class Combo(Method):
     name = "combo"
+    label = "combo"
+    Options = ComboOptions
+    combinable = False
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data: CaptionDataset | None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data: CaptionDataset | None):
         super().__init__(backbone, options, train_data)
-        o = dict(self.options)
-        unknown = sorted(set(o) - {"parts", "dedup_contrastive"})
-        if unknown:
-            raise RsitrError(f"combo: unknown option(s) {unknown}; known: dedup_contrastive, parts")
-        parts = o.get("parts")
+        parts = self.opts.parts
         if not isinstance(parts, dict) or not parts:
             raise RsitrError("combo: options.parts must map method names to their options, e.g. {iebaker: {eba: true}, ftf: {}}")
-        bad = [n for n in parts if n not in COMBINABLE]
+        classes = {n: method_class(n) if n in _combinable() else None for n in parts}
+        bad = [n for n, c in classes.items() if c is None]
         if bad:
-            raise RsitrError(f"combo: cannot combine {bad}; parts may be {list(COMBINABLE)}")
-        dedup = bool(o.get("dedup_contrastive", True))
+            raise RsitrError(f"combo: cannot combine {bad}; parts may be {_combinable()}")
+        dedup = bool(self.opts.dedup_contrastive)
         names = list(parts)
-        owner = "iebaker" if "iebaker" in names else names[0]
+        fixed = [n for n in names if classes[n].contrastive_off is None]  # parts whose pooled InfoNCE cannot be switched off
+        owner = fixed[0] if fixed else names[0]
         self.parts = nn.ModuleDict()
         final: dict[str, dict[str, Any]] = {}
         for n in names:
             popts = dict(parts[n] or {})
-            switch = CONTRASTIVE_SWITCH[n]
+            off = classes[n].contrastive_off
             if dedup and n != owner:
-                if switch is None:
+                if off is None:
                     raise RsitrError(f"combo: '{n}' cannot switch its contrastive loss off and '{owner}' owns it; "
-                                     "list at most one of iebaker/baseline, or set dedup_contrastive: false")
-                popts.setdefault(*switch)
-            part = method_class(n)(backbone, popts, train_data)
+                                     f"list at most one of {[m for m in _combinable() if method_class(m).contrastive_off is None]}, "
+                                     "or set dedup_contrastive: false")
+                for k, v in off.items():
+                    popts.setdefault(k, v)
+            part = classes[n](backbone, popts, train_data)
+            part.share_temperature(self.logit_scale)  # one temperature (parts made their own for a backbone without one)
             self.parts[n] = part
             final[n] = dict(part.options)
-        # one temperature: parts built for a backbone without one each made their own
-        if self.logit_scale is not None:
-            for part in self.parts.values():
-                if part.logit_scale is not None:
-                    part.logit_scale = self.logit_scale
-        self.options = {"parts": final, "dedup_contrastive": dedup}
-        self.needs_tokens = any(p.needs_tokens for p in self.parts.values())
-        self.rerank_needs_tokens = any(p.rerank_needs_tokens for p in self.parts.values())
+        self.opts.parts = final
+        self.opts.dedup_contrastive = dedup
+        self._scorer = next((p for p in self.parts.values() if p.capabilities.two_stage), None) \
+            or next((p for p in self.parts.values() if p.capabilities.own_scoring), None)
+        self._reranker = next((p for p in self.parts.values() if p.capabilities.reranker is not None), None)
         log.info("combo: %s (pooled InfoNCE from %s)", " + ".join(names), owner if dedup else "every part")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        caps = [p.capabilities for p in self.parts.values()]
+        return Capabilities(two_stage=any(c.two_stage for c in caps), reranker=next((c.reranker for c in caps if c.reranker), None),
+                            own_scoring=any(c.own_scoring for c in caps), train_tokens=any(c.train_tokens for c in caps),
+                            score_tokens=any(c.score_tokens for c in caps), trunk_cache=all(c.trunk_cache for c in caps))
 
     def install(self, backbone: Backbone) -> None:
         for part in self.parts.values():
@@ -101,7 +117,7 @@ class Combo(Method):
     def mask_false_negatives(self, train_data: CaptionDataset) -> None:
         super().mask_false_negatives(train_data)
         for part in self.parts.values():  # the parts' contrastive losses read the same table
-            part._fn_text, part._fn_image = self._fn_text, self._fn_image
+            part.use_false_negatives(self)
 
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         total = None
@@ -123,35 +139,36 @@ class Combo(Method):
             part.after_step(step)
 
     # -- scoring -----------------------------------------------------------------------------
-    def _sar(self, sim: torch.Tensor, direction: str) -> torch.Tensor:
-        from rsitr.retrieval.rerank import sar
+    def score(self, backbone: Backbone, enc) -> torch.Tensor:
+        return self._scorer.score(backbone, enc) if self._scorer is not None else enc.images @ enc.texts.t()
 
-        o = self.parts["iebaker"].options
-        k = o["sar_k_t2i"] if direction == "t2i" else o["sar_k_i2t"]
-        return sar(sim, k=int(k if k is not None else o["sar_k"]), direction=direction, reverse_weight=float(o["sar_reverse_weight"]))
+    def rerank(self, sim: torch.Tensor, direction: str | None = None) -> torch.Tensor:
+        return self._reranker.rerank(sim, direction) if self._reranker is not None else sim
 
-    def _sar_on(self) -> bool:
-        return "iebaker" in self.parts and bool(self.parts["iebaker"].sar_enabled)
+    def score_direction(self) -> str | None:
+        return self._scorer.score_direction() if self._scorer is not None else None
+
+    @torch.no_grad()
+    def similarity(self, backbone: Backbone, enc) -> torch.Tensor:
+        return self.rerank(self.score(backbone, enc), self.score_direction())
 
     @torch.no_grad()
     def similarity_pair(self, backbone: Backbone, enc) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t2i matrix, i2t matrix)``, each direction ranked by its own matrix."""
-        if "ftf" not in self.parts:
+        if self.score_direction() is None:
             s = self.similarity(backbone, enc)
             return s, s
-        t2i, i2t = self.parts["ftf"].similarity_pair(backbone, enc)
-        if self._sar_on():
-            t2i, i2t = self._sar(t2i, "t2i"), self._sar(i2t, "i2t")
-        return t2i, i2t
+        t2i, i2t = self._scorer.similarity_pair(backbone, enc)
+        return self.rerank(t2i, "t2i"), self.rerank(i2t, "i2t")
 
-    @torch.no_grad()
-    def similarity(self, backbone: Backbone, enc) -> torch.Tensor:
-        if "ftf" in self.parts:
-            sim = self.parts["ftf"].similarity(backbone, enc)
-            return self._sar(sim, str(self.parts["ftf"].options["eval_direction"])) if self._sar_on() else sim
-        if "iebaker" in self.parts:
-            return self.parts["iebaker"].similarity(backbone, enc)  # its local mix and SAR
-        return enc.images @ enc.texts.t()
+    def two_stage_params(self) -> TwoStageParams | None:
+        return self._scorer.two_stage_params() if self._scorer is not None else None
 
 
-__all__ = ["COMBINABLE", "Combo"]
+def _combinable() -> list[str]:
+    from rsitr.methods.base import list_methods
+
+    return [n for n in list_methods() if method_class(n).combinable]
+
+
+__all__ = ["Combo", "ComboOptions"]

@@ -40,44 +40,46 @@ text->image two-stage matrix (``eval_direction: t2i``; ``i2t`` returns the image
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from rsitr.data.types import CaptionDataset
-from rsitr.losses.contrastive import MAX_LOGIT_SCALE, info_nce
+from rsitr.losses.contrastive import info_nce, logit_scale_exp, symmetric_ce
+from rsitr.losses.ftf import intra_granularity, intra_structure, token_mean
 from rsitr.models.base import Backbone, Features
 from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores, interaction_scores
-from rsitr.retrieval.twostage import DEFAULT_ALPHA, DEFAULT_K, exhaustive, two_stage
-from rsitr.train.methods import Method
+from rsitr.retrieval.twostage import DEFAULT_ALPHA, DEFAULT_K, TwoStageParams, exhaustive, two_stage
+from rsitr.methods.base import Capabilities, Method, register_method
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "coarse_weight": 1.0,
-    "fine_weight": 1.0,
-    "intra_weight": 0.5,
-    "intra_mode": "granularity",  # granularity | structure | none
-    "fine_logit_scale": None,  # None: the model's temperature; else a fixed log inverse temperature
-    "fine_candidates": None,  # None: fine loss over the whole batch; k: over each query's k coarse-best in-batch candidates
-    "k": DEFAULT_K,
-    "alpha": DEFAULT_ALPHA,
-    "tau": DEFAULT_TAU,
-    "balance": DEFAULT_BALANCE,
-    "renorm": True,
-    "rerank": "two_stage",  # two_stage | exhaustive | none
-    "eval_direction": "t2i",  # t2i | i2t (the evaluator takes one matrix)
-    "index_kind": "flat",
-    "chunk": 1 << 22,
-}
+@dataclass
+class FTFOptions:
+    """FTF's options (see the module doc)."""
+
+    coarse_weight: float = 1.0
+    fine_weight: float = 1.0
+    intra_weight: float = 0.5
+    intra_mode: str = "granularity"  # granularity | structure | none
+    fine_logit_scale: float | None = None  # None: the model's temperature; else a fixed log inverse temperature
+    fine_candidates: int | None = None  # None: fine loss over the whole batch; k: over each query's k coarse-best in-batch candidates
+    k: int = DEFAULT_K
+    alpha: float = DEFAULT_ALPHA
+    tau: float = DEFAULT_TAU
+    balance: float = DEFAULT_BALANCE
+    renorm: bool = True
+    rerank: str = "two_stage"  # two_stage | exhaustive | none
+    eval_direction: str = "t2i"  # t2i | i2t (the evaluator takes one matrix)
+    index_kind: str = "flat"
+    chunk: int = 1 << 22
+
+
 INTRA_MODES = ("granularity", "structure", "none")
 RERANKS = ("two_stage", "exhaustive", "none")
-
-
-def _scale(logit_scale) -> torch.Tensor:
-    return torch.as_tensor(logit_scale, dtype=torch.float32).clamp(max=MAX_LOGIT_SCALE).exp()
 
 
 def _candidates(img: Features, txt: Features, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,91 +157,75 @@ def candidate_fine_ce_reference(img: Features, txt: Features, k: int, scale: tor
     return 0.5 * (F.cross_entropy(scale * s_t2i, target) + F.cross_entropy(scale * s_i2t, target))
 
 
-def symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
-    """Mean of the row and column cross-entropies of a square matrix, diagonal = positives."""
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-
-
-def token_mean(f: Features) -> torch.Tensor:
-    """Masked mean of the L2-normalised tokens ``[B, D]`` (the token-set granularity)."""
-    t = F.normalize(f.tokens.float(), dim=-1)
-    m = f.mask.to(t.dtype)[..., None]
-    return (t * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def intra_granularity(pooled: torch.Tensor, tokens_mean: torch.Tensor, logit_scale) -> torch.Tensor:
-    """Intra-modal InfoNCE between each item's pooled embedding and its own token mean."""
-    return info_nce(pooled, tokens_mean, logit_scale)
-
-
-def intra_structure(pooled: torch.Tensor, tokens_mean: torch.Tensor, logit_scale) -> torch.Tensor:
-    """Symmetric KL between the in-batch (self excluded) similarity distributions of two
-    granularities of one modality."""
-    a = F.normalize(pooled.float(), dim=-1)
-    b = F.normalize(tokens_mean.float(), dim=-1)
-    s = _scale(logit_scale).to(a.device)
-    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    la = F.log_softmax((s * a @ a.t()).masked_fill(eye, -1e4), dim=-1)
-    lb = F.log_softmax((s * b @ b.t()).masked_fill(eye, -1e4), dim=-1)
-    return 0.5 * (F.kl_div(la, lb, log_target=True, reduction="batchmean") + F.kl_div(lb, la, log_target=True, reduction="batchmean"))
-
-
+@register_method
 class FTF(Method):
     name = "ftf"
-    needs_tokens = True
-    rerank_needs_tokens = True
+    label = "FTF"
+    Options = FTFOptions
+    contrastive_off = {"coarse_weight": 0.0}
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data: CaptionDataset | None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data: CaptionDataset | None):
         super().__init__(backbone, options, train_data)
-        unknown = sorted(set(self.options) - set(DEFAULTS))
-        if unknown:
-            raise RsitrError(f"unknown FTF option(s) {unknown}; known: {sorted(DEFAULTS)}")
-        o = {**DEFAULTS, **self.options}
-        if o["intra_mode"] not in INTRA_MODES:
-            raise RsitrError(f"FTF intra_mode must be one of {INTRA_MODES}, got {o['intra_mode']!r}")
-        if o["rerank"] not in RERANKS:
-            raise RsitrError(f"FTF rerank must be one of {RERANKS}, got {o['rerank']!r}")
-        if o["eval_direction"] not in ("t2i", "i2t"):
-            raise RsitrError(f"FTF eval_direction must be 't2i' or 'i2t', got {o['eval_direction']!r}")
-        if not 0 <= float(o["alpha"]) <= 1 or not 0 <= float(o["balance"]) <= 1 or float(o["tau"]) <= 0 or int(o["k"]) < 1:
-            raise RsitrError(f"FTF: need 0 <= alpha, balance <= 1, tau > 0, k >= 1 (got alpha={o['alpha']}, balance={o['balance']}, "
-                             f"tau={o['tau']}, k={o['k']})")
-        if o["fine_candidates"] is not None and int(o["fine_candidates"]) < 2:
-            raise RsitrError(f"FTF fine_candidates must be null or >= 2 (the positive and a negative), got {o['fine_candidates']!r}")
-        self.options = o
+        o = self.opts
+        if o.intra_mode not in INTRA_MODES:
+            raise RsitrError(f"FTF intra_mode must be one of {INTRA_MODES}, got {o.intra_mode!r}")
+        if o.rerank not in RERANKS:
+            raise RsitrError(f"FTF rerank must be one of {RERANKS}, got {o.rerank!r}")
+        if o.eval_direction not in ("t2i", "i2t"):
+            raise RsitrError(f"FTF eval_direction must be 't2i' or 'i2t', got {o.eval_direction!r}")
+        if not 0 <= float(o.alpha) <= 1 or not 0 <= float(o.balance) <= 1 or float(o.tau) <= 0 or int(o.k) < 1:
+            raise RsitrError(f"FTF: need 0 <= alpha, balance <= 1, tau > 0, k >= 1 (got alpha={o.alpha}, balance={o.balance}, "
+                             f"tau={o.tau}, k={o.k})")
+        if o.fine_candidates is not None and int(o.fine_candidates) < 2:
+            raise RsitrError(f"FTF fine_candidates must be null or >= 2 (the positive and a negative), got {o.fine_candidates!r}")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        two = self.opts.rerank == "two_stage"
+        fine = self.opts.rerank != "none"
+        return Capabilities(two_stage=two, own_scoring=fine, train_tokens=True, score_tokens=fine)
+
+    def two_stage_params(self) -> TwoStageParams | None:
+        o = self.opts
+        if o.rerank != "two_stage":
+            return None
+        return TwoStageParams(k=int(o.k), alpha=float(o.alpha), tau=float(o.tau), balance=float(o.balance), renorm=bool(o.renorm),
+                              index_kind=str(o.index_kind))
+
+    def score_direction(self) -> str | None:
+        return str(self.opts.eval_direction)
 
     # -- training ------------------------------------------------------------------------------
     def _fine_kw(self) -> dict[str, Any]:
-        o = self.options
-        return dict(tau=float(o["tau"]), balance=float(o["balance"]), renorm=bool(o["renorm"]))
+        o = self.opts
+        return dict(tau=float(o.tau), balance=float(o.balance), renorm=bool(o.renorm))
 
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        o = self.options
+        o = self.opts
         temp = self.temperature(backbone)
         logs: dict[str, float] = {}
         total = img.pooled.sum() * 0.0
-        if float(o["coarse_weight"]) > 0:
+        if float(o.coarse_weight) > 0:
             lc = info_nce(img.pooled, txt.pooled, temp, same=self.same_text(batch, img.pooled.shape[0]))
-            total = total + float(o["coarse_weight"]) * lc
+            total = total + float(o.coarse_weight) * lc
             logs["loss_coarse"] = float(lc.detach())
-        if float(o["fine_weight"]) > 0 or (o["intra_mode"] != "none" and float(o["intra_weight"]) > 0):
+        if float(o.fine_weight) > 0 or (o.intra_mode != "none" and float(o.intra_weight) > 0):
             if img.tokens.dim() != 3 or txt.tokens.dim() != 3 or img.tokens.shape[1] == 0 or txt.tokens.shape[1] == 0:
                 raise RsitrError("FTF needs token features for both modalities (the backbone/cache gave none)")
-        if float(o["fine_weight"]) > 0:
-            fscale = temp if o["fine_logit_scale"] is None else float(o["fine_logit_scale"])
-            k = o["fine_candidates"]
+        if float(o.fine_weight) > 0:
+            fscale = temp if o.fine_logit_scale is None else float(o.fine_logit_scale)
+            k = o.fine_candidates
             if k is not None and int(k) < img.pooled.shape[0]:
-                lf = candidate_fine_ce(img, txt, int(k), _scale(fscale).to(img.pooled.device), **self._fine_kw())
+                lf = candidate_fine_ce(img, txt, int(k), logit_scale_exp(fscale).to(img.pooled.device), **self._fine_kw())
             else:
-                fs = fine_scores(img.tokens, img.mask, txt.tokens, txt.mask, chunk=int(o["chunk"]), **self._fine_kw())
-                lf = symmetric_ce(_scale(fscale).to(fs.device) * fs)
-            total = total + float(o["fine_weight"]) * lf
+                fs = fine_scores(img.tokens, img.mask, txt.tokens, txt.mask, chunk=int(o.chunk), **self._fine_kw())
+                lf = symmetric_ce(logit_scale_exp(fscale).to(fs.device) * fs)
+            total = total + float(o.fine_weight) * lf
             logs["loss_fine"] = float(lf.detach())
-        if o["intra_mode"] != "none" and float(o["intra_weight"]) > 0:
-            fn = intra_granularity if o["intra_mode"] == "granularity" else intra_structure
+        if o.intra_mode != "none" and float(o.intra_weight) > 0:
+            fn = intra_granularity if o.intra_mode == "granularity" else intra_structure
             li = 0.5 * (fn(img.pooled, token_mean(img), temp) + fn(txt.pooled, token_mean(txt), temp))
-            total = total + float(o["intra_weight"]) * li
+            total = total + float(o.intra_weight) * li
             logs["loss_intra"] = float(li.detach())
         logs["loss"] = float(total.detach())
         return total, logs
@@ -254,25 +240,26 @@ class FTF(Method):
     @torch.no_grad()
     def scores(self, enc, direction: str) -> torch.Tensor:
         """The ``[n_images, n_texts]`` matrix of the configured ``rerank`` for one direction."""
-        o = self.options
-        if o["rerank"] == "none":
+        o = self.opts
+        if o.rerank == "none":
             return enc.images @ enc.texts.t()
-        if o["rerank"] == "exhaustive":
-            return exhaustive(*self._args(enc), alpha=float(o["alpha"]), chunk=int(o["chunk"]), **self._fine_kw())
-        return two_stage(*self._args(enc), k=int(o["k"]), alpha=float(o["alpha"]), direction=direction,
-                         index_kind=str(o["index_kind"]), **self._fine_kw())
+        if o.rerank == "exhaustive":
+            return exhaustive(*self._args(enc), alpha=float(o.alpha), chunk=int(o.chunk), **self._fine_kw())
+        p = self.two_stage_params()  # the parameters search reranks with too
+        return two_stage(*self._args(enc), k=p.k, alpha=p.alpha, direction=direction, index_kind=p.index_kind, tau=p.tau,
+                         balance=p.balance, renorm=p.renorm)
 
     @torch.no_grad()
     def similarity_pair(self, backbone: Backbone, enc) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t2i matrix, i2t matrix)``: rank texts->images with the first (column-wise) and
         images->texts with the second (row-wise)."""
         t2i = self.scores(enc, "t2i")
-        i2t = t2i if self.options["rerank"] != "two_stage" else self.scores(enc, "i2t")
-        return t2i, i2t
+        i2t = t2i if self.opts.rerank != "two_stage" else self.scores(enc, "i2t")
+        return self.rerank(t2i, "t2i"), self.rerank(i2t, "i2t")
 
     @torch.no_grad()
-    def similarity(self, backbone: Backbone, enc) -> torch.Tensor:
-        return self.scores(enc, str(self.options["eval_direction"]))
+    def score(self, backbone: Backbone, enc) -> torch.Tensor:
+        return self.scores(enc, str(self.opts.eval_direction))
 
 
-__all__ = ["DEFAULTS", "FTF", "candidate_fine_ce", "intra_granularity", "intra_structure", "symmetric_ce", "token_mean"]
+__all__ = ["FTF", "FTFOptions", "candidate_fine_ce", "intra_granularity", "intra_structure", "symmetric_ce", "token_mean"]

@@ -87,13 +87,14 @@ SAR - Sort After Reversed retrieval (``sar: true`` or ``rerank: sar``)
 :meth:`IEBAKER.similarity` re-scores the evaluation matrix with :func:`rsitr.retrieval.rerank.sar`
 (top ``sar_k`` candidates of each query re-sorted by their reverse rank; ``sar_k_t2i``/``sar_k_i2t``
 override per direction; ``sar_reverse_weight``; ``sar_direction``). The option is read at call
-time, so ``method.options["rerank"] = "sar"`` switches it on for a loaded checkpoint.
+time, so ``method.opts.rerank = "sar"`` switches it on for a loaded checkpoint.
 """
 from __future__ import annotations
 
 import csv
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,81 +104,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsitr.data.types import CaptionDataset
-from rsitr.losses.contrastive import MAX_LOGIT_SCALE, drop_false_negatives
+from rsitr.losses.contrastive import logit_scale_exp, symmetric_ce
+from rsitr.losses.iebaker import masked_info_nce
 from rsitr.methods.keywords import KeywordIndex, build_vocab, load_vocab, save_vocab
 from rsitr.models.base import Backbone, Features
-from rsitr.train.distributed import gather_rows
-from rsitr.train.methods import Method, TrainContext
+from rsitr.utils.distributed import gather_rows
+from rsitr.methods.base import Capabilities, Method, TrainContext, register_method
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
+@dataclass
+class IEBAKEROptions:
+    """iEBAKER's options (see the module doc)."""
+
     # EBA
-    "eba": False,
-    "eba_criterion": "global_fraction",  # global_fraction | per_image_fraction | threshold
-    "eba_fraction": 0.01,
-    "eba_threshold": 0.0,
-    "eba_threshold_local": 0.0,
-    "eba_scheme": "joint",  # joint | separate
-    "eba_joint_local_weight": 0.0,
-    "eba_min_keep": 1,
-    "eba_warmup_epochs": 1,
-    "eba_every": 1,
-    "eba_write": True,
+    eba: bool = False
+    eba_criterion: str = "global_fraction"  # global_fraction | per_image_fraction | threshold
+    eba_fraction: float = 0.01
+    eba_threshold: float = 0.0
+    eba_threshold_local: float = 0.0
+    eba_scheme: str = "joint"  # joint | separate
+    eba_joint_local_weight: float = 0.0
+    eba_min_keep: int = 1
+    eba_warmup_epochs: int = 1
+    eba_every: int = 1
+    eba_write: bool = True
     # local similarity
-    "local": False,
-    "local_weight": 1.0,
-    "local_scale": 20.0,
-    "local_eval_weight": 0.4,
+    local: bool = False
+    local_weight: float = 1.0
+    local_scale: float = 20.0
+    local_eval_weight: float = 0.4
     # KER
-    "ker": False,
-    "ker_mode": "swap",  # swap | mask | both
-    "ker_weight": 0.5,
-    "ker_negatives": 2,
-    "ker_pool": 4,
-    "ker_vocab": None,
-    "ker_vocab_file": None,
-    "ker_vocab_size": 512,
-    "ker_min_count": 2,
-    "ker_seed": 0,
-    "ker_mask_token": "[MASK]",
+    ker: bool = False
+    ker_mode: str = "swap"  # swap | mask | both
+    ker_weight: float = 0.5
+    ker_negatives: int = 2
+    ker_pool: int = 4
+    ker_vocab: list[str] | None = None
+    ker_vocab_file: str | None = None
+    ker_vocab_size: int = 512
+    ker_min_count: int = 2
+    ker_seed: int = 0
+    ker_mask_token: str = "[MASK]"
     # SAR
-    "sar": False,
-    "rerank": "none",  # none | sar (alias of sar: true; what `rsitr eval --rerank sar` sets)
-    "sar_k": 10,
-    "sar_k_t2i": None,
-    "sar_k_i2t": None,
-    "sar_reverse_weight": 1.0,
-    "sar_direction": "both",
-}
+    sar: bool = False
+    rerank: str | None = "none"  # none | sar (alias of sar: true; what `rsitr eval --rerank sar` sets)
+    sar_k: int = 10
+    sar_k_t2i: int | None = None
+    sar_k_i2t: int | None = None
+    sar_reverse_weight: float = 1.0
+    sar_direction: str = "both"
+
 
 CRITERIA = ("global_fraction", "per_image_fraction", "threshold")
 
 
 # -- pure helpers (tested directly) ---------------------------------------------------------------
-def masked_info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale, keep: torch.Tensor | None = None,
-                    same: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE where only the ``keep`` pairs act as positives (query rows); every pair
-    stays a candidate (column) except the ``same`` ones (see :func:`drop_false_negatives`).
-    ``keep=None``: all pairs (= :func:`info_nce`)."""
-    img = F.normalize(img.float(), dim=-1)
-    txt = F.normalize(txt.float(), dim=-1)
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=img.device).clamp(max=MAX_LOGIT_SCALE).exp()
-    return masked_ce_pair(drop_false_negatives(scale * img @ txt.t(), same), keep)
-
-
-def masked_ce_pair(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Mean of the two cross-entropies of a square logit matrix (rows: images, cols: texts) with
-    the diagonal as target, over the kept rows (and kept columns for the other direction)."""
-    target = torch.arange(logits.shape[0], device=logits.device)
-    if keep is None:
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    return 0.5 * (F.cross_entropy(logits[keep], target[keep]) + F.cross_entropy(logits.t()[keep], target[keep]))
-
-
 def local_similarity(txt_tokens: torch.Tensor, txt_mask: torch.Tensor, img_tokens: torch.Tensor, img_mask: torch.Tensor, *, pairwise: bool = True) -> torch.Tensor:
     """Max-mean token alignment: for each valid word token its best cosine with a valid image
     token, averaged over the word tokens. ``pairwise``: ``[n_texts, n_images]`` for every pair;
@@ -256,39 +239,34 @@ def eliminate(
     return drop, restored
 
 
+@register_method
 class IEBAKER(Method):
     name = "iebaker"
+    label = "iebaker"
+    Options = IEBAKEROptions
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data: CaptionDataset | None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data: CaptionDataset | None):
         super().__init__(backbone, options, train_data)
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise RsitrError(f"iebaker: unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
-        o = {**DEFAULTS, **dict(options)}
+        o = self.opts
         self._validate(o)
-        self.needs_tokens = bool(o["local"])
-        self.rerank_needs_tokens = bool(o["local"]) and float(o["local_eval_weight"]) > 0
 
         # KER vocabulary: derived from the data once, then carried by the options
         self.kw: KeywordIndex | None = None
-        if o["ker"]:
-            if o["ker_vocab"] is None:
-                if o["ker_vocab_file"]:
-                    vocab = load_vocab(o["ker_vocab_file"], int(o["ker_vocab_size"]))
+        if o.ker:
+            if o.ker_vocab is None:
+                if o.ker_vocab_file:
+                    vocab = load_vocab(o.ker_vocab_file, int(o.ker_vocab_size))
                 elif train_data is not None:
-                    vocab = build_vocab(train_data.texts()[0], int(o["ker_vocab_size"]), int(o["ker_min_count"]))
+                    vocab = build_vocab(train_data.texts()[0], int(o.ker_vocab_size), int(o.ker_min_count))
                 else:
                     raise RsitrError("iebaker: ker is on but the options carry no ker_vocab and there is no training data to build one from")
                 if not vocab:
                     raise RsitrError("iebaker: the keyword vocabulary is empty (no caption word passed ker_min_count)")
-                o["ker_vocab"] = list(vocab)
-                # write it back into the caller's options too: the loop checkpoints cfg.method.options
-                options["ker_vocab"] = list(vocab)
-                log.info("iebaker KER: %d keywords (%s)", len(vocab), o["ker_vocab_file"] or "built from the training captions")
-            self.kw = KeywordIndex(list(o["ker_vocab"]))
-        self.options = o
+                o.ker_vocab = list(vocab)  # carried by the options (the checkpoint), not written back into the caller's
+                log.info("iebaker KER: %d keywords (%s)", len(vocab), o.ker_vocab_file or "built from the training captions")
+            self.kw = KeywordIndex(list(o.ker_vocab))
         d = backbone.embed_dim
-        if o["ker"] and o["ker_mode"] in ("mask", "both"):
+        if o.ker and o.ker_mode in ("mask", "both"):
             self.ker_head = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, len(self.kw)))
         else:
             self.ker_head = None
@@ -304,42 +282,49 @@ class IEBAKER(Method):
 
     # -- options ---------------------------------------------------------------------------------
     @staticmethod
-    def _validate(o: dict[str, Any]) -> None:
-        if o["eba_criterion"] not in CRITERIA:
-            raise RsitrError(f"iebaker: eba_criterion must be one of {CRITERIA}, got {o['eba_criterion']!r}")
-        if o["eba_scheme"] not in ("joint", "separate"):
-            raise RsitrError(f"iebaker: eba_scheme must be 'joint' or 'separate', got {o['eba_scheme']!r}")
-        if o["eba"] and o["eba_scheme"] == "separate" and not o["local"]:
+    def _validate(o: IEBAKEROptions) -> None:
+        if o.eba_criterion not in CRITERIA:
+            raise RsitrError(f"iebaker: eba_criterion must be one of {CRITERIA}, got {o.eba_criterion!r}")
+        if o.eba_scheme not in ("joint", "separate"):
+            raise RsitrError(f"iebaker: eba_scheme must be 'joint' or 'separate', got {o.eba_scheme!r}")
+        if o.eba and o.eba_scheme == "separate" and not o.local:
             raise RsitrError("iebaker: eba_scheme=separate filters the global and the local loss separately; it needs local=true")
-        if not 0.0 <= float(o["eba_fraction"]) <= 1.0:
-            raise RsitrError(f"iebaker: eba_fraction must be in [0, 1], got {o['eba_fraction']}")
-        if int(o["eba_every"]) < 1 or int(o["eba_warmup_epochs"]) < 0 or int(o["eba_min_keep"]) < 0:
+        if not 0.0 <= float(o.eba_fraction) <= 1.0:
+            raise RsitrError(f"iebaker: eba_fraction must be in [0, 1], got {o.eba_fraction}")
+        if int(o.eba_every) < 1 or int(o.eba_warmup_epochs) < 0 or int(o.eba_min_keep) < 0:
             raise RsitrError("iebaker: eba_every must be >= 1, eba_warmup_epochs and eba_min_keep >= 0")
-        if o["ker_mode"] not in ("swap", "mask", "both"):
-            raise RsitrError(f"iebaker: ker_mode must be swap, mask or both, got {o['ker_mode']!r}")
-        if int(o["ker_negatives"]) < 1 or int(o["ker_pool"]) < 0:
+        if o.ker_mode not in ("swap", "mask", "both"):
+            raise RsitrError(f"iebaker: ker_mode must be swap, mask or both, got {o.ker_mode!r}")
+        if int(o.ker_negatives) < 1 or int(o.ker_pool) < 0:
             raise RsitrError("iebaker: ker_negatives must be >= 1 and ker_pool >= 0")
-        if o["rerank"] not in (None, "none", "sar"):
-            raise RsitrError(f"iebaker: rerank must be 'none' or 'sar', got {o['rerank']!r}")
-        if o["sar_direction"] not in ("both", "t2i", "i2t"):
-            raise RsitrError(f"iebaker: sar_direction must be both, t2i or i2t, got {o['sar_direction']!r}")
-        if o["sar_direction"] == "both" and float(o["sar_reverse_weight"]) != 1.0:
+        if o.rerank not in (None, "none", "sar"):
+            raise RsitrError(f"iebaker: rerank must be 'none' or 'sar', got {o.rerank!r}")
+        if o.sar_direction not in ("both", "t2i", "i2t"):
+            raise RsitrError(f"iebaker: sar_direction must be both, t2i or i2t, got {o.sar_direction!r}")
+        if o.sar_direction == "both" and float(o.sar_reverse_weight) != 1.0:
             raise RsitrError("iebaker: sar_direction=both needs sar_reverse_weight=1 (one key per pair serves both directions)")
 
     @property
     def sar_enabled(self) -> bool:
-        return bool(self.options.get("sar")) or self.options.get("rerank") == "sar"
+        return bool(self.opts.sar) or self.opts.rerank == "sar"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        o = self.opts
+        local_scoring = bool(o.local) and float(o.local_eval_weight) > 0
+        return Capabilities(reranker="sar" if self.sar_enabled else None, own_scoring=local_scoring, train_tokens=bool(o.local),
+                            score_tokens=local_scoring)
 
     def _eba_active(self, epoch: int) -> bool:
-        return bool(self.options["eba"]) and epoch >= int(self.options["eba_warmup_epochs"])
+        return bool(self.opts.eba) and epoch >= int(self.opts.eba_warmup_epochs)
 
     # -- loss ----------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        o = self.options
+        o = self.opts
         epoch = int(batch.get("epoch", 0))
         n = img.pooled.shape[0]
         keep_g = keep_l = None
-        if o["eba_scheme"] == "separate" and self._eba_active(epoch) and int(self.eba_epoch) >= 0:
+        if o.eba_scheme == "separate" and self._eba_active(epoch) and int(self.eba_epoch) >= 0:
             idx = gather_rows(batch["text_index"], n)
             flags = self.eba_drop.to(idx.device)[idx]
             keep_g, keep_l = (flags & 1) == 0, (flags & 2) == 0
@@ -347,24 +332,24 @@ class IEBAKER(Method):
         loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g, same=self.same_text(batch, n))
         total = loss_g
         logs = {"loss_global": float(loss_g.detach())}
-        if o["local"]:
+        if o.local:
             sim_l = local_similarity(txt.tokens, txt.mask, img.tokens, img.mask).t()  # [images, texts]
-            loss_l = masked_ce_pair(float(o["local_scale"]) * sim_l, keep_l)
-            total = total + float(o["local_weight"]) * loss_l
+            loss_l = symmetric_ce(float(o.local_scale) * sim_l, keep_l)
+            total = total + float(o.local_weight) * loss_l
             logs["loss_local"] = float(loss_l.detach())
-        if o["ker"] and self._texts is not None:
+        if o.ker and self._texts is not None:
             lo, hi = _local_rows(n, batch["text_index"].shape[0])
             texts = [self._texts[int(t)] for t in batch["text_index"].tolist()]
             tidx = batch["text_index"].tolist()
             v = img.pooled[lo:hi]
             t = txt.pooled[lo:hi]
-            if o["ker_mode"] in ("swap", "both"):
+            if o.ker_mode in ("swap", "both"):
                 loss_k = self._ker_swap_loss(backbone, v, t, texts, tidx, epoch, scale)
-                total = total + float(o["ker_weight"]) * loss_k
+                total = total + float(o.ker_weight) * loss_k
                 logs["loss_ker"] = float(loss_k.detach())
-            if o["ker_mode"] in ("mask", "both"):
+            if o.ker_mode in ("mask", "both"):
                 loss_m = self._ker_mask_loss(backbone, v, texts, tidx, epoch)
-                total = total + float(o["ker_weight"]) * loss_m
+                total = total + float(o.ker_weight) * loss_m
                 logs["loss_ker_mask"] = float(loss_m.detach())
         logs["loss"] = float(total.detach())
         return total, logs
@@ -391,8 +376,8 @@ class IEBAKER(Method):
             self._pool = {}
         if t not in self._pool:
             assert self._texts is not None
-            rng = np.random.default_rng([int(self.options["ker_seed"]), int(t), 0x9001])
-            self._pool[t] = self._draw_swaps(self._texts[t], rng, int(self.options["ker_pool"]))
+            rng = np.random.default_rng([int(self.opts.ker_seed), int(t), 0x9001])
+            self._pool[t] = self._draw_swaps(self._texts[t], rng, int(self.opts.ker_pool))
         return self._pool[t]
 
     def ker_negatives(self, texts: list[str], text_index: list[int], epoch: int) -> tuple[list[str], list[int]]:
@@ -400,11 +385,11 @@ class IEBAKER(Method):
         up to ``ker_negatives`` distinct ones per caption, deterministic in (seed, epoch, caption):
         fresh swaps each epoch (``ker_pool: 0``) or a per-epoch choice from the caption's fixed
         pool of ``ker_pool`` swaps."""
-        k = int(self.options["ker_negatives"])
-        pool = int(self.options["ker_pool"])
+        k = int(self.opts.ker_negatives)
+        pool = int(self.opts.ker_pool)
         out, rows = [], []
         for r, (cap, ti) in enumerate(zip(texts, text_index)):
-            rng = np.random.default_rng([int(self.options["ker_seed"]), epoch, int(ti), 0x5A9])
+            rng = np.random.default_rng([int(self.opts.ker_seed), epoch, int(ti), 0x5A9])
             if pool > 0 and self._texts is not None and self._texts[int(ti)] == cap:
                 cands = self._pool_of(int(ti))
                 got = [cands[i] for i in sorted(rng.permutation(len(cands))[:k])]
@@ -418,9 +403,9 @@ class IEBAKER(Method):
         """Pooled embeddings of the negatives. With a swap pool and a frozen text trunk that has a
         trunk/head split, the trunk outputs of the whole pool are computed once and cached, and
         each step only applies the (trainable) head; otherwise a text forward."""
-        from rsitr.train.data import supports_trunk_cache
+        from rsitr.data.imagesets import supports_trunk_cache
 
-        cacheable = int(self.options["ker_pool"]) > 0 and supports_trunk_cache(backbone) and not backbone.trunk_trainable("text")
+        cacheable = int(self.opts.ker_pool) > 0 and supports_trunk_cache(backbone) and not backbone.trunk_trainable("text")
         if not cacheable:
             return backbone.text_features(backbone.tokenize(negs).to(device)).pooled
         missing = [c for c in dict.fromkeys(negs) if c not in self._pool_cache]
@@ -449,9 +434,9 @@ class IEBAKER(Method):
         dev = v.device
         z = self._negative_features(backbone, negs, dev)
         vn, tn, zn = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1), F.normalize(z.float(), dim=-1)
-        s = torch.as_tensor(scale, dtype=torch.float32, device=dev).clamp(max=MAX_LOGIT_SCALE).exp()
+        s = logit_scale_exp(scale, dev)
         rows_t = torch.as_tensor(rows, device=dev)
-        k = int(self.options["ker_negatives"])
+        k = int(self.opts.ker_negatives)
         slot, count = [], {}
         for r in rows:  # position of each negative among its caption's negatives
             slot.append(count.get(r, 0))
@@ -470,8 +455,8 @@ class IEBAKER(Method):
         assert self.kw is not None and self.ker_head is not None
         masked, target, rows = [], [], []
         for r, (cap, ti) in enumerate(zip(texts, tidx)):
-            rng = np.random.default_rng([int(self.options["ker_seed"]), epoch, int(ti), 0x3A5])
-            got = self.kw.mask(cap, rng, str(self.options["ker_mask_token"]))
+            rng = np.random.default_rng([int(self.opts.ker_seed), epoch, int(ti), 0x3A5])
+            got = self.kw.mask(cap, rng, str(self.opts.ker_mask_token))
             if got is not None:
                 masked.append(got[0])
                 target.append(got[1])
@@ -492,7 +477,7 @@ class IEBAKER(Method):
         own = torch.as_tensor(owner, dtype=torch.long)
         g = (F.normalize(img.pooled.float(), dim=-1)[own] * F.normalize(txt.pooled.float(), dim=-1)).sum(-1).numpy()
         loc = None
-        if self.options["local"]:
+        if self.opts.local:
             parts = []
             for s in range(0, len(own), 256):
                 o = own[s : s + 256]
@@ -503,22 +488,22 @@ class IEBAKER(Method):
     def select_pairs(self, g: np.ndarray, loc: np.ndarray | None, owner: np.ndarray) -> dict[str, np.ndarray]:
         """Apply the criterion and scheme: ``{"global", "local"}`` elimination masks (per text),
         the ``score`` that decided (joint) and the guard's ``restored`` pairs."""
-        o = self.options
-        kw = dict(fraction=float(o["eba_fraction"]), min_keep=int(o["eba_min_keep"]))
-        if o["eba_scheme"] == "joint":
+        o = self.opts
+        kw = dict(fraction=float(o.eba_fraction), min_keep=int(o.eba_min_keep))
+        if o.eba_scheme == "joint":
             score = g
-            a = float(o["eba_joint_local_weight"])
+            a = float(o.eba_joint_local_weight)
             if loc is not None and a > 0:
                 score = (1 - a) * _z(g) + a * _z(loc)
-            drop, restored = eliminate(score, owner, o["eba_criterion"], threshold=float(o["eba_threshold"]), **kw)
+            drop, restored = eliminate(score, owner, o.eba_criterion, threshold=float(o.eba_threshold), **kw)
             return {"global": drop, "local": drop.copy(), "score": score, "restored": restored}
         assert loc is not None
-        dg, rg = eliminate(g, owner, o["eba_criterion"], threshold=float(o["eba_threshold"]), **kw)
-        dl, rl = eliminate(loc, owner, o["eba_criterion"], threshold=float(o["eba_threshold_local"]), **kw)
+        dg, rg = eliminate(g, owner, o.eba_criterion, threshold=float(o.eba_threshold), **kw)
+        dl, rl = eliminate(loc, owner, o.eba_criterion, threshold=float(o.eba_threshold_local), **kw)
         return {"global": dg, "local": dl, "score": g, "restored": rg | rl}
 
     def epoch_pairs(self, order: np.ndarray, epoch: int, ctx: TrainContext) -> np.ndarray:
-        o = self.options
+        o = self.opts
         if self.kw is not None and _is_main():
             vocab_path = Path(ctx.out_dir) / "ker_vocab.txt"
             if not vocab_path.exists():  # for inspection; the checkpoint carries it in the options
@@ -529,8 +514,8 @@ class IEBAKER(Method):
         offsets = np.cumsum([0] + [len(e.captions) for e in data.entries])
         texts, owner_l = data.texts()
         owner = np.asarray(owner_l, dtype=np.int64)
-        warm = int(o["eba_warmup_epochs"])
-        rescore = (epoch - warm) % int(o["eba_every"]) == 0 or int(self.eba_epoch) < 0
+        warm = int(o.eba_warmup_epochs)
+        rescore = (epoch - warm) % int(o.eba_every) == 0 or int(self.eba_epoch) < 0
         if rescore:
             img, txt = ctx.encode()
             g, loc = self.score_pairs(img, txt, owner)
@@ -543,7 +528,7 @@ class IEBAKER(Method):
             n_out = int((flags == 3).sum())
             log.info("EBA epoch %d: %d of %d pairs eliminated (%d from the global loss only, %d from the local loss only); guard restored %d",
                      epoch + 1, n_out, len(flags), int((flags == 1).sum()), int((flags == 2).sum()), int(sel["restored"].sum()))
-            if o["eba_write"] and _is_main():
+            if o.eba_write and _is_main():
                 self._write_eliminated(Path(ctx.out_dir) / f"eba_epoch{epoch + 1}.tsv", data, texts, owner, offsets, g, loc, sel["score"], flags)
         flags_t = self.eba_drop.cpu().numpy()
         text_of = offsets[order[:, 0]] + order[:, 1]
@@ -573,18 +558,31 @@ class IEBAKER(Method):
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def similarity(self, backbone: Backbone, enc) -> torch.Tensor:
-        o = self.options
+    def score(self, backbone: Backbone, enc) -> torch.Tensor:
+        """Global cosine, mixed with the local similarity (``local_eval_weight``) when ``local``."""
+        o = self.opts
         sim = enc.images @ enc.texts.t()
-        w = float(o["local_eval_weight"])
-        if o["local"] and w > 0 and enc.image_features is not None and enc.text_features is not None:
+        w = float(o.local_eval_weight)
+        if o.local and w > 0 and enc.image_features is not None and enc.text_features is not None:
             sim = (1 - w) * sim + w * local_similarity_matrix(enc.image_features, enc.text_features)
-        if self.sar_enabled:
-            from rsitr.retrieval.rerank import sar
-
-            sim = sar(sim, k=int(o["sar_k"]), k_t2i=o["sar_k_t2i"], k_i2t=o["sar_k_i2t"],
-                      reverse_weight=float(o["sar_reverse_weight"]), direction=o["sar_direction"])
         return sim
+
+    @torch.no_grad()
+    def rerank(self, sim: torch.Tensor, direction: str | None = None) -> torch.Tensor:
+        """SAR when it is on. ``direction`` None: ``sar_direction`` with the per-direction depths;
+        ``"t2i"`` / ``"i2t"`` (a matrix meaningful in that direction only, e.g. FTF's in ``combo``):
+        that direction, its depth (``sar_k_t2i`` / ``sar_k_i2t``, else ``sar_k``) used for both
+        candidate lists, *our choice*."""
+        if not self.sar_enabled:
+            return sim
+        from rsitr.retrieval.rerank import sar
+
+        o = self.opts
+        if direction is None:
+            return sar(sim, k=int(o.sar_k), k_t2i=o.sar_k_t2i, k_i2t=o.sar_k_i2t, reverse_weight=float(o.sar_reverse_weight),
+                       direction=o.sar_direction)
+        k = o.sar_k_t2i if direction == "t2i" else o.sar_k_i2t
+        return sar(sim, k=int(k if k is not None else o.sar_k), direction=direction, reverse_weight=float(o.sar_reverse_weight))
 
 
 # -- small utilities ---------------------------------------------------------------------------

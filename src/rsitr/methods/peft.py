@@ -1,5 +1,5 @@
 """PEFT baselines for RDB's comparison: a plain bottleneck adapter and LoRA, both trained with
-the base method's symmetric InfoNCE loss (:class:`rsitr.train.methods.Method`).
+the base method's symmetric InfoNCE loss (:class:`rsitr.methods.base.Method`).
 
 ``method.name: adapter`` -- :class:`BottleneckAdapterMethod`
 ------------------------------------------------------------
@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,20 +60,30 @@ from torch import nn
 from rsitr.methods.rdb import _block_width, _wanted, find_slots, resolve_layers
 from rsitr.models.base import Backbone
 from rsitr.models.clip.model import Attention as CLIPAttention
-from rsitr.train.methods import Method
+from rsitr.methods.base import Capabilities, Method, register_method
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DEFAULTS: dict[str, Any] = {"bottleneck": 64, "layers": "all", "scale": 1.0, "layernorm": True}
-LORA_DEFAULTS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "targets": "qkv", "layers": "all"}
+
+@dataclass
+class AdapterOptions:
+    """``method.name: adapter`` options (see the module doc)."""
+
+    bottleneck: int = 64
+    layers: Any = "all"
+    scale: float = 1.0
+    layernorm: bool = True
 
 
-def _check_options(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise RsitrError(f"unknown {name} option(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **options}
+@dataclass
+class LoRAOptions:
+    """``method.name: lora`` options (see the module doc)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "qkv"
+    layers: Any = "all"
 
 
 class _InstalledModules(Method):
@@ -80,10 +91,12 @@ class _InstalledModules(Method):
     backbone: their tensors are saved with the backbone only (see the module doc)."""
 
     INSTALLED: tuple[str, ...] = ()
+    combinable = False  # combo composes RDB, iEBAKER, FTF and the baseline
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data=None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data=None):
         super().__init__(backbone, options, train_data)
         self._installed = False
+        self._token_slot = False  # a module over a token slot (CNN tower): cached trunk features keep their tokens
         self._key_re = re.compile(r"(^|\.)(" + "|".join(self.INSTALLED) + r")\.\d+\.")
         self.register_state_dict_post_hook(_InstalledModules._drop_installed)
         self.register_load_state_dict_post_hook(_InstalledModules._ignore_installed)
@@ -98,6 +111,10 @@ class _InstalledModules(Method):
     def _ignore_installed(module: "_InstalledModules", incompatible) -> None:
         if module._installed:
             incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not module._key_re.search(k)]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(train_tokens=self._token_slot)
 
 
 # -- the plain bottleneck adapter ------------------------------------------------------------------
@@ -124,41 +141,44 @@ class BottleneckAdapter(nn.Module):
         return out
 
 
+@register_method
 class BottleneckAdapterMethod(_InstalledModules):
     """Symmetric bottleneck adapters in every chosen block of both towers (see the module doc)."""
 
     name = "adapter"
+    label = "adapter"
+    Options = AdapterOptions
     INSTALLED = ("image_adapters", "text_adapters")
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data=None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data=None):
         super().__init__(backbone, options, train_data)
-        o = self.options = _check_options("adapter", self.options, ADAPTER_DEFAULTS)
+        o = self.opts
         self.image_adapters = nn.ModuleList()
         self.text_adapters = nn.ModuleList()
         self._targets: dict[str, list[int | None]] = {"image": [], "text": []}
         for modality, adapters in (("image", self.image_adapters), ("text", self.text_adapters)):
             found = find_slots(backbone, modality)
             if found is None:
-                if _wanted(o["layers"], "layers"):
+                if _wanted(o.layers, "layers"):
                     log.warning("adapter: backbone %s has no adapter slots for the %s tower; none installed", backbone.info.name, modality)
                 continue
             kind, where = found
             if kind == "blocks":
-                idx = resolve_layers(o["layers"], len(where), "layers")
+                idx = resolve_layers(o.layers, len(where), "layers")
                 widths = [_block_width(where[i]) for i in idx]
-            elif _wanted(o["layers"], "layers"):
+            elif _wanted(o.layers, "layers"):
                 w = getattr(where, "width", None) or backbone.info.config.get(f"{modality}_width")
                 if not isinstance(w, int):
                     raise RsitrError(f"cannot tell the width of the {modality} token adapter slot of {backbone.info.name}")
                 idx, widths = [None], [w]
-                self.needs_tokens = True  # the token slot adapts cached trunk tokens
+                self._token_slot = True  # the token slot adapts cached trunk tokens
             else:
                 idx, widths = [], []
             for w in widths:
-                adapters.append(BottleneckAdapter(w, int(o["bottleneck"]), float(o["scale"]), bool(o["layernorm"])))
+                adapters.append(BottleneckAdapter(w, int(o.bottleneck), float(o.scale), bool(o.layernorm)))
             self._targets[modality] = list(idx)
         log.info("adapter: %d image / %d text bottleneck adapters (r=%d), %s params", len(self.image_adapters), len(self.text_adapters),
-                 int(o["bottleneck"]), f"{sum(p.numel() for p in self.parameters() if p is not self.logit_scale):,}")
+                 int(o.bottleneck), f"{sum(p.numel() for p in self.parameters() if p is not self.logit_scale):,}")
 
     def install(self, backbone: Backbone) -> None:
         """Put the adapters into the backbone's slots (idempotent; also at load time)."""
@@ -264,32 +284,35 @@ def _strip_lora(module: nn.Module) -> None:
         del module._modules["lora"]
 
 
+@register_method
 class LoRAMethod(_InstalledModules):
     """LoRA on the attention projections of the chosen blocks of both towers (see the module doc)."""
 
     name = "lora"
+    label = "lora"
+    Options = LoRAOptions
     INSTALLED = ("lora",)
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data=None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data=None):
         super().__init__(backbone, options, train_data)
-        o = self.options = _check_options("lora", self.options, LORA_DEFAULTS)
-        letters = str(o["targets"]).lower()
+        o = self.opts
+        letters = str(o.targets).lower()
         if not letters or set(letters) - set("qkvo") or len(set(letters)) != len(letters):
-            raise RsitrError(f"LoRA option targets must be letters from q, k, v, o (e.g. 'qkv', 'qkvo'), got {o['targets']!r}")
+            raise RsitrError(f"LoRA option targets must be letters from q, k, v, o (e.g. 'qkv', 'qkvo'), got {o.targets!r}")
         self.letters = "".join(c for c in "qkvo" if c in letters)
-        rank, alpha = int(o["rank"]), float(o["alpha"])
+        rank, alpha = int(o.rank), float(o.alpha)
         if rank < 1:
-            raise RsitrError(f"LoRA rank must be >= 1, got {o['rank']!r}")
+            raise RsitrError(f"LoRA rank must be >= 1, got {o.rank!r}")
         self.lora = nn.ModuleList()
         self._targets: list[tuple[str, int, str]] = []  # (modality, block, "qkv" | "q" | ... | "o")
         for modality in ("image", "text"):
             found = find_slots(backbone, modality)
             if found is None or found[0] != "blocks":
-                if _wanted(o["layers"], "layers"):
+                if _wanted(o.layers, "layers"):
                     log.info("LoRA: the %s tower of %s has no attention blocks (e.g. a CNN): no LoRA there", modality, backbone.info.name)
                 continue
             blocks = found[1]
-            for i in resolve_layers(o["layers"], len(blocks), "layers"):
+            for i in resolve_layers(o.layers, len(blocks), "layers"):
                 proj = attention_projections(blocks[i])
                 if "qkv" in proj:
                     fused = proj["qkv"]

@@ -95,91 +95,52 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsitr.losses.contrastive import MAX_LOGIT_SCALE, info_nce
+from rsitr.losses.contrastive import info_nce, logit_scale_exp
+from rsitr.losses.dtcl import classification_loss, consistency_kl, fixed_weighting, similarity_logits, uncertainty_weighting
 from rsitr.methods.adapters import DiffAttnAdapter, HierAttnAdapter, frozen_copy
 from rsitr.models.base import Backbone, Features
-from rsitr.train.distributed import gather_rows
-from rsitr.train.methods import Method
+from rsitr.utils.distributed import gather_rows
+from rsitr.methods.base import Capabilities, Method, register_method
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "vea_layers": "all",
-    "tsa_layers": "all",
-    "vea_bottleneck": 64,
-    "vea_heads": 4,
-    "tsa_bottleneck": 32,
-    "phrase_window": 4,
-    "token_slot_depth": 12,
-    "symmetric": False,
-    "loss_contrastive": True,
-    "loss_cls": True,
-    "loss_consistency": True,
-    "cls_on": "both",
-    "teacher": "ema",
-    "ema_momentum": 0.999,
-    "bank_momentum": 0.6,
-    "consistency_temperature": None,
-    "weighting": "uncertainty",
-    "weight_contrastive": 1.0,
-    "weight_cls": 0.5,
-    "weight_consistency": 1.0,
-    "classes": None,
-}
+@dataclass
+class RDBOptions:
+    """RDB's options (see the module doc)."""
+
+    vea_layers: Any = "all"
+    tsa_layers: Any = "all"
+    vea_bottleneck: int = 64
+    vea_heads: int = 4
+    tsa_bottleneck: int = 32
+    phrase_window: int = 4
+    token_slot_depth: int = 12
+    symmetric: bool | str = False
+    loss_contrastive: bool = True
+    loss_cls: bool = True
+    loss_consistency: bool = True
+    cls_on: str = "both"
+    teacher: str = "ema"
+    ema_momentum: float = 0.999
+    bank_momentum: float = 0.6
+    consistency_temperature: float | None = None
+    weighting: str = "uncertainty"
+    weight_contrastive: float = 1.0
+    weight_cls: float = 0.5
+    weight_consistency: float = 1.0
+    classes: list[str] | None = None
+
+
 TERMS = ("contrastive", "cls", "consistency")
 _ADAPTER_KEY = re.compile(r"(^|\.)(vea|tsa)\.\d+\.")
-
-
-# -- DTCL: pure functions -----------------------------------------------------------------------
-def similarity_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """``scale * cos(image_i, text_j)`` -> ``[B_img, B_txt]``."""
-    return scale * F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
-
-
-def consistency_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean of ``KL(softmax(T) || softmax(S))`` over the rows (image->text) and over the columns
-    (text->image); the teacher is a constant target."""
-    t = teacher_logits.detach().float()
-    s = student_logits.float()
-
-    def kl(sl: torch.Tensor, tl: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(sl, dim=1), F.log_softmax(tl, dim=1), log_target=True, reduction="batchmean")
-
-    return 0.5 * (kl(s, t) + kl(s.t(), t.t()))
-
-
-def classification_loss(head: nn.Module, pooled: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Mean over ``pooled`` (image and/or text embeddings) of the cross-entropy of ``head`` on the
-    L2-normalised embeddings; label -1 = unknown (ignored). 0 when no label is known."""
-    if not bool((labels >= 0).any()):
-        return pooled[0].new_zeros(()).float()
-    losses = [F.cross_entropy(head(F.normalize(p.float(), dim=-1)), labels, ignore_index=-1) for p in pooled]
-    return torch.stack(losses).mean()
-
-
-def uncertainty_weighting(losses: dict[str, torch.Tensor], log_vars: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Kendall et al. (2018): ``sum_i exp(-s_i) L_i + s_i``; returns the total and the weights."""
-    total = 0.0
-    weights = {}
-    for k, v in losses.items():
-        s = log_vars[k]
-        total = total + torch.exp(-s) * v + s
-        weights[k] = float(torch.exp(-s).detach())
-    return total, weights
-
-
-def fixed_weighting(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    total = 0.0
-    for k, v in losses.items():
-        total = total + weights[k] * v
-    return total, {k: float(weights[k]) for k in losses}
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -243,29 +204,30 @@ def find_slots(backbone: Backbone, modality: str) -> tuple[str, Any] | None:
     return None
 
 
+@register_method
 class RDB(Method):
     """Cross-Modal Asymmetric Adapter + Dual-Task Consistency Loss (see the module doc)."""
 
     name = "rdb"
+    label = "RDB"
+    Options = RDBOptions
+    contrastive_off = {"loss_contrastive": False}
 
-    def __init__(self, backbone: Backbone, options: dict[str, Any], train_data=None):
+    def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data=None):
         super().__init__(backbone, options, train_data)
-        unknown = sorted(set(self.options) - set(DEFAULTS))
-        if unknown:
-            raise RsitrError(f"unknown RDB option(s) {unknown}; known: {sorted(DEFAULTS)}")
-        o = {**DEFAULTS, **self.options}
+        o = self.opts
         if train_data is not None:
-            o["classes"] = list(train_data.classes) if train_data.classes else None
-        self.options = o
+            o.classes = list(train_data.classes) if train_data.classes else None
+        self._token_slot = False  # an adapter over a token slot (CNN tower): cached trunk features keep their tokens
         for key in ("weighting", "teacher", "cls_on"):
             allowed = {"weighting": ("uncertainty", "fixed"), "teacher": ("ema", "bank"), "cls_on": ("both", "image", "text")}[key]
-            if o[key] not in allowed:
-                raise RsitrError(f"RDB option {key} must be one of {allowed}, got {o[key]!r}")
-        if o["symmetric"] not in (False, True, "vea", "tsa"):
-            raise RsitrError(f"RDB option symmetric must be false, true, 'vea' or 'tsa', got {o['symmetric']!r}")
+            if getattr(o, key) not in allowed:
+                raise RsitrError(f"RDB option {key} must be one of {allowed}, got {getattr(o, key)!r}")
+        if o.symmetric not in (False, True, "vea", "tsa"):
+            raise RsitrError(f"RDB option symmetric must be false, true, 'vea' or 'tsa', got {o.symmetric!r}")
         for key in ("ema_momentum", "bank_momentum"):
-            if not 0.0 <= float(o[key]) < 1.0:
-                raise RsitrError(f"RDB option {key} must be in [0, 1), got {o[key]!r}")
+            if not 0.0 <= float(getattr(o, key)) < 1.0:
+                raise RsitrError(f"RDB option {key} must be in [0, 1), got {getattr(o, key)!r}")
 
         # -- adapters -----------------------------------------------------------------------
         self.vea = nn.ModuleList()
@@ -273,7 +235,7 @@ class RDB(Method):
         self._targets: dict[str, list[int | None]] = {"image": [], "text": []}  # block index, None = token slot
         for modality, spec_key in (("image", "vea_layers"), ("text", "tsa_layers")):
             found = find_slots(backbone, modality)
-            spec = o[spec_key]
+            spec = getattr(o, spec_key)
             if found is None:
                 if _wanted(spec, spec_key):
                     log.warning("RDB: backbone %s has no adapter slots for the %s tower; no %s installed",
@@ -289,14 +251,14 @@ class RDB(Method):
                 width = getattr(where, "width", None) or backbone.info.config.get(f"{modality}_width")
                 if not isinstance(width, int):
                     raise RsitrError(f"cannot tell the width of the {modality} token adapter slot of {backbone.info.name}")
-                self._add(modality, width, depth=int(o["token_slot_depth"]))
+                self._add(modality, width, depth=int(o.token_slot_depth))
                 self._targets[modality] = [None]
-                self.needs_tokens = True  # the token slot adapts cached trunk tokens
+                self._token_slot = True  # the token slot adapts cached trunk tokens
         self._owners: list[tuple[nn.Module, nn.Module, nn.Module | None]] = []  # (slot owner, adapter, teacher)
 
         # -- DTCL -------------------------------------------------------------------------------
-        self.terms = [t for t in TERMS if o[f"loss_{t}"]]
-        classes = o["classes"]
+        self.terms = [t for t in TERMS if getattr(o, f"loss_{t}")]
+        classes = o.classes
         self.cls_head: nn.Linear | None = None
         if "cls" in self.terms and not classes:
             if train_data is not None:
@@ -306,18 +268,18 @@ class RDB(Method):
             self.terms.remove("cls")
         elif "cls" in self.terms:
             self.cls_head = nn.Linear(backbone.embed_dim, len(classes))
-        if "consistency" in self.terms and o["teacher"] == "ema" and not (len(self.vea) or len(self.tsa)):
+        if "consistency" in self.terms and o.teacher == "ema" and not (len(self.vea) or len(self.tsa)):
             log.warning("RDB: no adapters installed, an EMA teacher equals the student: the consistency term is off")
             self.terms.remove("consistency")
         if not self.terms:
             raise RsitrError("RDB: every DTCL term is off (loss_contrastive/loss_cls/loss_consistency)")
-        self.log_vars = nn.Parameter(torch.zeros(len(TERMS))) if o["weighting"] == "uncertainty" else None
+        self.log_vars = nn.Parameter(torch.zeros(len(TERMS))) if o.weighting == "uncertainty" else None
 
         self.vea_teacher = self.tsa_teacher = None
-        if "consistency" in self.terms and o["teacher"] == "ema":
+        if "consistency" in self.terms and o.teacher == "ema":
             self.vea_teacher = nn.ModuleList(frozen_copy(m) for m in self.vea)
             self.tsa_teacher = nn.ModuleList(frozen_copy(m) for m in self.tsa)
-        if "consistency" in self.terms and o["teacher"] == "bank":
+        if "consistency" in self.terms and o.teacher == "bank":
             n_img = len(train_data) if train_data is not None else 0
             n_txt = len(train_data.texts()[0]) if train_data is not None else 0
             d = backbone.embed_dim
@@ -331,16 +293,20 @@ class RDB(Method):
         self.register_load_state_dict_pre_hook(RDB._build_cls_head_from_state)
         log.info("RDB: %d VEA (%s params), %d TSA (%s params); DTCL terms %s, %s weighting, teacher %s",
                  len(self.vea), f"{sum(p.numel() for p in self.vea.parameters()):,}", len(self.tsa),
-                 f"{sum(p.numel() for p in self.tsa.parameters()):,}", self.terms, o["weighting"], o["teacher"])
+                 f"{sum(p.numel() for p in self.tsa.parameters()):,}", self.terms, o.weighting, o.teacher)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(train_tokens=self._token_slot)
 
     def _add(self, modality: str, width: int, depth: int) -> None:
-        o = self.options
-        kind = {"vea": "image", True: "image", "tsa": "text"}.get(o["symmetric"], modality)  # symmetric: one type for both
+        o = self.opts
+        kind = {"vea": "image", True: "image", "tsa": "text"}.get(o.symmetric, modality)  # symmetric: one type for both
         target = self.vea if modality == "image" else self.tsa
         if kind == "image":
-            target.append(DiffAttnAdapter(width, int(o["vea_bottleneck"]), int(o["vea_heads"]), depth=depth))
+            target.append(DiffAttnAdapter(width, int(o.vea_bottleneck), int(o.vea_heads), depth=depth))
         else:
-            target.append(HierAttnAdapter(width, int(o["tsa_bottleneck"]), int(o["phrase_window"])))
+            target.append(HierAttnAdapter(width, int(o.tsa_bottleneck), int(o.phrase_window)))
 
     # -- installation ---------------------------------------------------------------------------
     def install(self, backbone: Backbone) -> None:
@@ -391,13 +357,13 @@ class RDB(Method):
     def _build_cls_head_from_state(module: "RDB", state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         # a checkpoint whose options lost "classes" still carries the head: rebuild it from its shape
         w = state.get(prefix + "cls_head.weight")
-        if module.cls_head is None and w is not None and module.options.get("loss_cls", True):
+        if module.cls_head is None and w is not None and module.opts.loss_cls:
             module.cls_head = nn.Linear(w.shape[1], w.shape[0]).to(w.device)
             module.terms = [t for t in TERMS if t in module.terms or t == "cls"]
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        o = self.options
+        o = self.opts
         scale_log = torch.as_tensor(self.temperature(backbone), dtype=torch.float32, device=img.pooled.device)
         losses: dict[str, torch.Tensor] = {}
         if "contrastive" in self.terms:
@@ -406,22 +372,22 @@ class RDB(Method):
             labels = batch["labels"]
             if labels.shape[0] != img.pooled.shape[0]:
                 labels = gather_rows(labels)
-            pooled = {"both": [img.pooled, txt.pooled], "image": [img.pooled], "text": [txt.pooled]}[o["cls_on"]]
+            pooled = {"both": [img.pooled, txt.pooled], "image": [img.pooled], "text": [txt.pooled]}[o.cls_on]
             losses["cls"] = classification_loss(self.cls_head, pooled, labels)
         if "consistency" in self.terms:
-            if o["consistency_temperature"] is None:
-                scale = scale_log.clamp(max=MAX_LOGIT_SCALE).exp()
+            if o.consistency_temperature is None:
+                scale = logit_scale_exp(scale_log)
             else:
-                scale = torch.tensor(1.0 / float(o["consistency_temperature"]), device=img.pooled.device)
+                scale = torch.tensor(1.0 / float(o.consistency_temperature), device=img.pooled.device)
             t_img, t_txt = self._teacher_embeddings(backbone, img, txt, batch)
             student = similarity_logits(img.pooled, txt.pooled, scale)
             teacher = similarity_logits(t_img, t_txt, scale.detach())
             losses["consistency"] = consistency_kl(student, teacher)
-        if o["weighting"] == "uncertainty":
+        if o.weighting == "uncertainty":
             log_vars = {t: self.log_vars[i] for i, t in enumerate(TERMS)}
             total, weights = uncertainty_weighting(losses, log_vars)
         else:
-            total, weights = fixed_weighting(losses, {t: float(o[f"weight_{t}"]) for t in TERMS})
+            total, weights = fixed_weighting(losses, {t: float(getattr(o, f"weight_{t}")) for t in TERMS})
         logs = {"loss": float(total.detach())}
         for k, v in losses.items():
             logs[k] = float(v.detach())
@@ -430,7 +396,7 @@ class RDB(Method):
 
     @torch.no_grad()
     def _teacher_embeddings(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.options["teacher"] == "bank":
+        if self.opts.teacher == "bank":
             return self._bank_embeddings(img, txt, batch)
         have_img, have_txt = bool(len(self.vea)), bool(len(self.tsa))
         t_img, t_txt = img.pooled.detach(), txt.pooled.detach()  # a tower without adapters: teacher = student
@@ -461,7 +427,7 @@ class RDB(Method):
         return t_img, t_txt
 
     def _bank_embeddings(self, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        m = float(self.options["bank_momentum"])
+        m = float(self.opts.bank_momentum)
         out = []
         for feats, key, bank, seen in ((img, "image_index", self.bank_image, self.bank_image_seen),
                                        (txt, "text_index", self.bank_text, self.bank_text_seen)):
@@ -482,7 +448,7 @@ class RDB(Method):
         """EMA update of the teacher adapters."""
         if self.vea_teacher is None:
             return
-        m = float(self.options["ema_momentum"])
+        m = float(self.opts.ema_momentum)
         for students, teachers in ((self.vea, self.vea_teacher), (self.tsa, self.tsa_teacher)):
             for s, t in zip(students, teachers):
                 params = dict(s.named_parameters())

@@ -22,32 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
-@dataclass
-class Features:
-    """Pooled and token-level features of one modality.
-
-    pooled: [B, D] projected, not normalised.
-    tokens: [B, N, D] token features in the same space (patch/spatial or word tokens),
-            excluding the pooled/CLS token.
-    mask:   [B, N] bool, True where a token is real (always all-True for images).
-    """
-
-    pooled: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Eval-time preprocessing: resize shorter side to ``image_size`` (``interpolation``),
-    center-crop ``image_size``, scale to [0, 1], normalise with ``mean``/``std``."""
-
-    image_size: int = 224
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"  # "shortest" (CLIP: resize short side then center crop) or "squash"
+# data types the backbone interface speaks in (they live in the data layer, below the models)
+from rsitr.data.transforms import PreprocessConfig
+from rsitr.data.types import Features
 
 
 @dataclass
@@ -100,3 +77,6 @@ class Backbone(nn.Module):
         fine-tuning of every parameter.
         """
         return {"all": [p for p in self.parameters()]}
+
+
+__all__ = ["Backbone", "BackboneInfo", "Features", "PreprocessConfig"]

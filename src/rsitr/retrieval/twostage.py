@@ -20,6 +20,7 @@ scoring ``(1 - alpha) * coarse + alpha * fine_scores(...)``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,20 @@ DEFAULT_ALPHA = 0.5
 OFFSET = 4.0
 DIRECTIONS = ("t2i", "i2t")
 BLOCK = 1 << 22  # most (query, candidate, word, patch) elements per rerank block
+
+
+@dataclass(frozen=True)
+class TwoStageParams:
+    """How a two-stage scorer recalls and reranks: ``k`` candidates, ``final = (1 - alpha) coarse +
+    alpha fine``, the interaction's ``tau`` / ``balance`` / ``renorm``, the recall index kind. A
+    method with two-stage scoring (FTF) hands its trained values to evaluation and search alike."""
+
+    k: int = DEFAULT_K
+    alpha: float = DEFAULT_ALPHA
+    tau: float = DEFAULT_TAU
+    balance: float = DEFAULT_BALANCE
+    renorm: bool = True
+    index_kind: str = "flat"
 
 
 def combine(coarse: torch.Tensor, fine: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -143,4 +158,4 @@ def search_t2i(index: VectorIndex, store: TokenStore, query_pooled: Any, query_t
     return take(final).astype(np.float32), take(ids), {"coarse": take(cs), "fine": take(f.astype(np.float32))}
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_K", "DIRECTIONS", "OFFSET", "combine", "exhaustive", "search_t2i", "two_stage"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_K", "DIRECTIONS", "OFFSET", "TwoStageParams", "combine", "exhaustive", "search_t2i", "two_stage"]

@@ -42,7 +42,7 @@ import torch
 
 from rsitr.search.sources import STRETCH, Item, read_item, scan_source
 from rsitr.utils.errors import DataError, RsitrError
-from rsitr.utils.io import atomic_path, atomic_write_json, read_json, sha256_file
+from rsitr.utils.io import atomic_path, atomic_write_json, jsonable, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +54,25 @@ RANDOM_INIT_SEED = 0
 
 
 # -- model ---------------------------------------------------------------------------------------
-def load_backbone(spec: str, device: str = "cpu"):
-    """The backbone of ``spec`` in eval mode (random-init ``clip:NAME`` seeded, see module doc)."""
-    from rsitr.models.registry import build_backbone, load_model
+def load_model(spec: str, device: str = "cpu"):
+    """The :class:`~rsitr.methods.factory.LoadedModel` of ``spec`` in eval mode: a training
+    checkpoint with the method it was trained with (random-init ``clip:NAME`` seeded, see module doc)."""
+    from rsitr.methods.factory import load
 
-    spec = str(spec)
-    if spec.startswith("clip:"):
-        model = build_backbone(spec, device, seed=RANDOM_INIT_SEED)
-    elif spec.startswith("towers:"):  # pretrained trunks, untrained heads: seeded like clip:NAME
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = load_model(spec, device=device)
-    else:
-        model = load_model(spec, device=device)
-    return model.eval()
+    # random-init parts (clip:NAME weights, the untrained heads of towers:NAME) are seeded, so the
+    # same spec always gives the same model; the global RNG stream is left alone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return load(str(spec), device=device, seed=RANDOM_INIT_SEED).eval()
 
 
 def state_sha256(model) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor of the backbone and its method."""
+    """sha256 over (name, dtype, shape, bytes) of every tensor of the backbone and its method
+    (``model``: a :class:`~rsitr.methods.factory.LoadedModel`)."""
     h = hashlib.sha256()
-    mods = [("backbone", model)]
-    method = model.__dict__.get("method")
-    if method is not None:
-        mods.append(("method", method))
+    mods = [("backbone", model.backbone)]
+    if model.method is not None:
+        mods.append(("method", model.method))
     for prefix, mod in mods:
         for name, t in sorted(mod.state_dict().items()):
             t = t.detach().cpu().contiguous().reshape(-1)
@@ -88,19 +84,14 @@ def state_sha256(model) -> str:
 def model_identity(spec: str, model) -> dict[str, Any]:
     p = Path(str(spec))
     file_sha = sha256_file(p) if p.is_file() else None
-    method = getattr(model, "trained_method", None)
     return {"checkpoint": str(spec), "checkpoint_sha256": file_sha, "state_sha256": state_sha256(model),
-            "method": (method or {}).get("name") if isinstance(method, dict) else None}
+            "method": model.trained.get("name") if model.trained else None}
 
 
 def backbone_info(model) -> dict[str, Any]:
     info = model.info
-    return {"kind": info.kind, "name": info.name, "config": _jsonable(info.config), "weights": _jsonable(info.weights),
+    return {"kind": info.kind, "name": info.name, "config": jsonable(info.config), "weights": jsonable(info.weights),
             "embed_dim": int(model.embed_dim)}
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=str))
 
 
 def check_model(manifest: dict, ident: dict, where: Path) -> None:
@@ -404,14 +395,15 @@ def _remove(p: Path) -> None:
 
 # -- entry points --------------------------------------------------------------------------------
 def build_index(source: str | os.PathLike, checkpoint: str, out: str | os.PathLike, opts: BuildOptions | None = None, *, model=None) -> BuildResult:
-    """Create (or continue an interrupted build of) the index ``out`` over ``source``."""
+    """Create (or continue an interrupted build of) the index ``out`` over ``source`` (``model``: the
+    :class:`~rsitr.methods.factory.LoadedModel` of ``checkpoint`` when already loaded)."""
     opts = opts or BuildOptions()
     from rsitr.retrieval.index import KINDS
 
     if opts.index_kind not in KINDS:
         raise RsitrError(f"--index-kind must be one of {KINDS}, got {opts.index_kind!r}")
     out = Path(out)
-    model = model if model is not None else load_backbone(checkpoint, opts.device)
+    model = model if model is not None else load_model(checkpoint, opts.device)
     ident = model_identity(checkpoint, model)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
@@ -427,9 +419,9 @@ def build_index(source: str | os.PathLike, checkpoint: str, out: str | os.PathLi
         if out.exists() and any(out.iterdir()):
             raise RsitrError(f"{out}: folder exists and is not an rsitr index; choose an empty or new --out")
         out.mkdir(parents=True, exist_ok=True)
-        manifest = _new_manifest(model, ident, opts)
+        manifest = _new_manifest(model.backbone, ident, opts)
         atomic_write_json(out / MANIFEST, manifest)
-    return _update(out, manifest, model, source, opts)
+    return _update(out, manifest, model.backbone, source, opts)
 
 
 def add_to_index(index_dir: str | os.PathLike, source: str | os.PathLike, opts: BuildOptions | None = None, *,
@@ -441,9 +433,9 @@ def add_to_index(index_dir: str | os.PathLike, source: str | os.PathLike, opts: 
     opts = dataclasses.replace(base, tile_size=manifest["tiling"]["tile_size"], overlap=manifest["tiling"]["overlap"],
                                index_kind=manifest["index"]["kind"], keep_tokens=manifest["tokens"])
     spec = checkpoint or manifest["model"]["checkpoint"]
-    model = model if model is not None else load_backbone(spec, opts.device)
+    model = model if model is not None else load_model(spec, opts.device)
     check_model(manifest, model_identity(spec, model), index_dir)
-    return _update(index_dir, manifest, model, source, opts)
+    return _update(index_dir, manifest, model.backbone, source, opts)
 
 
 def _update(index_dir: Path, manifest: dict, model, source, opts: BuildOptions) -> BuildResult:

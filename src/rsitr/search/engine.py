@@ -10,7 +10,10 @@ Re-ranking (``rerank=``):
 * ``"none"``: the vector index order (cosine of pooled embeddings).
 * ``"ftf"``: the top ``rerank_depth`` candidates are re-scored by the FTF fine-grained stage
   (:mod:`rsitr.retrieval.twostage`) with the index's token store (built with ``--keep-tokens``)
-  and the query's word tokens, using the FTF interaction module the checkpoint was trained with.
+  and the query's word tokens, with the two-stage parameters (``alpha``, ``tau``, ``balance``,
+  ``renorm``) of the method the checkpoint was trained with -- the scores ``rsitr eval`` ranks
+  by. A checkpoint whose method has no two-stage scoring (or a plain backbone) gets the
+  parameter-free interaction with the library defaults (:class:`~rsitr.retrieval.twostage.TwoStageParams`).
 * ``"sar"``: not available for a single query. SAR (iEBAKER) re-sorts a candidate list by the
   *reverse* rank of the query in each candidate's own ranking of a *set of texts*; one free-text
   query has no such set, so the reverse ranks are undefined. It is refused with an explanation
@@ -43,6 +46,8 @@ SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sor
 class SearchEngine:
     def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
                  load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None):
+        """``model``: the index's :class:`~rsitr.methods.factory.LoadedModel` when already loaded
+        (default: loaded from ``checkpoint``, else the checkpoint the manifest names)."""
         self.index_dir = Path(index_dir)
         self.manifest = B.read_manifest(self.index_dir)
         if not self.manifest["files"]:
@@ -60,14 +65,16 @@ class SearchEngine:
         self._tokens = None
         self._thumbs: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
         self._thumb_cache = int(thumb_cache)
-        self.model = self.encoder = None
+        self.model = self.encoder = None  # the backbone, and its no-grad encoder
+        self.method = None  # the method it was trained with (None: a plain backbone)
         if model is not None or load_model:
             from rsitr.models.engine import engine_for
 
             spec = checkpoint or self.manifest["model"]["checkpoint"]
-            m = model if model is not None else B.load_backbone(spec, device)
+            m = model if model is not None else B.load_model(spec, device)
             B.check_model(self.manifest, B.model_identity(spec, m), self.index_dir)
-            self.model = m.eval()
+            m.eval()
+            self.model, self.method = m.backbone, m.method
             # query encodes (no grad) through ONNX Runtime where available: same vectors within 1e-4
             self.encoder = engine_for(self.model, engine, cache_dir=onnx_cache)
 
@@ -186,15 +193,18 @@ class SearchEngine:
     def _search_ftf(self, query: str, k: int, depth: int) -> list[dict]:
         """FTF two-stage search: recall ``depth`` tiles by the pooled cosine, rerank them with the
         parameter-free text-guided interaction over the stored patch tokens
-        (:func:`rsitr.retrieval.twostage.search_t2i`, ``final = (1-alpha) coarse + alpha fine``)."""
+        (:func:`rsitr.retrieval.twostage.search_t2i`, ``final = (1-alpha) coarse + alpha fine``),
+        with the checkpoint method's two-stage parameters (see the module doc)."""
         from rsitr.retrieval import twostage
 
         store = self._token_store()
         depth = max(k, depth)
+        params = (self.method.two_stage_params() if self.method is not None else None) or twostage.TwoStageParams()
         with self._lock:
             tf, _ = self._text_features(query)
             q = torch.nn.functional.normalize(tf.pooled.float(), dim=-1)
-            scores, ids, _parts = twostage.search_t2i(self.vectors, store, q, tf.tokens.float(), tf.mask, k=depth, top=k)
+            scores, ids, _parts = twostage.search_t2i(self.vectors, store, q, tf.tokens.float(), tf.mask, k=depth, top=k,
+                                                      alpha=params.alpha, tau=params.tau, balance=params.balance, renorm=params.renorm)
         return self._results(scores[0], ids[0])
 
     # -- thumbnails ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from rsitr.utils.config import from_mapping
 from rsitr.utils.errors import RsitrError
 
 
@@ -105,7 +106,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, d, "config")
+        return from_mapping(cls, d, "config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -137,26 +138,6 @@ class TrainConfig:
                 raise RsitrError(f"unknown config key: {key}")
             node[parts[-1]] = value
         return TrainConfig.from_dict(d)
-
-
-def _build(cls, d: dict[str, Any], where: str):
-    if not isinstance(d, dict):
-        raise RsitrError(f"{where}: expected a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise RsitrError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in d.items():
-        f = fields[name]
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[name] = _build(sub, value or {}, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

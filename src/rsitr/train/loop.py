@@ -1,5 +1,5 @@
 """The one training loop (single process, or torchrun/DDP). Methods plug in via
-:mod:`rsitr.train.methods`; nothing here is method-specific.
+:mod:`rsitr.methods.base`; nothing here is method-specific.
 
 Resume is exact: the epoch order and every augmentation depend only on (seed, epoch,
 position), and the checkpoint holds the optimizer, scheduler, scaler and RNG states, so a run
@@ -21,23 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from rsitr.data.imagesets import ImageSet, TrunkCache, build_trunk_cache, make_transforms, select, supports_trunk_cache
+from rsitr.methods.base import Method, TrainContext, build_method
+from rsitr.models import checkpoint as ckpt
 from rsitr.models.base import Backbone, Features
-from rsitr.train import checkpoint as ckpt
+from rsitr.models.registry import parse_spec
 from rsitr.train.config import TrainConfig
-from rsitr.train.data import (
-    ImageSet,
-    TrunkCache,
-    build_trunk_cache,
-    epoch_order,
-    make_transforms,
-    select,
-    steps_per_epoch,
-    supports_trunk_cache,
-)
-from rsitr.train.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_with_grad, init_distributed, resolve_device
-from rsitr.train.methods import Method, TrainContext, build_method
+from rsitr.train.epochs import epoch_order, steps_per_epoch
+from rsitr.utils.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_with_grad, init_distributed, resolve_device
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_write_json, atomic_write_text
+from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +145,6 @@ def load_trainable_state(module: TrainStep, state: dict[str, torch.Tensor], wher
             own[k].copy_(v)
 
 
-def _jsonable(value: Any) -> Any:
-    """A method's options as plain Python (numpy scalars/arrays and tuples converted), so that
-    data-derived options (number of classes, KER vocabulary...) persist in the checkpoint."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -191,8 +170,8 @@ def train(
     from tqdm import tqdm
 
     from rsitr.data.captions import load_dataset
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import evaluate
+    from rsitr.eval.evaluate import evaluate
+    from rsitr.methods.factory import load_model
 
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -233,7 +212,7 @@ def train(
     n_total = sum(p.numel() for p in module.parameters())
     if n_train == 0:
         raise RsitrError(f"model.mode={cfg.model.mode!r} leaves nothing to train")
-    full_backbone = cfg.model.mode == "full" or cfg.model.backbone.startswith("clip:")
+    full_backbone = cfg.model.mode == "full" or parse_spec(cfg.model.backbone).random_init
     # printed with the progress output (not only logged): what a method trains is part of its result
     msg = (f"{cfg.method.name} on {backbone.info.name} (mode {cfg.model.mode}): {n_train:,} trainable of {n_total:,} parameters "
            f"({100.0 * n_train / n_total:.2f}%)")
@@ -243,7 +222,7 @@ def train(
         log.info(msg)
 
     eval_tf, train_tf = make_transforms(backbone, cfg.augment)
-    use_cache = cfg.cache_features != "off" and supports_trunk_cache(backbone)
+    use_cache = cfg.cache_features != "off" and supports_trunk_cache(backbone) and method.capabilities.trunk_cache
     cache = val_cache = None
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
 
@@ -274,7 +253,7 @@ def train(
     labels_all = torch.tensor([classes.index(e.label) for e in train_ds.entries]) if classes else None
 
     def encode_train() -> tuple[Features, Features]:
-        from rsitr.retrieval.evaluate import encode_dataset
+        from rsitr.eval.evaluate import encode_dataset
 
         eval_cache = TrunkCache([cache.image[0]] if cache.image else None, cache.text) if cache is not None else None
         enc = encode_dataset(backbone, train_ds, trunk_cache=eval_cache, keep_tokens=True, batch_size=cfg.eval_batch_size,
@@ -329,7 +308,7 @@ def train(
             "config": cfg.to_dict(),
             "state": trainable_state(module, full_backbone),
             "state_is_full": full_backbone,
-            "method": {"name": method.name, "options": _jsonable(method.options)},
+            "method": {"name": method.name, "options": jsonable(method.options)},
             "best": best,
             "history": history,
             "epoch_order": torch.from_numpy(order_now) if order_now is not None else None,

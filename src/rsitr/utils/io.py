@@ -58,3 +58,22 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RsitrError(f"{p}: unreadable {what} ({exc})") from exc
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON-able Python: mappings (keys as strings), lists (from lists and
+    tuples), numbers, strings, booleans, None; numpy arrays and scalars converted, anything else
+    (paths...) as its string. Used for what goes into checkpoints, manifests and reports."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,4 +1,5 @@
-"""Encode a dataset split and score it with the field's protocol."""
+"""Evaluation of a (backbone, method) on a dataset split: encode it, score it through the method,
+and measure it with the field's protocol under every tie convention."""
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,7 @@ def encode_dataset(
 ) -> Encoded:
     """Embed every image (eval transform) and caption of ``dataset``.
 
-    ``trunk_cache`` (a :class:`rsitr.train.data.TrunkCache` built on this dataset) lets a
+    ``trunk_cache`` (a :class:`rsitr.data.imagesets.TrunkCache` built on this dataset) lets a
     backbone with frozen trunks skip the towers and apply only its heads. ``keep_tokens``
     also returns the token-level features (for methods that re-rank with them). ``engine`` (an
     :class:`rsitr.models.engine.InferenceEngine` of ``backbone``) runs the no-grad forward passes
@@ -48,7 +49,7 @@ def encode_dataset(
     from tqdm import tqdm
 
     from rsitr.data.transforms import EvalTransform
-    from rsitr.train.data import ImageSet, iterate_images
+    from rsitr.data.imagesets import ImageSet, iterate_images
 
     device = torch.device(device)
     was_training = backbone.training
@@ -102,20 +103,23 @@ def _slice(f, start: int, size: int, device):
 
 
 def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, per_direction: bool = False, **kwargs):
-    """Image x text score matrix of a split: cosine of the pooled embeddings, or the trained
-    method's own scoring (re-ranking with token features) when it defines one. With
-    ``per_direction`` and a method defining ``similarity_pair`` (FTF: the candidate sets depend on
-    the query direction), a ``(t2i matrix, i2t matrix)`` pair instead."""
-    method = method if method is not None else backbone.__dict__.get("method")
-    needs_tokens = bool(method is not None and method.rerank_needs_tokens)
+    """Image x text score matrix of a split: cosine of the pooled embeddings (``method`` None), or
+    the method's own scoring (:meth:`~rsitr.methods.base.Method.similarity`; token features are
+    encoded when its ``capabilities.score_tokens``). With ``per_direction``, the method's
+    ``(t2i matrix, i2t matrix)`` pair when the two differ (two-stage scoring: the candidate sets
+    depend on the query direction)."""
+    needs_tokens = bool(method is not None and method.capabilities.score_tokens)
     enc = encode_dataset(backbone, dataset, keep_tokens=needs_tokens, **kwargs)
     if method is None:
         return enc.images @ enc.texts.t(), enc.text_to_image
     with torch.no_grad():
         was = method.training
         method.eval()
-        pair = getattr(method, "similarity_pair", None) if per_direction else None
-        sim = pair(backbone, enc) if pair is not None else method.similarity(backbone, enc)
+        if per_direction:
+            t2i, i2t = method.similarity_pair(backbone, enc)
+            sim = t2i if t2i is i2t else (t2i, i2t)
+        else:
+            sim = method.similarity(backbone, enc)
         method.train(was)
     return sim, enc.text_to_image
 
@@ -124,8 +128,8 @@ def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str
              rerank: str | None = None, rerank_options: dict | None = None, **kwargs) -> dict[str, float]:
     """Standard protocol metrics (percent) of ``backbone`` on ``dataset`` (one split).
 
-    ``method``: the trained method (default: the one a loaded rsitr checkpoint carries), whose
-    ``similarity`` scores the split (e.g. FTF's re-ranking, iEBAKER's SAR). ``rerank``: a named
+    ``method``: the method that scores the split (e.g. FTF's re-ranking, iEBAKER's SAR; a loaded
+    checkpoint's is :attr:`rsitr.methods.factory.LoadedModel.method`); None: pooled cosine. ``rerank``: a named
     re-ranker of :mod:`rsitr.retrieval.rerank` applied to that matrix afterwards (``"sar"``,
     with ``rerank_options`` such as ``k``), usable on any model."""
     return evaluate_ties(backbone, dataset, method=method, ties=(ties,), rerank=rerank, rerank_options=rerank_options, **kwargs)[ties]

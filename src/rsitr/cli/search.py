@@ -1,7 +1,5 @@
-"""CLI of the search engine: ``rsitr index build|add``, ``rsitr search``, ``rsitr serve``.
-
-Wire into :func:`rsitr.cli.build_parser` with ``add_cli(sub)`` (``sub`` = its subparsers object).
-"""
+"""``rsitr index build|add``, ``rsitr search``, ``rsitr serve``: registered on ``rsitr``'s subparsers
+by :func:`add_cli`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +7,7 @@ import json
 import logging
 import sys
 
+from rsitr.cli.common import add_engine_arg
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
@@ -28,12 +27,7 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
     p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
     p.add_argument("--device", default="cpu")
-    _add_engine(p)
-
-
-def _add_engine(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
-                   help="no-grad encoder: ONNX Runtime (auto: where installed) or eager torch; same vectors within 1e-4")
+    add_engine_arg(p)
 
 
 def _opts(args, **kw):
@@ -141,7 +135,7 @@ def add_cli(sub) -> None:
     s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")
     s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     s.add_argument("--device", default="cpu")
-    _add_engine(s)
+    add_engine_arg(s)
     s.set_defaults(func=cmd_search)
 
     v = sub.add_parser("serve", help="HTTP API + web page over an index")
@@ -150,14 +144,5 @@ def add_cli(sub) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--checkpoint", default=None)
     v.add_argument("--device", default="cpu")
-    _add_engine(v)
+    add_engine_arg(v)
     v.set_defaults(func=cmd_serve)
-
-
-def add_bench_cli(bench_sub) -> None:
-    """Register ``rsitr bench search`` on the ``bench`` subparsers of ``rsitr.cli``."""
-    from rsitr.search.bench import add_bench_args, run_bench_cli
-
-    p = bench_sub.add_parser("search", help="vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput")
-    add_bench_args(p)
-    p.set_defaults(func=run_bench_cli)

@@ -1,6 +1,7 @@
-"""The main job on the embedded default: synthetic benchmark -> before -> train -> after."""
+"""``rsitr demo``: the main job on the embedded default: synthetic benchmark -> before -> train -> after."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -22,8 +23,9 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
              mode: str | None = None, json_out: bool = False, progress: bool = True, time_budget: float | None = None) -> int:
     from rsitr.data.captions import load_dataset
     from rsitr.data.synth import write_synth
-    from rsitr.models.registry import load_model
-    from rsitr.retrieval.evaluate import evaluate
+    from rsitr.eval.evaluate import evaluate
+    from rsitr.methods.factory import load_model
+    from rsitr.models.registry import parse_spec
     from rsitr.retrieval.metrics import format_table
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
@@ -36,7 +38,7 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
         write_synth(data_dir, n_images=images, seed=seed)
     data = load_dataset(ann)
     test = data.split("test")
-    kind = "clip" if backbone.startswith("clip:") or not backbone.startswith("towers:") else "towers"
+    kind = "towers" if parse_spec(backbone).family == "towers" else "clip"
     defaults = dict(DEMO_DEFAULTS[kind])
     if mode:
         defaults["mode"] = mode
@@ -72,3 +74,22 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
                            title=f"synthetic test split, {summary['steps']} steps" + (f" (time budget {time_budget:.0f}s)" if time_budget else "")))
         print(f"\ntrain {result.seconds:.1f}s, total {seconds:.1f}s; run folder {run_dir}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(out=Path(args.out), images=args.images, seed=args.seed, backbone=args.backbone, epochs=args.epochs,
+                    mode=args.mode, json_out=args.json, progress=not args.quiet, time_budget=args.time_budget)
+
+
+def add_demo_cli(sub) -> None:
+    """``rsitr demo`` on ``rsitr``'s subparsers."""
+    d = sub.add_parser("demo", help="the main job on the embedded default: synthetic data, small pretrained model, before/after table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--images", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
+    d.add_argument("--mode", default=None, help="what trains (default: the backbone's demo choice)")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds (same-budget comparisons)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)

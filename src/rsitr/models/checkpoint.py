@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsitr import __version__
+from rsitr.utils.version import __version__
 from rsitr.utils.errors import CheckpointError
 from rsitr.utils.io import atomic_path
 

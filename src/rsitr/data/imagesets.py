@@ -1,4 +1,4 @@
-"""Training-time data: the epoch order, image batches, and cached frozen-trunk features.
+"""Image sets (decoded, transformed image batches of a dataset) and cached frozen-trunk features.
 
 On a CPU the expensive part of training a LiT-style model is running the frozen towers;
 when a tower's trunk is frozen its outputs are computed once per image/caption (and per
@@ -17,35 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rsitr.data.types import CaptionDataset
-from rsitr.models.base import Backbone, Features
+from rsitr.data.types import CaptionDataset, Features
 from rsitr.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-# -- epoch order -------------------------------------------------------------------------
-def epoch_order(dataset: CaptionDataset, epoch: int, seed: int, unit: str = "pairs") -> np.ndarray:
-    """Deterministic list of (image index, caption index within the image) for one epoch.
-
-    Depends only on (seed, epoch), so a resumed run sees exactly the order it would have seen.
-    ``unit="pairs"``: every caption once (the field's usual epoch); ``"images"``: one random
-    caption per image.
-    """
-    rng = np.random.default_rng([seed, epoch, 0x5EED])
-    if unit == "pairs":
-        pairs = np.array([(i, c) for i, e in enumerate(dataset.entries) for c in range(len(e.captions))], dtype=np.int64)
-    elif unit == "images":
-        pairs = np.array([(i, int(rng.integers(len(e.captions)))) for i, e in enumerate(dataset.entries)], dtype=np.int64)
-    else:
-        raise ValueError(f"epoch_unit must be 'pairs' or 'images', got {unit!r}")
-    return pairs[rng.permutation(len(pairs))]
-
-
-def steps_per_epoch(n_pairs: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch; the last incomplete global batch is dropped (InfoNCE wants
-    full batches), so every step sees ``batch_size * grad_accum`` pairs."""
-    return n_pairs // (batch_size * grad_accum)
 
 
 # -- images --------------------------------------------------------------------------------
@@ -76,7 +51,7 @@ class ImageSet(Dataset):
         return self.load(key)
 
 
-def make_transforms(backbone: Backbone, augment) -> tuple:
+def make_transforms(backbone, augment) -> tuple:
     from rsitr.data.transforms import EvalTransform, TrainTransform
 
     eval_tf = EvalTransform(backbone.preprocess)
@@ -107,7 +82,7 @@ class _Keyed(Dataset):
 
 
 # -- trunk feature cache ------------------------------------------------------------------
-def supports_trunk_cache(backbone: Backbone) -> bool:
+def supports_trunk_cache(backbone) -> bool:
     return all(hasattr(backbone, n) for n in ("image_trunk", "image_head", "text_trunk", "text_head", "trunk_trainable"))
 
 
@@ -121,7 +96,7 @@ class TrunkCache:
     text: Features | None
 
 
-def _key(backbone: Backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
+def _key(backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"backbone": backbone.info.name, "weights": backbone.info.weights, "what": what, **extra}, sort_keys=True, default=str).encode())
     for e in dataset.entries:
@@ -164,7 +139,7 @@ def _load_or_compute(path: Path | None, compute) -> Features:
 
 @torch.no_grad()
 def build_trunk_cache(
-    backbone: Backbone,
+    backbone,
     dataset: CaptionDataset,
     *,
     cache_dir: Path | None,

@@ -13,8 +13,6 @@ to real embedding archives). Queries are drawn from the same distribution (not f
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import tempfile
 import time
@@ -137,7 +135,7 @@ def run_build_bench(models: Sequence[str] = ("clip:tiny", "towers:efficientnet-l
     """Index-build throughput per model over ``n_tiles`` generated tiles (PNG tiles + GeoTIFF
     tiles, about half each): encoding-only tiles/s (model forward) and end-to-end tiles/s
     (read + preprocess + encode + write), model loading excluded."""
-    from rsitr.search.build import BuildOptions, build_index, load_backbone
+    from rsitr.search.build import BuildOptions, build_index, load_model
 
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rsitr-bench-"))
     n_geo = n_tiles // 2
@@ -146,10 +144,10 @@ def run_build_bench(models: Sequence[str] = ("clip:tiny", "towers:efficientnet-l
     src = write_sample_source(tmp / "source", n_png=n_tiles - rows_ * cols, grid=(rows_, cols), tile=tile)
     out = []
     for m in models:
-        model = load_backbone(m)
+        model = load_model(m)
         idx = tmp / ("index-" + m.replace(":", "_").replace("+", "_"))
         r = build_index(src, m, idx, BuildOptions(tile_size=tile, batch_size=batch_size, progress=progress), model=model)
-        out.append({"model": m, "tiles": r.encoded, "image_size": model.preprocess.image_size, "embed_dim": int(model.embed_dim),
+        out.append({"model": m, "tiles": r.encoded, "image_size": model.preprocess.image_size, "embed_dim": int(model.backbone.embed_dim),
                     "encode_tiles_per_s": round(r.tiles_per_s, 1), "end_to_end_tiles_per_s": round(r.encoded / r.seconds, 1),
                     "seconds": round(r.seconds, 2)})
     return out
@@ -161,40 +159,3 @@ def render_build(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['tiles']} | {r['image_size']} | {r['embed_dim']} | {r['encode_tiles_per_s']} | "
                      f"{r['end_to_end_tiles_per_s']} | {r['seconds']} |")
     return "\n".join(lines)
-
-
-# -- CLI ---------------------------------------------------------------------------------------------
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="archive sizes (vectors)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"])
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--data", choices=("random", "clustered"), default="random")
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads per query (default 1: one query per request; "
-                   "index builds use all cores)")
-    p.add_argument("--build", action="store_true", help="also measure index-build throughput of --model on generated tiles")
-    p.add_argument("--model", action="append", default=None, help="repeatable (default: clip:tiny and towers:efficientnet-lite0+minilm-l6)")
-    p.add_argument("--tiles", type=int, default=200)
-    p.add_argument("--no-search", action="store_true", help="skip the vector search part")
-    p.add_argument("--json", action="store_true")
-
-
-def run_bench_cli(args: argparse.Namespace) -> int:
-    out: dict = {}
-    if args.build:
-        out["build"] = run_build_bench(args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"), n_tiles=args.tiles)
-    if not args.no_search:
-        out["search"] = run_search_bench(args.sizes, args.dim, args.kinds, args.queries, args.k, args.data, nprobe=args.nprobe,
-                                         hnsw_m=args.hnsw_m, ef_search=args.ef_search, threads=args.threads)
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        if "build" in out:
-            print(render_build(out["build"]) + "\n")
-        if "search" in out:
-            print(render_search(out["search"], args.k))
-    return 0

@@ -1,0 +1,158 @@
+"""``rsitr`` command line: one entry point, subcommands per stage of the pipeline.
+
+    rsitr demo                      synthetic benchmark -> zero-shot -> train -> metrics table
+    rsitr data synth|check          make the synthetic benchmark / inspect a caption dataset
+    rsitr train --config C.yaml     train a method (YAML config + key=value overrides)
+    rsitr eval --data D --checkpoint M
+    rsitr bench encode|run|report|iebaker|rdb|ftf|search
+    rsitr index build|add, rsitr search, rsitr serve   search your own imagery
+
+All argparse lives in this package (the top layer): :mod:`.data`, :mod:`.bench`, :mod:`.search`
+and :mod:`.demo` register their subcommands here; ``rsitr = "rsitr.cli:main"`` and
+``python -m rsitr.cli`` run :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rsitr.utils.errors import RsitrError
+
+log = logging.getLogger("rsitr")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="annotation file (Karpathy JSON, PIR/HarMA JSON, iEBAKER CSV, simple CSV) or dataset folder")
+    p.add_argument("--format", default="auto", help="force the annotation format (default: detect)")
+    p.add_argument("--image-root", default=None, help="folder the listed image paths are resolved under")
+    p.add_argument("--labels", default=None, help="scene labels: a CSV path, 'filename', 'ucm-order' or 'none' (default: detect)")
+    p.add_argument("--skip-bad", action="store_true", help="report and skip bad entries instead of stopping")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import evaluate
+    from rsitr.methods.factory import load
+    from rsitr.retrieval.metrics import format_table
+
+    # entries whose annotation names no split (iEBAKER CSV rows...) are taken as the evaluated split
+    data = load_dataset(args.data, format=args.format, image_root=args.image_root, labels=args.labels, skip_bad=args.skip_bad, split=args.split)
+    split = data.split(args.split)
+    if len(split) == 0:
+        raise RsitrError(f"{args.data}: split '{args.split}' is empty (splits present: {data.splits})")
+    model = load(args.checkpoint, device=args.device, quick_gelu=args.quick_gelu)
+    if args.rerank != "none" and model.method is not None and model.method.capabilities.reranker == args.rerank:
+        log.warning("the checkpoint's method already applies %s; --rerank %s applies it a second time", args.rerank.upper(), args.rerank)
+    from rsitr.models.engine import engine_for
+
+    engine = engine_for(model.backbone, args.engine)
+    metrics = evaluate(model.backbone, split, method=model.method, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                       progress=not args.quiet, ties=args.ties, rerank=args.rerank,
+                       rerank_options={"k": args.rerank_k} if args.rerank == "sar" else None, engine=engine)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+                          "images": len(split), "captions": split.n_captions, "rerank": args.rerank, **metrics}, indent=2))
+    else:
+        print(format_table(metrics, title=f"{args.checkpoint} on {args.data} [{args.split}: {len(split)} images, {split.n_captions} captions]"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rsitr.train.config import TrainConfig, parse_override
+    from rsitr.train.loop import train
+    from rsitr.retrieval.metrics import format_table
+
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    overrides = dict(parse_override(s) for s in args.set)
+    for flag, key in (("data", "data.path"), ("out", "out_dir"), ("backbone", "model.backbone"), ("mode", "model.mode"),
+                      ("method", "method.name"), ("epochs", "epochs"), ("seed", "seed"), ("image_root", "data.image_root"), ("format", "data.format")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    cfg = cfg.override(overrides)
+    if not cfg.data.path:
+        raise RsitrError("no dataset: give --data PATH or data.path in the config")
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"trained {result.trainable_params:,} / {result.total_params:,} parameters in {result.seconds:.1f}s; run folder {result.out_dir}")
+    if result.best.get("epoch", -1) >= 0 and "mR" in result.best:
+        print(format_table({k: result.best[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR") if k in result.best},
+                           title=f"best validation (epoch {result.best['epoch']})"))
+    if result.test:
+        print(format_table(result.test, title="test (best checkpoint)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rsitr.utils.version import __version__
+
+    p = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
+    p.add_argument("--version", action="version", version=f"rsitr {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and ONNX Runtime (default: torch's, i.e. the cores)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from rsitr.cli.bench import add_bench_cli
+    from rsitr.cli.common import add_engine_arg
+    from rsitr.cli.data import add_data_cli
+    from rsitr.cli.demo import add_demo_cli
+    from rsitr.cli.search import add_cli as add_search_cli
+
+    add_demo_cli(sub)
+    add_data_cli(sub)
+    e = sub.add_parser("eval", help="evaluate a model on a dataset split (the field's protocol)")
+    _add_data_args(e)
+    e.add_argument("--checkpoint", required=True, help="CLIP checkpoint, HF CLIP folder, rsitr run/checkpoint, or towers:NAME")
+    e.add_argument("--split", default="test", help="split to evaluate; also the split of entries whose annotation has none")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None, help="CLIP activation override for open_clip state dicts")
+    e.add_argument("--ties", choices=("expected", "optimistic", "pessimistic"), default="expected",
+                   help="how exact score ties count (repeated captions tie exactly); see rsitr.retrieval.metrics")
+    e.add_argument("--rerank", choices=("none", "sar"), default="none",
+                   help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model)")
+    e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
+    e.add_argument("--json", action="store_true")
+    add_engine_arg(e)
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="train a method from a YAML config (override any key with --set key=value)")
+    t.add_argument("--config", default=None)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--data", default=None)
+    t.add_argument("--image-root", default=None)
+    t.add_argument("--format", default=None)
+    t.add_argument("--out", default=None)
+    t.add_argument("--backbone", default=None)
+    t.add_argument("--mode", default=None)
+    t.add_argument("--method", default=None)
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    t.set_defaults(func=cmd_train)
+
+    add_bench_cli(sub)
+    add_search_cli(sub)  # index build / index add / search / serve
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rsitr.utils.logging import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except RsitrError as exc:
+        print(f"rsitr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rsitr: interrupted", file=sys.stderr)
+        return 130

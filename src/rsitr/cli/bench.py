@@ -1,0 +1,244 @@
+"""``rsitr bench ...``: the argparse of every benchmark (the measurements live in :mod:`rsitr.bench`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rsitr.cli.common import add_command
+from rsitr.utils.errors import RsitrError
+
+
+def rdb_variants() -> list[str]:
+    from rsitr.bench.rdb import VARIANTS
+
+    return list(VARIANTS)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    from rsitr.train.config import parse_override
+
+    return dict(parse_override(s) for s in pairs)
+
+
+def _bench_data(args: argparse.Namespace, **kw) -> str:
+    """``--data``, or the synthetic benchmark written under ``--out/data`` (``--images``)."""
+    if args.data is not None:
+        return args.data
+    from rsitr.data.synth import bench_dataset
+
+    return bench_dataset(args.out, args.images, progress=not args.quiet, **kw)
+
+
+# -- encode / run / report ---------------------------------------------------------------------
+def cmd_encode(args: argparse.Namespace) -> int:
+    from rsitr.bench.throughput import encode_comparison, render
+
+    rows = [r for b in args.backbone for r in encode_comparison(b, batch_size=args.batch_size, n_batches=args.batches, images=args.images,
+                                                               engines=args.engines, reference=not args.no_reference, progress=not args.quiet)]
+    print(json.dumps(rows, indent=2) if args.json else render(rows))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rsitr.bench.report import report
+    from rsitr.bench.suite import load_suite, run_suite
+
+    suite = load_suite(args.suite, seeds=args.seeds, methods=args.methods)
+    out = Path(args.out or f"runs/bench-{suite.name}")
+    records = run_suite(suite, out, progress=not args.quiet)
+    print(report(out))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rsitr.bench.report import report
+
+    print(report(args.run_dir))
+    return 0
+
+
+# -- the ablations -----------------------------------------------------------------------------
+def cmd_iebaker(args: argparse.Namespace) -> int:
+    from rsitr.bench.iebaker import format_markdown, run_ablation
+
+    data = _bench_data(args, noise_frac=args.noise_frac)
+    rows = run_ablation(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
+                        seeds=args.seeds, variants=args.variants, options=_overrides(args.option), overrides=_overrides(args.set),
+                        mode=args.mode, progress=not args.quiet)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_markdown(rows))
+    return 0
+
+
+def cmd_rdb(args: argparse.Namespace) -> int:
+    from rsitr.bench.rdb import format_markdown, run_comparison
+
+    data = _bench_data(args)
+    mopts: dict[str, dict[str, Any]] = {}
+    for s in args.option:
+        key, value = _kv(s)
+        if "." not in key:
+            raise RsitrError(f"--option must look like METHOD.KEY=VALUE (e.g. lora.rank=4), got {s!r}")
+        m, k = key.split(".", 1)
+        mopts.setdefault(m, {})[k] = value
+    rows = run_comparison(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
+                          seeds=args.seeds, variants=args.variants, overrides=_overrides(args.set),
+                          method_options=mopts, peft_mode=args.peft_mode, progress=not args.quiet)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_markdown(rows))
+    print(f"\n{Path(args.out) / 'comparison.md'}")
+    return 0 if not any("error" in r for r in rows) else 1
+
+
+def _kv(text: str):
+    from rsitr.train.config import parse_override
+
+    return parse_override(text)
+
+
+# -- FTF and search measurements ---------------------------------------------------------------
+def cmd_ftf(args: argparse.Namespace) -> int:
+    from rsitr.bench.ftf import format_markdown, measure
+
+    ks = [int(x) for x in str(args.ks).split(",") if x.strip()]
+    if not ks or min(ks) < 1:
+        raise RsitrError(f"--ks must list positive integers, got {args.ks!r}")
+    result = measure(checkpoint=args.checkpoint, data=args.data, split=args.split, synthetic_archive=args.synthetic_archive,
+                     tokens=args.tokens, dim=args.dim, words=args.words, queries=args.queries, exhaustive_queries=args.exhaustive_queries,
+                     ks=ks, index=args.index, nlist=args.nlist, nprobe=args.nprobe, alpha=args.alpha, tau=args.tau, balance=args.balance,
+                     top_n=args.top_n, threads=args.threads, seed=args.seed, out=args.out)
+    print(json.dumps(result, indent=2) if args.json else format_markdown(result))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rsitr.bench.search import render_build, render_search, run_build_bench, run_search_bench
+
+    out: dict = {}
+    if args.build:
+        out["build"] = run_build_bench(args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"), n_tiles=args.tiles)
+    if not args.no_search:
+        out["search"] = run_search_bench(args.sizes, args.dim, args.kinds, args.queries, args.k, args.data, nprobe=args.nprobe,
+                                         hnsw_m=args.hnsw_m, ef_search=args.ef_search, threads=args.threads)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        if "build" in out:
+            print(render_build(out["build"]) + "\n")
+        if "search" in out:
+            print(render_search(out["search"], args.k))
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------
+def add_ftf_args(p: argparse.ArgumentParser) -> None:
+    from rsitr.bench.ftf import DEFAULT_KS
+
+    p.add_argument("--checkpoint", default=None, help="rsitr run dir / checkpoint / backbone spec (with --data)")
+    p.add_argument("--data", default=None, help="caption dataset (Karpathy JSON folder or file)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--synthetic-archive", type=int, default=None, metavar="N",
+                   help="random archive of N images instead of a dataset (latency only)")
+    p.add_argument("--tokens", type=int, default=49, help="synthetic: tokens per image")
+    p.add_argument("--dim", type=int, default=256, help="synthetic: token/embedding dimension")
+    p.add_argument("--words", type=int, default=16, help="synthetic: words per query")
+    p.add_argument("--queries", type=int, default=50, help="queries to time (dataset: first N captions; 0 = all)")
+    p.add_argument("--exhaustive-queries", type=int, default=None,
+                   help="queries for the exhaustive row (default: all for a dataset, 5 for a synthetic archive; 0 = skip)")
+    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="two-stage candidate counts, comma separated")
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
+    p.add_argument("--nlist", type=int, default=None)
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="final = (1-alpha) coarse + alpha fine (default: checkpoint's, else 0.5)")
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--balance", type=float, default=None)
+    p.add_argument("--top-n", type=int, default=None, help="keep only the N largest-norm tokens per image (dataset mode)")
+    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: as configured)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    p.add_argument("--out", default=None, help="also write JSON to this file (and markdown next to it, .md)")
+
+
+
+
+def add_rdb_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="caption dataset (default: a synthetic benchmark written under --out/data)")
+    p.add_argument("--out", default="runs/bench-rdb")
+    p.add_argument("--images", type=int, default=1000, help="synthetic images when --data is not given")
+    p.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6",
+                   help="backbone of every row (default: the two-tower model; PEFT rows then train the random heads too)")
+    p.add_argument("--peft-mode", default=None, help="model.mode of the adapter/lora/rdb rows (default: frozen on clip:, heads otherwise)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of training per row (same budget for every row)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", default=None, help=f"subset of: {' '.join(rdb_variants())} (default: all but locked-image)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="method option for every row of that method, e.g. lora.rank=4, rdb.teacher=bank")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override (every row)")
+    p.add_argument("--json", action="store_true")
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="archive sizes (vectors)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"])
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--data", choices=("random", "clustered"), default="random")
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads per query (default 1: one query per request; "
+                   "index builds use all cores)")
+    p.add_argument("--build", action="store_true", help="also measure index-build throughput of --model on generated tiles")
+    p.add_argument("--model", action="append", default=None, help="repeatable (default: clip:tiny and towers:efficientnet-lite0+minilm-l6)")
+    p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--no-search", action="store_true", help="skip the vector search part")
+    p.add_argument("--json", action="store_true")
+
+
+def add_iebaker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="caption dataset (default: a synthetic benchmark with noisy training captions)")
+    p.add_argument("--out", default="runs/bench-iebaker")
+    p.add_argument("--images", type=int, default=1000, help="synthetic images when --data is not given")
+    p.add_argument("--noise-frac", type=float, default=0.3, help="fraction of mismatched synthetic training captions")
+    p.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
+    p.add_argument("--mode", default=None)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", default=None, help="subset of: baseline +EBA +KER +SAR all")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="iEBAKER option shared by all variants")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
+    p.add_argument("--json", action="store_true")
+
+
+def add_bench_cli(sub) -> None:
+    """``rsitr bench encode|run|report|iebaker|rdb|ftf|search`` on ``rsitr``'s subparsers."""
+    b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
+    be = b.add_parser("encode", help="image/text encoding throughput of backbones")
+    be.add_argument("--backbone", action="append", required=True, help="repeatable: towers:NAME, clip:ViT-B-32, a checkpoint path")
+    be.add_argument("--batch-size", type=int, default=64)
+    be.add_argument("--batches", type=int, default=5)
+    be.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads (as rsitr --threads)")
+    be.add_argument("--images", default=None, help="folder of real images to encode (default: the UCM-Captions images when present, else synthetic tiles)")
+    be.add_argument("--engines", nargs="+", default=["torch", "onnx"], choices=("torch", "onnx"), help="rsitr engines to time")
+    be.add_argument("--no-reference", action="store_true", help="skip the reference eager implementations (efficientnet-lite-pytorch, transformers BertModel)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_encode)
+    br = b.add_parser("run", help="run a suite of (dataset x method x seed) cells; finished cells are skipped")
+    br.add_argument("--suite", required=True, help="a suite YAML file or a shipped suite name (synthetic-quick, ucm-towers, ...)")
+    br.add_argument("--out", default=None, help="run folder (default runs/bench-<suite>)")
+    br.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
+    br.add_argument("--methods", nargs="+", default=None, help="run only these methods of the suite")
+    br.set_defaults(func=cmd_run)
+    add_command(b, "iebaker", "iEBAKER ablation: baseline / +EBA / +KER / +SAR / all, same budget, EBA filter quality", add_iebaker_args,
+                cmd_iebaker)
+    add_command(b, "ftf", "FTF on one index: coarse vs two-stage (K) vs exhaustive fine scoring, mR and per-query latency", add_ftf_args,
+                cmd_ftf)
+    add_command(b, "rdb", "RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget", add_rdb_args, cmd_rdb)
+    add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir"), cmd_report)
+    add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)

@@ -1,0 +1,20 @@
+"""What every subcommand module of the CLI shares."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def add_command(sub, name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None],
+                func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """``name`` on the subparsers ``sub``: its arguments from ``add_args``, run by ``func``."""
+    p = sub.add_parser(name, help=help)
+    add_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    """``--engine``: how no-grad encodes run (:mod:`rsitr.models.engine`)."""
+    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                   help="no-grad encoder: ONNX Runtime (auto: where installed) or eager torch; same results within 1e-4")

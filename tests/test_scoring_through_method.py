@@ -1,0 +1,87 @@
+"""Search, evaluation and benchmarks score through the method a checkpoint was trained with: an FTF
+checkpoint trained with non-default alpha / tau / balance ranks the same candidates identically in
+`rsitr search --rerank ftf` and in `rsitr eval`'s two-stage matrix."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+ALPHA, TAU, BALANCE, K = 0.2, 0.03, 0.8, 4
+
+
+@pytest.fixture(scope="module")
+def ftf_run(tmp_path_factory):
+    from rsitr.data.synth import write_synth
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    root = tmp_path_factory.mktemp("ftf_scoring")
+    ann = write_synth(root / "synth", n_images=24, seed=2, image_size=32)
+    run = root / "run"
+    train(TrainConfig().override({
+        "data.path": str(ann), "out_dir": str(run), "model.backbone": "clip:tiny", "model.mode": "full", "epochs": 1, "max_steps": 1,
+        "batch_size": 8, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 64, "seed": 3, "augment.enabled": False,
+        "method.name": "ftf", "method.options": {"alpha": ALPHA, "tau": TAU, "balance": BALANCE, "k": K},
+    }), progress=False, evaluate_test=False)
+    return ann, run
+
+
+def test_search_ranks_like_eval_with_the_trained_ftf_parameters(ftf_run, tmp_path, capsys):
+    from rsitr.cli import main
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import similarity
+    from rsitr.methods.factory import load
+
+    ann, run = ftf_run
+    loaded = load(str(run))
+    params = loaded.method.two_stage_params()
+    assert (params.alpha, params.tau, params.balance, params.k) == (ALPHA, TAU, BALANCE, K)
+    test = load_dataset(str(ann)).split("test")
+    # what `rsitr eval` ranks texts->images by: the method's t2i two-stage matrix
+    (t2i, _i2t), _ = similarity(loaded.backbone, test, method=loaded.method, per_direction=True, progress=False)
+
+    # an index over exactly the test images, with the checkpoint, token store kept
+    src = tmp_path / "tiles"
+    src.mkdir()
+    for e in test.entries:
+        shutil.copy(e.path, src / f"{len(list(src.iterdir())):03d}.png")
+    index = tmp_path / "index"
+    assert main(["-q", "index", "build", str(src), "--checkpoint", str(run), "--out", str(index), "--keep-tokens", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+
+    texts, _ = test.texts()
+    for j in range(0, len(texts), max(1, len(texts) // 6)):
+        assert main(["-q", "search", str(index), texts[j], "-k", str(K), "--rerank", "ftf", "--rerank-depth", str(K), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["results"]
+        ids = [int(r["path"].rsplit("/", 1)[-1][:3]) for r in got]
+        scores = torch.tensor([r["score"] for r in got])
+        want = t2i[:, j].topk(K)
+        assert sorted(ids) == sorted(want.indices.tolist())  # the same candidates ...
+        # ... in the same order, with the same scores (the index keeps fp16 tokens: a near-tie may swap)
+        assert torch.allclose(scores, want.values.float(), atol=5e-3)
+        for a, b, s in zip(ids, want.indices.tolist(), want.values.tolist()):
+            assert a == b or abs(float(t2i[a, j]) - s) < 5e-3
+
+
+def test_default_parameters_would_rank_differently(ftf_run):
+    """The check above can fail: the library defaults give other scores on this checkpoint."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import encode_dataset
+    from rsitr.retrieval.twostage import TwoStageParams, two_stage
+
+    from rsitr.methods.factory import load
+
+    ann, run = ftf_run
+    loaded = load(str(run))
+    enc = encode_dataset(loaded.backbone, load_dataset(str(ann)).split("test"), keep_tokens=True, progress=False)
+    args = (enc.images, enc.texts, enc.image_features.tokens, enc.image_features.mask, enc.text_features.tokens, enc.text_features.mask)
+    d = TwoStageParams()
+    trained = loaded.method.score(loaded.backbone, enc)
+    default = two_stage(*args, k=K, alpha=d.alpha, tau=d.tau, balance=d.balance)
+    cand = trained > -2  # the reranked cells (the others keep coarse - 4)
+    assert not torch.allclose(trained[cand], default[cand], atol=5e-3)
