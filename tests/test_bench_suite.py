@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rsitr.bench.report import published_rows, report, summarise
+from rsitr.bench.report import published_rows, render_measurements, report, summarize
 from rsitr.bench.suite import collect, load_suite, run_suite
 from rsitr.cli import main
 from rsitr.utils.errors import RsitrError
@@ -87,7 +87,7 @@ def test_report_renders(bench_run):
     assert "## Failed cells" in md and "synth/broken/seed0" in md
     assert "RemoteCLIP" in md  # published UCM rows printed beside ours
     assert (out / "report.json").is_file() and (out / "report.md").read_text() == md
-    rows = {r["method"]: r for r in summarise(collect(out))}
+    rows = {r["method"]: r for r in summarize(collect(out))}
     ms = [c["test"]["mR"] for c in collect(out) if c["method"] == "baseline"]
     assert rows["baseline"]["mR"] == pytest.approx(sum(ms) / 2)
     opt = [c["test_ties"]["optimistic"]["mR"] for c in collect(out) if c["method"] == "baseline"]
@@ -241,3 +241,106 @@ def test_report_lists_methods_in_suite_order(tmp_path):
     assert got == [("zeta", 0), ("zeta", 1), ("alpha", 0), ("alpha", 1), ("extra", 0)]
     (tmp_path / "suite.yaml").write_text(": not yaml [")
     assert [r["method"] for r in _suite_order(tmp_path, recs)] == ["alpha", "alpha", "extra", "zeta", "zeta"]
+
+
+ABLATIONS = """
+name: ablations
+base:
+  model.backbone: clip:tiny
+  model.mode: full
+  epochs: 1
+  max_steps: 2
+  batch_size: 8
+  warmup_steps: 1
+  eval_batch_size: 64
+  augment.enabled: false
+datasets:
+  noisy:
+    synth: {images: 24, seed: 5, noise_frac: 0.3}
+options:
+  iebaker: {eba_fraction: 0.25, eba_warmup_epochs: 0}
+  lora: {rank: 2}
+methods:
+  zero-shot: {method.name: baseline, train: false}
+  lora: {method.name: lora, model.mode: frozen}
+  +EBA: {method.name: iebaker, method.options: {eba: true}}
+measurements:
+  params: {}
+  eba_filter: {fractions: [0.25]}
+  ftf_speed: {ks: [2], queries: 5, exhaustive_queries: 2}
+seeds: [0]
+"""
+
+
+@pytest.mark.slow
+def test_ablations_and_measurements_run_as_one_suite(tmp_path, capsys):
+    """RDB-comparison rows (a zero-shot row, a PEFT row) and an iEBAKER ablation row run as cells of
+    one suite; their parameter budget, the EBA filter's precision/recall and the FTF speed
+    measurement are recorded by the cells and rendered by the one report."""
+    f = tmp_path / "ablations.yaml"
+    f.write_text(ABLATIONS)
+    out = tmp_path / "run"
+    assert main(["-q", "bench", "run", "--suite", str(f), "--out", str(out)]) == 0
+    recs = {r["method"]: r for r in collect(out)}
+    assert set(recs) == {"zero-shot", "lora", "+EBA"} and all(r["status"] == "ok" for r in recs.values())
+    zs, lora, eba = recs["zero-shot"]["measurements"], recs["lora"]["measurements"], recs["+EBA"]["measurements"]
+    assert zs["params"]["trainable_params"] == 0 and zs["params"]["added_params"] == 0 and recs["zero-shot"]["history"] == []
+    assert lora["params"]["added_params"] == lora["params"]["trainable_params"] == 8 * 3 * 2 * (2 * 128) and lora["params"]["steps"] == 2
+    assert "eba_filter" not in zs and "eba_filter" not in lora  # the EBA filter applies to EBA cells only
+    q = eba["eba_filter"]
+    assert [e["epoch"] for e in q["eba_epochs"]] == [1] and 0 <= q["eba_precision"] <= 1 and 0 <= q["eba_recall"] <= 1
+    assert q["eba_noisy"] > 0 and 0 <= q["noise_auc"] <= 1 and set(q["noise_curve"]) == {"0.25"}
+    ftf = lora["ftf_speed"]
+    assert [r["stage"] for r in ftf["rows"]] == ["coarse", "two-stage K=2", "exhaustive"] and ftf["setup"]["recall_meaningful"]
+    assert [r["queries"] for r in ftf["rows"]] == [5, 5, 2]
+    md = (out / "report.md").read_text()
+    for section in ("### Parameters and budget (`params`)", "### EBA filter quality (`eba_filter`)",
+                    "### FTF: coarse vs two-stage vs exhaustive scoring (`ftf_speed`)"):
+        assert section in md
+    assert f"| +EBA | {100 * q['eba_precision']:.1f} | {100 * q['eba_recall']:.1f} |" in md
+    assert "| lora | frozen | 12.29K |" in md and "FTF text->image" in md
+    report_rows = json.loads((out / "report.json").read_text())["rows"]
+    assert next(r for r in report_rows if r["method"] == "+EBA")["measurements"]["eba_filter"]["result"]["eba_recall"] == pytest.approx(q["eba_recall"])
+
+
+def test_measurements_summarize_over_seeds_and_render_failures():
+    from rsitr.bench.measurements import get_measurement, list_measurements, mean_results
+
+    assert {"params", "eba_filter", "ftf_speed", "vector_search", "index_build", "encode"} <= set(list_measurements())
+    with pytest.raises(RsitrError, match="no measurement 'nope'"):
+        get_measurement("nope")
+    test = dict.fromkeys(("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"), 10.0)
+
+    def rec(seed, meas):
+        return {"dataset": "d", "method": "rdb", "seed": seed, "status": "ok", "test": test, "trainable_params": 1500, "mode": "heads",
+                "measurements": meas}
+
+    recs = [rec(s, {"params": {"trainable_params": 1500, "total_params": 10000, "trainable_pct": 15.0, "added_params": 1500, "steps": 10 + 2 * s,
+                               "train_seconds": 3.0}}) for s in (0, 1)]
+    recs.append(rec(2, {"params": {"error": "RsitrError: boom"}}))
+    row = summarize(recs)[0]
+    params = row["measurements"]["params"]
+    assert params["seeds"] == 2 and params["failed"] == 1 and params["error"] == "RsitrError: boom"
+    assert params["result"]["steps"] == pytest.approx(11.0) and params["result_std"]["steps"] == pytest.approx(2 ** 0.5)
+    assert params["result"]["trainable_params"] == 1500  # a count every seed shares stays an integer
+    md = "\n".join(render_measurements([row]))
+    assert "| rdb | heads | 1.50K | 15.000 ± 0.000 | 1.50K | 11 ± 1 | 3 ± 0 |" in md
+    assert "- rdb: 1 cell(s) failed this measurement: RsitrError: boom" in md
+    # nested results (a table per seed) average row by row; names and settings from the first
+    got = mean_results([{"rows": [{"stage": "coarse", "p50_ms": 1.0}], "index": "flat"}, {"rows": [{"stage": "coarse", "p50_ms": 3.0}], "index": "flat"}])
+    assert got == {"rows": [{"stage": "coarse", "p50_ms": 2.0}], "index": "flat"}
+    assert mean_results([{"x": float("nan")}, {"x": None}]) == {"x": None}
+
+
+def test_suite_options_merge_and_unknown_measurements(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\nbase: {method.options: {a: 1}}\ndatasets: {d: {data.path: x}}\noptions: {iebaker: {a: 2, b: 2}}\n"
+                 "methods: {m: {method.name: iebaker, method.options: {b: 3}}, n: {method.name: baseline}}\nmeasurements: [params]\n")
+    s = load_suite(str(f))
+    opts = {c.method: c.overrides["method.options"] for c in s.cells}
+    assert opts == {"m": {"a": 2, "b": 3}, "n": {"a": 1}} and s.measurements == {"params": {}}
+    f.write_text("name: s\ndatasets: {d: {data.path: x}}\nmethods: {m: {method.name: baseline}}\nmeasurements: [nope]\n")
+    with pytest.raises(RsitrError, match="no measurement 'nope'"):
+        load_suite(str(f))
+    for name in ("rdb-comparison", "iebaker-ablation"):
+        assert load_suite(name).measurements

@@ -453,8 +453,10 @@ def test_ker_pool_uses_cached_trunk_features(tmp_path):
     assert bb.head.weight.grad is not None  # the head trains through the cached features
 
 
+@pytest.mark.slow
 def test_cli_bench_iebaker_and_eval_rerank_sar(noisy_synth, tmp_path, capsys):
-    """`rsitr bench iebaker` trains the chosen variants with one budget and prints the table;
+    """`rsitr bench iebaker` runs the chosen variants of the iebaker-ablation suite with one budget
+    and prints the report;
     `rsitr eval --rerank sar` on the baseline checkpoint equals SAR applied to its matrix."""
     import json
 
@@ -470,9 +472,12 @@ def test_cli_bench_iebaker_and_eval_rerank_sar(noisy_synth, tmp_path, capsys):
                "--set", "batch_size=8", "--set", "augment.enabled=false", "--set", "eval_batch_size=64"])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "baseline" in table and "+SAR" in table
-    assert (out / "ablation.json").is_file() and (out / "ablation.md").is_file()
-    run = out / "seed0" / "baseline"
+    assert "| baseline | clip:tiny (full) |" in table and "| +SAR | clip:tiny (full) |" in table
+    assert (out / "report.json").is_file() and (out / "report.md").read_text() in table
+    assert "eba_filter" not in table.split("## Suite")[0]  # no variant ran EBA: nothing to measure
+    spec = json.loads((out / "cells" / noisy_synth.parent.name / "+SAR" / "seed0" / "spec.json").read_text())
+    assert spec["overrides"]["method.options"] == {"eba_fraction": 0.2, "sar": True}  # the suite's shared options under the variant's
+    run = out / "cells" / noisy_synth.parent.name / "baseline" / "seed0" / "run"
     rc = main(["-q", "eval", "--data", str(noisy_synth), "--checkpoint", str(run), "--rerank", "sar", "--rerank-k", "5", "--json"])
     assert rc == 0
     got = json.loads(capsys.readouterr().out)

@@ -317,51 +317,32 @@ def test_rdb_symmetric_builds_one_adapter_type_and_size_on_both_sides():
         RDB(bb, {"symmetric": "both"}, None)
 
 
-# -- the comparison bench ------------------------------------------------------------------------
-def test_run_comparison_writes_the_table(synth, tmp_path):
-    from rsitr.bench.rdb import format_markdown, run_comparison
-
-    out = tmp_path / "cmp"
-    rows = run_comparison(synth, out, "clip:tiny", epochs=1, max_steps=2, seeds=(0,), variants=["zero-shot", "lora"],
-                          overrides={"batch_size": 8, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 32, "augment.enabled": False},
-                          method_options={"lora": {"rank": 2}})
-    assert [r["variant"] for r in rows] == ["zero-shot", "lora"] and not any("error" in r for r in rows)
-    zs, lo = rows
-    assert zs["trainable_params"] == 0 and zs["steps"] == 0 and 0 <= zs["mR"] <= 100
-    assert lo["mode"] == "frozen" and lo["steps"] == 2 and 0 <= lo["mR"] <= 100
-    assert lo["trainable_params"] == lo["added_params"] == 8 * 3 * 2 * (2 * 128)
-    assert lo["trainable_pct"] == pytest.approx(100 * lo["trainable_params"] / lo["total_params"])
-    saved = json.loads((out / "comparison.json").read_text())
-    assert [r["variant"] for r in saved["rows"]] == ["zero-shot", "lora"] and len(saved["summary"]) == 2
-    md = (out / "comparison.md").read_text()
-    assert md.startswith("| variant | mode |") and "| lora | frozen |" in md and "| zero-shot | - |" in md
-    assert md.strip() == format_markdown(rows)
-    # a second call reads the finished rows back instead of training again
-    again = run_comparison(synth, out, "clip:tiny", epochs=1, max_steps=2, variants=["lora"],
-                           overrides={"batch_size": 8, "eval_every": 0}, method_options={"lora": {"rank": 2}})
-    assert again[0]["mR"] == lo["mR"]
-    with pytest.raises(RsitrError, match="unknown variant"):
-        run_comparison(synth, out, "clip:tiny", variants=["rdb-nope"])
-
-
-def test_format_markdown_mean_std_and_failures():
-    from rsitr.bench.rdb import format_markdown
-
-    base = {"method": "rdb", "mode": "heads", "trainable_params": 1500, "total_params": 10000, "trainable_pct": 15.0, "train_seconds": 3.0}
-    rows = [{"variant": "rdb", "seed": s, **base, **{k: v for k, v in zip(("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"),
-                                                                              [10.0 + s * 2] * 7)}} for s in (0, 1)]
-    rows.append({"variant": "lora", "seed": 0, "method": "lora", "mode": "heads", "error": "RsitrError: boom"})
-    md = format_markdown(rows)
-    assert "| rdb | heads | 11.00 ± 1.00 |" in md and "1.50K" in md and "15.000 ± 0.000" in md
-    assert "| lora | heads | failed: RsitrError: boom |" in md
-
-
-def test_bench_rdb_cli_zero_shot_row(synth, tmp_path, capsys):
+# -- the comparison bench (the rdb-comparison suite, run by the one runner) ----------------------
+@pytest.mark.slow
+def test_bench_rdb_runs_the_comparison_suite(synth, tmp_path, capsys):
     from rsitr.cli import main
 
-    assert main(["-q", "bench", "rdb", "--data", str(synth), "--out", str(tmp_path / "cli"), "--backbone", "clip:tiny",
-                 "--variants", "zero-shot", "--option", "lora.rank=4", "--set", "eval_batch_size=32"]) == 0
-    out = capsys.readouterr().out
-    assert "| zero-shot | - |" in out and (tmp_path / "cli" / "comparison.md").is_file()
+    out = tmp_path / "cmp"
+    args = ["-q", "bench", "rdb", "--data", str(synth), "--out", str(out), "--backbone", "clip:tiny", "--epochs", "1", "--max-steps", "2",
+            "--variants", "zero-shot", "lora", "--option", "lora.rank=2", "--set", "batch_size=8", "--set", "warmup_steps=1",
+            "--set", "eval_every=0", "--set", "eval_batch_size=32", "--set", "augment.enabled=false"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    cells = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in out.glob("cells/*/*/seed0/cell.json")}
+    assert set(cells) == {"zero-shot", "lora"} and all(c["status"] == "ok" for c in cells.values())
+    zs, lo = cells["zero-shot"]["measurements"]["params"], cells["lora"]["measurements"]["params"]
+    assert zs["trainable_params"] == 0 and zs["steps"] == 0 and zs["added_params"] == 0 and 0 <= cells["zero-shot"]["test"]["mR"] <= 100
+    assert cells["lora"]["mode"] == "frozen" and lo["steps"] == 2 and 0 <= cells["lora"]["test"]["mR"] <= 100  # clip: PEFT rows frozen
+    assert lo["trainable_params"] == lo["added_params"] == 8 * 3 * 2 * (2 * 128)
+    assert lo["trainable_pct"] == pytest.approx(100 * lo["trainable_params"] / lo["total_params"])
+    md = (out / "report.md").read_text()
+    assert md in printed and "### Parameters and budget (`params`)" in md
+    assert "| zero-shot | - | 0 | 0.000 | 0 | 0 | 0 |" in md and "| lora | frozen | 12.29K |" in md
+    # a second call reads the finished cells back instead of training again
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("done (skipped)") == 2
+    # a method's option needs its method
     assert main(["-q", "bench", "rdb", "--data", str(synth), "--out", str(tmp_path / "cli"), "--option", "rank=4"]) == 2
     assert "METHOD.KEY" in capsys.readouterr().err
+    assert main(["-q", "bench", "rdb", "--data", str(synth), "--out", str(tmp_path / "cli"), "--variants", "rdb-nope"]) == 2
+    assert "unknown method(s) ['rdb-nope']" in capsys.readouterr().err

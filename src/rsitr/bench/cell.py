@@ -1,8 +1,10 @@
 """One bench cell, run as ``python -m rsitr.bench.cell CELL_DIR`` (by ``rsitr bench run``).
 
-Reads ``CELL_DIR/spec.json``, trains with the shared loop (resuming an interrupted run), then
-measures on the test split: metrics, encoding throughput (images/s, texts/s) and text->image
-query latency over the encoded split; writes ``CELL_DIR/result.json``.
+Reads ``CELL_DIR/spec.json``, trains with the shared loop (resuming an interrupted run; a cell
+with ``"train": false`` scores the backbone as loaded), then measures on the test split: metrics,
+encoding throughput (images/s, texts/s) and text->image query latency over the encoded split, and
+the suite's declared measurements (:mod:`rsitr.bench.measurements`); writes
+``CELL_DIR/result.json``.
 """
 from __future__ import annotations
 
@@ -17,24 +19,23 @@ import numpy as np
 def run(cell_dir: Path, progress: bool = True) -> dict:
     import torch
 
+    from rsitr.bench.measurements import CellContext, run_on_cell
     from rsitr.bench.suite import environment, test_split
     from rsitr.data.captions import load_dataset
-    from rsitr.methods.factory import load
     from rsitr.eval.evaluate import encode_dataset, evaluate_ties
+    from rsitr.methods.factory import load
     from rsitr.train.config import TrainConfig
-    from rsitr.train.loop import train
 
     spec = json.loads((cell_dir / "spec.json").read_text())
     cfg = TrainConfig().override(spec["overrides"])
     t0 = time.perf_counter()
-    # the test split is scored once, below, from the best checkpoint (every tie convention)
-    result = train(cfg, resume=True, progress=progress, evaluate_test=False)
+    trained = _train(cfg, progress) if spec.get("train", True) else _as_loaded(cfg)
     train_seconds = time.perf_counter() - t0
+    loaded = trained["loaded"]
 
     # efficiency on the test split with the best checkpoint
     data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
     test = test_split(cfg, data)
-    loaded = load(str(result.out_dir))
     model = loaded.backbone
     engine = _engine(model, cfg)
     test_ties = evaluate_ties(model, test, method=loaded.method, batch_size=cfg.eval_batch_size, progress=False, engine=engine)
@@ -54,19 +55,50 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
         s = time.perf_counter()
         torch.topk(q @ imgs.t(), k=min(10, imgs.shape[0]))
         lat.append((time.perf_counter() - s) * 1000)
-    history = [{"epoch": h["epoch"], "loss": h.get("loss"), "val_mR": h.get("val", {}).get("mR")} for h in result.history]
-    return {
+    history = [{"epoch": h["epoch"], "global_step": h.get("global_step"), "seconds": h.get("seconds"), "loss": h.get("loss"),
+                "val_mR": h.get("val", {}).get("mR")} for h in trained["history"]]
+    rec = {
         "cell": spec["cell"], "dataset": spec["dataset"], "method": spec["method"], "seed": spec["seed"], "published": spec.get("published"),
-        "status": "ok", "test": test_ties["expected"], "test_ties": test_ties, "best_val": result.best, "trainable_params": result.trainable_params,
-        "total_params": result.total_params, "train_seconds": round(train_seconds, 1),
+        "status": "ok", "test": test_ties["expected"], "test_ties": test_ties, "best_val": trained["best"],
+        "trainable_params": trained["trainable_params"], "total_params": trained["total_params"], "train_seconds": round(train_seconds, 1),
         "train_images": len(data.split(cfg.data.train_split)) if not cfg.data.subset else min(cfg.data.subset, len(data.split(cfg.data.train_split))),
         "images_per_s": round(len(test) / max(enc_seconds, 1e-9), 1) if len(test) else None,
         "texts_per_s": round(len(texts) / max(text_seconds, 1e-9), 1) if texts else None,
         "query_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
         "query_ms_p95": round(float(np.percentile(lat, 95)), 3) if lat else None,
-        "backbone": cfg.model.backbone, "mode": cfg.model.mode, "engine": engine.kind, "history": history, "environment": environment(),
-        "config": cfg.to_dict(),
+        "backbone": cfg.model.backbone, "mode": cfg.model.mode if spec.get("train", True) else "-", "engine": engine.kind,
+        "history": history, "environment": environment(), "config": cfg.to_dict(),
     }
+    if spec.get("measurements"):
+        ctx = CellContext(cell_dir, cfg, loaded, data, test, engine, rec, trained["source"])
+        rec["measurements"] = run_on_cell(spec["measurements"], ctx)
+    return rec
+
+
+def _train(cfg, progress: bool) -> dict:
+    """Train the cell (resuming an interrupted run); the test split is scored afterwards, from the
+    best checkpoint (every tie convention)."""
+    from rsitr.methods.factory import load
+    from rsitr.train.loop import train
+
+    result = train(cfg, resume=True, progress=progress, evaluate_test=False)
+    return {"loaded": load(str(result.out_dir)), "history": result.history, "best": result.best, "trainable_params": result.trainable_params,
+            "total_params": result.total_params, "source": str(result.out_dir)}
+
+
+def _as_loaded(cfg) -> dict:
+    """A cell that does not train (``train: false``): the backbone as loaded, seeded first as the
+    training loop seeds it (on the two-tower backbone the projection heads are random: such a row
+    is near chance, the starting point of the trained rows). Its parameters count the baseline
+    method's temperature when the backbone has none, as the trained rows' totals do."""
+    from rsitr.methods.factory import load
+    from rsitr.train.loop import seed_everything
+    from rsitr.utils.distributed import resolve_device
+
+    seed_everything(cfg.seed)
+    loaded = load(cfg.model.backbone, device=str(resolve_device(cfg.device)), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
+    total = sum(p.numel() for p in loaded.backbone.parameters()) + (1 if loaded.backbone.logit_scale is None else 0)
+    return {"loaded": loaded.eval(), "history": [], "best": {}, "trainable_params": 0, "total_params": total, "source": cfg.model.backbone}
 
 
 def _engine(model, cfg):

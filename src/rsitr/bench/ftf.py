@@ -255,3 +255,20 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
         atomic_write_json(out, result)
         atomic_write_text(out.with_suffix(".md"), format_markdown(result) + "\n")
     return result
+
+
+# -- the measurement ---------------------------------------------------------------------------------
+def _ftf_on_cell(ctx, params: dict[str, Any]) -> dict[str, Any]:
+    """``ftf_speed`` on a finished cell: its checkpoint on its test split (``params``: the
+    options of :func:`measure`, e.g. ``ks: [50, 100]``, ``queries: 50``)."""
+    return measure(checkpoint=ctx.source, data=str(ctx.cfg.data.path), split=ctx.cfg.data.test_split, **params)
+
+
+def _register() -> None:
+    from rsitr.bench.measurements import Measurement, per_method, register_measurement
+
+    register_measurement(Measurement("ftf_speed", "FTF: coarse vs two-stage vs exhaustive scoring", per_method(format_markdown), on_cell=_ftf_on_cell,
+                                     run=measure, render_one=format_markdown))
+
+
+_register()

@@ -1,42 +1,30 @@
-"""iEBAKER ablation: baseline vs +EBA vs +KER vs +SAR vs all, with one budget, from one call.
+"""iEBAKER ablation: baseline vs +EBA vs +KER vs +SAR vs all, with one budget -- the suite
+``configs/suites/iebaker-ablation.yaml`` run by the one runner (``rsitr bench iebaker`` is its
+alias, :mod:`rsitr.cli.bench`) -- and the ``eba_filter`` measurement its report renders.
 
-``run_ablation(data_path, out_dir, ...)`` trains the five variants with the shared loop (method
-``iebaker`` with the parts switched on or off; "baseline" is the same method with all parts off,
-i.e. symmetric InfoNCE), the same steps/epochs/time budget and seeds, and evaluates each best
-checkpoint on the test split. When the annotation marks noisy training captions (the synthetic
-benchmark's ``"noisy": true``, written by ``rsitr data synth --noise-frac F``), the EBA runs are
-also scored as a noise filter: precision and recall of the pairs EBA eliminated (read back from
-the ``eba_epoch{N}.tsv`` files the method writes), and the ROC-AUC of the final model's pair score
-as a noise detector with precision/recall at a few elimination fractions.
-
-Outputs under ``out_dir``: one run folder per ``seed{S}/{variant}`` (resumed / skipped when run
-again), ``ablation.json`` (all rows + summary) and ``ablation.md`` (the tables).
+The variants are method ``iebaker`` with the parts switched on or off ("baseline" is the same
+method with all parts off, i.e. symmetric InfoNCE). When the annotation marks noisy training
+captions (the synthetic benchmark's ``"noisy": true``, written by ``rsitr data synth --noise-frac
+F``), a cell whose method runs EBA is also scored as a noise filter: precision and recall of the
+pairs EBA eliminated (read back from the ``eba_epoch{N}.tsv`` files the method writes; the last
+and the first EBA epoch), and the ROC-AUC of the final model's pair score as a noise detector with
+precision/recall at a few elimination fractions.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from rsitr.bench import report
-from rsitr.models.registry import parse_spec
+from rsitr.bench.measurements import CellContext, Measurement, fmt_mean, register_measurement
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "+EBA": {"eba": True},
-    "+KER": {"ker": True},
-    "+SAR": {"sar": True},
-    "all": {"eba": True, "ker": True, "sar": True},
-}
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+SUITE = "iebaker-ablation"
 
 
 def noisy_flags(data_path: str | Path, train_ds) -> np.ndarray | None:
@@ -128,16 +116,14 @@ def eba_files_quality(run_dir: Path, noisy: np.ndarray) -> list[dict[str, Any]]:
     return out
 
 
-def _score_train_pairs(run_dir: Path, train_ds, cache_dir: Path | None) -> np.ndarray:
-    """Global similarity of every training pair under the run's best checkpoint."""
+def _score_train_pairs(model, train_ds, cache_dir: Path | None) -> np.ndarray:
+    """Global similarity of every training pair under ``model`` (the cell's best checkpoint)."""
     import torch
     import torch.nn.functional as F
 
-    from rsitr.methods.factory import load_model
-    from rsitr.eval.evaluate import encode_dataset
     from rsitr.data.imagesets import build_trunk_cache, make_transforms, supports_trunk_cache
+    from rsitr.eval.evaluate import encode_dataset
 
-    model = load_model(str(run_dir / "checkpoint_best.pt"))
     for p in model.parameters():  # inference only: frozen trunks can use the run's cached trunk features
         p.requires_grad_(False)
     cache = None
@@ -151,130 +137,56 @@ def _score_train_pairs(run_dir: Path, train_ds, cache_dir: Path | None) -> np.nd
     return (F.normalize(enc.images, dim=-1)[owner] * enc.texts).sum(-1).numpy()
 
 
-def run_ablation(
-    data_path: str | Path,
-    out_dir: str | Path,
-    backbone: str = "towers:efficientnet-lite0+minilm-l6",
-    *,
-    epochs: int = 10,
-    max_steps: int | None = None,
-    time_budget: float | None = None,
-    seeds: Sequence[int] = (0,),
-    variants: Sequence[str] | None = None,
-    options: dict[str, Any] | None = None,
-    overrides: dict[str, Any] | None = None,
-    mode: str | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Train and test the iEBAKER ablation variants; returns one row per (variant, seed) with the
-    test metrics (percent), wall time, steps, and for EBA runs the filter's precision/recall
-    against the annotation's noisy flags. Also writes ``ablation.json`` / ``ablation.md``.
+def eba_enabled(cfg) -> bool:
+    """Whether the cell's method runs EBA (iEBAKER, alone or as a part of ``combo``)."""
+    opts = cfg.method.options or {}
+    if cfg.method.name == "combo":
+        opts = (opts.get("parts") or {}).get("iebaker") or {}
+    elif cfg.method.name != "iebaker":
+        return False
+    return bool(opts.get("eba"))
 
-    ``epochs`` / ``max_steps`` / ``time_budget``: the same budget for every variant.
-    ``options``: iEBAKER options shared by all variants (e.g. ``{"eba_fraction": 0.2}``);
-    ``overrides``: extra TrainConfig overrides (dotted keys); ``mode``: model.mode (default
-    ``full`` for ``clip:`` backbones, the config default otherwise).
-    """
-    from rsitr.data.captions import load_dataset
-    from rsitr.train.config import TrainConfig
-    from rsitr.train.loop import train
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(variants) if variants else list(VARIANTS)
-    bad = [v for v in names if v not in VARIANTS]
-    if bad:
-        raise RsitrError(f"unknown variant(s) {bad}; available: {list(VARIANTS)}")
-    shared = {"eba_fraction": 0.2, **(options or {})}
-    data = load_dataset(str(data_path))
-    train_ds = data.split("train")
-    noisy = noisy_flags(data_path, train_ds)
+def _eba_on_cell(ctx: CellContext, params: dict[str, Any]) -> dict[str, Any] | None:
+    cfg = ctx.cfg
+    if not eba_enabled(cfg):
+        return None
+    train_ds = ctx.data.split(cfg.data.train_split)
+    noisy = noisy_flags(cfg.data.path, train_ds)
     if noisy is None:
-        log.info("%s marks no noisy captions: EBA precision/recall not measured", data_path)
-    rows: list[dict[str, Any]] = []
-    for seed in seeds:
-        for v in names:
-            run_dir = out / f"seed{seed}" / v.replace("+", "plus-")
-            opts = {**shared, **VARIANTS[v]}
-            ov: dict[str, Any] = {
-                "data.path": str(data_path), "out_dir": str(run_dir), "model.backbone": backbone, "epochs": int(epochs),
-                "max_steps": max_steps, "time_budget": time_budget, "seed": int(seed), "cache_dir": str(out / "cache"),
-                "method.name": "iebaker", "method.options": opts,
-            }
-            if mode or parse_spec(backbone).family == "clip":
-                ov["model.mode"] = mode or "full"
-            ov.update(overrides or {})
-            cfg = TrainConfig().override(ov)
-            res_path = run_dir / "result.json"
-            t0 = time.perf_counter()
-            if res_path.is_file() and (run_dir / "checkpoint_best.pt").is_file():
-                res = json.loads(res_path.read_text())
-                test, hist, seconds = res["test"], res.get("history", []), res.get("seconds")
-                log.info("%s seed %d: done (skipped)", v, seed)
-            else:
-                log.info("%s seed %d: training ...", v, seed)
-                r = train(cfg, resume=(run_dir / "checkpoint_last.pt").is_file(), progress=progress)
-                test, hist, seconds = r.test, r.history, round(r.seconds, 1)
-            row: dict[str, Any] = {"variant": v, "seed": int(seed), **{k: (test or {}).get(k) for k in METRICS},
-                                   "steps": hist[-1]["global_step"] if hist else None, "seconds": seconds,
-                                   "best_epoch": json.loads(res_path.read_text())["best_val"].get("epoch") if res_path.is_file() else None,
-                                   "options": opts}
-            if opts.get("eba") and noisy is not None:
-                per_epoch = eba_files_quality(run_dir, noisy)
-                row["eba_epochs"] = per_epoch
-                if per_epoch:
-                    row.update({f"eba_{k}": per_epoch[-1][k] for k in ("eliminated", "noisy", "precision", "recall")})
-                    row["eba_first_precision"], row["eba_first_recall"] = per_epoch[0]["precision"], per_epoch[0]["recall"]
-                try:
-                    score = _score_train_pairs(run_dir, train_ds, out / "cache")
-                    row["noise_auc"] = roc_auc(-score, noisy)
-                    curve = {}
-                    for f in (0.1, 0.2, 0.3, 0.4):
-                        k = int(np.floor(f * len(score)))
-                        el = np.zeros(len(score), dtype=bool)
-                        el[np.argsort(score, kind="stable")[:k]] = True
-                        q = filter_quality(el, noisy)
-                        curve[str(f)] = {"precision": q["precision"], "recall": q["recall"]}
-                    row["noise_curve"] = curve
-                except Exception as exc:  # the measurement is a bonus; never lose the ablation for it
-                    log.warning("could not score the training pairs of %s: %s", run_dir, exc)
-            log.info("%s seed %d: test mR %.2f (%.0fs)", v, seed, row["mR"] or float("nan"), time.perf_counter() - t0)
-            rows.append(row)
-    summary = summarize(rows)
-    atomic_write_json(out / "ablation.json", {"data": str(data_path), "backbone": backbone, "epochs": epochs, "max_steps": max_steps,
-                                              "time_budget": time_budget, "seeds": list(seeds), "options": shared,
-                                              "rows": rows, "summary": summary})
-    atomic_write_text(out / "ablation.md", format_markdown(rows) + "\n")
-    return rows
+        log.info("%s marks no noisy captions: EBA precision/recall not measured", cfg.data.path)
+        return None
+    per_epoch = eba_files_quality(Path(cfg.out_dir), noisy)
+    out: dict[str, Any] = {"eba_epochs": per_epoch}
+    if per_epoch:
+        out.update({f"eba_{k}": per_epoch[-1][k] for k in ("eliminated", "noisy", "precision", "recall")})
+        out["eba_first_precision"], out["eba_first_recall"] = per_epoch[0]["precision"], per_epoch[0]["recall"]
+    try:
+        score = _score_train_pairs(ctx.loaded.backbone, train_ds, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    except Exception as exc:  # noqa: BLE001 - the filter's precision/recall above stand without the pair scores
+        log.warning("could not score the training pairs of %s: %s", cfg.out_dir, exc)
+        out["noise_auc_error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    out["noise_auc"] = roc_auc(-score, noisy)
+    curve = {}
+    for f in params.get("fractions", (0.1, 0.2, 0.3, 0.4)):
+        k = int(np.floor(float(f) * len(score)))
+        el = np.zeros(len(score), dtype=bool)
+        el[np.argsort(score, kind="stable")[:k]] = True
+        q = filter_quality(el, noisy)
+        curve[str(f)] = {"precision": q["precision"], "recall": q["recall"]}
+    out["noise_curve"] = curve
+    return out
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of each variant's metrics and filter quality."""
-    return report.summarize(rows, "variant", METRICS + ("eba_precision", "eba_recall", "eba_first_precision", "eba_first_recall",
-                                                         "noise_auc", "seconds"))
+def _eba_render(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["EBA as a noise filter (injected noisy training pairs; last EBA epoch, first EBA epoch, and the final model's pair score):", "",
+             "| method | precision | recall | first-epoch precision | first-epoch recall | score AUC |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append("| " + " | ".join([r["method"], fmt_mean(r, "eba_precision", 100, 1), fmt_mean(r, "eba_recall", 100, 1),
+                                         fmt_mean(r, "eba_first_precision", 100, 1), fmt_mean(r, "eba_first_recall", 100, 1),
+                                         fmt_mean(r, "noise_auc", 1, 3)]) + " |")
+    return lines
 
 
-def format_markdown(rows: list[dict[str, Any]]) -> str:
-    """The ablation table (mean +- std over seeds) and the EBA filter table."""
-    summ = summarize(rows)
-    n_seeds = max((s["seeds"] for s in summ), default=0)
-
-    def cell(s, k, scale=1.0, d=2):
-        if k not in s:
-            return "-"
-        m = s[k] * scale
-        sd = s.get(k + "_std", 0.0) * scale
-        return f"{m:.{d}f}" + (f" ± {sd:.{d}f}" if n_seeds > 1 else "")
-
-    lines = ["| variant | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in summ:
-        lines.append("| " + " | ".join([s["variant"]] + [cell(s, k) for k in METRICS] + [cell(s, "seconds", d=0)]) + " |")
-    ebas = [s for s in summ if "eba_recall" in s]
-    if ebas:
-        lines += ["", "EBA as a noise filter (injected noisy training pairs; last EBA epoch, first EBA epoch, and the final model's pair score):", "",
-                  "| variant | precision | recall | first-epoch precision | first-epoch recall | score AUC |", "|---|---:|---:|---:|---:|---:|"]
-        for s in ebas:
-            lines.append("| " + " | ".join([s["variant"], cell(s, "eba_precision", 100, 1), cell(s, "eba_recall", 100, 1),
-                                             cell(s, "eba_first_precision", 100, 1), cell(s, "eba_first_recall", 100, 1),
-                                             cell(s, "noise_auc", 1, 3)]) + " |")
-    return "\n".join(lines)
+EBA_FILTER = register_measurement(Measurement("eba_filter", "EBA filter quality", _eba_render, on_cell=_eba_on_cell))

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rsitr.bench.measurements import get_measurement, mean_results, std_results
 from rsitr.bench.suite import collect
 from rsitr.models.registry import parse_spec
 from rsitr.utils.io import atomic_write_json, atomic_write_text
@@ -29,28 +30,10 @@ def mean_std(xs: list[float], ddof: int = 1) -> tuple[float, float]:
     return m, sd
 
 
-def summarize(rows: list[dict[str, Any]], by: str, keys: tuple[str, ...], *, ddof: int = 0) -> list[dict[str, Any]]:
-    """One row per value of ``rows[i][by]`` (first-seen order): ``seeds`` (rows without an
-    ``error``), ``failed``, the first ``error``, and ``key`` / ``key_std`` over the finished rows of
-    every ``key`` they carry (None and NaN left out) -- the one summary of the ablation and
-    comparison benchmarks (:mod:`rsitr.bench.rdb`, :mod:`rsitr.bench.iebaker`)."""
-    out = []
-    for v in dict.fromkeys(r[by] for r in rows):
-        rs = [r for r in rows if r[by] == v]
-        ok = [r for r in rs if "error" not in r]
-        s: dict[str, Any] = {by: v, "seeds": len(ok), "failed": len(rs) - len(ok)}
-        if len(ok) < len(rs):
-            s["error"] = next(r["error"] for r in rs if "error" in r)
-        for k in keys:
-            vals = [float(r[k]) for r in ok if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
-            if vals:
-                s[k], s[k + "_std"] = mean_std(vals, ddof)
-        out.append(s)
-    return out
-
-
-def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, method): mean/std of every metric over the finished seeds."""
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, method): mean/std of every metric over the finished seeds, and of
+    every measurement the cells recorded (``measurements.<name>``: ``seeds``, ``result`` the mean
+    result, ``result_std``, the first ``error``)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     failed: dict[tuple[str, str], int] = defaultdict(int)
     order: list[tuple[str, str]] = []
@@ -80,8 +63,35 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["train_images"] = next((r["train_images"] for r in rs if r.get("train_images")), None)
             row["backbone"] = rs[0].get("backbone")
             row["mode"] = rs[0].get("mode")
+            row["measurements"] = _summarize_measurements(rs)
         rows.append(row)
     return rows
+
+
+def _summarize_measurements(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in dict.fromkeys(n for r in records for n in (r.get("measurements") or {})):
+        res = [r["measurements"][name] for r in records if name in (r.get("measurements") or {})]
+        ok = [x for x in res if "error" not in x]
+        out[name] = {"seeds": len(ok), "failed": len(res) - len(ok), "result": mean_results(ok), "result_std": std_results(ok),
+                     "error": next((x["error"] for x in res if "error" in x), None)}
+    return out
+
+
+def render_measurements(drows: list[dict[str, Any]]) -> list[str]:
+    """The sections of the measurements one dataset's cells recorded (a failed one: its error)."""
+    out: list[str] = []
+    for name in dict.fromkeys(n for r in drows for n in (r.get("measurements") or {})):
+        m = get_measurement(name)
+        rows = [{"method": r["method"], "mode": r.get("mode"), **r["measurements"][name]} for r in drows if name in (r.get("measurements") or {})]
+        out += ["", f"### {m.title} (`{name}`)", ""]
+        done = [r for r in rows if r["seeds"]]
+        if done:
+            out += m.render(done)
+        for r in rows:
+            if r["failed"]:
+                out.append(f"- {r['method']}: {r['failed']} cell(s) failed this measurement: {r['error']}")
+    return out
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -134,6 +144,7 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
             for r in tied:
                 cells = [" / ".join(f"{r[f'ties_{t}'][k][0]:.2f}" for t in ("pessimistic", "expected", "optimistic")) for k in ("i2t_r1", "t2i_r1", "mR")]
                 out.append(f"| {r['method']} | {r['ties_optimistic_n']} | " + " | ".join(cells) + " |")
+        out += render_measurements(drows)
         pub_name = next((r["published"] for r in drows if r.get("published")), None)
         pub = published_rows(pub_name) if pub_name else []
         if pub:
@@ -246,7 +257,7 @@ def report(run_dir: str | Path) -> str:
 
         raise RsitrError(f"{run_dir}: no cells found (run `rsitr bench run` first)")
     records = _suite_order(run_dir, records)
-    rows = summarise(records)
+    rows = summarize(records)
     plots = make_plots(run_dir, rows, records)
     md = render(run_dir, rows, records, plots)
     atomic_write_text(run_dir / "report.md", md)

@@ -159,3 +159,45 @@ def render_build(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['tiles']} | {r['image_size']} | {r['embed_dim']} | {r['encode_tiles_per_s']} | "
                      f"{r['end_to_end_tiles_per_s']} | {r['seconds']} |")
     return "\n".join(lines)
+
+
+# -- the measurements --------------------------------------------------------------------------------
+def vector_search(k: int = 10, **kw) -> dict:
+    """:func:`run_search_bench` as a measurement result: ``{"k", "rows"}``."""
+    return {"k": k, "rows": run_search_bench(k=k, **kw)}
+
+
+def index_build(**kw) -> dict:
+    """:func:`run_build_bench` as a measurement result: ``{"rows"}``."""
+    return {"rows": run_build_bench(**kw)}
+
+
+def _search_on_cell(ctx, params: dict) -> dict:
+    """``vector_search`` at the cell's embedding dimension (``params``: the options of
+    :func:`run_search_bench`, e.g. ``sizes: [10000]``)."""
+    return vector_search(**{"dim": int(ctx.loaded.backbone.embed_dim), "sizes": (10_000,), "progress": False, **params})
+
+
+def _build_on_cell(ctx, params: dict) -> dict:
+    """``index_build`` with the cell's checkpoint (``params``: e.g. ``n_tiles: 50``)."""
+    return index_build(**{"models": (ctx.source,), **params})
+
+
+def _render_vector_search(result: dict) -> str:
+    return render_search(result["rows"], result["k"])
+
+
+def _render_index_build(result: dict) -> str:
+    return render_build(result["rows"])
+
+
+def _register() -> None:
+    from rsitr.bench.measurements import Measurement, per_method, register_measurement
+
+    register_measurement(Measurement("vector_search", "Vector search: flat vs ivf vs hnsw", per_method(_render_vector_search),
+                                     on_cell=_search_on_cell, run=vector_search, render_one=_render_vector_search))
+    register_measurement(Measurement("index_build", "Index-build throughput", per_method(_render_index_build), on_cell=_build_on_cell,
+                                     run=index_build, render_one=_render_index_build))
+
+
+_register()

@@ -9,10 +9,16 @@ A suite is a YAML file::
       epochs: 30
     datasets:                # name -> overrides (at least data.path); a path may use ${VAR}
       ucm: {data.path: ${RSITR_UCM:-../shared/data/ucm-captions}, published: UCM}
-    methods:                 # name -> overrides (``seeds:`` there limits that method's seeds)
-      baseline: {method.name: baseline}
+    methods:                 # name -> overrides (``seeds:`` there limits that method's seeds;
+      baseline: {method.name: baseline}   # ``train: false`` scores the backbone as loaded)
       rdb: {method.name: rdb, method.options: {loss_cls: true}}
-    seeds: [0, 1, 2]
+    options:                 # optional: method.name -> options under every such cell's own
+      lora: {rank: 4}
+    measurements: [params]   # optional: measurements run on each finished cell (a list, or
+    seeds: [0, 1, 2]         # name -> parameters; see rsitr.bench.measurements)
+
+``method.options`` mappings merge (base, then the suite's ``options`` for the cell's method, then
+the dataset's, then the method's own) instead of replacing each other.
 
 Each cell trains in its own process (``python -m rsitr.bench.cell``) so a crash or an
 out-of-memory kill fails that cell only, and its peak memory is measured. A cell's folder holds
@@ -47,14 +53,15 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "configs" / "suites"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(value: Any, missing: list[str] | None = None) -> Any:
-    """``${VAR}`` / ``${VAR:-default}`` from the environment; unset variables without a default
-    are collected in ``missing`` (an error listing them all when ``missing`` is None)."""
+def _expand(value: Any, missing: list[str] | None = None, variables: dict[str, str] | None = None) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` from ``variables``, else the environment; unset variables
+    without a default are collected in ``missing`` (an error listing them all when ``missing`` is
+    None)."""
     top = missing is None
     missing = [] if top else missing
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
-            got = os.environ.get(m.group(1))
+            got = (variables or {}).get(m.group(1), os.environ.get(m.group(1)))
             if got is None:
                 if m.group(2) is None:
                     missing.append(m.group(1))
@@ -64,9 +71,9 @@ def _expand(value: Any, missing: list[str] | None = None) -> Any:
 
         out: Any = _VAR.sub(sub, value)
     elif isinstance(value, dict):
-        out = {k: _expand(v, missing) for k, v in value.items()}
+        out = {k: _expand(v, missing, variables) for k, v in value.items()}
     elif isinstance(value, list):
-        out = [_expand(v, missing) for v in value]
+        out = [_expand(v, missing, variables) for v in value]
     else:
         out = value
     if top and missing:
@@ -99,6 +106,7 @@ class Cell:
     seed: int
     overrides: dict[str, Any]
     published: str | None = None
+    train: bool = True  # False: the backbone as loaded is scored (a zero-shot row)
 
     @property
     def key(self) -> str:
@@ -112,6 +120,8 @@ class Suite:
     cells: list[Cell]
     source: Path
     raw: dict[str, Any] = field(default_factory=dict)
+    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> parameters, run on every finished cell
+    text: str = ""  # the suite as YAML, archived in the run folder
 
 
 def find_suite(name_or_path: str) -> Path:
@@ -125,38 +135,80 @@ def find_suite(name_or_path: str) -> Path:
     raise RsitrError(f"no suite {name_or_path!r}: not a file, and not one of the shipped suites {shipped}")
 
 
-def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> Suite:
+def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: list[str] | None = None,
+               variables: dict[str, str] | None = None) -> Suite:
+    """The suite of a YAML file or a shipped suite's name; ``variables`` take precedence over the
+    environment in ``${VAR}`` expansions."""
     path = find_suite(name_or_path)
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise RsitrError(f"{path}: not valid YAML: {exc}") from exc
+    return build_suite(raw, path, text=text, seeds=seeds, methods=methods, variables=variables)
+
+
+def build_suite(raw: dict[str, Any], path: Path, *, text: str | None = None, seeds: list[int] | None = None,
+                methods: list[str] | None = None, variables: dict[str, str] | None = None) -> Suite:
+    """The cells of a parsed suite (``path`` names it in errors and is archived with the run;
+    ``text``: its YAML, default ``raw`` dumped)."""
     for key in ("datasets", "methods"):
         if not isinstance(raw.get(key), dict) or not raw[key]:
             raise RsitrError(f"{path}: needs a non-empty '{key}' mapping")
     # every unset variable the chosen cells need, reported at once
     chosen_m = list(raw["methods"]) if not methods else [m for m in methods if m in raw["methods"]]
     need: list[str] = []
-    _expand({"base": raw.get("base"), "datasets": raw["datasets"], "methods": {m: raw["methods"][m] for m in chosen_m}}, need)
+    _expand({"base": raw.get("base"), "datasets": raw["datasets"], "methods": {m: raw["methods"][m] for m in chosen_m}}, need, variables)
     if need:
         _missing_vars(need)
-    base = _flatten(_expand(raw.get("base") or {}))
+    base = _flatten(_expand(raw.get("base") or {}, variables=variables))
     all_seeds = seeds if seeds is not None else list(raw.get("seeds") or [0])
     chosen = list(raw["methods"]) if not methods else methods
     unknown = [m for m in chosen if m not in raw["methods"]]
     if unknown:
         raise RsitrError(f"{path}: unknown method(s) {unknown}; the suite has {list(raw['methods'])}")
+    shared_opts = raw.get("options") or {}
+    if not isinstance(shared_opts, dict) or not all(isinstance(v, dict) for v in shared_opts.values()):
+        raise RsitrError(f"{path}: 'options' must map method names to option mappings")
     cells = []
     for dname, dover in raw["datasets"].items():
-        dover = dict(_expand(dover or {}))
+        dover = _flatten(_expand(dover or {}, variables=variables))
         published = dover.pop("published", None)
         for mname in chosen:
-            mover = _flatten(_expand(raw["methods"][mname] or {}))
+            mover = _flatten(_expand(raw["methods"][mname] or {}, variables=variables))
             # a method may run fewer seeds than the suite (an expensive one), unless --seeds is given
             mseeds = mover.pop("seeds", None)
+            trains = bool(mover.pop("train", True))
+            over = {**base, **dover, **mover}
+            method_name = over.get("method.name", "baseline")
+            opts = {}
+            for layer in (base.get("method.options"), shared_opts.get(method_name), dover.get("method.options"), mover.get("method.options")):
+                opts.update(layer or {})
+            if opts or "method.options" in over:
+                over["method.options"] = opts
             for seed in (all_seeds if seeds is not None or mseeds is None else [int(x) for x in mseeds]):
-                cells.append(Cell(dname, mname, int(seed), {**base, **_flatten(dover), **mover, "seed": int(seed)}, published))
-    return Suite(raw.get("name", path.stem), raw.get("description", ""), cells, path, raw)
+                cells.append(Cell(dname, mname, int(seed), {**over, "seed": int(seed)}, published, trains))
+    return Suite(raw.get("name", path.stem), raw.get("description", ""), cells, path, raw, _measurements(raw.get("measurements"), path),
+                 text if text is not None else yaml.safe_dump(raw, sort_keys=False))
+
+
+def _measurements(spec: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """A suite's ``measurements:`` (a list of names, or name -> parameters), checked against the
+    registry."""
+    from rsitr.bench.measurements import get_measurement
+
+    if not spec:
+        return {}
+    items = {name: {} for name in spec} if isinstance(spec, list) else spec
+    if not isinstance(items, dict):
+        raise RsitrError(f"{path}: 'measurements' must be a list of names or a mapping of name -> parameters")
+    out = {}
+    for name, params in items.items():
+        m = get_measurement(str(name))
+        if m.on_cell is None:
+            raise RsitrError(f"{path}: measurement {name!r} does not run on a cell")
+        out[str(name)] = dict(params or {})
+    return out
 
 
 def prepare_synthetic(suite: Suite, out: Path) -> None:
@@ -298,7 +350,7 @@ class _exclusive:
 def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None) -> list[dict[str, Any]]:
     prepare_synthetic(suite, out)
     check_inputs(suite)
-    atomic_write_text(out / "suite.yaml", suite.source.read_text(encoding="utf-8"))
+    atomic_write_text(out / "suite.yaml", suite.text or suite.source.read_text(encoding="utf-8"))
     atomic_write_json(out / "environment.json", environment())
     records = []
     for i, cell in enumerate(suite.cells, 1):
@@ -312,9 +364,10 @@ def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None
                 continue
         cdir.mkdir(parents=True, exist_ok=True)
         spec = {"cell": cell.key, "dataset": cell.dataset, "method": cell.method, "seed": cell.seed, "published": cell.published,
+                "train": cell.train, "measurements": suite.measurements,
                 "overrides": {"cache_dir": str(out / "cache"), **cell.overrides, "out_dir": str(cdir / "run")}}
         atomic_write_json(cdir / "spec.json", spec)
-        print(f"[{i}/{len(suite.cells)}] {cell.key}: training ...", flush=True)
+        print(f"[{i}/{len(suite.cells)}] {cell.key}: {'training' if cell.train else 'scoring the backbone as loaded'} ...", flush=True)
         t0 = time.perf_counter()
         rec = _run_cell_process(cdir, progress=progress, timeout=timeout)
         rec.setdefault("wall_seconds", round(time.perf_counter() - t0, 1))

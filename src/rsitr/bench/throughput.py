@@ -173,3 +173,29 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {r['backbone']} | {r['impl']} | {r['what']} | {r['batch_size']} | {fmt(r['images_per_s'])} | {fmt(r['image_speedup'])} | "
                      f"{fmt(r['texts_per_s'])} | {fmt(r['text_speedup'])} | {r['threads']} | {r['inputs']} |")
     return "\n".join(lines)
+
+
+# -- the measurement ---------------------------------------------------------------------------------
+def encode(backbones, **kw) -> dict:
+    """:func:`encode_comparison` of every backbone as a measurement result: ``{"rows"}``."""
+    return {"rows": [r for b in backbones for r in encode_comparison(b, **kw)]}
+
+
+def _encode_on_cell(ctx, params: dict) -> dict:
+    """``encode`` on the cell's checkpoint (``params``: the options of :func:`encode_comparison`;
+    the reference implementations are left out unless ``reference: true``)."""
+    return encode([ctx.source], **{"reference": False, "progress": False, **params})
+
+
+def _render_encode(result: dict) -> str:
+    return render(result["rows"])
+
+
+def _register() -> None:
+    from rsitr.bench.measurements import Measurement, per_method, register_measurement
+
+    register_measurement(Measurement("encode", "Encoding throughput", per_method(_render_encode), on_cell=_encode_on_cell, run=encode,
+                                     render_one=_render_encode))
+
+
+_register()

@@ -6,14 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rsitr.cli.common import add_command
 from rsitr.utils.errors import RsitrError
 
 
 def rdb_variants() -> list[str]:
-    from rsitr.bench.rdb import VARIANTS
+    from rsitr.bench.rdb import SUITE
+    from rsitr.bench.suite import find_suite
 
-    return list(VARIANTS)
+    return list(yaml.safe_load(find_suite(SUITE).read_text(encoding="utf-8"))["methods"])
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -22,35 +25,32 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return dict(parse_override(s) for s in pairs)
 
 
-def _bench_data(args: argparse.Namespace, **kw) -> str:
-    """``--data``, or the synthetic benchmark written under ``--out/data`` (``--images``)."""
-    if args.data is not None:
-        return args.data
-    from rsitr.data.synth import bench_dataset
+def _print_json(obj: Any) -> None:
+    from rsitr.utils.io import jsonable
 
-    return bench_dataset(args.out, args.images, progress=not args.quiet, **kw)
+    print(json.dumps(jsonable(obj), indent=2))
 
 
-# -- encode / run / report ---------------------------------------------------------------------
-def cmd_encode(args: argparse.Namespace) -> int:
-    from rsitr.bench.throughput import encode_comparison, render
+# -- suites: run / report, and the ablations built on them ---------------------------------------
+def _run_and_report(suite, out: Path, args: argparse.Namespace, *, as_json: bool = False) -> int:
+    from rsitr.bench.report import report
+    from rsitr.bench.suite import run_suite
 
-    rows = [r for b in args.backbone for r in encode_comparison(b, batch_size=args.batch_size, n_batches=args.batches, images=args.images,
-                                                               engines=args.engines, reference=not args.no_reference, progress=not args.quiet)]
-    print(json.dumps(rows, indent=2) if args.json else render(rows))
-    return 0
+    records = run_suite(suite, out, progress=not args.quiet)
+    md = report(out)
+    if as_json:
+        _print_json(json.loads((out / "report.json").read_text()))
+    else:
+        print(md)
+        print(f"\nreport: {out / 'report.md'}")
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rsitr.bench.report import report
-    from rsitr.bench.suite import load_suite, run_suite
+    from rsitr.bench.suite import load_suite
 
     suite = load_suite(args.suite, seeds=args.seeds, methods=args.methods)
-    out = Path(args.out or f"runs/bench-{suite.name}")
-    records = run_suite(suite, out, progress=not args.quiet)
-    print(report(out))
-    print(f"\nreport: {out / 'report.md'}")
-    return 0 if all(r.get("status") == "ok" for r in records) else 1
+    return _run_and_report(suite, Path(args.out or f"runs/bench-{suite.name}"), args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -60,74 +60,98 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the ablations -----------------------------------------------------------------------------
-def cmd_iebaker(args: argparse.Namespace) -> int:
-    from rsitr.bench.iebaker import format_markdown, run_ablation
+def _alias_suite(name: str, args: argparse.Namespace, *, base: dict[str, Any], options: dict[str, dict[str, Any]],
+                 methods: list[str], synth: dict[str, Any], variables: dict[str, str] | None = None):
+    """A shipped suite with a bench command's options: ``--data`` (else the suite's synthetic
+    benchmark with ``--images``), ``base`` and ``--set`` over the suite's base, ``options`` over its
+    per-method options, the ``--seeds``."""
+    from rsitr.bench.suite import build_suite, find_suite
 
-    data = _bench_data(args, noise_frac=args.noise_frac)
-    rows = run_ablation(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
-                        seeds=args.seeds, variants=args.variants, options=_overrides(args.option), overrides=_overrides(args.set),
-                        mode=args.mode, progress=not args.quiet)
-    print(json.dumps(rows, indent=2, default=str) if args.json else format_markdown(rows))
-    return 0
+    path = find_suite(name)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if args.data is not None:
+        p = Path(args.data)
+        raw["datasets"] = {(p.parent.name if p.is_file() else p.name) or "data": {"data.path": str(p)}}
+    else:
+        raw["datasets"] = {"synth": {"synth": {"images": args.images, "seed": 0, **synth}}}
+    raw["base"] = {**(raw.get("base") or {}), **base, **_overrides(args.set)}
+    shared = dict(raw.get("options") or {})
+    for m, opts in options.items():
+        shared[m] = {**shared.get(m, {}), **opts}
+    raw["options"] = shared
+    return build_suite(raw, path, seeds=args.seeds, methods=methods, variables=variables)
+
+
+def cmd_iebaker(args: argparse.Namespace) -> int:
+    from rsitr.bench.iebaker import SUITE
+    from rsitr.models.registry import parse_spec
+
+    base: dict[str, Any] = {"model.backbone": args.backbone, "epochs": args.epochs, "max_steps": args.max_steps, "time_budget": args.time_budget}
+    if args.mode or parse_spec(args.backbone).family == "clip":
+        base["model.mode"] = args.mode or "full"
+    suite = _alias_suite(SUITE, args, base=base, options={"iebaker": _overrides(args.option)}, methods=args.variants,
+                         synth={"noise_frac": args.noise_frac})
+    return _run_and_report(suite, Path(args.out), args, as_json=args.json)
 
 
 def cmd_rdb(args: argparse.Namespace) -> int:
-    from rsitr.bench.rdb import format_markdown, run_comparison
+    from rsitr.bench.rdb import EXTRA_ROWS, SUITE, default_peft_mode
 
-    data = _bench_data(args)
     mopts: dict[str, dict[str, Any]] = {}
     for s in args.option:
-        key, value = _kv(s)
+        key, value = _overrides([s]).popitem()
         if "." not in key:
             raise RsitrError(f"--option must look like METHOD.KEY=VALUE (e.g. lora.rank=4), got {s!r}")
         m, k = key.split(".", 1)
         mopts.setdefault(m, {})[k] = value
-    rows = run_comparison(data, args.out, args.backbone, epochs=args.epochs, max_steps=args.max_steps, time_budget=args.time_budget,
-                          seeds=args.seeds, variants=args.variants, overrides=_overrides(args.set),
-                          method_options=mopts, peft_mode=args.peft_mode, progress=not args.quiet)
-    print(json.dumps(rows, indent=2, default=str) if args.json else format_markdown(rows))
-    print(f"\n{Path(args.out) / 'comparison.md'}")
-    return 0 if not any("error" in r for r in rows) else 1
+    base = {"model.backbone": args.backbone, "epochs": args.epochs, "max_steps": args.max_steps, "time_budget": args.time_budget}
+    methods = args.variants or [m for m in rdb_variants() if m not in EXTRA_ROWS]
+    suite = _alias_suite(SUITE, args, base=base, options=mopts, methods=methods, synth={},
+                         variables={"RSITR_PEFT_MODE": args.peft_mode or default_peft_mode(args.backbone)})
+    return _run_and_report(suite, Path(args.out), args, as_json=args.json)
 
 
-def _kv(text: str):
-    from rsitr.train.config import parse_override
+# -- measurements on inputs of their own -------------------------------------------------------
+def cmd_encode(args: argparse.Namespace) -> int:
+    from rsitr.bench.measurements import get_measurement
 
-    return parse_override(text)
+    m = get_measurement("encode")
+    result = m.run(args.backbone, batch_size=args.batch_size, n_batches=args.batches, images=args.images, engines=args.engines,
+                   reference=not args.no_reference, progress=not args.quiet)
+    _print_json(result["rows"]) if args.json else print(m.render_one(result))
+    return 0
 
 
-# -- FTF and search measurements ---------------------------------------------------------------
 def cmd_ftf(args: argparse.Namespace) -> int:
-    from rsitr.bench.ftf import format_markdown, measure
+    from rsitr.bench.measurements import get_measurement
 
     ks = [int(x) for x in str(args.ks).split(",") if x.strip()]
     if not ks or min(ks) < 1:
         raise RsitrError(f"--ks must list positive integers, got {args.ks!r}")
-    result = measure(checkpoint=args.checkpoint, data=args.data, split=args.split, synthetic_archive=args.synthetic_archive,
-                     tokens=args.tokens, dim=args.dim, words=args.words, queries=args.queries, exhaustive_queries=args.exhaustive_queries,
-                     ks=ks, index=args.index, nlist=args.nlist, nprobe=args.nprobe, alpha=args.alpha, tau=args.tau, balance=args.balance,
-                     top_n=args.top_n, threads=args.threads, seed=args.seed, out=args.out)
-    print(json.dumps(result, indent=2) if args.json else format_markdown(result))
+    m = get_measurement("ftf_speed")
+    result = m.run(checkpoint=args.checkpoint, data=args.data, split=args.split, synthetic_archive=args.synthetic_archive,
+                   tokens=args.tokens, dim=args.dim, words=args.words, queries=args.queries, exhaustive_queries=args.exhaustive_queries,
+                   ks=ks, index=args.index, nlist=args.nlist, nprobe=args.nprobe, alpha=args.alpha, tau=args.tau, balance=args.balance,
+                   top_n=args.top_n, threads=args.threads, seed=args.seed, out=args.out)
+    _print_json(result) if args.json else print(m.render_one(result))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from rsitr.bench.search import render_build, render_search, run_build_bench, run_search_bench
+    from rsitr.bench.measurements import get_measurement
 
-    out: dict = {}
+    results: dict = {}
     if args.build:
-        out["build"] = run_build_bench(args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"), n_tiles=args.tiles)
+        results["build"] = get_measurement("index_build").run(models=args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"),
+                                                              n_tiles=args.tiles)
     if not args.no_search:
-        out["search"] = run_search_bench(args.sizes, args.dim, args.kinds, args.queries, args.k, args.data, nprobe=args.nprobe,
-                                         hnsw_m=args.hnsw_m, ef_search=args.ef_search, threads=args.threads)
+        results["search"] = get_measurement("vector_search").run(sizes=args.sizes, dim=args.dim, kinds=args.kinds, n_queries=args.queries,
+                                                                 k=args.k, data=args.data, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                                                                 ef_search=args.ef_search, threads=args.threads)
     if args.json:
-        print(json.dumps(out, indent=2))
+        _print_json({k: v["rows"] for k, v in results.items()})
     else:
-        if "build" in out:
-            print(render_build(out["build"]) + "\n")
-        if "search" in out:
-            print(render_search(out["search"], args.k))
+        print("\n\n".join(get_measurement({"build": "index_build", "search": "vector_search"}[k]).render_one(v) for k, v in results.items()))
     return 0
 
 
@@ -210,7 +234,7 @@ def add_iebaker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variants", nargs="+", default=None, help="subset of: baseline +EBA +KER +SAR all")
+    p.add_argument("--variants", nargs="+", default=None, help="subset of: baseline +EBA +KER +SAR all (the methods of the iebaker-ablation suite)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="iEBAKER option shared by all variants")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
     p.add_argument("--json", action="store_true")

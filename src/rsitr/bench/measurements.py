@@ -1,0 +1,164 @@
+"""Measurements: what a bench cell records beyond its test metrics, and what the standalone
+benchmarks (``rsitr bench ftf|search|encode``) print -- one registry, rendered by the one report.
+
+A :class:`Measurement` has
+
+* ``on_cell(ctx, params) -> dict | None``: run in a finished cell's process (after its training
+  and test scoring, :mod:`rsitr.bench.cell`) when the suite declares it (``measurements: [name]``
+  or ``{name: {param: value}}``); the result is stored in ``cell.json`` under
+  ``measurements.<name>``. None: the measurement does not apply to that cell (e.g. the EBA filter
+  on a cell without EBA). A measurement that raises is recorded as ``{"error": ...}`` and the cell
+  stays finished.
+* ``render(rows) -> list[str]``: the report's section, from one dataset's summary rows (each
+  ``{"method", "mode", "seeds", "result"}``, ``result`` the mean over the method's seeds by
+  :func:`mean_results`; ``result_std`` the standard deviation of its top-level numbers).
+* ``run(**params) -> dict`` (optional): the measurement on inputs of its own, for the standalone
+  commands, whose output is ``render_one(result)`` (the same table a report section holds).
+
+Built-in measurements: ``params`` (:mod:`rsitr.bench.rdb`), ``eba_filter``
+(:mod:`rsitr.bench.iebaker`), ``ftf_speed`` (:mod:`rsitr.bench.ftf`), ``vector_search`` and
+``index_build`` (:mod:`rsitr.bench.search`), ``encode`` (:mod:`rsitr.bench.throughput`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rsitr.utils.errors import RsitrError
+
+
+@dataclass
+class CellContext:
+    """What a measurement sees of a finished cell: its folder, config, the loaded (backbone, method),
+    the dataset and its test split, the no-grad engine, the cell's record so far, and ``source``: the
+    checkpoint (run folder) to reload it from, or the backbone spec of a cell that did not train."""
+
+    cell_dir: Path
+    cfg: Any
+    loaded: Any
+    data: Any
+    test: Any
+    engine: Any
+    record: dict[str, Any]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    title: str
+    render: Callable[[list[dict[str, Any]]], list[str]]
+    on_cell: Callable[[CellContext, dict[str, Any]], dict[str, Any] | None] | None = None
+    run: Callable[..., dict[str, Any]] | None = None
+    render_one: Callable[[dict[str, Any]], str] | None = None
+
+
+_REGISTRY: dict[str, Measurement] = {}
+_BUILTIN = ("rsitr.bench.rdb", "rsitr.bench.iebaker", "rsitr.bench.ftf", "rsitr.bench.search", "rsitr.bench.throughput")
+
+
+def register_measurement(m: Measurement) -> Measurement:
+    if m.name in _REGISTRY and _REGISTRY[m.name] is not m:
+        raise RsitrError(f"measurement {m.name!r} is registered twice")
+    _REGISTRY[m.name] = m
+    return m
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in _BUILTIN:
+        importlib.import_module(mod)
+
+
+def list_measurements() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_measurement(name: str) -> Measurement:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise RsitrError(f"no measurement {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def run_on_cell(specs: dict[str, dict[str, Any]], ctx: CellContext) -> dict[str, Any]:
+    """Every declared measurement on one finished cell: ``{name: result}`` (those that apply)."""
+    import logging
+    import traceback
+
+    out: dict[str, Any] = {}
+    for name, params in (specs or {}).items():
+        m = get_measurement(name)
+        try:
+            res = m.on_cell(ctx, dict(params or {}))
+        except Exception as exc:  # noqa: BLE001 - a failed measurement must not lose the trained cell
+            logging.getLogger(__name__).warning("measurement %s failed on %s:\n%s", name, ctx.cell_dir, traceback.format_exc())
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        if res is not None:
+            out[name] = res
+    return out
+
+
+# -- summaries over seeds --------------------------------------------------------------------------
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+
+
+def mean_results(results: list[Any]) -> Any:
+    """The mean of several results of one measurement (one per seed), leaf by leaf: numbers
+    averaged (NaN and None left out; None when none is left), mappings by key, lists of equal
+    length element by element; other values (names, settings) from the first result."""
+    results = [r for r in results if r is not None]
+    if not results:
+        return None
+    first = results[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for r in results if isinstance(r, dict) for k in r))
+        return {k: mean_results([r.get(k) for r in results if isinstance(r, dict)]) for k in keys}
+    if isinstance(first, list):
+        same = [r for r in results if isinstance(r, list) and len(r) == len(first)]
+        return [mean_results([r[i] for r in same]) for i in range(len(first))]
+    if _number(first) or (isinstance(first, float) and math.isnan(first)):
+        if all(isinstance(r, int) and not isinstance(r, bool) and r == first for r in results):
+            return first  # a count or setting every seed shares
+        nums = [float(r) for r in results if _number(r)]
+        return sum(nums) / len(nums) if nums else None
+    return first
+
+
+def std_results(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Sample standard deviation over seeds of each top-level number of the results (0 for one)."""
+    from rsitr.bench.report import mean_std
+
+    out = {}
+    for k in dict.fromkeys(k for r in results for k in r):
+        vals = [float(r[k]) for r in results if _number(r.get(k))]
+        if vals:
+            out[k] = mean_std(vals)[1]
+    return out
+
+
+def fmt_mean(row: dict[str, Any], key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` of ``row["result"][key]`` (``-`` when absent; no ± for one seed)."""
+    v = (row.get("result") or {}).get(key)
+    if v is None:
+        return "-"
+    sd = (row.get("result_std") or {}).get(key, 0.0)
+    return f"{v * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if row.get("seeds", 0) > 1 else "")
+
+
+def per_method(render_one: Callable[[dict[str, Any]], str]) -> Callable[[list[dict[str, Any]]], list[str]]:
+    """A report section of one table per method: ``render_one`` of its mean result over seeds."""
+
+    def render(rows: list[dict[str, Any]]) -> list[str]:
+        lines: list[str] = []
+        for r in rows:
+            lines += [f"{r['method']} ({r['seeds']} seed{'s' if r['seeds'] != 1 else ''}, mean):", "", render_one(r["result"]), ""]
+        return lines[:-1]
+
+    return render
