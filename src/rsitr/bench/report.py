@@ -188,47 +188,42 @@ def make_plots(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str
     done = [r for r in rows if r["seeds"]]
     if not done:
         return []
-    files = []
+
+    def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str) -> str:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=110)
+        plt.close(fig)
+        return name
+
+    def label(ax, r: dict[str, Any], x: float) -> None:
+        ax.annotate(f"{r['dataset']}/{r['method']}", (x, r["mR"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in done:
-        ax.errorbar(r["trainable_params"], r["mR"], yerr=r["mR_std"], fmt="o", capsize=3)
-        ax.annotate(f"{r['dataset']}/{r['method']}", (r["trainable_params"], r["mR"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if r.get("trainable_params"):  # a row that trains nothing has no place on the log axis
+            ax.errorbar(r["trainable_params"], r["mR"], yerr=r["mR_std"], fmt="o", capsize=3)
+            label(ax, r, r["trainable_params"])
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test mR")
-    ax.set_title("mR vs trainable parameters")
-    fig.tight_layout()
-    fig.savefig(run_dir / "mr_vs_params.png", dpi=110)
-    plt.close(fig)
-    files.append("mr_vs_params.png")
+    files = [save(fig, ax, "mr_vs_params.png", "trainable parameters", "test mR", "mR vs trainable parameters")]
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in done:
         if r.get("query_ms_p50") is not None:
             ax.plot(r["query_ms_p50"], r["mR"], "o")
-            ax.annotate(f"{r['dataset']}/{r['method']}", (r["query_ms_p50"], r["mR"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("query latency p50 (ms)")
-    ax.set_ylabel("test mR")
-    ax.set_title("latency vs mR")
-    fig.tight_layout()
-    fig.savefig(run_dir / "latency_vs_mr.png", dpi=110)
-    plt.close(fig)
-    files.append("latency_vs_mr.png")
+            label(ax, r, r["query_ms_p50"])
+    files.append(save(fig, ax, "latency_vs_mr.png", "query latency p50 (ms)", "test mR", "latency vs mR"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for rec in records:
         h = [x for x in rec.get("history", []) if x.get("val_mR") is not None]
         if h:
             ax.plot([x["epoch"] for x in h], [x["val_mR"] for x in h], label=rec["cell"], lw=1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation mR")
-    ax.set_title("training curves")
     if len(records) <= 12:
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(run_dir / "training_curves.png", dpi=110)
-    plt.close(fig)
-    files.append("training_curves.png")
+    files.append(save(fig, ax, "training_curves.png", "epoch", "validation mR", "training curves"))
     return files
 
 
