@@ -69,6 +69,7 @@ def _gather_features(f: Features, info: DistInfo, tokens: bool) -> Features:
 
 def _set_trainable(module: TrainStep, mode: str) -> None:
     bb = module.backbone
+    bb.set_mode(mode)  # where the trunks end (what the frozen-trunk cache holds)
     for p in bb.parameters():
         p.requires_grad_(False)
     groups = bb.trainable_groups(mode)
@@ -126,6 +127,12 @@ def trainable_state(module: TrainStep, full_backbone: bool) -> dict[str, torch.T
         for k, p in module.backbone.named_parameters():
             if p.requires_grad:
                 out[f"backbone.{k}"] = p.detach().cpu().clone()
+        # and the buffers of modules that train (batch-norm running statistics of trained blocks)
+        for name, m in module.backbone.named_modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                for k, b in m.named_buffers(prefix=name, recurse=False):
+                    if k.rsplit(".", 1)[-1] not in m._non_persistent_buffers_set:
+                        out[f"backbone.{k}"] = b.detach().cpu().clone()
     for k, v in module.method.state_dict().items():
         out[f"method.{k}"] = v.detach().cpu().clone()
     return out
