@@ -256,8 +256,8 @@ def train(
         images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None)
     offsets = np.cumsum([0] + [len(e.captions) for e in train_ds.entries])
     all_texts, _ = train_ds.texts()
-    classes = train_ds.classes
-    labels_all = torch.tensor([classes.index(e.label) for e in train_ds.entries]) if classes else None
+    label_ids = train_ds.label_indices()  # -1: no scene label (skipped by losses that use labels)
+    labels_all = torch.tensor(label_ids) if label_ids is not None else None
 
     def encode_train() -> tuple[Features, Features]:
         from rsitr.eval.evaluate import encode_dataset
