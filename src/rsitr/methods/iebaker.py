@@ -329,7 +329,7 @@ class IEBAKER(Method):
             flags = self.eba_drop.to(idx.device)[idx]
             keep_g, keep_l = (flags & 1) == 0, (flags & 2) == 0
         scale = self.temperature(backbone)
-        loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g, same=self.same_text(batch, n))
+        loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g, same=self.same_text(batch, n), positives=self.positives)
         total = loss_g
         logs = {"loss_global": float(loss_g.detach())}
         if o.local:

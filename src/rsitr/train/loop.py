@@ -209,10 +209,11 @@ def train(
         raise RsitrError(f"{cfg.data.path}: the '{cfg.data.train_split}' split is empty")
     backbone = load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
     method = build_method(cfg.method.name, backbone, cfg.method.options, train_ds)
-    if cfg.method.false_negatives == "mask":
-        method.mask_false_negatives(train_ds)
-    elif cfg.method.false_negatives != "keep":
+    if cfg.method.false_negatives not in ("keep", "mask"):
         raise RsitrError(f"method.false_negatives must be 'keep' or 'mask', got {cfg.method.false_negatives!r}")
+    method.set_positives(cfg.method.positives)
+    if cfg.method.false_negatives == "mask" or cfg.method.positives == "multi":
+        method.mask_false_negatives(train_ds)  # the sentence table both read
     module = TrainStep(backbone, method, dist_info).to(device)
     _set_trainable(module, cfg.model.mode)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
