@@ -148,7 +148,8 @@ def synth(tmp_path_factory):
     return write_synth(out, n_images=40, seed=3, image_size=64)
 
 
-@pytest.mark.parametrize("method,extra", [("baseline", {}), ("ftf", {"method.options": {"fine_candidates": 4}})])
+@pytest.mark.parametrize("method,extra", [("baseline", {}), ("ftf", {"method.options": {"fine_candidates": 4}}),
+                                          ("iebaker", {"method.options": {"ker": True}, "method.positives": "multi"})])
 def test_training_smoke_and_checkpoint_round_trip(towers, synth, tmp_path, method, extra):
     from rsitr.data.captions import load_dataset
     from rsitr.methods.factory import load, load_model
