@@ -184,3 +184,15 @@ def test_training_smoke_and_checkpoint_round_trip(towers, synth, tmp_path, metho
     again = evaluate(model, ds, loaded.method, batch_size=16, progress=False)
     if method == "baseline":  # the method's own scoring is the cosine: the run's test row
         assert again["mR"] == pytest.approx(res.test["mR"], abs=1e-6)
+
+
+def test_rsicd_suite_parses_into_valid_configs(monkeypatch):
+    from rsitr.bench.suite import load_suite
+    from rsitr.train.config import TrainConfig
+
+    monkeypatch.setenv("RSITR_RSICD", "/data/rsicd")
+    s = load_suite("rsicd-towers")
+    assert {c.method for c in s.cells} == {"baseline", "baseline-fn", "iebaker", "ftf", "rdb", "combo"} and len(s.cells) == 18
+    for c in s.cells:
+        cfg = TrainConfig().override(c.overrides)  # every key exists
+        assert cfg.data.path == "/data/rsicd" and cfg.model.mode.startswith("top:") and c.published == "RSICD"
