@@ -170,6 +170,7 @@ class TwoTower(Backbone):
         # text trunk after layer _text_cut - 1; None = the whole tower is trunk
         self._image_cut: int | None = None
         self._text_cut: int | None = None
+        self._top_stages = self._top_layers = 0  # what trains above the cuts
         self._bn_batch = False
         self.mode = "heads"
 
@@ -212,11 +213,9 @@ class TwoTower(Backbone):
     def _below_cut(self, modality: str) -> list[nn.Parameter]:
         """Parameters the trunk (what gets cached) computes with: the whole tower without a cut."""
         if modality == "image":
-            params = self._image_trunk_params()
-            top = self._image_top_modules(len(STAGES) - self.image_tower.stage_starts.index(self._image_cut)) if self._image_cut is not None else []
+            params, top = self._image_trunk_params(), self._image_top_modules(self._top_stages)
         elif modality == "text":
-            params = self._text_trunk_params()
-            top = self._text_top_modules(len(self.text_tower.encoder.layer) - self._text_cut) if self._text_cut is not None else []
+            params, top = self._text_trunk_params(), self._text_top_modules(self._top_layers)
         else:
             raise RsitrError(f"modality must be 'image' or 'text', got {modality!r}")
         above = {id(p) for m in top for p in m.parameters()}
@@ -231,9 +230,11 @@ class TwoTower(Backbone):
         self.mode = str(mode)
         if top is None:
             self._image_cut = self._text_cut = None
+            self._top_stages = self._top_layers = 0
             self._bn_batch = False
             return
         i, t, bn = top
+        self._top_stages, self._top_layers = i, t
         self._image_cut = self.image_tower.stage_starts[len(STAGES) - i] if i else None
         self._text_cut = len(self.text_tower.encoder.layer) - t if t else None
         self._bn_batch = bn
@@ -390,8 +391,7 @@ class TwoTower(Backbone):
         super().train(mode)
         if not mode:
             return self
-        top_image = self._image_top_modules(len(STAGES) - self.image_tower.stage_starts.index(self._image_cut)) if self._image_cut is not None else []
-        top_text = self._text_top_modules(len(self.text_tower.encoder.layer) - self._text_cut) if self._text_cut is not None else []
+        top_image, top_text = self._image_top_modules(self._top_stages), self._text_top_modules(self._top_layers)
         for modality, tower, top in (("image", self.image_tower, top_image), ("text", self.text_tower, top_text)):
             if not self.trunk_trainable(modality):
                 tower.eval()
