@@ -196,3 +196,22 @@ def test_rsicd_suite_parses_into_valid_configs(monkeypatch):
     for c in s.cells:
         cfg = TrainConfig().override(c.overrides)  # every key exists
         assert cfg.data.path == "/data/rsicd" and cfg.model.mode.startswith("top:") and c.published == "RSICD"
+
+
+def test_batch_mode_bn_statistics_are_trained_checkpointed_and_restored(towers, synth, tmp_path):
+    """``top:I,T+bn``: the trained blocks' batch norm runs on batch statistics, its running
+    statistics move, are saved with the checkpoint and come back on load."""
+    from rsitr.models.registry import load_model
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    over = {"data.path": str(synth), "out_dir": str(tmp_path / "run"), "model.backbone": "towers:efficientnet-lite0+minilm-l6",
+            "model.mode": "top:1+bn", "model.embed_dim": 32, "epochs": 1, "batch_size": 8, "warmup_steps": 1,
+            "eval_every": 0, "eval_batch_size": 16, "seed": 2}
+    train(TrainConfig().override(over), progress=False, evaluate_test=False)
+    state = torch.load(tmp_path / "run" / "checkpoint_best.pt", weights_only=True)["state"]
+    key = "backbone.image_tower._blocks.15._bn1.running_mean"
+    assert not torch.allclose(state[key], towers.image_tower._blocks[15]._bn1.running_mean)
+    model = load_model(str(tmp_path / "run"))
+    assert torch.equal(model.image_tower._blocks[15]._bn1.running_mean, state[key])
+    assert model.trunk_cut("image") == "block15" and model.trunk_cut("text") is None
