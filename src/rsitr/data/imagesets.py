@@ -133,7 +133,12 @@ def _cat(parts: list[Features]) -> Features:
         pad = n - p.tokens.shape[1]
         toks.append(torch.nn.functional.pad(p.tokens, (0, 0, 0, pad)))
         masks.append(torch.nn.functional.pad(p.mask, (0, pad), value=False))
-    return Features(torch.cat([p.pooled for p in parts]), torch.cat(toks), torch.cat(masks))
+    tokens, mask = torch.cat(toks), torch.cat(masks)
+    # trailing columns that are padding in every row (text trunks pad to the context length) are
+    # dropped: an RSICD caption cache would otherwise be mostly zeros
+    used = mask.any(dim=0).nonzero()
+    n_used = int(used.max()) + 1 if used.numel() else min(1, mask.shape[1])
+    return Features(torch.cat([p.pooled for p in parts]), tokens[:, :n_used], mask[:, :n_used])
 
 
 def _load_or_compute(path: Path | None, compute) -> Features:
