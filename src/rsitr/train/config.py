@@ -33,7 +33,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "towers:efficientnet-lite0+minilm-l6"  # a checkpoint path, "towers:NAME" or "clip:CONFIG"
-    mode: str = "heads"  # what trains: "full" | "heads" | "locked-image" | "proj" | "frozen"
+    mode: str = "heads"  # what trains: "full" | "heads" | "locked-image" | "proj" | "frozen" | "top:I,T[+bn]" (two-tower: see rsitr.models.towers.model)
     quick_gelu: bool | None = None  # CLIP activation override for open_clip state dicts
     embed_dim: int = 256  # shared space of the two-tower heads
 
