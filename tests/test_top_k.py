@@ -149,7 +149,10 @@ def synth(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,extra", [("baseline", {}), ("ftf", {"method.options": {"fine_candidates": 4}}),
-                                          ("iebaker", {"method.options": {"ker": True}, "method.positives": "multi"})])
+                                          ("iebaker", {"method.options": {"ker": True}, "method.positives": "multi"}),
+                                          ("rdb", {"method.options": {"tsa_layers": [5]}}),
+                                          ("combo", {"method.options": {"parts": {"iebaker": {"eba": True, "ker": True, "ker_negatives": 1, "sar": True},
+                                                                                  "rdb": {"tsa_layers": [5]}, "ftf": {"fine_candidates": 4}}}})])
 def test_training_smoke_and_checkpoint_round_trip(towers, synth, tmp_path, method, extra):
     from rsitr.data.captions import load_dataset
     from rsitr.methods.factory import load, load_model
@@ -164,6 +167,8 @@ def test_training_smoke_and_checkpoint_round_trip(towers, synth, tmp_path, metho
     assert res.test is not None and res.trainable_params > 100_000  # top blocks + a MiniLM layer
     caches = list((tmp_path / "run" / "cache").iterdir())
     assert len([c for c in caches if c.name.startswith("img-")]) == 3  # train views 0, 1 and val view 0
+    # the text trunk below the cut stays cached (RDB: TSA only in the trained layer 5)
+    assert len([c for c in caches if c.name.startswith("txt-")]) == 2  # train and val captions
     state = torch.load(tmp_path / "run" / "checkpoint_best.pt", weights_only=True)["state"]
     assert any(k.startswith("backbone.image_tower._blocks.15.") for k in state)
     assert any(k.startswith("backbone.text_tower.encoder.layer.5.") for k in state)
