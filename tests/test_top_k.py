@@ -197,7 +197,7 @@ def test_rsicd_suite_parses_into_valid_configs(monkeypatch):
 
     monkeypatch.setenv("RSITR_RSICD", "/data/rsicd")
     s = load_suite("rsicd-towers")
-    assert {c.method for c in s.cells} == {"baseline", "baseline-fn", "iebaker", "ftf", "rdb", "combo"} and len(s.cells) == 18
+    assert {c.method for c in s.cells} == {"baseline", "baseline-fn", "baseline-mp", "iebaker", "ftf", "rdb", "combo"} and len(s.cells) == 21
     for c in s.cells:
         cfg = TrainConfig().override(c.overrides)  # every key exists
         assert cfg.data.path == "/data/rsicd" and cfg.model.mode.startswith("top:") and c.published == "RSICD"
