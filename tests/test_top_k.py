@@ -206,7 +206,7 @@ def test_rsicd_suite_parses_into_valid_configs(monkeypatch):
 def test_batch_mode_bn_statistics_are_trained_checkpointed_and_restored(towers, synth, tmp_path):
     """``top:I,T+bn``: the trained blocks' batch norm runs on batch statistics, its running
     statistics move, are saved with the checkpoint and come back on load."""
-    from rsitr.models.registry import load_model
+    from rsitr.methods.factory import load_model
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
 
