@@ -274,7 +274,9 @@ class TwoTower(Backbone):
 
     def text_trunk(self, ids: torch.Tensor, core=None) -> Features:
         """Trunk features: pooled ``[B, 384]`` (mean over non-pad tokens), tokens ``[B, L, 384]``
-        aligned with ``ids``, mask True on word pieces (not [CLS]/[SEP]/padding).
+        aligned with ``ids``, mask True on word pieces (not [CLS]/[SEP]/padding). With a text cut
+        (top mode): the hidden states after the last layer below the cut, mask True on every real
+        token ([CLS]/[SEP] included: the attention mask the trained layers need).
 
         BERT runs only over the columns that hold real tokens (padding is masked anyway);
         ``core`` replaces :meth:`text_trunk_core` on those columns (the inference engine passes
@@ -290,7 +292,8 @@ class TwoTower(Backbone):
 
     def text_trunk_core(self, ids: torch.Tensor) -> Features:
         """:meth:`text_trunk` without the trimming of padding columns: no data-dependent shapes
-        (what the inference engine exports)."""
+        (what the inference engine exports; with a cut it ends there, and the cut is part of the
+        engine's graph key)."""
         valid = ids != self.pad_id
         hidden = self.text_tower(ids, valid, layers=self._text_cut)
         pooled = mean_pool(hidden, valid)
