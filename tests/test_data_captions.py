@@ -330,7 +330,9 @@ def test_labels_csv_and_ucm_order(tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("image,label\nimages/1.tif,z\n")  # matched by base name; others unlabelled
     ds = load_dataset(ann, labels=other)
-    assert [e.label for e in ds.entries] == ["z", None, None] and ds.classes is None
+    # partly labelled: the classes of the labelled images; the others get -1 (skipped, never guessed)
+    assert [e.label for e in ds.entries] == ["z", None, None] and ds.classes == ["z"]
+    assert ds.label_indices() == [0, -1, -1] and ds.label_indices(["y", "z"]) == [1, -1, -1]
     other.write_text("image,label\n1.tif,a\n1.tif,b\n")
     with pytest.raises(DataError, match=r"other\.csv: line 3: '1\.tif' labelled both"):
         load_dataset(ann, labels=other)

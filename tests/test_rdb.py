@@ -447,3 +447,56 @@ def test_two_tower_backbone_gets_a_token_vea_and_text_tsas():
     loss, logs = m.loss(bb, bb.image_head(trunk), bb.text_features(ids), b)
     loss.backward()
     assert logs["consistency"] > 0 and m.vea[0].up.weight.grad is not None and m.tsa[0].up.weight.grad is not None
+
+
+# -- labels where some are missing (RSICD: 921 numbered images have no scene class) -----------------
+def test_unlabelled_images_are_skipped_by_the_classification_term(tmp_path, monkeypatch):
+    """A partly labelled training split keeps DTCL's classification term: the classes are those of
+    the labelled images, unlabelled images reach the loss as -1 and add neither loss nor gradient."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.data.synth import write_synth
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    ann = write_synth(tmp_path / "d", n_images=30, seed=4, image_size=64)
+    csv_path = ann.parent / "labels.csv"
+    rows = csv_path.read_text().splitlines()
+    kept = [rows[0]] + rows[1::2]  # every other image loses its label
+    csv_path.write_text("\n".join(kept) + "\n")
+    ds = load_dataset(ann)
+    train_ds = ds.split("train")
+    labels = train_ds.label_indices()
+    assert train_ds.classes and -1 in labels and any(i >= 0 for i in labels)
+    assert all((i == -1) == (e.label is None) for i, e in zip(labels, train_ds.entries))
+
+    bb = tiny_clip()
+    m = RDB(bb, {}, train_ds)
+    assert m.options["classes"] == train_ds.classes and "cls" in m.terms
+
+    # the term equals the cross-entropy over the labelled rows only; unlabelled rows get no gradient
+    head = nn.Linear(4, 3)
+    emb = torch.randn(4, 4, requires_grad=True)
+    lab = torch.tensor([0, -1, 2, -1])
+    loss = classification_loss(head, [emb], lab)
+    ref = F.cross_entropy(head(F.normalize(emb[[0, 2]], dim=-1)), lab[[0, 2]])
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    loss.backward()
+    assert emb.grad[[1, 3]].abs().sum() == 0 and emb.grad[[0, 2]].abs().sum() > 0
+
+    # through the loop: the batch carries -1 for the unlabelled images, the term stays on
+    seen = []
+    real = RDB.loss
+
+    def spy(self, backbone, img, txt, batch):
+        seen.append(batch["labels"].clone())
+        out = real(self, backbone, img, txt, batch)
+        assert "cls" in out[1]
+        return out
+
+    monkeypatch.setattr(RDB, "loss", spy)
+    cfg = TrainConfig().override({"data.path": str(ann), "out_dir": str(tmp_path / "run"), "model.backbone": "clip:tiny",
+                                  "model.mode": "frozen", "method.name": "rdb", "epochs": 1, "max_steps": 2, "batch_size": 8,
+                                  "eval_every": 0, "seed": 0})
+    train(cfg, progress=False, evaluate_test=False)
+    got = torch.cat(seen)
+    assert (got == -1).any() and (got >= 0).any()

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default=None)
     t.add_argument("--out", default=None)
     t.add_argument("--backbone", default=None)
-    t.add_argument("--mode", default=None)
+    t.add_argument("--mode", default=None, help="what trains: heads | locked-image | full | frozen | top:I,T[+bn] (two-tower: last I image stages, last T text layers)")
     t.add_argument("--method", default=None)
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)

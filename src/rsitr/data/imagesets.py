@@ -96,8 +96,19 @@ class TrunkCache:
     text: Features | None
 
 
+def trunk_cut(backbone, modality: str) -> str | None:
+    """Where the backbone's trunk ends for ``modality`` when that is not the whole tower (two-tower
+    top mode), else None. A trunk with a cut outputs activations only its head can use: its
+    cache keeps the tokens whatever the method needs, and its key names the cut."""
+    f = getattr(backbone, "trunk_cut", None)
+    return f(modality) if f is not None else None
+
+
 def _key(backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
     h = hashlib.sha256()
+    cut = trunk_cut(backbone, what)
+    if cut is not None:  # (no entry without a cut: the keys of whole-trunk caches stay as they were)
+        extra = {**extra, "cut": cut}
     h.update(json.dumps({"backbone": backbone.info.name, "weights": backbone.info.weights, "what": what, **extra}, sort_keys=True, default=str).encode())
     for e in dataset.entries:
         h.update(str(e.path).encode())
@@ -122,7 +133,12 @@ def _cat(parts: list[Features]) -> Features:
         pad = n - p.tokens.shape[1]
         toks.append(torch.nn.functional.pad(p.tokens, (0, 0, 0, pad)))
         masks.append(torch.nn.functional.pad(p.mask, (0, pad), value=False))
-    return Features(torch.cat([p.pooled for p in parts]), torch.cat(toks), torch.cat(masks))
+    tokens, mask = torch.cat(toks), torch.cat(masks)
+    # trailing columns that are padding in every row (text trunks pad to the context length) are
+    # dropped: an RSICD caption cache would otherwise be mostly zeros
+    used = mask.any(dim=0).nonzero()
+    n_used = int(used.max()) + 1 if used.numel() else min(1, mask.shape[1])
+    return Features(torch.cat([p.pooled for p in parts]), tokens[:, :n_used], mask[:, :n_used])
 
 
 def _load_or_compute(path: Path | None, compute) -> Features:
@@ -165,6 +181,9 @@ def build_trunk_cache(
     backbone.eval()
     run = engine if engine is not None else backbone
     image_views = None
+    # a trunk that ends at a cut (top mode) outputs activations its head needs whole: keep them
+    keep_image = keep_tokens or trunk_cut(backbone, "image") is not None
+    keep_text = keep_tokens or trunk_cut(backbone, "text") is not None
     if not backbone.trunk_trainable("image"):
         images_eval = ImageSet(dataset, eval_transform, train=False)
         images_aug = ImageSet(dataset, train_transform, train=True) if train_transform is not None else None
@@ -173,9 +192,9 @@ def build_trunk_cache(
             if v > 0 and images_aug is None:
                 break
             # the eval view (0) does not depend on the seed: runs with different seeds share it
-            key = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": keep_tokens, "pre": repr(backbone.preprocess)})
+            key = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": keep_image, "pre": repr(backbone.preprocess)})
             path = cache_dir / f"img-{key}.pt" if cache_dir else None
-            if path is not None and not keep_tokens and not path.is_file():
+            if path is not None and not keep_image and not path.is_file():
                 # a cache with tokens also serves a run that needs only the pooled features
                 tkey = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": True, "pre": repr(backbone.preprocess)})
                 if (cache_dir / f"img-{tkey}.pt").is_file():
@@ -188,28 +207,28 @@ def build_trunk_cache(
                 seeds = None if v == 0 else [int(s) for s in np.random.default_rng([seed, v, 0xA06]).integers(0, 2**31, len(dataset))]
                 it = iterate_images(src, range(len(dataset)), batch_size, workers, seeds)
                 for px in tqdm(it, total=math.ceil(len(dataset) / batch_size), desc=f"image trunk (view {v})", disable=not progress, leave=False):
-                    parts.append(_features_to_cpu(run.image_trunk(px.to(device)), keep_tokens))
+                    parts.append(_features_to_cpu(run.image_trunk(px.to(device)), keep_image))
                 return _cat(parts)
 
             image_views.append(_load_or_compute(path, compute))
     text = None
     if not backbone.trunk_trainable("text"):
         texts, _ = dataset.texts()
-        key = _key(backbone, dataset, "text", {"tokens": keep_tokens})
+        key = _key(backbone, dataset, "text", {"tokens": keep_text})
         path = cache_dir / f"txt-{key}.pt" if cache_dir else None
         tpath = cache_dir / f"txt-{_key(backbone, dataset, 'text', {'tokens': True})}.pt" if cache_dir else None
-        if path is not None and not keep_tokens and not path.is_file() and tpath.is_file():
+        if path is not None and not keep_text and not path.is_file() and tpath.is_file():
             path = tpath  # the token cache also serves pooled-only runs (tokens dropped below)
 
         def compute_text():
             parts = []
             for i in tqdm(range(0, len(texts), batch_size), desc="text trunk", disable=not progress, leave=False):
                 ids = backbone.tokenize(texts[i : i + batch_size]).to(device)
-                parts.append(_features_to_cpu(run.text_trunk(ids), keep_tokens))
+                parts.append(_features_to_cpu(run.text_trunk(ids), keep_text))
             return _cat(parts)
 
         text = _load_or_compute(path, compute_text)
-        if not keep_tokens and text.tokens.numel():
+        if not keep_text and text.tokens.numel():
             text = _features_to_cpu(text, False)
     backbone.train(was_training)
     return TrunkCache(image_views, text)

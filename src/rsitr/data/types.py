@@ -46,10 +46,20 @@ class CaptionDataset:
 
     @property
     def classes(self) -> list[str] | None:
-        """Sorted scene classes, or None when any image lacks a label (no classification task)."""
-        if not self.entries or any(e.label is None for e in self.entries):
+        """Sorted scene classes of the labelled images, or None when no image has a label (no
+        classification task). Images without a label (RSICD's 921 numbered ones) get class -1 in
+        :meth:`label_indices`: a loss that uses labels skips them, nothing guesses their class."""
+        found = {e.label for e in self.entries if e.label is not None}
+        return sorted(found) if found else None
+
+    def label_indices(self, classes: list[str] | None = None) -> list[int] | None:
+        """Per image, its index in ``classes`` (default :attr:`classes`), -1 when it has no label or
+        its label is not in ``classes``; None when there are no classes."""
+        classes = self.classes if classes is None else classes
+        if not classes:
             return None
-        return sorted({e.label for e in self.entries})  # type: ignore[misc]
+        index = {c: i for i, c in enumerate(classes)}
+        return [index.get(e.label, -1) if e.label is not None else -1 for e in self.entries]
 
     def texts(self) -> tuple[list[str], list[int]]:
         """All captions flattened in order, and for each its image index (the protocol's

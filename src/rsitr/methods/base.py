@@ -141,6 +141,18 @@ class Method(nn.Module):
 
     _fn_text: torch.Tensor | None = None  # false-negative masking (see mask_false_negatives)
     _fn_image: torch.Tensor | None = None
+    positives = "single"  # or "multi": same-sentence batch pairs are positives (see set_positives)
+
+    def set_positives(self, positives: str) -> None:
+        """``method.positives``: ``"single"`` (the papers: the matched pair is the one positive) or
+        ``"multi"`` (a batch caption whose sentence also describes another batch image counts that
+        image as a positive: soft targets spread over the positives in every contrastive loss that
+        reads :meth:`same_text`; needs :meth:`mask_false_negatives`'s sentence table)."""
+        from rsitr.losses.contrastive import POSITIVES
+
+        if positives not in POSITIVES:
+            raise RsitrError(f"method.positives must be one of {POSITIVES}, got {positives!r}")
+        self.positives = positives
 
     def mask_false_negatives(self, train_data: CaptionDataset) -> None:
         """From now on :meth:`same_text` tells which batch pairs share a sentence
@@ -182,7 +194,7 @@ class Method(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = info_nce(img.pooled, txt.pooled, self.temperature(backbone), same=self.same_text(batch, img.pooled.shape[0]))
+        loss = info_nce(img.pooled, txt.pooled, self.temperature(backbone), same=self.same_text(batch, img.pooled.shape[0]), positives=self.positives)
         return loss, {"loss": float(loss.detach())}
 
     def install(self, backbone: Backbone) -> None:

@@ -114,6 +114,11 @@ class Combo(Method):
         for part in self.parts.values():
             part.install(backbone)
 
+    def set_positives(self, positives: str) -> None:
+        super().set_positives(positives)
+        for part in self.parts.values():
+            part.set_positives(positives)
+
     def mask_false_negatives(self, train_data: CaptionDataset) -> None:
         super().mask_false_negatives(train_data)
         for part in self.parts.values():  # the parts' contrastive losses read the same table

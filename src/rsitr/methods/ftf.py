@@ -206,7 +206,7 @@ class FTF(Method):
         logs: dict[str, float] = {}
         total = img.pooled.sum() * 0.0
         if float(o.coarse_weight) > 0:
-            lc = info_nce(img.pooled, txt.pooled, temp, same=self.same_text(batch, img.pooled.shape[0]))
+            lc = info_nce(img.pooled, txt.pooled, temp, same=self.same_text(batch, img.pooled.shape[0]), positives=self.positives)
             total = total + float(o.coarse_weight) * lc
             logs["loss_coarse"] = float(lc.detach())
         if float(o.fine_weight) > 0 or (o.intra_mode != "none" and float(o.intra_weight) > 0):

@@ -329,7 +329,7 @@ class IEBAKER(Method):
             flags = self.eba_drop.to(idx.device)[idx]
             keep_g, keep_l = (flags & 1) == 0, (flags & 2) == 0
         scale = self.temperature(backbone)
-        loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g, same=self.same_text(batch, n))
+        loss_g = masked_info_nce(img.pooled, txt.pooled, scale, keep_g, same=self.same_text(batch, n), positives=self.positives)
         total = loss_g
         logs = {"loss_global": float(loss_g.detach())}
         if o.local:
@@ -402,10 +402,13 @@ class IEBAKER(Method):
     def _negative_features(self, backbone: Backbone, negs: list[str], device) -> torch.Tensor:
         """Pooled embeddings of the negatives. With a swap pool and a frozen text trunk that has a
         trunk/head split, the trunk outputs of the whole pool are computed once and cached, and
-        each step only applies the (trainable) head; otherwise a text forward."""
-        from rsitr.data.imagesets import supports_trunk_cache
+        each step only applies the (trainable) head; otherwise a text forward. A text trunk that ends
+        below trained layers (two-tower top mode) gives token activations the head needs whole; they
+        are not pooled here: a text forward then too."""
+        from rsitr.data.imagesets import supports_trunk_cache, trunk_cut
 
-        cacheable = int(self.opts.ker_pool) > 0 and supports_trunk_cache(backbone) and not backbone.trunk_trainable("text")
+        cacheable = (int(self.opts.ker_pool) > 0 and supports_trunk_cache(backbone) and not backbone.trunk_trainable("text")
+                     and trunk_cut(backbone, "text") is None)
         if not cacheable:
             return backbone.text_features(backbone.tokenize(negs).to(device)).pooled
         missing = [c for c in dict.fromkeys(negs) if c not in self._pool_cache]

@@ -367,7 +367,7 @@ class RDB(Method):
         scale_log = torch.as_tensor(self.temperature(backbone), dtype=torch.float32, device=img.pooled.device)
         losses: dict[str, torch.Tensor] = {}
         if "contrastive" in self.terms:
-            losses["contrastive"] = info_nce(img.pooled, txt.pooled, scale_log, same=self.same_text(batch, img.pooled.shape[0]))
+            losses["contrastive"] = info_nce(img.pooled, txt.pooled, scale_log, same=self.same_text(batch, img.pooled.shape[0]), positives=self.positives)
         if "cls" in self.terms and "labels" in batch:
             labels = batch["labels"]
             if labels.shape[0] != img.pooled.shape[0]:

@@ -70,6 +70,11 @@ class Backbone(nn.Module):
         parameter, registered under that name so state dicts keep the OpenAI key), else None."""
         return self._parameters.get("logit_scale")
 
+    def set_mode(self, mode: str) -> None:
+        """Prepare the backbone for fine-tuning ``mode`` before training or loading a checkpoint
+        trained in it (the two-tower moves its trunk/head cut points for ``top:I,T``). Default:
+        nothing to do."""
+
     def trainable_groups(self, mode: str) -> dict[str, list[nn.Parameter]]:
         """Parameter groups for a fine-tuning ``mode`` ("full", "locked-image", "heads", "frozen").
 

@@ -196,6 +196,11 @@ class InferenceEngine:
         info = self.backbone.info
         extra = {"part": name, "class": type(self.backbone).__name__, "name": info.name, "config": info.config,
                  "size": size, "torch": torch.__version__.split("+")[0], "opset": OPSET, "format": FORMAT_VERSION}
+        # a trunk that ends at a cut (two-tower top mode) computes other outputs from the same
+        # tensors: the cut is part of the key (no entry without one: whole-trunk keys stay as they were)
+        cut = getattr(self.backbone, "trunk_cut", None)
+        if self.split and cut is not None and cut(name.split("_")[0]) is not None:
+            extra["cut"] = cut(name.split("_")[0])
         return state_hash(owners, extra)
 
     # -- export and sessions ---------------------------------------------------------------------

@@ -113,14 +113,18 @@ def rebuild_backbone(state: dict, device: str = "cpu") -> Backbone:
     if (spec.family == "clip") or (state["state_is_full"] and info["kind"] == "clip"):
         from rsitr.models.clip import CLIP
 
-        return CLIP.from_config(dict(info["config"]))
-    if spec.is_path and not Path(spec.name).exists():
-        raise CheckpointError(f"{where}: its backbone weights {spec.name} are not at that path any more; the checkpoint stores only the trained tensors")
-    model = build_backbone(spec, "cpu", quick_gelu=cfg.get("quick_gelu"), embed_dim=cfg.get("embed_dim", 256))
-    have, want = dict(model.info.weights), dict(info["weights"])
-    for k in ("sha256", "image_sha256", "text_sha256"):
-        if k in want and have.get(k) != want[k]:
-            raise CheckpointError(f"{where}: backbone weights differ from those it was trained on ({k} {have.get(k)} != {want[k]})")
+        model = CLIP.from_config(dict(info["config"]))
+    else:
+        if spec.is_path and not Path(spec.name).exists():
+            raise CheckpointError(f"{where}: its backbone weights {spec.name} are not at that path any more; the checkpoint stores only the trained tensors")
+        model = build_backbone(spec, "cpu", quick_gelu=cfg.get("quick_gelu"), embed_dim=cfg.get("embed_dim", 256))
+        have, want = dict(model.info.weights), dict(info["weights"])
+        for k in ("sha256", "image_sha256", "text_sha256"):
+            if k in want and have.get(k) != want[k]:
+                raise CheckpointError(f"{where}: backbone weights differ from those it was trained on ({k} {have.get(k)} != {want[k]})")
+    # the trunk/head cut of the mode it was trained in (two-tower top mode), so that its trunk (and
+    # any trunk cache or inference-engine graph of it) ends below the trained blocks
+    model.set_mode(cfg.get("mode", "heads"))
     return model
 
 

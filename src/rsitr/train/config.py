@@ -33,7 +33,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "towers:efficientnet-lite0+minilm-l6"  # a checkpoint path, "towers:NAME" or "clip:CONFIG"
-    mode: str = "heads"  # what trains: "full" | "heads" | "locked-image" | "proj" | "frozen"
+    mode: str = "heads"  # what trains: "full" | "heads" | "locked-image" | "proj" | "frozen" | "top:I,T[+bn]" (two-tower: see rsitr.models.towers.model)
     quick_gelu: bool | None = None  # CLIP activation override for open_clip state dicts
     embed_dim: int = 256  # shared space of the two-tower heads
 
@@ -56,6 +56,10 @@ class MethodConfig:
     # batch image is not a negative of that image; it leaves both softmax denominators of every
     # contrastive loss of the method (UCM: 9,596 of its 10,500 captions recur under other images).
     false_negatives: str = "keep"
+    # "single" (the papers): the matched pair is the only positive. "multi": such a same-sentence pair
+    # is a positive instead (soft targets spread over the positives of each image and each caption;
+    # supersedes "mask" for those pairs). RSICD: 54,605 captions, far fewer distinct sentences.
+    positives: str = "single"
 
 
 @dataclass

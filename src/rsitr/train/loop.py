@@ -69,6 +69,7 @@ def _gather_features(f: Features, info: DistInfo, tokens: bool) -> Features:
 
 def _set_trainable(module: TrainStep, mode: str) -> None:
     bb = module.backbone
+    bb.set_mode(mode)  # where the trunks end (what the frozen-trunk cache holds)
     for p in bb.parameters():
         p.requires_grad_(False)
     groups = bb.trainable_groups(mode)
@@ -126,6 +127,12 @@ def trainable_state(module: TrainStep, full_backbone: bool) -> dict[str, torch.T
         for k, p in module.backbone.named_parameters():
             if p.requires_grad:
                 out[f"backbone.{k}"] = p.detach().cpu().clone()
+        # and the buffers of modules that train (batch-norm running statistics of trained blocks)
+        for name, m in module.backbone.named_modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                for k, b in m.named_buffers(prefix=name, recurse=False):
+                    if k.rsplit(".", 1)[-1] not in m._non_persistent_buffers_set:
+                        out[f"backbone.{k}"] = b.detach().cpu().clone()
     for k, v in module.method.state_dict().items():
         out[f"method.{k}"] = v.detach().cpu().clone()
     return out
@@ -202,10 +209,11 @@ def train(
         raise RsitrError(f"{cfg.data.path}: the '{cfg.data.train_split}' split is empty")
     backbone = load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
     method = build_method(cfg.method.name, backbone, cfg.method.options, train_ds)
-    if cfg.method.false_negatives == "mask":
-        method.mask_false_negatives(train_ds)
-    elif cfg.method.false_negatives != "keep":
+    if cfg.method.false_negatives not in ("keep", "mask"):
         raise RsitrError(f"method.false_negatives must be 'keep' or 'mask', got {cfg.method.false_negatives!r}")
+    method.set_positives(cfg.method.positives)
+    if cfg.method.false_negatives == "mask" or cfg.method.positives == "multi":
+        method.mask_false_negatives(train_ds)  # the sentence table both read
     module = TrainStep(backbone, method, dist_info).to(device)
     _set_trainable(module, cfg.model.mode)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -249,8 +257,8 @@ def train(
         images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None)
     offsets = np.cumsum([0] + [len(e.captions) for e in train_ds.entries])
     all_texts, _ = train_ds.texts()
-    classes = train_ds.classes
-    labels_all = torch.tensor([classes.index(e.label) for e in train_ds.entries]) if classes else None
+    label_ids = train_ds.label_indices()  # -1: no scene label (skipped by losses that use labels)
+    labels_all = torch.tensor(label_ids) if label_ids is not None else None
 
     def encode_train() -> tuple[Features, Features]:
         from rsitr.eval.evaluate import encode_dataset

@@ -56,9 +56,9 @@ def apply_labels(entries: list[ImageEntry], labels: Any, folder: Path, label_of:
             raise DataError(f"labels={mode!r}: not a file and not one of auto, filename, ucm-order, none")
     missing = [e.image_id for e in entries if e.label is None]
     if missing and len(missing) < len(entries):
-        log.info("%d of %d images have no scene label (e.g. %s, source %s): no classification task",
+        log.info("%d of %d images have no scene label (e.g. %s, source %s): label -1, skipped by losses that use labels",
                  len(missing), len(entries), missing[0], info.label_source)
-        info.notes.append(f"{len(missing)} of {len(entries)} images have no scene label (e.g. {missing[0]}); classes is None")
+        info.notes.append(f"{len(missing)} of {len(entries)} images have no scene label (e.g. {missing[0]}); they get label -1 (skipped by losses that use labels)")
     elif missing:
         hint = " (UCM-like numeric names: labels='ucm-order' applies the UCM order rule)" if looks_like_ucm(list(written_of.values())) else ""
         log.info("no scene labels found (source %s)%s", info.label_source, hint)

@@ -177,15 +177,18 @@ class EfficientNetLite(nn.Module):
         plan: list[tuple[int, int, int, int, int]] = []  # (cin, cout, kernel, stride, expand) per block
         last = len(STAGES) - 1
         cin = cfg.stem_channels
+        starts: list[int] = []  # index of the first block of each stage
         for i, (repeats, kernel, stride, expand, _, cout) in enumerate(STAGES):
             cout = scale_channels(cout, cfg.width, cfg.divisor)
             n = repeats if i in (0, last) else scale_repeats(repeats, cfg.depth)
+            starts.append(len(plan))
             for j in range(n):
                 plan.append((cin, cout, kernel, stride if j == 0 else 1, expand))
                 cin = cout
         self._blocks = nn.ModuleList(
             MBConv(a, b, k, s, e, cfg, drop_rate=rate * i / len(plan)) for i, (a, b, k, s, e) in enumerate(plan)
         )
+        self.stage_starts: tuple[int, ...] = tuple(starts)
         self._conv_head = SameConv2d(cin, cfg.head_channels, 1)
         self._bn1 = nn.BatchNorm2d(cfg.head_channels, **bn)
         self._dropout = nn.Dropout(cfg.dropout)
@@ -197,8 +200,19 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map ``[B, 1280, H/32, W/32]`` (after the head conv, BN and ReLU6)."""
+        return self.forward_top(self.forward_bottom(x, len(self._blocks)), len(self._blocks))
+
+    def forward_bottom(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """Stem and blocks ``0 .. cut-1``: the activations entering block ``cut``."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:cut]:
+            x = block(x)
+        return x
+
+    def forward_top(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """Blocks ``cut ..`` and the head conv (BN, ReLU6) on the activations entering block ``cut``;
+        ``forward_top(forward_bottom(x, c), c) == forward_features(x)`` for every ``c``."""
+        for block in self._blocks[cut:]:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 

@@ -172,8 +172,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Layers ``start .. stop-1`` (all by default)."""
+        for layer in self.layer[start:stop]:
             x = layer(x, key_bias)
         return x
 
@@ -213,16 +214,27 @@ class MiniLM(nn.Module):
     def width(self) -> int:
         return self.cfg.hidden_size
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Last hidden states for ``ids [B, L]``; ``mask`` (default ``ids != pad``) marks the
-        real tokens: padding is excluded as attention key."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, layers: int | None = None) -> torch.Tensor:
+        """Hidden states for ``ids [B, L]`` after the first ``layers`` layers (default: all, the
+        last hidden states); ``mask`` (default ``ids != pad``) marks the real tokens: padding is
+        excluded as attention key."""
         if ids.shape[1] > self.cfg.max_position_embeddings:
             raise RsitrError(f"text ids have length {ids.shape[1]} > {self.cfg.max_position_embeddings} positions")
         if mask is None:
             mask = ids != self.cfg.pad_token_id
         x = self.embeddings(ids)
-        key_bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, torch.finfo(x.dtype).min)
-        return self.encoder(x, key_bias[:, None, None, :])
+        return self.encoder(x, key_bias(mask, x.dtype), 0, layers)
+
+    def forward_top(self, hidden: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        """Layers ``start ..`` on the hidden states after layer ``start`` - 1 (``mask``: real tokens);
+        ``forward_top(forward(ids, m, s), m, s) == forward(ids, m)``."""
+        return self.encoder(hidden, key_bias(mask, hidden.dtype), start)
+
+
+def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias ``[B, 1, 1, L]``: 0 on real tokens, the dtype's minimum on padding."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
