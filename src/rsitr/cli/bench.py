@@ -242,3 +242,7 @@ def add_bench_cli(sub) -> None:
     add_command(b, "rdb", "RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget", add_rdb_args, cmd_rdb)
     add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir"), cmd_report)
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
+    from rsitr.bench.scale import add_args as add_scale_args, run_cli as cmd_scale
+
+    add_command(b, "scale", "past one machine: single-process vs Ray encode, Milvus Lite vs FAISS search, cost projection",
+                add_scale_args, cmd_scale)
