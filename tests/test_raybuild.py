@@ -128,3 +128,18 @@ def test_ray_build_refusals(cluster, source, tmp_path):
         R.build_index_ray(bad, "clip:tiny", tmp_path / "c", _opts())
     r = R.build_index_ray(bad, "clip:tiny", tmp_path / "d", _opts(skip_bad=True))
     assert r.total == 2
+
+
+def test_errors_raised_inside_ray_become_one_line():
+    class Wrapped(Exception):
+        pass
+
+    msg = ("The actor died because of an error raised in its creation task ...\n  File \"x.py\", line 1\n"
+           "rsitr.utils.errors.RsitrError: encoder on this node loaded m.pt with weights sha256 0f89, the index expects b4fa\n")
+    err = R._user_error(Wrapped(msg))
+    assert isinstance(err, RsitrError) and str(err).startswith("encoder on this node loaded m.pt")
+    assert R._user_error(Wrapped("something else")) is None
+    try:
+        raise RuntimeError("outer") from RsitrError("inner\nlast line")
+    except RuntimeError as exc:
+        assert str(R._user_error(exc)) == "last line"

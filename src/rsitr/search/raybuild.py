@@ -379,15 +379,19 @@ def _encode_on_ray(ray, model, checkpoint, sha, pending, planned, index_dir, opt
 
 
 def _user_error(exc: BaseException) -> RsitrError | None:
-    """The RsitrError a Ray task/actor raised (Ray wraps it), if that is what ``exc`` is."""
-    seen = 0
+    """The RsitrError a Ray task/actor raised (Ray wraps it, or only quotes it in an
+    ActorDiedError's message), as one line; None when ``exc`` is something else."""
+    import re
+
+    text, seen = str(exc), 0
     while exc is not None and seen < 10:
         if isinstance(exc, RsitrError):
-            return RsitrError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc))
+            return RsitrError(str(exc).strip().splitlines()[-1])
         cause = getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else exc.__cause__
         seen += 1
-    return None
+    m = re.search(r"rsitr\.utils\.errors\.(?:RsitrError|DataError|CheckpointError): ([^\n]+)", text)
+    return RsitrError(m.group(1).strip()) if m else None
 
 
 def _merge_shards(index_dir: Path, manifest: dict, listing: list[Item], sha: str, sources: list[str]) -> int:
