@@ -13,6 +13,7 @@ Three parts, one run, printed as JSON (``--json``) or markdown tables:
    query per call (as a user's search): FAISS (flat, hnsw; 1 thread) and Milvus Lite (FLAT, HNSW;
    through :class:`rsitr.retrieval.stores.MilvusStore`, i.e. a local gRPC round trip) - build or
    insert seconds, p50/p95 latency, recall@k against exact numpy search, bytes per vector on disk.
+   Sizes above ``--flat-only-above`` (default 200k) measure the exact kind only.
 3. **projection** (not measured): tiles/s per core from part 1 and latency per million vectors
    from part 2, extrapolated to 10M and 100M tiles: encode core-hours and wall hours on a
    cluster, GB on disk per million tiles, exact-search latency when the archive is split into S
@@ -136,7 +137,9 @@ def _dir_bytes(p: Path) -> int:
 
 
 def run_search_bench(sizes: Sequence[int], dim: int, n_queries: int, k: int, work: Path, kinds: Sequence[str] = ("flat", "hnsw"),
-                     milvus: bool = True, seed: int = 0) -> list[dict]:
+                     milvus: bool = True, seed: int = 0, flat_only_above: int | None = None) -> list[dict]:
+    """``flat_only_above``: sizes above it measure the exact kind only (building HNSW over a
+    million vectors takes tens of minutes on a loaded 2-core machine)."""
     import faiss
 
     from rsitr.retrieval.index import VectorIndex
@@ -158,7 +161,8 @@ def run_search_bench(sizes: Sequence[int], dim: int, n_queries: int, k: int, wor
             rows.append(r)
 
         threads = faiss.omp_get_max_threads()
-        for kind in kinds:
+        size_kinds = [kd for kd in kinds if flat_only_above is None or n <= flat_only_above or kd == "flat"]
+        for kind in size_kinds:
             faiss.omp_set_num_threads(threads)
             t0 = time.perf_counter()
             vi = VectorIndex(dim, kind, normalize=False)
@@ -174,7 +178,7 @@ def run_search_bench(sizes: Sequence[int], dim: int, n_queries: int, k: int, wor
             del vi
         faiss.omp_set_num_threads(threads)
         if milvus:
-            for kind in kinds:
+            for kind in size_kinds:
                 db = work / f"milvus-{kind}-{n}.db"
                 st = MilvusStore(str(db), f"bench_{kind}", dim, kind)
                 try:
@@ -286,7 +290,8 @@ def run(args: argparse.Namespace) -> dict:
             res["encode"] = run_encode_bench(args.images, args.checkpoint, args.limit, args.workers, args.batch_size, work / "encode",
                                              engine=args.engine, progress=not getattr(args, "quiet", False))
         if not args.no_search:
-            res["search"] = run_search_bench(args.sizes, args.dim, args.queries, args.k, work, milvus=not args.no_milvus)
+            res["search"] = run_search_bench(args.sizes, args.dim, args.queries, args.k, work, kinds=args.kinds, milvus=not args.no_milvus,
+                                             flat_only_above=args.flat_only_above)
         res["projection"] = projection(res.get("encode"), res.get("search") or [], args.dim)
     finally:
         if not args.workdir:
@@ -302,6 +307,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="vector counts for the search part (default 100000)")
+    p.add_argument("--kinds", nargs="+", choices=("flat", "ivf", "hnsw"), default=["flat", "hnsw"], help="index kinds (default flat hnsw)")
+    p.add_argument("--flat-only-above", type=int, default=200_000,
+                   help="sizes above this measure flat only (default 200000: an HNSW build over 1M vectors takes tens of minutes on 2 cores)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("-k", type=int, default=10)
