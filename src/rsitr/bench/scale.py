@@ -211,9 +211,9 @@ def projection(encode: dict | None, search: list[dict], dim: int, targets: Seque
         out["encode"] = [{"tiles": t, "core_hours": round(t / per_core / 3600, 1),
                           **{f"wall_h_{c}_cores": round(t / per_core / c / 3600, 2) for c in cluster_cores}} for t in targets]
     vec_bytes = 4 * dim
-    meta = [r for r in search if r["store"] == "faiss" and r["kind"] == "flat"]
-    hn = [r for r in search if r["store"] == "faiss" and r["kind"] == "hnsw"]
-    mv = [r for r in search if r["store"] == "milvus-lite" and r["kind"] == "flat"]
+    meta = sorted((r for r in search if r["store"] == "faiss" and r["kind"] == "flat"), key=lambda r: r["n"])
+    hn = sorted((r for r in search if r["store"] == "faiss" and r["kind"] == "hnsw"), key=lambda r: r["n"])
+    mv = sorted((r for r in search if r["store"] == "milvus-lite" and r["kind"] == "flat"), key=lambda r: r["n"])
     out["gb_per_million_tiles"] = {
         "vectors_float32": round(vec_bytes * 1e6 / 1e9, 2),
         "faiss_flat": round(meta[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) if meta else None,
@@ -222,16 +222,38 @@ def projection(encode: dict | None, search: list[dict], dim: int, targets: Seque
         "index_folder_embeddings_npy": round(vec_bytes * 1e6 / 1e9, 2),
     }
     if meta:
-        big = meta[-1]
-        ms_per_m = big["p50_ms"] / (big["n"] / 1e6)  # exact search cost per million vectors, 1 thread
-        overhead = max(0.0, (mv[-1]["p50_ms"] - big["p50_ms"] * mv[-1]["n"] / big["n"])) if mv else 0.0
-        out["flat_ms_per_million_1_thread"] = round(ms_per_m, 2)
-        out["per_request_overhead_ms"] = round(overhead, 2)
-        out["query_latency_ms"] = [{"tiles": t, "shards": s, "flat_exact_ms": round(ms_per_m * t / 1e6 / s + overhead, 1),
-                                    "ram_gb_per_shard": round(vec_bytes * t / s / 1e9, 1)} for t in targets for s in shards]
+        # exact search is a scan: p50 ~ fixed + per_million * n/1e6, fitted over the measured sizes
+        f_fix, f_pm = _linear_fit(meta)
+        out["faiss_flat_fit"] = {"fixed_ms": round(f_fix, 3), "ms_per_million": round(f_pm, 2)}
+        if mv:
+            m_fix, m_pm = _linear_fit(mv)
+            out["milvus_lite_flat_fit"] = {"fixed_ms": round(m_fix, 3), "ms_per_million": round(m_pm, 2)}
+        lat = []
+        for t in targets:
+            for sh in shards:
+                row = {"tiles": t, "shards": sh, "faiss_flat_ms": round(f_fix + f_pm * t / 1e6 / sh, 1)}
+                if mv:
+                    row["milvus_lite_flat_ms"] = round(m_fix + m_pm * t / 1e6 / sh, 1)
+                row["ram_gb_per_shard"] = round(vec_bytes * t / sh / 1e9, 1)
+                lat.append(row)
+        out["query_latency_ms"] = lat
     if hn:
-        out["hnsw_p50_ms_measured"] = {r["n"]: r["p50_ms"] for r in hn}
+        rk = next(k_ for k_ in hn[0] if k_.startswith("recall@"))
+        out["hnsw_measured"] = [{"n": r["n"], "p50_ms": r["p50_ms"], rk: r[rk]} for r in hn]
     return out
+
+
+def _linear_fit(rows: list[dict]) -> tuple[float, float]:
+    """``(fixed ms, ms per million vectors)`` of ``p50 = fixed + slope * n`` (least squares over the
+    sizes; one size, or a fit with a negative part: a line through the origin)."""
+    n = np.array([r["n"] for r in rows], float) / 1e6
+    y = np.array([r["p50_ms"] for r in rows], float)
+    if len(rows) == 1 or np.ptp(n) == 0:
+        return 0.0, float(y.mean() / n.mean())
+    slope, fixed = np.polyfit(n, y, 1)
+    if fixed < 0 or slope <= 0:  # noise at small sizes: a scan through the origin instead
+        return 0.0, float((n @ y) / (n @ n))
+    return float(fixed), float(slope)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -269,19 +291,45 @@ def render(res: dict, k: int) -> str:
         g = p["gb_per_million_tiles"]
         lines += ["GB per million tiles: " + ", ".join(f"{k_.replace('_', ' ')} {v}" for k_, v in g.items() if v is not None), ""]
         if "query_latency_ms" in p:
-            lines += [f"Exact (flat) search latency, {p['flat_ms_per_million_1_thread']} ms per million vectors per thread + "
-                      f"{p['per_request_overhead_ms']} ms per-request overhead (Milvus Lite minus FAISS), shards searched in parallel:", "",
-                      "| tiles | shards | flat p50 ms | RAM GB per shard |", "|---:|---:|---:|---:|"]
+            ff, mf = p["faiss_flat_fit"], p.get("milvus_lite_flat_fit")
+            fits = f"FAISS {ff['fixed_ms']} ms + {ff['ms_per_million']} ms per million vectors (1 thread)"
+            if mf:
+                fits += f"; Milvus Lite {mf['fixed_ms']} ms + {mf['ms_per_million']} ms per million"
+            mcol = "milvus_lite_flat_ms" in p["query_latency_ms"][0]
+            lines += [f"Exact (flat) search p50, a scan fitted over the measured sizes ({fits}), each shard scanned in parallel "
+                      f"by its own core (merging k results per shard not counted):", "",
+                      "| tiles | shards | FAISS flat ms | " + ("Milvus Lite flat ms | " if mcol else "") + "RAM GB per shard |",
+                      "|---:|---:|---:|" + ("---:|" if mcol else "") + "---:|"]
             for r in p["query_latency_ms"]:
-                lines.append(f"| {r['tiles']:,} | {r['shards']} | {r['flat_exact_ms']:,} | {r['ram_gb_per_shard']} |")
+                lines.append(f"| {r['tiles']:,} | {r['shards']} | {r['faiss_flat_ms']:,} | "
+                             + (f"{r['milvus_lite_flat_ms']:,} | " if mcol else "") + f"{r['ram_gb_per_shard']} |")
             lines.append("")
-        if "hnsw_p50_ms_measured" in p:
-            lines.append("HNSW p50 ms as measured (grows ~log n; per shard at 10M-100M expect the same order): "
-                         + ", ".join(f"{n:,}: {v}" for n, v in p["hnsw_p50_ms_measured"].items()))
+        if p.get("hnsw_measured"):
+            lines.append("FAISS HNSW as measured (latency grows ~log n per shard, so it stays in this range at 10M-100M per shard; "
+                         "recall depends on the data - random vectors are its worst case - and on efSearch): "
+                         + ", ".join(f"n={r['n']:,}: p50 {r['p50_ms']} ms at {[k_ for k_ in r if k_.startswith('recall@')][0]} "
+                                     f"{[v for k_, v in r.items() if k_.startswith('recall@')][0]}" for r in p["hnsw_measured"]))
     return "\n".join(lines)
 
 
+def load_result(path: str | Path) -> dict:
+    """The JSON a previous ``rsitr bench scale`` printed (alone, or followed by its markdown)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        res, _ = json.JSONDecoder().raw_decode(text.lstrip())
+    except (OSError, ValueError) as exc:
+        raise RsitrError(f"{p}: not the JSON output of `rsitr bench scale` ({exc})") from exc
+    if not isinstance(res, dict) or "machine" not in res:
+        raise RsitrError(f"{p}: not the JSON output of `rsitr bench scale` (no 'machine' entry)")
+    return res
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.from_json:  # re-render a run: the measurements as they were, the projection recomputed
+        res = load_result(args.from_json)
+        res["projection"] = projection(res.get("encode"), res.get("search") or [], int(res["search"][0]["dim"]) if res.get("search") else args.dim)
+        return res
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rsitr-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"machine": {"cpus": os.cpu_count(), "load": round(os.getloadavg()[0], 2), "python": platform.python_version()}}
@@ -317,6 +365,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--no-milvus", action="store_true", help="FAISS only in the search part")
     p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temporary folder, removed)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="re-render the output of an earlier run (measurements unchanged, projection recomputed); measures nothing")
     p.add_argument("--json", action="store_true", help="print JSON only")
 
 
