@@ -30,7 +30,9 @@ def test_search_part_projection_and_rerender(tmp_path, capsys):
     saved = tmp_path / "out.txt"
     saved.write_text(json.dumps(res) + "\n\n" + md)
     args = argparse.Namespace(from_json=str(saved), dim=256, json=False, limit=None, workers=[1], sizes=[100], k=10)
-    assert S.run_cli(args) == 0
+    from rsitr.cli.bench import cmd_scale
+
+    assert cmd_scale(args) == 0
     out = capsys.readouterr().out
     assert "| 1,200 | faiss | flat |" in out
     (tmp_path / "bad.txt").write_text("no json here")

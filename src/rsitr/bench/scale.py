@@ -2,7 +2,8 @@
 
 Three parts, one run, printed as JSON (``--json``) or markdown tables:
 
-1. **encode**: the same images (``--images``, default UCM; the first ``--limit`` files) indexed by
+1. **encode**: the same images (``--images``, default the UCM-Captions images at ``$RSITR_UCM`` or
+   ``../shared/data/ucm-captions``; the first ``--limit`` files) indexed by
    the single-process build (:func:`rsitr.search.build.build_index`) and by the Ray build
    (:func:`rsitr.search.raybuild.build_index_ray`) with each of ``--workers`` encoder actors (one
    CPU/thread each) on one local Ray started once (its start-up is reported, not counted). Rows:
@@ -24,7 +25,6 @@ The machine is whatever runs the command (often shared); the JSON records cpu co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,7 +41,6 @@ from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGES = "/work/shared/data/ucm-captions/images"
 DEFAULT_MODEL = "towers:efficientnet-lite0+minilm-l6"
 
 
@@ -61,11 +60,18 @@ def _subset(images: Path, limit: int | None, work: Path) -> Path:
     return sub
 
 
-def run_encode_bench(images: str | Path, checkpoint: str, limit: int | None, workers: Sequence[int], batch_size: int,
+def run_encode_bench(images: str | Path | None, checkpoint: str, limit: int | None, workers: Sequence[int], batch_size: int,
                      work: Path, engine: str = "auto", progress: bool = True) -> dict:
     from rsitr.search import build as B
     from rsitr.search import raybuild as R
 
+    if images is None:
+        from rsitr.bench.throughput import default_image_dir
+
+        images = default_image_dir()
+        if images is None:
+            raise RsitrError("no images to encode: give --images DIR (the UCM-Captions images are looked for at $RSITR_UCM "
+                             "or ../shared/data/ucm-captions)")
     src = _subset(Path(images), limit, work)
     threads = _threads()
     model = B.load_model(checkpoint)
@@ -325,7 +331,8 @@ def load_result(path: str | Path) -> dict:
     return res
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: Any) -> dict:
+    """``args``: the options of ``rsitr bench scale`` (:func:`rsitr.cli.bench.add_scale_args`)."""
     if args.from_json:  # re-render a run: the measurements as they were, the projection recomputed
         res = load_result(args.from_json)
         res["projection"] = projection(res.get("encode"), res.get("search") or [], int(res["search"][0]["dim"]) if res.get("search") else args.dim)
@@ -345,39 +352,3 @@ def run(args: argparse.Namespace) -> dict:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return res
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", default=DEFAULT_IMAGES, help=f"folder of images to encode (default: UCM, {DEFAULT_IMAGES})")
-    p.add_argument("--limit", type=int, default=None, help="encode only the first N images")
-    p.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray encoder actors to measure (default 1 2)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="vector counts for the search part (default 100000)")
-    p.add_argument("--kinds", nargs="+", choices=("flat", "ivf", "hnsw"), default=["flat", "hnsw"], help="index kinds (default flat hnsw)")
-    p.add_argument("--flat-only-above", type=int, default=200_000,
-                   help="sizes above this measure flat only (default 200000: an HNSW build over 1M vectors takes tens of minutes on 2 cores)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--no-encode", action="store_true")
-    p.add_argument("--no-search", action="store_true")
-    p.add_argument("--no-milvus", action="store_true", help="FAISS only in the search part")
-    p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temporary folder, removed)")
-    p.add_argument("--from-json", default=None, metavar="FILE",
-                   help="re-render the output of an earlier run (measurements unchanged, projection recomputed); measures nothing")
-    p.add_argument("--json", action="store_true", help="print JSON only")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise RsitrError(f"--limit must be >= 1, got {args.limit}")
-    if any(w < 1 for w in args.workers) or any(n < args.k for n in args.sizes):
-        raise RsitrError("--workers must be >= 1 and every --sizes value >= k")
-    res = run(args)
-    print(json.dumps(res, indent=1))
-    if not args.json:
-        print()
-        print(render(res, args.k))
-    return 0
