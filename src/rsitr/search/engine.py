@@ -18,6 +18,11 @@ Re-ranking (``rerank=``):
   *reverse* rank of the query in each candidate's own ranking of a *set of texts*; one free-text
   query has no such set, so the reverse ranks are undefined. It is refused with an explanation
   (use ``rsitr eval`` on a caption dataset for SAR).
+
+Footprint filter (``bbox=`` on every search, ``W,S,E,N`` in WGS84): only items whose footprint
+intersects the box are ranked (:mod:`rsitr.retrieval.bbox`); the index's vector store applies it
+(FAISS: filter then rank, exact; Milvus: a scalar filter expression). With ``--rerank ftf`` the
+recall stage is filtered. Items without a footprint never match a box.
 """
 from __future__ import annotations
 
@@ -45,9 +50,12 @@ SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sor
 
 class SearchEngine:
     def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
-                 load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None):
+                 load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None,
+                 milvus_uri: str | None = None):
         """``model``: the index's :class:`~rsitr.methods.factory.LoadedModel` when already loaded
-        (default: loaded from ``checkpoint``, else the checkpoint the manifest names)."""
+        (default: loaded from ``checkpoint``, else the checkpoint the manifest names); ``milvus_uri``:
+        reach the index's Milvus collection at another address than the one recorded at build time
+        (e.g. the same collection served by a cluster)."""
         self.index_dir = Path(index_dir)
         self.manifest = B.read_manifest(self.index_dir)
         if not self.manifest["files"]:
@@ -57,9 +65,19 @@ class SearchEngine:
         if len(self.items) != self.manifest["count"] or self.embeddings.shape[0] != len(self.items):
             raise RsitrError(f"{self.index_dir}: items ({len(self.items)}), embeddings ({self.embeddings.shape[0]}) and manifest count "
                              f"({self.manifest['count']}) disagree; rebuild the index")
-        from rsitr.retrieval.index import VectorIndex
+        from rsitr.retrieval.stores import open_store
 
-        self.vectors = VectorIndex.load(self.index_dir / self.manifest["files"]["vectors"])
+        files = self.manifest["files"]
+        spec = B.store_spec(self.manifest)
+        self.vectors = open_store(spec, dim=int(self.manifest["embed_dim"]), index_kind=self.manifest["index"]["kind"],
+                                  vectors_path=self.index_dir / files["vectors"] if files.get("vectors") else None,
+                                  footprints_path=self.index_dir / files["footprints"] if files.get("footprints") else None,
+                                  footprints=[it.wgs84 for it in self.items], milvus_uri=milvus_uri)
+        n = len(self.vectors)
+        if n != len(self.items):
+            where = f"Milvus collection {spec.get('collection')} at {self.vectors.uri}" if spec["kind"] == "milvus" else "its vector file"
+            self.vectors.close()
+            raise RsitrError(f"{self.index_dir}: {where} holds {n} vectors but the index has {len(self.items)} items; rebuild the index")
         self.device = device
         self._lock = threading.Lock()
         self._tokens = None
@@ -86,9 +104,13 @@ class SearchEngine:
     def has_geo(self) -> bool:
         return any(it.wgs84 for it in self.items)
 
+    def close(self) -> None:
+        """Release the vector store (a Milvus Lite file is open in one process at a time)."""
+        self.vectors.close()
+
     def info(self) -> dict[str, Any]:
         m = self.manifest
-        return {"items": len(self.items), "embed_dim": m["embed_dim"], "index_kind": m["index"]["kind"],
+        return {"items": len(self.items), "embed_dim": m["embed_dim"], "index_kind": m["index"]["kind"], "store": self.vectors.kind,
                 "model": m["model"]["checkpoint"], "backbone": f"{m['backbone']['kind']}:{m['backbone']['name']}",
                 "tokens": m["tokens"], "geo": self.has_geo, "created": m["created"], "updated": m["updated"]}
 
@@ -150,15 +172,17 @@ class SearchEngine:
                         "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84})
         return out
 
-    def search_vector(self, q: np.ndarray, k: int) -> list[dict]:
+    def search_vector(self, q: np.ndarray, k: int, bbox=None) -> list[dict]:
+        """``bbox``: ``None`` or a WGS84 box (``"W,S,E,N"`` / :class:`rsitr.retrieval.bbox.BBox`)."""
         k = int(k)
         if k < 1:
             raise RsitrError(f"k must be >= 1, got {k}")
+        box = _bbox(bbox)
         with self._lock:
-            scores, ids = self.vectors.search(q, k)
+            scores, ids = self.vectors.search(q, k, box) if box is not None else self.vectors.search(q, k)
         return self._results(scores[0], ids[0])
 
-    def search(self, query: str, k: int = 20, rerank: str = "none", rerank_depth: int = 100) -> list[dict]:
+    def search(self, query: str, k: int = 20, rerank: str = "none", rerank_depth: int = 100, bbox=None) -> list[dict]:
         query = (query or "").strip()
         if not query:
             raise RsitrError("empty query")
@@ -166,12 +190,14 @@ class SearchEngine:
             raise RsitrError(f"--rerank must be one of {RERANKS}, got {rerank!r}")
         if rerank == "sar":
             raise RsitrError(SAR_UNAVAILABLE)
+        box = _bbox(bbox)
         if rerank == "none":
-            return self.search_vector(self.encode_text(query), k)
-        return self._search_ftf(query, int(k), int(rerank_depth))
+            return self.search_vector(self.encode_text(query), k, box)
+        return self._search_ftf(query, int(k), int(rerank_depth), box)
 
-    def search_image(self, image, k: int = 20, exclude_self: bool = False) -> list[dict]:
-        res = self.search_vector(self.encode_image(image), k + (1 if exclude_self else 0))
+    def search_image(self, image, k: int = 20, exclude_self: bool = False, bbox=None) -> list[dict]:
+        box = _bbox(bbox)
+        res = self.search_vector(self.encode_image(image), k + (1 if exclude_self else 0), box)
         if exclude_self and res and res[0]["score"] > 0.9999:
             res = res[1:]
             for r, d in enumerate(res, 1):
@@ -190,7 +216,7 @@ class SearchEngine:
         return self._tokens
 
     @torch.no_grad()
-    def _search_ftf(self, query: str, k: int, depth: int) -> list[dict]:
+    def _search_ftf(self, query: str, k: int, depth: int, box=None) -> list[dict]:
         """FTF two-stage search: recall ``depth`` tiles by the pooled cosine, rerank them with the
         parameter-free text-guided interaction over the stored patch tokens
         (:func:`rsitr.retrieval.twostage.search_t2i`, ``final = (1-alpha) coarse + alpha fine``),
@@ -203,7 +229,8 @@ class SearchEngine:
         with self._lock:
             tf, _ = self._text_features(query)
             q = torch.nn.functional.normalize(tf.pooled.float(), dim=-1)
-            scores, ids, _parts = twostage.search_t2i(self.vectors, store, q, tf.tokens.float(), tf.mask, k=depth, top=k,
+            recall = self.vectors if box is None else _Filtered(self.vectors, box)
+            scores, ids, _parts = twostage.search_t2i(recall, store, q, tf.tokens.float(), tf.mask, k=depth, top=k,
                                                       alpha=params.alpha, tau=params.tau, balance=params.balance, renorm=params.renorm)
         return self._results(scores[0], ids[0])
 
@@ -227,3 +254,21 @@ class SearchEngine:
             while len(self._thumbs) > self._thumb_cache:
                 self._thumbs.popitem(last=False)
         return data
+
+
+def _bbox(bbox):
+    if bbox is None or (isinstance(bbox, str) and not bbox.strip()):
+        return None
+    from rsitr.retrieval.bbox import parse_bbox
+
+    return parse_bbox(bbox)
+
+
+class _Filtered:
+    """A store seen through a footprint filter, with :class:`VectorIndex`'s ``search(q, k)``."""
+
+    def __init__(self, store, box):
+        self.store, self.box = store, box
+
+    def search(self, q, k):
+        return self.store.search(q, k, self.box)

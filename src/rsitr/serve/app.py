@@ -3,8 +3,10 @@
 Routes
 ------
 ``GET /healthz``                       liveness + index summary
-``GET /search?q=TEXT&k=20&rerank=none`` text search (JSON); ``q`` 1..500 chars, ``1 <= k <= 200``
-``POST /search/image?k=20``            multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB)
+``GET /search?q=TEXT&k=20&rerank=none&bbox=W,S,E,N`` text search (JSON); ``q`` 1..500 chars,
+                                       ``1 <= k <= 200``; ``bbox`` (optional, WGS84): only tiles whose
+                                       footprint intersects it (a bad box is 422)
+``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB)
 ``GET /tiles/{id}?size=256``           JPEG thumbnail of an indexed item (ids only - a request never
                                        names a file; anything that is not an id in range is 404)
 ``GET /footprints``                    WGS84 boxes of indexed items (the map's context layer)
@@ -39,12 +41,15 @@ THUMB_SIZES = (64, 128, 256, 512)
 _ID = re.compile(r"[0-9]{1,12}")
 
 
-def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu", engine=None, inference: str = "auto"):
+def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu", engine=None, inference: str = "auto",
+               milvus_uri: str | None = None):
     """``engine``: an open :class:`SearchEngine` (else one is opened on ``index_dir``);
-    ``inference``: its query encoder, ``auto`` | ``onnx`` | ``torch``."""
+    ``inference``: its query encoder, ``auto`` | ``onnx`` | ``torch``; ``milvus_uri``: the index's
+    Milvus collection at another address than recorded at build time."""
     from rsitr.search.engine import SearchEngine
 
-    eng = engine if engine is not None else SearchEngine(index_dir, checkpoint=checkpoint, device=device, engine=inference)
+    eng = engine if engine is not None else SearchEngine(index_dir, checkpoint=checkpoint, device=device, engine=inference,
+                                                          milvus_uri=milvus_uri)
     app = FastAPI(title="rsitr search", version="1", docs_url="/docs", redoc_url=None)
     app.state.engine = eng
 
@@ -62,16 +67,33 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
     def healthz():
         return {"status": "ok", **eng.info()}
 
+    def _box(bbox: str | None):
+        if bbox is None or not bbox.strip():
+            return None
+        from rsitr.retrieval.bbox import parse_bbox
+
+        try:
+            return parse_bbox(bbox)
+        except RsitrError as exc:
+            raise HTTPException(422, str(exc)) from None
+
     @app.get("/search")
     def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY), k: int = Query(20, ge=1, le=MAX_K),
-               rerank: Literal["none", "ftf", "sar"] = "none"):
+               rerank: Literal["none", "ftf", "sar"] = "none", bbox: str | None = Query(None, max_length=200)):
         if not q.strip():
             raise HTTPException(422, "query is blank")
-        return {"query": q, "k": k, "rerank": rerank, "results": _with_thumbs(eng.search(q, k=k, rerank=rerank))}
+        box = _box(bbox)
+        out = {"query": q, "k": k, "rerank": rerank, "results": _with_thumbs(eng.search(q, k=k, rerank=rerank, bbox=box))}
+        if box is not None:
+            out["bbox"] = box.as_list()
+        return out
 
     @app.post("/search/image")
-    def search_image(request: Request, file: UploadFile = File(...), k: int = Query(20, ge=1, le=MAX_K)):
+    def search_image(request: Request, file: UploadFile = File(...), k: int = Query(20, ge=1, le=MAX_K),
+                     bbox: str | None = Query(None, max_length=200)):
         from PIL import Image, UnidentifiedImageError
+
+        box = _box(bbox)
 
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_UPLOAD + 64 * 1024:
@@ -94,7 +116,7 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
             raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise HTTPException(400, f"not a readable image ({type(exc).__name__})") from exc
-        return {"query": f"image:{file.filename or 'upload'}", "k": k, "results": _with_thumbs(eng.search_image(img, k=k))}
+        return {"query": f"image:{file.filename or 'upload'}", "k": k, "results": _with_thumbs(eng.search_image(img, k=k, bbox=box))}
 
     @app.get("/tiles/{tile_id}")
     def tile(tile_id: str, size: int = Query(256, ge=16, le=1024)):

@@ -1,0 +1,397 @@
+"""Vector stores behind one interface: FAISS files (the embedded default) and Milvus collections.
+
+A store holds the L2-normalised image embeddings of an index together with each tile's WGS84
+footprint, answers inner-product (cosine) top-k queries, and filters them by a WGS84 box
+(:mod:`rsitr.retrieval.bbox`). Ids are the index's item ids (``0..n-1``, the rows of
+``items.jsonl``); a store never invents ids.
+
+* :class:`FaissStore` (``kind = "faiss"``): a :class:`~rsitr.retrieval.index.VectorIndex` (flat,
+  ivf or hnsw) plus a ``[n, 4]`` float64 footprint array, saved as two files next to each other.
+  A filtered search is *filter, then rank*: the ids whose footprint intersects the box are
+  selected with numpy and only their vectors are scored, exactly (also for ivf/hnsw indexes).
+* :class:`MilvusStore` (``kind = "milvus"``): one Milvus collection, ``uri`` either a local file
+  ``*.db`` (Milvus Lite, embedded, one process at a time) or a server ``http://host:19530``
+  (Milvus Standalone / Distributed; a token, if the server needs one, is read from
+  ``$MILVUS_TOKEN``, never stored). Fields: ``id`` (INT64 primary key), ``vector``
+  (FLOAT_VECTOR, metric IP), ``key``/``path``/``crs`` (VARCHAR), ``window`` (INT64 array, empty for
+  whole images), ``west``/``south``/``east``/``north`` (DOUBLE), ``crosses`` and ``has_geo``
+  (BOOL). Vector index ``FLAT`` (exact), ``IVF_FLAT`` or ``HNSW``. A filtered search pushes the
+  box down as a scalar filter expression (:func:`rsitr.retrieval.bbox.milvus_expr`). Rows are
+  written with ``upsert`` (by id), so re-writing the same ids after a crash is idempotent.
+
+:func:`open_store` reopens a store from the ``spec()`` an index manifest records.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from rsitr.retrieval.bbox import BBox, footprint_array, intersects, milvus_expr, parse_bbox
+from rsitr.retrieval.index import KINDS, VectorIndex, _as_matrix, l2_normalize
+from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+STORES = ("faiss", "milvus")
+MILVUS_INDEX = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
+MILVUS_MAX_K = 16384  # Milvus' topk limit
+_BLOCK = 65536  # vectors scored per block in an exact filtered FAISS search
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of one query's candidate scores, best first, ties by smaller id."""
+    if len(scores) > k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        scores, ids = scores[part], ids[part]
+    order = np.lexsort((ids, -scores))
+    return scores[order], ids[order]
+
+
+def _pad(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max((len(s) for s, _ in rows), default=0)
+    out_s = np.full((len(rows), width), -np.inf, np.float32)
+    out_i = np.full((len(rows), width), -1, np.int64)
+    for r, (s, i) in enumerate(rows):
+        out_s[r, : len(s)], out_i[r, : len(i)] = s, i
+    return out_s, out_i
+
+
+class VectorStore(abc.ABC):
+    """Embeddings + footprints of an index. ``search(q, k, bbox)`` returns ``(scores float32 [b,
+    m], ids int64 [b, m])`` best first, ``m <= k``; slots a query could not fill hold id -1 and
+    score -inf. Used by :class:`rsitr.search.engine.SearchEngine` and the FTF recall stage (the
+    two-argument ``search(q, k)`` is :class:`VectorIndex`'s)."""
+
+    kind: ClassVar[str]
+    dim: int
+    index_kind: str
+
+    @abc.abstractmethod
+    def add(self, vectors: Any, records: Sequence[dict]) -> None:
+        """Write ``vectors [n, dim]`` with their ``records`` (dicts with ``id``, ``key``, ``path``,
+        ``window``, ``crs``, ``wgs84``: :meth:`rsitr.search.sources.Item.to_json`)."""
+
+    @abc.abstractmethod
+    def search(self, q: Any, k: int, bbox: BBox | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        ...
+
+    @abc.abstractmethod
+    def ids_in(self, bbox: BBox | str) -> np.ndarray:
+        """Sorted ids of the items whose footprint intersects ``bbox``."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        ...
+
+    @abc.abstractmethod
+    def spec(self) -> dict:
+        """What an index manifest records to reopen this store (:func:`open_store`)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _query(self, q: Any) -> np.ndarray:
+        return l2_normalize(_as_matrix(q, self.dim, f"{type(self).__name__}.search"))
+
+
+# -- FAISS -----------------------------------------------------------------------------------------
+class FaissStore(VectorStore):
+    kind = "faiss"
+
+    def __init__(self, index: VectorIndex, footprints: np.ndarray | None = None, has_geo: np.ndarray | None = None):
+        self.index = index
+        self.dim, self.index_kind = index.dim, index.kind
+        n = len(index)
+        self._fp = np.zeros((n, 4), np.float64) if footprints is None else np.asarray(footprints, np.float64).reshape(-1, 4)
+        self._geo = np.zeros(n, bool) if has_geo is None else np.asarray(has_geo, bool).reshape(-1)
+        self._direct_map = False
+        if len(self._fp) != n or len(self._geo) != n:
+            raise RsitrError(f"FaissStore: {n} vectors but {len(self._fp)} footprints / {len(self._geo)} flags")
+
+    @classmethod
+    def create(cls, dim: int, kind: str = "flat", **index_kwargs) -> "FaissStore":
+        return cls(VectorIndex(dim, kind, **index_kwargs))
+
+    def add(self, vectors: Any, records: Sequence[dict]) -> None:
+        x = _as_matrix(vectors, self.dim, "FaissStore.add")
+        if len(records) != len(x):
+            raise RsitrError(f"FaissStore.add: {len(x)} vectors but {len(records)} records")
+        ids = [int(r["id"]) for r in records]
+        if ids != list(range(len(self), len(self) + len(x))):
+            raise RsitrError(f"FaissStore.add: ids must continue from {len(self)} in order (FAISS ids are insertion order)")
+        fp, geo = footprint_array([r.get("wgs84") for r in records])
+        self.index.add(x)
+        self._fp = np.concatenate([self._fp, fp])
+        self._geo = np.concatenate([self._geo, geo])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def ids_in(self, bbox: BBox | str) -> np.ndarray:
+        return np.flatnonzero(intersects(self._fp, self._geo, parse_bbox(bbox))).astype(np.int64)
+
+    def search(self, q: Any, k: int, bbox: BBox | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if bbox is None:
+            return self.index.search(q, k)
+        qm = self._query(q) if self.index.normalize else _as_matrix(q, self.dim, "FaissStore.search")
+        sel = self.ids_in(bbox)
+        k = min(int(k), len(sel))
+        if k <= 0:
+            return np.zeros((len(qm), 0), np.float32), np.zeros((len(qm), 0), np.int64)
+        best: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in range(len(qm))]
+        if self.index.kind == "ivf" and not self._direct_map:
+            self.index.faiss_index.make_direct_map()  # reconstruct by id
+            self._direct_map = True
+        for b0 in range(0, len(sel), _BLOCK):  # exact: score every selected vector, keep a running top k
+            ids = sel[b0 : b0 + _BLOCK]
+            vec = self.index.faiss_index.reconstruct_batch(ids)
+            sc = qm @ vec.T
+            for r in range(len(qm)):
+                s = np.concatenate([best[r][0], sc[r].astype(np.float32)])
+                i = np.concatenate([best[r][1], ids])
+                best[r] = _top_k(s, i, k)
+        return _pad(best)
+
+    # persistence: the FAISS file (+ its .json parameters) and the footprints next to it
+    def save(self, vectors_path: str | os.PathLike, footprints_path: str | os.PathLike) -> None:
+        self.index.save(vectors_path)
+        with atomic_path(footprints_path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.concatenate([self._fp, self._geo[:, None].astype(np.float64)], axis=1))
+
+    @classmethod
+    def load(cls, vectors_path: str | os.PathLike, footprints_path: str | os.PathLike | None = None,
+             footprints: Sequence[Sequence[float] | None] | None = None) -> "FaissStore":
+        """Open a saved store; an index written before footprints were stored passes them
+        (``footprints``, one WGS84 box or None per id) instead of ``footprints_path``."""
+        vi = VectorIndex.load(vectors_path)
+        if footprints_path is not None:
+            p = Path(footprints_path)
+            try:
+                arr = np.load(p, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise RsitrError(f"{p}: unreadable footprint array ({exc})") from exc
+            if arr.ndim != 2 or arr.shape != (len(vi), 5):
+                raise RsitrError(f"{p}: expected [{len(vi)}, 5] footprints, got {arr.shape}")
+            return cls(vi, arr[:, :4], arr[:, 4] > 0.5)
+        fp, geo = footprint_array(list(footprints) if footprints is not None else [None] * len(vi))
+        return cls(vi, fp, geo)
+
+    def spec(self) -> dict:
+        return {"kind": "faiss"}
+
+
+# -- Milvus ----------------------------------------------------------------------------------------
+def _milvus():
+    try:
+        import pymilvus  # noqa: PLC0415 (lazy: optional dependency)
+    except ImportError as exc:
+        raise RsitrError("the milvus store needs pymilvus (and milvus-lite for a local .db file): pip install 'rsitr[scale]'") from exc
+    return pymilvus
+
+
+def normalize_uri(uri: str) -> str:
+    """A Milvus Lite file (``*.db``, made absolute) or a server URL (``http(s)://``, ``tcp://``,
+    ``unix:``); anything else is refused."""
+    uri = str(uri).strip()
+    if re.match(r"^(https?|tcp|grpc)://[^\s/]+", uri) or uri.startswith("unix:"):
+        return uri
+    if uri.endswith(".db"):
+        return str(Path(uri).expanduser().resolve())
+    raise RsitrError(f"--milvus-uri: expected a Milvus Lite file ending in .db or a server URL such as http://host:19530, got {uri!r}")
+
+
+def default_collection(index_dir: str | os.PathLike) -> str:
+    """``rsitr_<folder name>_<8 hex of its absolute path>``: one collection per index folder."""
+    import hashlib
+
+    p = Path(index_dir).resolve()
+    name = re.sub(r"[^A-Za-z0-9_]", "_", p.name)[:60] or "index"
+    return f"rsitr_{name}_{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
+class MilvusStore(VectorStore):
+    kind = "milvus"
+    BATCH = 2000  # rows per upsert (well under Milvus' 64 MB message limit at dim 1024)
+
+    def __init__(self, uri: str, collection: str, dim: int, index_kind: str = "flat", *, nlist: int = 128, nprobe: int = 16,
+                 hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128):
+        if index_kind not in KINDS:
+            raise RsitrError(f"unknown index kind {index_kind!r}; choose one of {KINDS}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", collection or ""):
+            raise RsitrError(f"--milvus-collection: {collection!r} is not a valid Milvus collection name (letters, digits, _)")
+        self.uri, self.collection, self.dim, self.index_kind = normalize_uri(uri), collection, int(dim), index_kind
+        self.nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search = int(nlist), int(nprobe), int(hnsw_m), int(ef_construction), int(ef_search)
+        self._client = None
+
+    # -- connection ----------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            pm = _milvus()
+            token = os.environ.get("MILVUS_TOKEN", "")
+            try:
+                self._client = pm.MilvusClient(self.uri, token=token) if token else pm.MilvusClient(self.uri)
+            except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for one cause
+                hint = (" (a Milvus Lite file is opened by one process at a time: is `rsitr serve` or another build using it?)"
+                        if self.uri.endswith(".db") else "")
+                raise RsitrError(f"cannot open Milvus at {self.uri}: {exc}{hint}") from exc
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+
+    def exists(self) -> bool:
+        return bool(self.client.has_collection(self.collection))
+
+    def create(self) -> None:
+        """Create the collection and its vector index; refuses an existing collection."""
+        pm = _milvus()
+        c = self.client
+        if c.has_collection(self.collection):
+            raise RsitrError(f"Milvus collection {self.collection!r} already exists at {self.uri}; choose another "
+                             f"--milvus-collection or drop it")
+        DT = pm.DataType
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DT.INT64, is_primary=True)
+        s.add_field("vector", DT.FLOAT_VECTOR, dim=self.dim)
+        s.add_field("key", DT.VARCHAR, max_length=8192)
+        s.add_field("path", DT.VARCHAR, max_length=4096)
+        s.add_field("crs", DT.VARCHAR, max_length=8192)
+        s.add_field("window", DT.ARRAY, element_type=DT.INT64, max_capacity=4)
+        for f in ("west", "south", "east", "north"):
+            s.add_field(f, DT.DOUBLE)
+        s.add_field("crosses", DT.BOOL)
+        s.add_field("has_geo", DT.BOOL)
+        ip = c.prepare_index_params()
+        params = {"flat": {}, "ivf": {"nlist": self.nlist}, "hnsw": {"M": self.hnsw_m, "efConstruction": self.ef_construction}}[self.index_kind]
+        ip.add_index(field_name="vector", index_type=MILVUS_INDEX[self.index_kind], metric_type="IP", params=params)
+        c.create_collection(self.collection, schema=s, index_params=ip, consistency_level="Strong")
+        log.info("created Milvus collection %s at %s (%s, IP)", self.collection, self.uri, MILVUS_INDEX[self.index_kind])
+
+    def _need(self) -> None:
+        if not self.client.has_collection(self.collection):
+            raise RsitrError(f"Milvus collection {self.collection!r} not found at {self.uri} (was the index built against "
+                             f"another Milvus? rebuild it, or pass the right --milvus-uri)")
+
+    # -- data ----------------------------------------------------------------------------------
+    def add(self, vectors: Any, records: Sequence[dict]) -> None:
+        x = l2_normalize(_as_matrix(vectors, self.dim, "MilvusStore.add"))
+        if len(records) != len(x):
+            raise RsitrError(f"MilvusStore.add: {len(x)} vectors but {len(records)} records")
+        self._need()
+        fp, geo = footprint_array([r.get("wgs84") for r in records])
+        rows = []
+        for i, r in enumerate(records):
+            win = r.get("window")
+            rows.append({"id": int(r["id"]), "vector": x[i].tolist(), "key": str(r.get("key") or r["path"]), "path": str(r["path"]),
+                         "crs": str(r.get("crs") or ""), "window": [int(v) for v in win] if win else [],
+                         "west": float(fp[i, 0]), "south": float(fp[i, 1]), "east": float(fp[i, 2]), "north": float(fp[i, 3]),
+                         "crosses": bool(geo[i] and fp[i, 0] > fp[i, 2]), "has_geo": bool(geo[i])})
+            if len(rows) == self.BATCH:
+                self.client.upsert(self.collection, rows)
+                rows = []
+        if rows:
+            self.client.upsert(self.collection, rows)
+
+    def delete_from(self, first_id: int) -> None:
+        """Remove every row with ``id >= first_id`` (the leftovers of an interrupted write)."""
+        self._need()
+        self.client.delete(self.collection, filter=f"id >= {int(first_id)}")
+
+    def __len__(self) -> int:
+        self._need()
+        res = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    def _search_params(self) -> dict:
+        p = {"flat": {}, "ivf": {"nprobe": self.nprobe}, "hnsw": {"ef": self.ef_search}}[self.index_kind]
+        return {"metric_type": "IP", "params": p}
+
+    def search(self, q: Any, k: int, bbox: BBox | str | None = None, *, output_fields: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        qm = self._query(q)
+        k = int(k)
+        if k > MILVUS_MAX_K:
+            raise RsitrError(f"k={k}: Milvus returns at most {MILVUS_MAX_K} hits per query")
+        if k <= 0 or len(qm) == 0:
+            return np.zeros((len(qm), 0), np.float32), np.zeros((len(qm), 0), np.int64)
+        self._need()
+        expr = milvus_expr(parse_bbox(bbox)) if bbox is not None else ""
+        res = self.client.search(self.collection, data=[v.tolist() for v in qm], limit=k, filter=expr,
+                                 output_fields=list(output_fields), search_params=self._search_params())
+        rows = []
+        for hits in res:
+            s = np.array([h["distance"] for h in hits], np.float32)
+            i = np.array([h["id"] for h in hits], np.int64)
+            rows.append((s, i) if len(s) else (np.zeros(0, np.float32), np.zeros(0, np.int64)))
+        return _pad(rows)
+
+    def ids_in(self, bbox: BBox | str) -> np.ndarray:
+        self._need()
+        expr = milvus_expr(parse_bbox(bbox))
+        out: list[int] = []
+        it = self.client.query_iterator(self.collection, batch_size=10000, filter=expr, output_fields=["id"])
+        try:
+            while True:
+                batch = it.next()
+                if not batch:
+                    break
+                out.extend(int(r["id"]) for r in batch)
+        finally:
+            it.close()
+        return np.array(sorted(out), np.int64)
+
+    def records(self, ids: Sequence[int]) -> list[dict]:
+        """Stored metadata of ``ids`` (for checks and tools; the search engine uses its item table)."""
+        self._need()
+        if not len(ids):
+            return []
+        rows = self.client.query(self.collection, filter=f"id in {[int(i) for i in ids]}",
+                                 output_fields=["id", "key", "path", "crs", "window", "west", "south", "east", "north", "has_geo"])
+        by = {int(r["id"]): r for r in rows}
+        return [by[int(i)] for i in ids if int(i) in by]
+
+    def spec(self) -> dict:
+        return {"kind": "milvus", "uri": self.uri, "collection": self.collection, "index": MILVUS_INDEX[self.index_kind],
+                "metric": "IP", "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
+                "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dim: int, index_kind: str, uri: str | None = None) -> "MilvusStore":
+        return cls(uri or spec["uri"], spec["collection"], dim, index_kind, nlist=int(spec.get("nlist", 128)),
+                   nprobe=int(spec.get("nprobe", 16)), hnsw_m=int(spec.get("hnsw_m", 32)),
+                   ef_construction=int(spec.get("ef_construction", 200)), ef_search=int(spec.get("ef_search", 128)))
+
+
+def open_store(spec: dict | None, *, dim: int, index_kind: str, vectors_path: str | os.PathLike | None = None,
+               footprints_path: str | os.PathLike | None = None, footprints: Sequence | None = None,
+               milvus_uri: str | None = None) -> VectorStore:
+    """Reopen the store an index manifest names (``spec`` None: an older index, FAISS)."""
+    kind = (spec or {}).get("kind", "faiss")
+    if kind == "faiss":
+        if vectors_path is None:
+            raise RsitrError("the FAISS store of this index has no vectors file")
+        return FaissStore.load(vectors_path, footprints_path, footprints)
+    if kind == "milvus":
+        return MilvusStore.from_spec(spec, dim, index_kind, uri=milvus_uri)
+    raise RsitrError(f"unknown vector store {kind!r} in the index manifest; this rsitr knows {STORES}")
+
+
+__all__ = ["FaissStore", "MILVUS_INDEX", "MilvusStore", "STORES", "VectorStore", "default_collection", "normalize_uri", "open_store"]
