@@ -22,7 +22,11 @@ def test_search_part_projection_and_rerender(tmp_path, capsys):
     assert "PROJECTION" in p["label"]
     assert p["encode"][0] == {"tiles": 10_000_000, "core_hours": round(1e7 / 10 / 3600, 1), "wall_h_64_cores": round(1e7 / 10 / 64 / 3600, 2),
                               "wall_h_512_cores": round(1e7 / 10 / 512 / 3600, 2)}
-    lat = {(r["tiles"], r["shards"]): r["faiss_flat_ms"] for r in p["query_latency_ms"]}
+    # the latency projection from fixed measurements (measured ones depend on the machine's load)
+    fixed = [{**r, "p50_ms": 1.0 + r["n"] / 1000} if r["kind"] == "flat" else r for r in rows]
+    q = S.projection({"rows": [{"tiles_per_s_per_core": 10.0}]}, fixed, 32)
+    assert q["faiss_flat_fit"] == {"fixed_ms": 1.0, "ms_per_million": 1000.0}
+    lat = {(r["tiles"], r["shards"]): r["faiss_flat_ms"] for r in q["query_latency_ms"]}
     assert lat[(10_000_000, 1)] > lat[(10_000_000, 8)] > lat[(10_000_000, 64)]
     res = {"machine": {"cpus": 2, "load": 1.0, "python": "3"}, "search": rows, "projection": p}
     md = S.render(res, 10)
