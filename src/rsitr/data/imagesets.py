@@ -127,7 +127,9 @@ def _cat(parts: list[Features]) -> Features:
 
 def _load_or_compute(path: Path | None, compute) -> Features:
     if path is not None and path.is_file():
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        from rsitr.utils.weights import load_torch_file
+
+        d = load_torch_file(path, what="trunk-feature cache (delete it to recompute)")
         log.info("loaded cached trunk features %s", path)
         return Features(d["pooled"], d["tokens"], d["mask"])
     f = compute()
