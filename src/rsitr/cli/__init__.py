@@ -75,11 +75,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RsitrError("no dataset: give --data PATH or data.path in the config")
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"trained {result.trainable_params:,} / {result.total_params:,} parameters in {result.seconds:.1f}s; run folder {result.out_dir}")
+    if result.budget_stopped:
+        print(f"time_budget={cfg.time_budget:g} s stopped training after {result.steps} of {result.planned_steps} steps", file=sys.stderr)
     if result.best.get("epoch", -1) >= 0 and "mR" in result.best:
         print(format_table({k: result.best[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR") if k in result.best},
                            title=f"best validation (epoch {result.best['epoch']})"))
     if result.test:
         print(format_table(result.test, title="test (best checkpoint)"))
+    from rsitr.cli.common import undertrained
+
+    if undertrained(result, cfg.time_budget):
+        return 3
     return 0
 
 

@@ -73,7 +73,9 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
         print(format_table({f"{name} before training": before, f"{name} trained (best-val checkpoint)": after},
                            title=f"synthetic test split, {summary['steps']} steps" + (f" (time budget {time_budget:.0f}s)" if time_budget else "")))
         print(f"\ntrain {result.seconds:.1f}s, total {seconds:.1f}s; run folder {run_dir}")
-    return 0
+    from rsitr.cli.common import undertrained
+
+    return 3 if undertrained(result, time_budget) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

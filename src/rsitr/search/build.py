@@ -234,7 +234,7 @@ def _write_chunk(index_dir: Path, n: int, items: list[Item], emb: np.ndarray, to
 
 def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOptions, first_chunk: int) -> tuple[int, float]:
     """Encode ``pending`` in chunks written to ``index_dir/chunks``; returns (encoded, seconds)."""
-    from tqdm import tqdm
+    from rsitr.utils.progress import progress_bar
 
     from rsitr.data.transforms import EvalTransform
     from rsitr.models.engine import engine_for
@@ -244,7 +244,7 @@ def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOpti
     bs = max(1, int(opts.batch_size))
     chunk = int(opts.chunk_size or bs * 4)
     encoded, secs, n_chunk = 0, 0.0, first_chunk
-    bar = tqdm(total=len(pending), desc="index: encode", unit="tile", disable=not opts.progress)
+    bar = progress_bar(total=len(pending), desc="index: encode", unit="tile", disable=not opts.progress)
 
     def load(items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
         """Decode, tile and transform one batch (in a thread, overlapping the previous encode)."""
