@@ -212,10 +212,11 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
     if threads:
         torch.set_num_threads(int(threads))
         try:
-            import faiss
+            from rsitr.retrieval.index import load_faiss
 
+            faiss = load_faiss()
             faiss.omp_set_num_threads(int(threads))
-        except ImportError:
+        except (ImportError, RsitrError):
             pass
     if not ks or min(ks) < 1:
         raise RsitrError(f"--ks must list positive integers, got {list(ks)!r}")
