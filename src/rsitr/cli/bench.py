@@ -131,6 +131,35 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from rsitr.bench.serve_load import render, run_serve_bench, write_json
+
+    mix = [float(x) for x in args.mix.split(",")] if args.mix else [0.7, 0.1, 0.2]
+    out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=mix,
+                          engine=args.engine, server_threads=args.server_threads, seed=args.seed)
+    if args.out:
+        write_json(args.out, out)
+    print(json.dumps(out, indent=2) if args.json else render(out))
+    return 0
+
+
+def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
+    from rsitr.cli.common import add_engine_arg
+
+    p.add_argument("index", help="index folder made by `rsitr index build`; the command serves it itself on 127.0.0.1")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients, one connection each (default 32)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of measured load after the warm-up (default 60)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
+    p.add_argument("-k", type=int, default=20, help="results per query (default 20)")
+    p.add_argument("--mix", default=None, metavar="TEXT,IMAGE,THUMB",
+                   help="weights of text queries, image uploads and thumbnails (default 0.7,0.1,0.2)")
+    p.add_argument("--server-threads", type=int, default=None, help="the server's --threads (torch / ONNX Runtime; default: its own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request sequence and of the uploaded tiles (default 0)")
+    p.add_argument("--out", default=None, help="also write the figures as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_engine_arg(p)
+
+
 # -- the parser --------------------------------------------------------------------------------
 def add_ftf_args(p: argparse.ArgumentParser) -> None:
     from rsitr.bench.ftf import DEFAULT_KS
@@ -241,4 +270,6 @@ def add_bench_cli(sub) -> None:
                 cmd_ftf)
     add_command(b, "rdb", "RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget", add_rdb_args, cmd_rdb)
     add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir", help="the --out folder of a `rsitr bench run`"), cmd_report)
+    add_command(b, "serve", "the HTTP server under N concurrent clients: req/s, latency percentiles, errors, RSS, answers vs sequence",
+                add_serve_bench_args, cmd_serve_bench)
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
