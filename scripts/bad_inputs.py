@@ -40,8 +40,18 @@ def main() -> int:
         "text.json": b"not json at all", "karpathy-bad.json": json.dumps({"images": [{"filename": 3}]}).encode(),
         "captions.csv": b"\xff\xfe\x00garbage,\x00\n\"unterminated", "labels.csv": b"filename,label\nx.png\n",
     }
-    for name, data in files.items():
+    for name, data in files.items():  # each in its own folder (a labels.csv next to a file would be read with it)
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        sub = work / Path(name).stem
+        sub.mkdir(exist_ok=True)
+        (sub / name).write_bytes(data)
         (work / name).write_bytes(data)
+    from rsitr.data.synth import write_synth
+
+    good = work / "synth"
+    if not (good / "dataset_synth.json").is_file():
+        write_synth(good, n_images=12, seed=0, image_size=32)
+    good_ann = good / "dataset_synth.json"
     full = work / "full.pt"
     torch.save({"w": torch.zeros(1000)}, full)
     (work / "truncated.pt").write_bytes(full.read_bytes()[:1500])
@@ -50,6 +60,7 @@ def main() -> int:
     badimgs.mkdir(exist_ok=True)
     (badimgs / "broken.tif").write_bytes(rand)
     (badimgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rand[:100])
+    Image.new("RGB", (48, 48), (9, 9, 9)).save(badimgs / "good.png")
 
     rows: list[tuple[str, str, str]] = []
 
@@ -59,14 +70,19 @@ def main() -> int:
 
     for ck in ("random.safetensors", "random.pt", "empty.pt", "zip-garbage.pt", "truncated.pt", "object.pt", "text.json", "missing.pt"):
         row(f"index build --checkpoint {ck}", cli("index", "build", str(imgs), "--checkpoint", str(work / ck), "--out", str(work / f"idx-{ck}")))
-    row("eval --checkpoint random.safetensors", cli("eval", "--data", str(work / "text.json"), "--checkpoint", str(work / "random.safetensors")))
-    for ann in ("text.json", "karpathy-bad.json", "captions.csv", "nonexistent.json"):
-        row(f"data check {ann}", cli("data", "check", str(work / ann)))
-    row("train --data captions.csv", cli("train", "--data", str(work / "captions.csv"), "--out", str(work / "run-bad")))
-    row("train --set time_budget=abc", cli("train", "--data", str(work / "text.json"), "--set", "time_budget=abc", "--out", str(work / "run-b2")))
-    row("train --set nokey=1", cli("train", "--data", str(work / "text.json"), "--set", "nokey=1", "--out", str(work / "run-b3")))
+    row("eval (synthetic data) --checkpoint random.safetensors", cli("eval", "--data", str(good_ann), "--checkpoint", str(work / "random.safetensors")))
+    row("eval (synthetic data) --checkpoint truncated.pt", cli("eval", "--data", str(good_ann), "--checkpoint", str(work / "truncated.pt")))
+    for ann in ("text.json", "karpathy-bad.json", "captions.csv", "labels.csv", "nonexistent.json"):
+        stem = Path(ann).stem
+        row(f"data check {ann}", cli("data", "check", str(work / stem / ann) if (work / stem).is_dir() else str(work / ann)))
+    row("data check synth --labels labels.csv (a row without label)", cli("data", "check", str(good_ann), "--labels", str(work / "labels" / "labels.csv")))
+    row("train --data captions.csv", cli("train", "--data", str(work / "captions" / "captions.csv"), "--out", str(work / "run-bad")))
+    row("train --set time_budget=abc", cli("train", "--data", str(good_ann), "--backbone", "clip:tiny", "--set", "time_budget=abc", "--out", str(work / "run-b2")))
+    row("train --set nokey=1", cli("train", "--data", str(good_ann), "--set", "nokey=1", "--out", str(work / "run-b3")))
+    row("train --set time_budget=0.001 (clip:tiny, stopped at step 1)", cli("train", "--data", str(good_ann), "--backbone", "clip:tiny", "--mode", "full",
+                                                                            "--set", "batch_size=4", "--set", "time_budget=0.001", "--out", str(work / "run-b4")))
     row("index build on corrupt tif + png", cli("index", "build", str(badimgs), "--checkpoint", "clip:tiny", "--out", str(work / "idx-bad")))
-    row("index build --skip-bad on corrupt tif + png", cli("index", "build", str(badimgs), "--checkpoint", "clip:tiny", "--out", str(work / "idx-bad2"), "--skip-bad"))
+    row("index build --skip-bad on corrupt tif + png + a good png", cli("index", "build", str(badimgs), "--checkpoint", "clip:tiny", "--out", str(work / "idx-bad2"), "--skip-bad"))
     idx = work / "idx"
     row("index build (good, for the rows below)", cli("index", "build", str(imgs), "--checkpoint", "clip:tiny", "--out", str(idx)))
     row("search --rerank sar", cli("search", str(idx), "ships", "--rerank", "sar"))

@@ -21,7 +21,12 @@ def _reason(exc: BaseException) -> str:
     if "Weights only load failed" in text or name == "UnpicklingError":
         m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
         detail = " ".join(m.group(1).split()) if m else ""
-        detail = f": {detail[:120]}" if detail and "weights_only" not in detail else ""
+        # its first sentence only: what follows is PyTorch's advice on how to allow the object
+        # (add_safe_globals / weights_only=False), which is not advice for an untrusted file
+        detail = re.split(r"(?<=[a-z0-9])\. ", detail)[0].rstrip(".")
+        if any(w in detail for w in ("weights_only", "safe_globals", "Please use")):
+            detail = ""
+        detail = f": {detail[:120]}" if detail else ""
         return f"not a weights-only tensor file, or corrupt (the pickle holds something other than tensors and plain values{detail})"
     if "zip archive" in text or "PytorchStreamReader" in text or "central directory" in text:
         return "corrupt or truncated (not a readable PyTorch zip archive)"
