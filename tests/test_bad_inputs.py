@@ -92,3 +92,18 @@ def test_corrupt_trunk_cache_is_named(tmp_path):
     p.write_bytes(os.urandom(100))
     with pytest.raises(RsitrError, match="trunk-feature cache"):
         _load_or_compute(p, None)
+
+
+def test_config_values_are_type_checked():
+    """``--set time_budget=abc`` used to end in a TypeError deep inside the run."""
+    from rsitr.train.config import TrainConfig
+    from rsitr.utils.errors import RsitrError
+
+    with pytest.raises(RsitrError, match=r"time_budget: expected float or null, got 'abc'"):
+        TrainConfig().override({"time_budget": "abc"})
+    with pytest.raises(RsitrError, match="epochs: expected int"):
+        TrainConfig().override({"epochs": 2.5})
+    with pytest.raises(RsitrError, match="model.backbone: expected str"):
+        TrainConfig().override({"model.backbone": 3})
+    cfg = TrainConfig().override({"epochs": 2.0, "lr": 1, "time_budget": None})
+    assert cfg.epochs == 2 and isinstance(cfg.epochs, int) and cfg.lr == 1.0 and isinstance(cfg.lr, float)

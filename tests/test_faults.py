@@ -85,7 +85,7 @@ def test_kill_during_training_resumes(tmp_path):
     write_synth(tmp_path / "data", n_images=40, seed=1, image_size=32)
     run = tmp_path / "run"
     args = [sys.executable, "-m", "rsitr.cli", "-q", "train", "--data", str(tmp_path / "data" / "dataset_synth.json"), "--out", str(run),
-            "--backbone", "clip:tiny", "--mode", "full", "--epochs", "3", "--set", "batch_size=8", "--set", "save_every_steps=1",
+            "--backbone", "clip:tiny", "--mode", "full", "--epochs", "3", "--set", "max_steps=10", "--set", "batch_size=8", "--set", "save_every_steps=1",
             "--set", "eval_every=0"]
     rng = np.random.default_rng(0)
     steps_seen = []
@@ -152,20 +152,38 @@ def test_kill_during_index_add(base_index, tmp_path):
     shutil.copytree(base_index / "idx", idx)
     new = _tiles(tmp_path / "new", 120, start=100)
     args = [sys.executable, "-m", "rsitr.cli", "-q", "index", "add", str(idx), str(new), "--batch-size", "8", "--chunk-size", "8"]
+    chunks = idx / "chunks"
+
+    def n_chunks() -> int:
+        return len(list(chunks.glob("chunk-*.npz"))) if chunks.exists() else 0
+
+    def merging() -> bool:  # the merge writes the next generation's files under temporary names
+        return any(p.name.startswith((".items.", ".embeddings.", ".vectors.", ".tokens.")) or p.name.startswith("items.000002")
+                   for p in idx.iterdir())
+
     outcomes = []
-    for delay in (4.0, 7.0, 10.0):
+    rng = np.random.default_rng(1)
+    # two kills while chunks are being encoded (after this run wrote one more chunk, at a random
+    # moment), then one during the merge into the new generation
+    for target in ("chunks", "chunks", "merge"):
         proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            proc.wait(delay)
-        except subprocess.TimeoutExpired:
+        start, t0, hit = n_chunks(), time.monotonic(), False
+        while proc.poll() is None and time.monotonic() - t0 < 600:
+            if (target == "chunks" and n_chunks() > start) or (target == "merge" and merging()):
+                hit = True
+                break
+            time.sleep(0.005 if target == "merge" else 0.05)
+        if target == "chunks":
+            time.sleep(float(rng.uniform(0, 1.0)))
+        if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        n_chunks = len(list((idx / "chunks").glob("chunk-*.npz"))) if (idx / "chunks").exists() else 0
-        outcomes.append((delay, proc.returncode, _check_index(idx, {6, 126}), n_chunks))
+        proc.wait(10)
+        outcomes.append((target, hit, proc.returncode, _check_index(idx, {6, 126}), n_chunks()))
     p = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     assert _check_index(idx, {126}) == 126
-    print("index add kill outcomes (delay s, exit, items readable, chunks kept):", outcomes)
+    print("index add kill outcomes (target, reached, exit, items served after the kill, chunks kept):", outcomes)
+    assert [o[2] for o in outcomes[:2]] == [-9, -9] and outcomes[1][4] > 0  # really killed mid-encoding, chunks kept
 
 
 def _free_port() -> int:
