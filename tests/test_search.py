@@ -286,8 +286,14 @@ def test_cli_build_search_geojson(tmp_path, source, capsys):
     write_sample_source(extra, n_png=1, geotiff=False, seed=3)
     rc, out = _run(["-q", "index", "add", str(idx), str(extra)], capsys)
     assert rc == 0 and "10 items" in out
-    with pytest.raises(RsitrError, match="query set"):
+    # SAR is not offered on a single free-text search (the help says why); the engine refuses it too
+    with pytest.raises(SystemExit) as exc:
         _run(["search", str(idx), "x", "--rerank", "sar"], capsys)
+    assert exc.value.code == 2 and "invalid choice: 'sar'" in capsys.readouterr().err
+    from rsitr.search.engine import SearchEngine
+
+    with pytest.raises(RsitrError, match="query set"):
+        SearchEngine(idx).search("x", rerank="sar")
 
 
 def test_towers_spec_gives_the_same_model_every_time():

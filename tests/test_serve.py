@@ -113,11 +113,31 @@ def test_image_upload(client, index):
 @pytest.mark.parametrize("name,data,ctype,status", [
     ("a.txt", b"hello", "text/plain", 415),
     ("a.svg", b"<svg/>", "image/svg+xml", 415),
-    ("a.png", b"not really a png", "image/png", 400),
+    ("a.png", b"not really a png", "image/png", 415),  # identified from the bytes, not the declared type
     ("a.png", b"", "image/png", 400),
+    ("a.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png", 415),  # a PNG signature without a valid header: not identified
+    ("a.gif", b"GIF89a" + b"\0" * 40, "image/gif", 415),  # an image, but not a format rsitr accepts
 ])
 def test_bad_uploads(client, name, data, ctype, status):
     assert client.post("/search/image", files={"file": (name, data, ctype)}).status_code == status
+
+
+def test_upload_identified_by_bytes(client, index):
+    """curl -F file=@tile.tif sends application/octet-stream: a real tile is accepted whatever its
+    declared type, and a truncated one is 400, not a traceback."""
+    items = B.read_items(index, B.read_manifest(index))
+    own = next(it.path for it in items if it.path.endswith(".png"))
+    data = open(own, "rb").read()
+    for ctype in ("application/octet-stream", "text/plain", "image/jpeg"):
+        r = client.post("/search/image", params={"k": 1}, files={"file": ("tile", data, ctype)})
+        assert r.status_code == 200, (ctype, r.text)
+        assert r.json()["results"][0]["path"] == own
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 10, 10)).save(buf, format="TIFF")
+    r = client.post("/search/image", files={"file": ("t.tif", buf.getvalue(), "application/octet-stream")})
+    assert r.status_code == 200
+    r = client.post("/search/image", files={"file": ("t.png", data[: len(data) // 2], "application/octet-stream")})
+    assert r.status_code == 400 and "cannot be decoded" in r.json()["detail"]
 
 
 def test_upload_too_large(client):
@@ -148,3 +168,53 @@ def test_concurrent_requests(client):
         else:
             assert [r["id"] for r in val] == [r["id"] for r in want[key]]
             assert [r["score"] for r in val] == pytest.approx([r["score"] for r in want[key]], abs=1e-5)
+
+
+def test_token_required_everywhere_but_healthz(index):
+    from rsitr.serve.app import TOKEN_COOKIE
+
+    app = create_app(index, token="s3cret")
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        for method, path, kw in [("get", "/", {}), ("get", "/search?q=ships", {}), ("get", "/tiles/0", {}), ("get", "/footprints", {}),
+                                 ("get", "/docs", {}), ("get", "/openapi.json", {}),
+                                 ("post", "/search/image", {"files": {"file": ("q.png", _png(), "image/png")}})]:
+            r = getattr(c, method)(path, **kw)
+            assert r.status_code == 401, (path, r.status_code)
+            assert r.headers["www-authenticate"] == "Bearer"
+            for bad in ({"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"}):
+                assert getattr(c, method)(path, headers=bad, **kw).status_code == 401, (path, bad)
+            assert getattr(c, method)(path, headers={"Authorization": "Bearer s3cret"}, **kw).status_code == 200, path
+        assert c.get("/search", params={"q": "ships", "token": "nope"}).status_code == 401
+        assert not c.cookies
+    # the page: ?token=T once sets the cookie and redirects to a URL without the token
+    with TestClient(app) as c:
+        r = c.get("/", params={"token": "s3cret"}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        assert TOKEN_COOKIE in r.headers["set-cookie"] and "httponly" in r.headers["set-cookie"].lower()
+        c.cookies.set(TOKEN_COOKIE, "s3cret")
+        assert c.get("/").status_code == 200
+        assert c.get("/search", params={"q": "ships"}).status_code == 200
+        assert c.get("/tiles/1").status_code == 200
+    with TestClient(app) as c:
+        c.cookies.set(TOKEN_COOKIE, "forged")
+        assert c.get("/search", params={"q": "ships"}).status_code == 401
+
+
+def test_serve_warns_without_token_off_loopback(capsys, monkeypatch):
+    import argparse
+
+    from rsitr.cli.search import serve_token
+    from rsitr.utils.errors import RsitrError
+
+    monkeypatch.delenv("RSITR_TOKEN", raising=False)
+    assert serve_token(argparse.Namespace(token=None, host="0.0.0.0", port=8000)) is None
+    assert "without --token" in capsys.readouterr().err
+    assert serve_token(argparse.Namespace(token="T", host="0.0.0.0", port=8000)) == "T"
+    assert serve_token(argparse.Namespace(token=None, host="127.0.0.1", port=8000)) is None
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RSITR_TOKEN", "fromenv")
+    assert serve_token(argparse.Namespace(token=None, host="0.0.0.0", port=8000)) == "fromenv"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RsitrError):
+        serve_token(argparse.Namespace(token=" ", host="0.0.0.0", port=8000))

@@ -83,7 +83,7 @@ def run(index: VectorIndex, store: TokenStore, q_pooled: np.ndarray, q_tokens: t
         warmup: int = 2, progress: bool = True) -> list[dict[str, Any]]:
     """Measure every stage on the same queries (one at a time). ``truth[j]`` is the index of query
     ``j``'s image (None: latency only). Returns one row per stage."""
-    from tqdm import tqdm
+    from rsitr.utils.progress import progress_bar
 
     q_pooled = np.asarray(q_pooled, np.float32)
     nq = q_pooled.shape[0]
@@ -98,7 +98,7 @@ def run(index: VectorIndex, store: TokenStore, q_pooled: np.ndarray, q_tokens: t
         for j in range(min(warm, n)):
             fn(j)
         lat, ranked = [], []
-        for j in tqdm(range(n), desc=name, disable=not progress, leave=False):
+        for j in progress_bar(range(n), desc=name, disable=not progress, leave=False):
             t0 = time.perf_counter()
             ids = fn(j)
             lat.append(time.perf_counter() - t0)
@@ -212,10 +212,11 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
     if threads:
         torch.set_num_threads(int(threads))
         try:
-            import faiss
+            from rsitr.retrieval.index import load_faiss
 
+            faiss = load_faiss()
             faiss.omp_set_num_threads(int(threads))
-        except ImportError:
+        except (ImportError, RsitrError):
             pass
     if not ks or min(ks) < 1:
         raise RsitrError(f"--ks must list positive integers, got {list(ks)!r}")

@@ -75,9 +75,9 @@ def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256,
                      ef_search: int = 128, threads: int | None = 1, progress: bool = True) -> list[dict]:
     """One row per (n, kind): build seconds, p50/p95/mean query latency (ms, one query per call,
     ``threads`` FAISS threads), recall@k vs exact."""
-    import faiss
+    from rsitr.retrieval.index import VectorIndex, load_faiss
 
-    from rsitr.retrieval.index import VectorIndex
+    faiss = load_faiss()
 
     build_threads = faiss.omp_get_max_threads()
     rows = []

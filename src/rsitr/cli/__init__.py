@@ -75,11 +75,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RsitrError("no dataset: give --data PATH or data.path in the config")
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"trained {result.trainable_params:,} / {result.total_params:,} parameters in {result.seconds:.1f}s; run folder {result.out_dir}")
+    if result.budget_stopped:
+        print(f"time_budget={cfg.time_budget:g} s stopped training after {result.steps} of {result.planned_steps} steps", file=sys.stderr)
     if result.best.get("epoch", -1) >= 0 and "mR" in result.best:
         print(format_table({k: result.best[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR") if k in result.best},
                            title=f"best validation (epoch {result.best['epoch']})"))
     if result.test:
         print(format_table(result.test, title="test (best checkpoint)"))
+    from rsitr.cli.common import undertrained
+
+    if undertrained(result, cfg.time_budget):
+        return 3
     return 0
 
 
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     p.add_argument("--version", action="version", version=f"rsitr {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug log output (the default level is info; -q: warnings only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and ONNX Runtime (default: torch's, i.e. the cores)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,31 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--checkpoint", required=True, help="CLIP checkpoint, HF CLIP folder, rsitr run/checkpoint, or towers:NAME")
     e.add_argument("--split", default="test", help="split to evaluate; also the split of entries whose annotation has none")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--workers", type=int, default=0)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=128, help="images / captions per encode batch (default 128)")
+    e.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0: in the main process)")
+    e.add_argument("--device", default="cpu", help="torch device (default cpu)")
     e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None, help="CLIP activation override for open_clip state dicts")
     e.add_argument("--ties", choices=("expected", "optimistic", "pessimistic"), default="expected",
                    help="how exact score ties count (repeated captions tie exactly); see rsitr.retrieval.metrics")
     e.add_argument("--rerank", choices=("none", "sar"), default="none",
                    help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model)")
     e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_engine_arg(e)
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a method from a YAML config (override any key with --set key=value)")
-    t.add_argument("--config", default=None)
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--data", default=None)
-    t.add_argument("--image-root", default=None)
-    t.add_argument("--format", default=None)
-    t.add_argument("--out", default=None)
-    t.add_argument("--backbone", default=None)
-    t.add_argument("--mode", default=None, help="what trains: heads | locked-image | full | frozen | top:I,T[+bn] (two-tower: last I image stages, last T text layers)")
-    t.add_argument("--method", default=None)
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--config", default=None, help="YAML config (src/rsitr/configs/*.yaml); default: TrainConfig's defaults")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, repeatable: --set lr=1e-4 --set time_budget=600 (seconds for the whole run, "
+                        "trunk caching included) --set method.options.k=5")
+    t.add_argument("--data", default=None, help="annotation file or dataset folder (= data.path)")
+    t.add_argument("--image-root", default=None, help="folder the listed image paths are resolved under (= data.image_root)")
+    t.add_argument("--format", default=None, help="force the annotation format (= data.format; default: detect)")
+    t.add_argument("--out", default=None, help="run folder: checkpoints, log.jsonl, result.json (= out_dir)")
+    t.add_argument("--backbone", default=None, help="towers:NAME, clip:NAME or a CLIP checkpoint path (= model.backbone)")
+    t.add_argument("--mode", default=None, help="what trains: heads | locked-image | full | frozen | top:I,T[+bn] (two-tower: last I image stages, last T text layers) (= model.mode)")
+    t.add_argument("--method", default=None, help="baseline | rdb | iebaker | ftf | combo | adapter | lora ... (= method.name)")
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (= epochs)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (= seed)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.set_defaults(func=cmd_train)
 

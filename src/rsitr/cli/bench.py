@@ -155,13 +155,42 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from rsitr.bench.serve_load import render, run_serve_bench, write_json
+
+    mix = [float(x) for x in args.mix.split(",")] if args.mix else [0.7, 0.1, 0.2]
+    out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=mix,
+                          engine=args.engine, server_threads=args.server_threads, seed=args.seed)
+    if args.out:
+        write_json(args.out, out)
+    print(json.dumps(out, indent=2) if args.json else render(out))
+    return 0
+
+
+def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
+    from rsitr.cli.common import add_engine_arg
+
+    p.add_argument("index", help="index folder made by `rsitr index build`; the command serves it itself on 127.0.0.1")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients, one connection each (default 32)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of measured load after the warm-up (default 60)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
+    p.add_argument("-k", type=int, default=20, help="results per query (default 20)")
+    p.add_argument("--mix", default=None, metavar="TEXT,IMAGE,THUMB",
+                   help="weights of text queries, image uploads and thumbnails (default 0.7,0.1,0.2)")
+    p.add_argument("--server-threads", type=int, default=None, help="the server's --threads (torch / ONNX Runtime; default: its own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request sequence and of the uploaded tiles (default 0)")
+    p.add_argument("--out", default=None, help="also write the figures as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_engine_arg(p)
+
+
 # -- the parser --------------------------------------------------------------------------------
 def add_ftf_args(p: argparse.ArgumentParser) -> None:
     from rsitr.bench.ftf import DEFAULT_KS
 
     p.add_argument("--checkpoint", default=None, help="rsitr run dir / checkpoint / backbone spec (with --data)")
     p.add_argument("--data", default=None, help="caption dataset (Karpathy JSON folder or file)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of --data to query (default test)")
     p.add_argument("--synthetic-archive", type=int, default=None, metavar="N",
                    help="random archive of N images instead of a dataset (latency only)")
     p.add_argument("--tokens", type=int, default=49, help="synthetic: tokens per image")
@@ -171,15 +200,15 @@ def add_ftf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exhaustive-queries", type=int, default=None,
                    help="queries for the exhaustive row (default: all for a dataset, 5 for a synthetic archive; 0 = skip)")
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="two-stage candidate counts, comma separated")
-    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
-    p.add_argument("--nlist", type=int, default=None)
-    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="recall index: exact (flat) or approximate (default flat)")
+    p.add_argument("--nlist", type=int, default=None, help="ivf: number of clusters (default: about 4*sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf: clusters visited per query (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="final = (1-alpha) coarse + alpha fine (default: checkpoint's, else 0.5)")
-    p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--balance", type=float, default=None)
+    p.add_argument("--tau", type=float, default=None, help="temperature of the word x patch interaction (default: checkpoint's, else 0.1)")
+    p.add_argument("--balance", type=float, default=None, help="weight of the text-to-image side of the interaction (default: checkpoint's, else 0.5)")
     p.add_argument("--top-n", type=int, default=None, help="keep only the N largest-norm tokens per image (dataset mode)")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: as configured)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive and query sample (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     p.add_argument("--out", default=None, help="also write JSON to this file (and markdown next to it, .md)")
 
@@ -188,56 +217,56 @@ def add_ftf_args(p: argparse.ArgumentParser) -> None:
 
 def add_rdb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="caption dataset (default: a synthetic benchmark written under --out/data)")
-    p.add_argument("--out", default="runs/bench-rdb")
+    p.add_argument("--out", default="runs/bench-rdb", help="run folder: one sub-folder per row and seed, the cache, the table (default runs/bench-rdb)")
     p.add_argument("--images", type=int, default=1000, help="synthetic images when --data is not given")
     p.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6",
                    help="backbone of every row (default: the two-tower model; PEFT rows then train the random heads too)")
     p.add_argument("--peft-mode", default=None, help="model.mode of the adapter/lora/rdb rows (default: frozen on clip:, heads otherwise)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--time-budget", type=float, default=None, help="seconds of training per row (same budget for every row)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--epochs", type=int, default=10, help="epochs per row (default 10)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop every row after this many optimizer steps")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds per row, trunk caching included (same budget for every row)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every row is trained once per seed (default 0)")
     p.add_argument("--variants", nargs="+", default=None, help=f"subset of: {' '.join(rdb_variants())} (default: all but locked-image)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="method option for every row of that method, e.g. lora.rank=4, rdb.teacher=bank")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override (every row)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="archive sizes (vectors)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"])
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--data", choices=("random", "clustered"), default="random")
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--dim", type=int, default=256, help="vector dimension (default 256)")
+    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"], help="index kinds to time (default: all three)")
+    p.add_argument("--queries", type=int, default=200, help="queries timed per archive (default 200)")
+    p.add_argument("-k", type=int, default=10, help="results per query; recall@k against exact search (default 10)")
+    p.add_argument("--data", choices=("random", "clustered"), default="random", help="generated vectors: uniform random or clustered (default random)")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf: clusters visited per query (default 16)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node (default 32)")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw: candidate list size at query time (default 128)")
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads per query (default 1: one query per request; "
                    "index builds use all cores)")
     p.add_argument("--build", action="store_true", help="also measure index-build throughput of --model on generated tiles")
     p.add_argument("--model", action="append", default=None, help="repeatable (default: clip:tiny and towers:efficientnet-lite0+minilm-l6)")
-    p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--tiles", type=int, default=200, help="--build: generated tiles encoded per model (default 200)")
     p.add_argument("--no-search", action="store_true", help="skip the vector search part")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
 
 
 def add_iebaker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="caption dataset (default: a synthetic benchmark with noisy training captions)")
-    p.add_argument("--out", default="runs/bench-iebaker")
+    p.add_argument("--out", default="runs/bench-iebaker", help="run folder: one sub-folder per variant and seed, the cache, the table (default runs/bench-iebaker)")
     p.add_argument("--images", type=int, default=1000, help="synthetic images when --data is not given")
     p.add_argument("--noise-frac", type=float, default=0.3, help="fraction of mismatched synthetic training captions")
-    p.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
-    p.add_argument("--mode", default=None)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--time-budget", type=float, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6", help="backbone of every variant (default: the two-tower model)")
+    p.add_argument("--mode", default=None, help="model.mode: heads | locked-image | full | frozen | top:I,T[+bn] (default: the backbone's choice)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per variant (default 10)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop every variant after this many optimizer steps")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds per variant, trunk caching included (same budget for every variant)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every variant is trained once per seed (default 0)")
     p.add_argument("--variants", nargs="+", default=None, help="subset of: baseline +EBA +KER +SAR all (the methods of the iebaker-ablation suite)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="iEBAKER option shared by all variants")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config override")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
 
 
 # -- scale (rsitr.bench.scale) --------------------------------------------------------------------
@@ -246,17 +275,17 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="encode only the first N images")
     p.add_argument("--checkpoint", default="towers:efficientnet-lite0+minilm-l6", help="model (default towers:efficientnet-lite0+minilm-l6)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray encoder actors to measure (default 1 2)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per encode batch (default 32)")
     p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="vector counts for the search part (default 100000)")
     p.add_argument("--kinds", nargs="+", choices=("flat", "ivf", "hnsw"), default=["flat", "hnsw"], help="index kinds (default flat hnsw)")
     p.add_argument("--flat-only-above", type=int, default=200_000,
                    help="sizes above this measure flat only (default 200000: an HNSW build over 1M vectors takes tens of minutes on 2 cores)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--no-encode", action="store_true")
-    p.add_argument("--no-search", action="store_true")
+    p.add_argument("--dim", type=int, default=256, help="dimension of the random vectors of the search part (default 256)")
+    p.add_argument("--queries", type=int, default=200, help="queries per store and size (default 200)")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query; recall@k is measured (default 10)")
+    p.add_argument("--no-encode", action="store_true", help="skip the encode part")
+    p.add_argument("--no-search", action="store_true", help="skip the search part")
     p.add_argument("--no-milvus", action="store_true", help="FAISS only in the search part")
     p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temporary folder, removed)")
     p.add_argument("--from-json", default=None, metavar="FILE",
@@ -284,13 +313,13 @@ def add_bench_cli(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
     be = b.add_parser("encode", help="image/text encoding throughput of backbones")
     be.add_argument("--backbone", action="append", required=True, help="repeatable: towers:NAME, clip:ViT-B-32, a checkpoint path")
-    be.add_argument("--batch-size", type=int, default=64)
-    be.add_argument("--batches", type=int, default=5)
+    be.add_argument("--batch-size", type=int, default=64, help="images / texts per timed batch (default 64)")
+    be.add_argument("--batches", type=int, default=5, help="timed batches per implementation; the median is reported (default 5)")
     be.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads (as rsitr --threads)")
     be.add_argument("--images", default=None, help="folder of real images to encode (default: the UCM-Captions images when present, else synthetic tiles)")
     be.add_argument("--engines", nargs="+", default=["torch", "onnx"], choices=("torch", "onnx"), help="rsitr engines to time")
     be.add_argument("--no-reference", action="store_true", help="skip the reference eager implementations (efficientnet-lite-pytorch, transformers BertModel)")
-    be.add_argument("--json", action="store_true")
+    be.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     be.set_defaults(func=cmd_encode)
     br = b.add_parser("run", help="run a suite of (dataset x method x seed) cells; finished cells are skipped")
     br.add_argument("--suite", required=True, help="a suite YAML file or a shipped suite name (synthetic-quick, ucm-towers, ...)")
@@ -303,7 +332,9 @@ def add_bench_cli(sub) -> None:
     add_command(b, "ftf", "FTF on one index: coarse vs two-stage (K) vs exhaustive fine scoring, mR and per-query latency", add_ftf_args,
                 cmd_ftf)
     add_command(b, "rdb", "RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget", add_rdb_args, cmd_rdb)
-    add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir"), cmd_report)
+    add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir", help="the --out folder of a `rsitr bench run`"), cmd_report)
+    add_command(b, "serve", "the HTTP server under N concurrent clients: req/s, latency percentiles, errors, RSS, answers vs sequence",
+                add_serve_bench_args, cmd_serve_bench)
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
     add_command(b, "scale", "past one machine: single-process vs Ray encode, Milvus Lite vs FAISS search, cost projection",
                 add_scale_args, cmd_scale)

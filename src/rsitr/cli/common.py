@@ -14,6 +14,19 @@ def add_command(sub, name: str, help: str, add_args: Callable[[argparse.Argument
     return p
 
 
+def undertrained(result, time_budget) -> bool:
+    """Print why and return True when ``time_budget`` stopped a training run before one epoch
+    (:attr:`rsitr.train.loop.TrainResult.undertrained`): the caller then exits 3, not 0."""
+    import sys
+
+    if not result.undertrained:
+        return False
+    print(f"rsitr: error: time_budget={time_budget:g} s left time for {result.steps} training steps, less than one epoch "
+          f"({result.steps_per_epoch}): this model is not trained. Raise the budget (the trunk cache in the run folder is reused), "
+          f"or continue with --resume and a larger one", file=sys.stderr)
+    return True
+
+
 def add_engine_arg(p: argparse.ArgumentParser) -> None:
     """``--engine``: how no-grad encodes run (:mod:`rsitr.models.engine`)."""
     p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",

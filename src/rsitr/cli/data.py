@@ -33,7 +33,7 @@ def run_data_check(args: argparse.Namespace) -> int:
 def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (images/, labels.csv, dataset_synth.json)")
     parser.add_argument("--images", type=int, default=600, help="number of images (default 600)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same benchmark (default 0)")
     parser.add_argument("--noise-frac", type=float, default=0.0, help="fraction of train captions replaced by weakly related ones (marked noisy)")
     parser.add_argument("--size", type=int, default=128, help="tile size in pixels (default 128)")
     parser.add_argument("--splits", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")

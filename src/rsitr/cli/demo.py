@@ -73,7 +73,9 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
         print(format_table({f"{name} before training": before, f"{name} trained (best-val checkpoint)": after},
                            title=f"synthetic test split, {summary['steps']} steps" + (f" (time budget {time_budget:.0f}s)" if time_budget else "")))
         print(f"\ntrain {result.seconds:.1f}s, total {seconds:.1f}s; run folder {run_dir}")
-    return 0
+    from rsitr.cli.common import undertrained
+
+    return 3 if undertrained(result, time_budget) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,12 +86,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_demo_cli(sub) -> None:
     """``rsitr demo`` on ``rsitr``'s subparsers."""
     d = sub.add_parser("demo", help="the main job on the embedded default: synthetic data, small pretrained model, before/after table")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--images", type=int, default=1000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6")
+    d.add_argument("--out", default="runs/demo", help="folder for the benchmark, the trunk cache and the run (default runs/demo)")
+    d.add_argument("--images", type=int, default=1000, help="synthetic images to write (default 1000)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the benchmark, the heads and training (default 0)")
+    d.add_argument("--backbone", default="towers:efficientnet-lite0+minilm-l6", help="towers:NAME, clip:tiny, or a CLIP checkpoint path (default: the two-tower model)")
     d.add_argument("--mode", default=None, help="what trains (default: the backbone's demo choice)")
-    d.add_argument("--epochs", type=int, default=None)
-    d.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds (same-budget comparisons)")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: the backbone's demo choice, 30 for the towers)")
+    d.add_argument("--time-budget", type=float, default=None, help="seconds for the run, trunk caching included; refused up front if caching alone would exceed it")
+    d.add_argument("--json", action="store_true", help="print the before/after metrics as JSON")
     d.set_defaults(func=cmd_demo)

@@ -29,10 +29,10 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
         p.add_argument("--milvus-uri", default=None, metavar="FILE.db|URL",
                        help="--store milvus: a Milvus Lite file (embedded) or a server such as http://host:19530 (token: $MILVUS_TOKEN)")
         p.add_argument("--milvus-collection", default=None, help="collection name (default: rsitr_<index folder>_<hash of its path>)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per encode batch (default 32)")
     p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
     p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_engine_arg(p)
     # -- executor (rsitr.search.raybuild) --
     p.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -139,13 +139,31 @@ def cmd_search(args) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_token(args) -> str | None:
+    """``--token``, else ``$RSITR_TOKEN``; warns when a non-loopback host is served without one."""
+    import os
+
+    token = args.token if args.token is not None else os.environ.get("RSITR_TOKEN") or None
+    if token is not None and not token.strip():
+        raise RsitrError("--token is empty")
+    if token is None and args.host not in LOOPBACK:
+        print(f"warning: serving on {args.host} without --token: anyone who can reach port {args.port} can search this index "
+              "and read its images (pass --token T, or set RSITR_TOKEN)", file=sys.stderr)
+    return token
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from rsitr.serve.app import create_app
 
-    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine, milvus_uri=args.milvus_uri)
-    print(f"serving {args.index} on http://{args.host}:{args.port}/", file=sys.stderr)
+    token = serve_token(args)
+    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine, milvus_uri=args.milvus_uri, token=token)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/" + (" (token required; open /?token=... once in a browser)" if token else ""),
+          file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info")
     return 0
 
@@ -160,18 +178,20 @@ def add_cli(sub) -> None:
     _add_build_opts(b, tiling=True)
     b.set_defaults(func=cmd_index_build)
     a = ix.add_parser("add", help="add the images of SOURCE not yet in the index")
-    a.add_argument("index")
-    a.add_argument("source")
+    a.add_argument("index", help="index folder made by `rsitr index build`")
+    a.add_argument("source", help="folder (recursive) or file: jpg/png/tif; georeferenced rasters are tiled as the index records")
     a.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     _add_build_opts(a, tiling=False)
     a.set_defaults(func=cmd_index_add)
 
     s = sub.add_parser("search", help="search an index with a sentence (or an image)")
-    s.add_argument("index")
-    s.add_argument("query", nargs="?", default=None)
-    s.add_argument("-k", type=int, default=20)
-    s.add_argument("--rerank", choices=("none", "ftf", "sar"), default="none",
-                   help="ftf: FTF token rerank (index built with --keep-tokens); sar: needs a query set, refused")
+    s.add_argument("index", help="index folder made by `rsitr index build`")
+    s.add_argument("query", nargs="?", default=None, help="the sentence to search for (or give --image)")
+    s.add_argument("-k", type=int, default=20, help="number of results (default 20)")
+    s.add_argument("--rerank", choices=("none", "ftf"), default="none",
+                   help="ftf: re-score the top candidates with FTF's word x patch interaction (index built with --keep-tokens). "
+                        "SAR is not offered: it re-ranks with the reverse direction over a set of queries, which one free-text "
+                        "search does not have (use `rsitr eval --rerank sar`)")
     s.add_argument("--rerank-depth", type=int, default=100, help="candidates reranked (default 100)")
     s.add_argument("--image", default=None, help="query with an image file instead: tiles that look like it")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -180,16 +200,19 @@ def add_cli(sub) -> None:
     s.add_argument("--bbox", default=None, metavar="W,S,E,N",
                    help="only tiles whose WGS84 footprint intersects this box (degrees; W > E crosses the antimeridian)")
     s.add_argument("--milvus-uri", default=None, help="a Milvus-backed index: reach its collection here instead of the recorded URI")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_engine_arg(s)
     s.set_defaults(func=cmd_search)
 
     v = sub.add_parser("serve", help="HTTP API + web page over an index")
-    v.add_argument("index")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--checkpoint", default=None)
+    v.add_argument("index", help="index folder made by `rsitr index build`")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "another address without --token prints a warning)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    v.add_argument("--token", default=None, help="require this token on every route but /healthz: header 'Authorization: Bearer T', "
+                   "or open /?token=T once in a browser (sets a cookie); default $RSITR_TOKEN")
+    v.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     v.add_argument("--milvus-uri", default=None, help="a Milvus-backed index: reach its collection here instead of the recorded URI")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_engine_arg(v)
     v.set_defaults(func=cmd_serve)

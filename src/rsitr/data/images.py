@@ -56,6 +56,9 @@ _TIFF_SUFFIXES = {".tif", ".tiff", ".gtif", ".gtiff"}
 
 
 def _rasterio():
+    from rsitr.utils.logging import quiet_library_logs
+
+    quiet_library_logs()
     try:
         import rasterio  # noqa: F401
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rsitr.data.types import CaptionDataset, Features
+from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,9 @@ def _cat(parts: list[Features]) -> Features:
 
 def _load_or_compute(path: Path | None, compute) -> Features:
     if path is not None and path.is_file():
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        from rsitr.utils.weights import load_torch_file
+
+        d = load_torch_file(path, what="trunk-feature cache (delete it to recompute)")
         log.info("loaded cached trunk features %s", path)
         return Features(d["pooled"], d["tokens"], d["mask"])
     f = compute()
@@ -151,6 +155,42 @@ def _load_or_compute(path: Path | None, compute) -> Features:
         with atomic_path(path) as tmp:
             torch.save({"pooled": f.pooled, "tokens": f.tokens, "mask": f.mask}, tmp)
     return f
+
+
+class CacheBudget:
+    """How long trunk caching may take: ``deadline`` is a ``time.perf_counter()`` value. After each
+    batch the time still needed is extrapolated from the batches done so far (the first batch,
+    which pays for warm-up, is left out once there are others); if caching cannot finish by the
+    deadline it stops with an error before it uses the budget up. ``budget`` (seconds) and
+    ``what`` only word the message."""
+
+    def __init__(self, deadline: float, budget: float, what: str = "time_budget"):
+        self.deadline, self.budget, self.what = deadline, budget, what
+        self.total = self.done = 0
+        self.t0 = self.t1 = None
+
+    def plan(self, batches: int) -> None:
+        self.total += batches
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        self.done += 1
+        if self.done == 1:
+            self.t1 = now
+        left = self.total - self.done
+        if self.done >= 3:
+            rate = (now - self.t1) / (self.done - 1)
+        else:
+            rate = (now - self.t0) / self.done if self.done > 1 else None
+        need = now + (rate * left if rate is not None else 0.0)
+        if now > self.deadline or (rate is not None and need > self.deadline):
+            total_s = (now - self.t0) + (rate or 0.0) * left
+            raise RsitrError(
+                f"{self.what}={self.budget:g} s cannot cover caching the frozen trunks: {self.done} of {self.total} batches took "
+                f"{now - self.t0:.0f} s, about {total_s:.0f} s in all at this pace; stopped before training. Raise {self.what}, "
+                f"or run once without it: finished cache files are kept and reused")
 
 
 @torch.no_grad()
@@ -169,25 +209,29 @@ def build_trunk_cache(
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
     engine=None,
+    budget: CacheBudget | None = None,
 ) -> TrunkCache:
     """Compute (or load) frozen-trunk features for every image view and caption.
 
     ``engine`` (a :class:`rsitr.models.engine.InferenceEngine` of ``backbone``) runs the trunks
     (ONNX Runtime); None runs them in torch. Both give the same features within 1e-4, so the
-    cache key does not depend on it."""
-    from tqdm import tqdm
+    cache key does not depend on it. ``budget``: stop with an error as soon as the work still to
+    do cannot finish by its deadline (:class:`CacheBudget`)."""
+    from rsitr.utils.progress import progress_bar
 
     was_training = backbone.training
     backbone.eval()
     run = engine if engine is not None else backbone
-    image_views = None
     # a trunk that ends at a cut (top mode) outputs activations its head needs whole: keep them
     keep_image = keep_tokens or trunk_cut(backbone, "image") is not None
     keep_text = keep_tokens or trunk_cut(backbone, "text") is not None
+    tick = budget.step if budget is not None else (lambda: None)
+    n_img_batches = math.ceil(len(dataset) / batch_size)
+    # what is cached already is loaded; the rest is planned first, so that the budget sees all of it
+    image_jobs: list = []
     if not backbone.trunk_trainable("image"):
         images_eval = ImageSet(dataset, eval_transform, train=False)
         images_aug = ImageSet(dataset, train_transform, train=True) if train_transform is not None else None
-        image_views = []
         for v in range(views):
             if v > 0 and images_aug is None:
                 break
@@ -198,7 +242,7 @@ def build_trunk_cache(
                 # a cache with tokens also serves a run that needs only the pooled features
                 tkey = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": True, "pre": repr(backbone.preprocess)})
                 if (cache_dir / f"img-{tkey}.pt").is_file():
-                    image_views.append(_features_to_cpu(_load_or_compute(cache_dir / f"img-{tkey}.pt", None), False))
+                    image_jobs.append((cache_dir / f"img-{tkey}.pt", None, True))
                     continue
 
             def compute(v=v):
@@ -206,12 +250,15 @@ def build_trunk_cache(
                 src = images_eval if v == 0 else images_aug
                 seeds = None if v == 0 else [int(s) for s in np.random.default_rng([seed, v, 0xA06]).integers(0, 2**31, len(dataset))]
                 it = iterate_images(src, range(len(dataset)), batch_size, workers, seeds)
-                for px in tqdm(it, total=math.ceil(len(dataset) / batch_size), desc=f"image trunk (view {v})", disable=not progress, leave=False):
+                for px in progress_bar(it, total=n_img_batches, desc=f"image trunk (view {v})", disable=not progress):
                     parts.append(_features_to_cpu(run.image_trunk(px.to(device)), keep_image))
+                    tick()
                 return _cat(parts)
 
-            image_views.append(_load_or_compute(path, compute))
-    text = None
+            image_jobs.append((path, compute, False))
+            if budget is not None and not (path is not None and path.is_file()):
+                budget.plan(n_img_batches)
+    text_job = None
     if not backbone.trunk_trainable("text"):
         texts, _ = dataset.texts()
         key = _key(backbone, dataset, "text", {"tokens": keep_text})
@@ -222,12 +269,24 @@ def build_trunk_cache(
 
         def compute_text():
             parts = []
-            for i in tqdm(range(0, len(texts), batch_size), desc="text trunk", disable=not progress, leave=False):
+            for i in progress_bar(range(0, len(texts), batch_size), desc="text trunk", disable=not progress):
                 ids = backbone.tokenize(texts[i : i + batch_size]).to(device)
                 parts.append(_features_to_cpu(run.text_trunk(ids), keep_text))
+                tick()
             return _cat(parts)
 
-        text = _load_or_compute(path, compute_text)
+        text_job = (path, compute_text)
+        if budget is not None and not (path is not None and path.is_file()):
+            budget.plan(math.ceil(len(texts) / batch_size))
+    image_views = None
+    if not backbone.trunk_trainable("image"):
+        image_views = []
+        for path, compute, drop_tokens in image_jobs:
+            f = _load_or_compute(path, compute)
+            image_views.append(_features_to_cpu(f, False) if drop_tokens else f)
+    text = None
+    if text_job is not None:
+        text = _load_or_compute(*text_job)
         if not keep_text and text.tokens.numel():
             text = _features_to_cpu(text, False)
     backbone.train(was_training)

@@ -46,7 +46,7 @@ def encode_dataset(
     :class:`rsitr.models.engine.InferenceEngine` of ``backbone``) runs the no-grad forward passes
     (ONNX Runtime); None runs the backbone in torch.
     """
-    from tqdm import tqdm
+    from rsitr.utils.progress import progress_bar
 
     from rsitr.data.transforms import EvalTransform
     from rsitr.data.imagesets import ImageSet, iterate_images
@@ -68,7 +68,7 @@ def encode_dataset(
         images = ImageSet(dataset, EvalTransform(backbone.preprocess), train=False)
         img_parts = []
         it = iterate_images(images, range(len(dataset)), batch_size, workers)
-        for px in tqdm(it, total=math.ceil(len(dataset) / batch_size), desc="encode images", disable=not progress, leave=False):
+        for px in progress_bar(it, total=math.ceil(len(dataset) / batch_size), desc="encode images", disable=not progress, leave=False):
             px = px.to(device)
             img_parts.append(keep(run.image_features(px)) if keep_tokens else keep(Features(run.encode_image(px), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))))
     texts, owner = dataset.texts()
@@ -77,7 +77,7 @@ def encode_dataset(
         txt_parts = [keep(backbone.text_head(_slice(feats, i, batch_size, device))) for i in range(0, len(texts), batch_size)]
     else:
         txt_parts = []
-        for i in tqdm(range(0, len(texts), batch_size), desc="encode texts", disable=not progress, leave=False):
+        for i in progress_bar(range(0, len(texts), batch_size), desc="encode texts", disable=not progress, leave=False):
             ids = backbone.tokenize(texts[i : i + batch_size]).to(device)
             txt_parts.append(keep(run.text_features(ids)) if keep_tokens else keep(Features(run.encode_text(ids), ids.new_zeros(0), ids.new_zeros(0, dtype=torch.bool))))
     backbone.train(was_training)

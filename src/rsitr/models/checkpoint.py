@@ -23,6 +23,7 @@ import torch
 from rsitr.utils.version import __version__
 from rsitr.utils.errors import CheckpointError
 from rsitr.utils.io import atomic_path
+from rsitr.utils.weights import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if _is_torchscript(path):
         raise CheckpointError(f"{path}: a TorchScript archive, not an rsitr training checkpoint")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot be read as an rsitr checkpoint ({type(exc).__name__}: {exc})") from exc
+    d = load_torch_file(path, what="rsitr checkpoint")
     if not (isinstance(d, dict) and isinstance(d.get("rsitr"), dict) and d["rsitr"].get("kind") == KIND):
         raise CheckpointError(f"{path}: not an rsitr training checkpoint")
     d["_path"] = str(path)

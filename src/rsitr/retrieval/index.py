@@ -29,12 +29,19 @@ KINDS = ("flat", "ivf", "hnsw")
 INDEX_FORMAT = 1
 
 
-def _faiss():
+def load_faiss():
+    """The faiss module (its loader's INFO chatter silenced); an error naming the package if absent."""
+    from rsitr.utils.logging import quiet_library_logs
+
+    quiet_library_logs()
     try:
         import faiss  # noqa: PLC0415 (lazy: optional dependency)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RsitrError("the vector index needs faiss: pip install faiss-cpu") from exc
     return faiss
+
+
+_faiss = load_faiss
 
 
 def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:

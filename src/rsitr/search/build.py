@@ -120,9 +120,49 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
     if not p.is_file():
         raise RsitrError(f"{d}: not an rsitr index (no {MANIFEST}); create one with `rsitr index build`")
     m = read_json(p, "manifest")
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise RsitrError(f"{p}: not an rsitr index manifest of version {VERSION} (format {m.get('format')}, version {m.get('version')})")
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        got = (m.get("format"), m.get("version")) if isinstance(m, dict) else (type(m).__name__, None)
+        raise RsitrError(f"{p}: not an rsitr index manifest of version {VERSION} (format {got[0]}, version {got[1]})")
+    _check_manifest(m, p)
     return m
+
+
+_FILE_KEYS = ("items", "embeddings", "vectors", "tokens")
+
+
+def _check_manifest(m: dict, p: Path) -> None:
+    """The fields the index code reads, with their types; ``files`` may only name plain file names
+    inside the index folder (a manifest is input: it must not point the server elsewhere)."""
+    def bad(what: str) -> RsitrError:
+        return RsitrError(f"{p}: damaged index manifest: {what}; rebuild the index")
+
+    def is_int(v, lo=0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for key, typ in (("model", dict), ("tiling", dict), ("index", dict), ("files", dict)):
+        if not isinstance(m.get(key), typ):
+            raise bad(f"'{key}' is missing or not an object")
+    if not is_int(m.get("count")) or not is_int(m.get("embed_dim"), 1) or not is_int(m.get("generation", 0)):
+        raise bad("'count', 'embed_dim' and 'generation' must be non-negative integers (embed_dim > 0)")
+    if not isinstance(m.get("tokens"), bool):
+        raise bad("'tokens' must be true or false")
+    if not isinstance(m["model"].get("checkpoint"), str) or not m["model"]["checkpoint"]:
+        raise bad("'model.checkpoint' is missing")
+    if m["index"].get("kind") not in ("flat", "ivf", "hnsw"):
+        raise bad(f"'index.kind' is {m['index'].get('kind')!r}, not flat/ivf/hnsw")
+    if m["index"].get("nlist") is not None and not is_int(m["index"]["nlist"], 1):
+        raise bad("'index.nlist' must be a positive integer")
+    t = m["tiling"]
+    if not is_int(t.get("tile_size"), 1) or not is_int(t.get("overlap")) or t["overlap"] >= t["tile_size"]:
+        raise bad("'tiling' needs tile_size > overlap >= 0 (integers)")
+    for key, name in m["files"].items():
+        if key not in _FILE_KEYS or not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+                or "\0" in name:
+            raise bad(f"'files.{key}' = {name!r} is not a file name of this index")
+    if m["files"] and not {"items", "embeddings"} <= set(m["files"]):
+        raise bad("'files' lacks items/embeddings")
+    if not isinstance(m.get("sources", []), list):
+        raise bad("'sources' must be a list")
 
 
 def read_items(index_dir: Path, manifest: dict) -> list[Item]:
@@ -246,7 +286,7 @@ def _write_chunk(index_dir: Path, n: int, items: list[Item], emb: np.ndarray, to
 
 def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOptions, first_chunk: int) -> tuple[int, float]:
     """Encode ``pending`` in chunks written to ``index_dir/chunks``; returns (encoded, seconds)."""
-    from tqdm import tqdm
+    from rsitr.utils.progress import progress_bar
 
     from rsitr.data.transforms import EvalTransform
     from rsitr.models.engine import engine_for
@@ -256,7 +296,7 @@ def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOpti
     bs = max(1, int(opts.batch_size))
     chunk = int(opts.chunk_size or bs * 4)
     encoded, secs, n_chunk = 0, 0.0, first_chunk
-    bar = tqdm(total=len(pending), desc="index: encode", unit="tile", disable=not opts.progress)
+    bar = progress_bar(total=len(pending), desc="index: encode", unit="tile", disable=not opts.progress)
 
     def load(items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
         """Decode, tile and transform one batch (in a thread, overlapping the previous encode)."""

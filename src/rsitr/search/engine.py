@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -57,30 +58,23 @@ class SearchEngine:
         reach the index's Milvus collection at another address than the one recorded at build time
         (e.g. the same collection served by a cluster)."""
         self.index_dir = Path(index_dir)
-        self.manifest = B.read_manifest(self.index_dir)
-        if not self.manifest["files"]:
-            raise RsitrError(f"{self.index_dir}: the index is empty (its build has not finished: run the same `rsitr index build` again)")
-        self.items: list[Item] = B.read_items(self.index_dir, self.manifest)
-        self.embeddings = B.read_embeddings(self.index_dir, self.manifest, mmap=True)
-        if len(self.items) != self.manifest["count"] or self.embeddings.shape[0] != len(self.items):
-            raise RsitrError(f"{self.index_dir}: items ({len(self.items)}), embeddings ({self.embeddings.shape[0]}) and manifest count "
-                             f"({self.manifest['count']}) disagree; rebuild the index")
-        from rsitr.retrieval.stores import open_store
-
-        files = self.manifest["files"]
-        spec = B.store_spec(self.manifest)
-        self.vectors = open_store(spec, dim=int(self.manifest["embed_dim"]), index_kind=self.manifest["index"]["kind"],
-                                  vectors_path=self.index_dir / files["vectors"] if files.get("vectors") else None,
-                                  footprints_path=self.index_dir / files["footprints"] if files.get("footprints") else None,
-                                  footprints=[it.wgs84 for it in self.items], milvus_uri=milvus_uri)
-        n = len(self.vectors)
-        if n != len(self.items):
-            where = f"Milvus collection {spec.get('collection')} at {self.vectors.uri}" if spec["kind"] == "milvus" else "its vector file"
-            self.vectors.close()
-            raise RsitrError(f"{self.index_dir}: {where} holds {n} vectors but the index has {len(self.items)} items; rebuild the index")
+        self._milvus_uri = milvus_uri
+        self._tokens = None
+        # `rsitr index add` may commit a new generation (manifest first, then the old files are
+        # removed) while this reads: the files of the manifest read are then gone, and the new
+        # manifest is read again. Everything is opened here (the memory maps keep a generation's
+        # files readable after their removal), so a running server always answers from one
+        # complete generation, never from a half-written one.
+        for attempt in range(5):
+            try:
+                self._open_generation()
+                break
+            except FileNotFoundError as exc:
+                if attempt == 4:
+                    raise RsitrError(f"{self.index_dir}: the index changed under every attempt to open it ({exc.filename})") from exc
+                time.sleep(0.2)
         self.device = device
         self._lock = threading.Lock()
-        self._tokens = None
         self._thumbs: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
         self._thumb_cache = int(thumb_cache)
         self.model = self.encoder = None  # the backbone, and its no-grad encoder
@@ -97,6 +91,33 @@ class SearchEngine:
             self.encoder = engine_for(self.model, engine, cache_dir=onnx_cache)
 
     # -- info ------------------------------------------------------------------------------------
+    def _open_generation(self) -> None:
+        self.manifest = B.read_manifest(self.index_dir)
+        if not self.manifest["files"]:
+            raise RsitrError(f"{self.index_dir}: the index is empty (its build has not finished: run the same `rsitr index build` again)")
+        self.items: list[Item] = B.read_items(self.index_dir, self.manifest)
+        self.embeddings = B.read_embeddings(self.index_dir, self.manifest, mmap=True)
+        if len(self.items) != self.manifest["count"] or self.embeddings.shape[0] != len(self.items):
+            raise RsitrError(f"{self.index_dir}: items ({len(self.items)}), embeddings ({self.embeddings.shape[0]}) and manifest count "
+                             f"({self.manifest['count']}) disagree; rebuild the index")
+        from rsitr.retrieval.index import TokenStore
+        from rsitr.retrieval.stores import open_store
+
+        files = self.manifest["files"]
+        spec = B.store_spec(self.manifest)
+        vectors = open_store(spec, dim=int(self.manifest["embed_dim"]), index_kind=self.manifest["index"]["kind"],
+                             vectors_path=self.index_dir / files["vectors"] if files.get("vectors") else None,
+                             footprints_path=self.index_dir / files["footprints"] if files.get("footprints") else None,
+                             footprints=[it.wgs84 for it in self.items], milvus_uri=self._milvus_uri)
+        n = len(vectors)
+        if n != len(self.items):
+            where = f"Milvus collection {spec.get('collection')} at {vectors.uri}" if spec["kind"] == "milvus" else "its vector file"
+            vectors.close()
+            raise RsitrError(f"{self.index_dir}: {where} holds {n} vectors but the index has {len(self.items)} items; rebuild the index")
+        self.vectors = vectors
+        name = files.get("tokens")
+        self._tokens = TokenStore.load(self.index_dir / name) if self.manifest.get("tokens") and name else None
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -206,13 +227,8 @@ class SearchEngine:
 
     # -- FTF -------------------------------------------------------------------------------------
     def _token_store(self):
-        if self._tokens is None:
-            from rsitr.retrieval.index import TokenStore
-
-            name = self.manifest["files"].get("tokens")
-            if not self.manifest.get("tokens") or not name:
-                raise RsitrError(f"{self.index_dir}: --rerank ftf needs the image token store; rebuild the index with --keep-tokens")
-            self._tokens = TokenStore.load(self.index_dir / name)
+        if self._tokens is None:  # opened with the generation (see __init__)
+            raise RsitrError(f"{self.index_dir}: --rerank ftf needs the image token store; rebuild the index with --keep-tokens")
         return self._tokens
 
     @torch.no_grad()

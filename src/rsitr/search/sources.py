@@ -73,6 +73,9 @@ def item_key(path: Path, window: list[int] | None) -> str:
 
 
 def _rasterio():
+    from rsitr.utils.logging import quiet_library_logs
+
+    quiet_library_logs()
     try:
         import rasterio
 

@@ -6,17 +6,24 @@ Routes
 ``GET /search?q=TEXT&k=20&rerank=none&bbox=W,S,E,N`` text search (JSON); ``q`` 1..500 chars,
                                        ``1 <= k <= 200``; ``bbox`` (optional, WGS84): only tiles whose
                                        footprint intersects it (a bad box is 422)
-``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB)
+``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB),
+                                       identified from its bytes (the declared Content-Type is ignored)
 ``GET /tiles/{id}?size=256``           JPEG thumbnail of an indexed item (ids only - a request never
                                        names a file; anything that is not an id in range is 404)
 ``GET /footprints``                    WGS84 boxes of indexed items (the map's context layer)
 ``GET /``                              the web page (static, no external resources)
 
+With ``token`` set, every route but ``/healthz`` needs it: ``Authorization: Bearer TOKEN``, or the
+cookie ``rsitr_token`` that a request with ``?token=TOKEN`` sets (the page: open
+``/?token=TOKEN`` once; it redirects to ``/`` so the token leaves the address bar). Anything
+else is 401.
+
 Validation errors are 422 (FastAPI's format); a bad upload is 400 (undecodable) / 413 (too
-large) / 415 (not an image type); refused operations (``rerank=sar``, ``ftf`` without tokens)
+large) / 415 (its bytes are not an image of an accepted format); refused operations (``rerank=sar``, ``ftf`` without tokens)
 are 400 with ``{"detail": message}``. Requests are served concurrently from FastAPI's thread
 pool; the engine serialises model/FAISS calls with its own lock.
 """
+import hmac
 import io
 import logging
 import re
@@ -24,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from rsitr.utils.errors import RsitrError
 
@@ -35,23 +42,53 @@ MAX_QUERY = 500
 MAX_K = 200
 MAX_UPLOAD = 20 * 1024 * 1024
 MAX_PIXELS = 100_000_000
-UPLOAD_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/tiff", "image/webp", "image/bmp", "image/x-ms-bmp"}
+# formats an upload may have, identified from its bytes (PIL), whatever its declared Content-Type
+UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")
 MAX_FOOTPRINTS = 20000
 THUMB_SIZES = (64, 128, 256, 512)
 _ID = re.compile(r"[0-9]{1,12}")
+TOKEN_COOKIE = "rsitr_token"
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def _same(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8"))
 
 
 def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu", engine=None, inference: str = "auto",
-               milvus_uri: str | None = None):
+               milvus_uri: str | None = None, token: str | None = None):
     """``engine``: an open :class:`SearchEngine` (else one is opened on ``index_dir``);
     ``inference``: its query encoder, ``auto`` | ``onnx`` | ``torch``; ``milvus_uri``: the index's
-    Milvus collection at another address than recorded at build time."""
+    Milvus collection at another address than recorded at build time; ``token``: required by every
+    route but ``/healthz`` (see the module doc)."""
     from rsitr.search.engine import SearchEngine
 
     eng = engine if engine is not None else SearchEngine(index_dir, checkpoint=checkpoint, device=device, engine=inference,
                                                           milvus_uri=milvus_uri)
     app = FastAPI(title="rsitr search", version="1", docs_url="/docs", redoc_url=None)
     app.state.engine = eng
+    if token is not None and not token.strip():
+        raise RsitrError("--token is empty")
+
+    if token:
+        @app.middleware("http")
+        async def _require_token(request: Request, call_next):
+            if request.url.path in OPEN_PATHS:
+                return await call_next(request)
+            auth = request.headers.get("authorization", "")
+            bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+            if _same(bearer, token) or _same(request.cookies.get(TOKEN_COOKIE), token):
+                return await call_next(request)
+            if _same(request.query_params.get("token"), token):
+                if request.method == "GET" and request.url.path == "/":
+                    response = RedirectResponse("/", status_code=303)  # the token leaves the address bar
+                else:
+                    response = await call_next(request)
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+                return response
+            return JSONResponse(status_code=401, content={"detail": "this server needs its token: header 'Authorization: Bearer TOKEN', "
+                                                                     "or open /?token=TOKEN once in the browser"},
+                                headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RsitrError)
     async def _rsitr_error(request: Request, exc: RsitrError):
@@ -98,24 +135,27 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_UPLOAD + 64 * 1024:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD // (1024 * 1024)} MB")
-        ctype = (file.content_type or "").split(";")[0].strip().lower()
-        if ctype not in UPLOAD_TYPES:
-            raise HTTPException(415, f"unsupported upload type {ctype or 'unknown'!r}; send one of {sorted(UPLOAD_TYPES)}")
+        # the client's declared Content-Type is not trusted (curl sends application/octet-stream
+        # for a .tif): the image is identified from its bytes
         data = file.file.read(MAX_UPLOAD + 1)
         if len(data) > MAX_UPLOAD:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD // (1024 * 1024)} MB")
         if not data:
             raise HTTPException(400, "empty upload")
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise HTTPException(415, f"not an image rsitr reads (send one of: {', '.join(f.lower() for f in UPLOAD_FORMATS)})") from exc
+        try:
+            with im:
                 if im.size[0] * im.size[1] > MAX_PIXELS:
                     raise HTTPException(400, f"image too large ({im.size[0]}x{im.size[1]} pixels)")
                 im.load()
                 img = im.convert("RGB")
         except HTTPException:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise HTTPException(400, f"not a readable image ({type(exc).__name__})") from exc
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise HTTPException(400, f"a {im.format} image that cannot be decoded (truncated or corrupt)") from exc
         return {"query": f"image:{file.filename or 'upload'}", "k": k, "results": _with_thumbs(eng.search_image(img, k=k, bbox=box))}
 
     @app.get("/tiles/{tile_id}")

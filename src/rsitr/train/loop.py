@@ -161,6 +161,16 @@ class TrainResult:
     seconds: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
+    steps: int = 0  # optimizer steps done (over all invocations of a resumed run)
+    planned_steps: int = 0  # what epochs / max_steps asked for
+    budget_stopped: bool = False  # time_budget ended the run before planned_steps
+    steps_per_epoch: int = 0
+
+    @property
+    def undertrained(self) -> bool:
+        """True when time_budget stopped training before one epoch was complete: the model is not
+        a trained model, whatever its metrics say."""
+        return self.budget_stopped and self.steps < self.steps_per_epoch
 
 
 def train(
@@ -174,7 +184,7 @@ def train(
     """Train ``cfg`` and return the best validation metrics (and test metrics of the best
     checkpoint). ``on_step(global_step)`` is called after every optimizer step (tests use it
     to simulate a crash)."""
-    from tqdm import tqdm
+    from rsitr.utils.progress import progress_bar
 
     from rsitr.data.captions import load_dataset
     from rsitr.eval.evaluate import evaluate
@@ -240,18 +250,26 @@ def train(
 
         return engine_for(backbone, cfg.inference.engine, cache_dir=cfg.inference.onnx_cache)
 
+    prior = ckpt.load_checkpoint(last_path) if resume and last_path.exists() else None
+    elapsed_before = float(prior["progress"].get("seconds", 0.0)) if prior is not None else 0.0  # earlier invocations, for time_budget
+    budget = None
+    if cfg.time_budget is not None:
+        from rsitr.data.imagesets import CacheBudget
+
+        # the budget covers the whole run: caching the trunks must leave time to train
+        budget = CacheBudget(t_start + cfg.time_budget - elapsed_before, cfg.time_budget, what="time_budget")
     if use_cache:
         engine = inference_engine()
         cache = build_trunk_cache(
             backbone, train_ds, cache_dir=cache_dir, views=cfg.cache_views, train_transform=train_tf, eval_transform=eval_tf,
             keep_tokens=method.needs_tokens, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed if cfg.cache_seed is None else cfg.cache_seed, device=device,
-            progress=progress and dist_info.is_main, engine=engine,
+            progress=progress and dist_info.is_main, engine=engine, budget=budget,
         )
         if len(val_ds):
             val_cache = build_trunk_cache(
                 backbone, val_ds, cache_dir=cache_dir, views=1, eval_transform=eval_tf, keep_tokens=method.rerank_needs_tokens or method.needs_tokens,
                 batch_size=cfg.eval_batch_size, workers=cfg.data.workers, seed=cfg.seed, device=device, progress=progress and dist_info.is_main,
-                engine=engine,
+                engine=engine, budget=budget,
             )
     if cache is None or cache.image is None:
         images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None)
@@ -288,11 +306,10 @@ def train(
 
     epoch, step_in_epoch, global_step = 0, 0, 0
     saved_order: np.ndarray | None = None  # the running epoch's pairs when a method changed them
-    elapsed_before = 0.0  # training seconds of earlier (resumed) invocations, for time_budget
     best: dict[str, Any] = {"epoch": -1, cfg.select_metric: -1.0}
     history: list[dict[str, Any]] = []
-    if resume and last_path.exists():
-        state = ckpt.load_checkpoint(last_path)
+    if prior is not None:
+        state, prior = prior, None
         load_trainable_state(module, state["state"], str(last_path))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -300,7 +317,6 @@ def train(
             scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         epoch, step_in_epoch, global_step = (state["progress"][k] for k in ("epoch", "step_in_epoch", "global_step"))
-        elapsed_before = float(state["progress"].get("seconds", 0.0))
         if state.get("epoch_order") is not None and step_in_epoch > 0:
             saved_order = state["epoch_order"].numpy()
         best, history = state["best"], state["history"]
@@ -334,6 +350,7 @@ def train(
     order_now: np.ndarray | None = None
     views = len(cache.image) if cache is not None and cache.image else 1
     done = global_step >= total_steps
+    budget_stopped = False
     while epoch < cfg.epochs and not done:
         module.train()
         order = epoch_order(train_ds, epoch, cfg.seed, cfg.data.epoch_unit)
@@ -350,7 +367,8 @@ def train(
         view_rng = np.random.default_rng([cfg.seed, epoch, 0x71E])
         view_of = view_rng.integers(0, views, len(order))
         aug_seed = np.random.default_rng([cfg.seed, epoch, 0xA06]).integers(0, 2**31, len(order))
-        bar = tqdm(total=spe, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dist_info.is_main), leave=False)
+        bar = progress_bar(total=spe, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dist_info.is_main), leave=False,
+                           log_steps=2)
         running: list[float] = []
         terms: dict[str, list[float]] = {}  # the method's other logged values (loss terms, weights), per step
         while step_in_epoch < spe:
@@ -414,6 +432,7 @@ def train(
                 over = broadcast_object(elapsed_before + time.perf_counter() - t_start >= cfg.time_budget, dist_info)
                 if over:
                     log.info("time budget of %.0f s reached at step %d", cfg.time_budget, global_step)
+                    budget_stopped = True
                     done = True
                     break
         bar.close()
@@ -447,7 +466,8 @@ def train(
         save(last_path, True)
         barrier(dist_info)
 
-    result = TrainResult(out_dir=out, best=best, history=history, trainable_params=n_train, total_params=n_total)
+    result = TrainResult(out_dir=out, best=best, history=history, trainable_params=n_train, total_params=n_total, steps=global_step,
+                         planned_steps=total_steps, budget_stopped=budget_stopped, steps_per_epoch=spe)
     if evaluate_test and dist_info.is_main:
         test_ds = data.split(cfg.data.test_split)
         if len(test_ds):
@@ -458,7 +478,8 @@ def train(
     result.seconds = time.perf_counter() - t_start
     if dist_info.is_main:
         atomic_write_json(out / "result.json", {"best_val": best, "test": result.test, "seconds": round(result.seconds, 2),
-                                                "trainable_params": n_train, "total_params": n_total, "history": history})
+                                                "trainable_params": n_train, "total_params": n_total, "history": history,
+                                                "steps": global_step, "planned_steps": total_steps, "budget_stopped": budget_stopped})
     cleanup(dist_info)
     return result
 

@@ -4,6 +4,7 @@ rejected. The training config (:mod:`rsitr.train.config`) and every method's opt
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Mapping
 
 from rsitr.utils.errors import RsitrError
@@ -20,6 +21,10 @@ def from_mapping(cls, d: Mapping[str, Any] | None, where: str = "", *, what: str
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise RsitrError(f"{where + ': ' if where else ''}unknown {what}(s) {unknown}; known: {sorted(fields)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved: no scalar checks
+        hints = {}
     kwargs = {}
     for name, value in d.items():
         f = fields[name]
@@ -31,8 +36,44 @@ def from_mapping(cls, d: Mapping[str, Any] | None, where: str = "", *, what: str
         elif isinstance(value, dict):
             kwargs[name] = dict(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _scalar(value, hints.get(name), f"{where}.{name}" if where else name)
     return cls(**kwargs)
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar(value: Any, hint: Any, key: str) -> Any:
+    """``value`` checked against a field annotated ``bool``/``int``/``float``/``str`` (or that
+    ``| None``): an int is a float, a whole float is an int; anything else is an error naming the
+    key (a YAML ``time_budget: abc`` used to fail deep inside the run). Other annotations pass."""
+    optional = False
+    args = typing.get_args(hint)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return value
+        hint, optional = rest[0], True
+    if hint not in _SCALARS:
+        return value
+    if value is None:
+        if optional:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    want = hint.__name__ + (" or null" if optional else "")
+    raise RsitrError(f"{key}: expected {want}, got {value!r}")
 
 
 __all__ = ["from_mapping"]

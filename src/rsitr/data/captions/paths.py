@@ -82,9 +82,9 @@ def check_images_parallel(paths: list[Path], workers: int | None = None) -> list
     n = workers if workers and workers > 0 else min(32, (os.cpu_count() or 2) * 4)
     if n == 1 or len(paths) < 16:
         return [check_image(p) for p in paths]
-    from tqdm import tqdm
+    from rsitr.utils.progress import progress_bar
 
     with ThreadPoolExecutor(max_workers=n) as pool:
         it = pool.map(check_image, paths)
-        return list(tqdm(it, total=len(paths), desc="checking images", unit="img", leave=False,
-                         disable=None if len(paths) > 20000 else True))
+        return list(progress_bar(it, total=len(paths), desc="checking images", unit="img", leave=False,
+                         disable=len(paths) <= 20000))

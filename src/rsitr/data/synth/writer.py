@@ -145,9 +145,9 @@ def write_synth(
 
     n_workers = workers if workers and workers > 0 else min(8, os.cpu_count() or 1)
     try:
-        from tqdm import tqdm
+        from rsitr.utils.progress import progress_bar
 
-        bar = tqdm(total=n_images, desc="synth images", unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total=n_images, desc="synth images", unit="img", disable=not progress, leave=False)
         if n_workers == 1 or n_images < 32:
             captions = []
             for i in range(n_images):

@@ -35,6 +35,7 @@ import torch
 from rsitr.models.clip.model import CLIP, CLIPConfig
 from rsitr.utils.errors import CheckpointError
 from rsitr.utils.io import sha256_file
+from rsitr.utils.weights import load_safetensors, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +146,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), "safetensors"
+        return load_safetensors(path, what="checkpoint"), "safetensors"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             is_ts, prefix = _is_torchscript(zf)
             if is_ts:
                 return _read_torchscript(path, zf, prefix), "torchscript"
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report which file and why
-        raise CheckpointError(f"{path}: cannot read as a weights-only checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = load_torch_file(path, what="checkpoint")
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

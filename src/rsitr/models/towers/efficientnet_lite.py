@@ -224,11 +224,9 @@ class EfficientNetLite(nn.Module):
 def load_state(model: EfficientNetLite, path: str) -> None:
     """Load a shipped checkpoint (a plain state dict) with ``strict=True``."""
     from rsitr.utils.errors import CheckpointError
+    from rsitr.utils.weights import load_torch_file
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{path}: cannot read EfficientNet-Lite weights: {exc}") from exc
+    state = load_torch_file(path, what="EfficientNet-Lite weights file")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     try:

@@ -256,15 +256,9 @@ def load_minilm(folder: str | Path) -> MiniLM:
 def load_bert_weights(model: MiniLM, path: str | Path) -> None:
     """Load a BERT ``model.safetensors`` into ``model`` with ``strict=True`` (a ``bert.``
     prefix is accepted; ``embeddings.position_ids`` must be ``0..n-1`` and is dropped)."""
-    from safetensors.torch import load_file
+    from rsitr.utils.weights import load_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: BERT weights not found")
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+    state = load_safetensors(path, what="BERT weights file")
     if any(k.startswith("bert.") for k in state):
         state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
     pos = state.pop("embeddings.position_ids", None)
