@@ -127,7 +127,7 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
     return m
 
 
-_FILE_KEYS = ("items", "embeddings", "vectors", "tokens")
+_FILE_KEYS = ("items", "embeddings", "vectors", "tokens", "footprints")
 
 
 def _check_manifest(m: dict, p: Path) -> None:
@@ -163,6 +163,10 @@ def _check_manifest(m: dict, p: Path) -> None:
         raise bad("'files' lacks items/embeddings")
     if not isinstance(m.get("sources", []), list):
         raise bad("'sources' must be a list")
+    store = m.get("store")
+    if store is not None and (not isinstance(store, dict) or store.get("kind") not in ("faiss", "milvus")
+                              or (store["kind"] == "milvus" and not all(isinstance(store.get(k), str) and store[k] for k in ("uri", "collection")))):
+        raise bad("'store' must be an object with kind faiss or milvus (uri and collection strings)")
 
 
 def read_items(index_dir: Path, manifest: dict) -> list[Item]:
