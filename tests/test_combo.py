@@ -8,10 +8,8 @@ from rsitr.utils.errors import RsitrError
 
 
 @pytest.fixture(scope="module")
-def noisy(tmp_path_factory):
-    from rsitr.data.synth import write_synth
-
-    return write_synth(tmp_path_factory.mktemp("combo"), n_images=24, seed=4, image_size=32, noise_frac=0.3)
+def noisy(synth_dataset):
+    return synth_dataset(n_images=24, seed=4, image_size=32, noise_frac=0.3)
 
 
 def _cfg(data, out, parts, **over):

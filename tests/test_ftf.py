@@ -142,10 +142,8 @@ def test_ftf_loss_terms_and_gradients():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from rsitr.data.synth import write_synth
-
-    return write_synth(tmp_path_factory.mktemp("synth_ftf"), n_images=20, seed=3, image_size=32)
+def synth(synth_dataset) -> Path:
+    return synth_dataset(n_images=20, seed=3, image_size=32)
 
 
 def test_ftf_trains_evaluates_and_reloads(synth, tmp_path):

@@ -319,11 +319,8 @@ def test_sar_top_lists_chunked_memory_shape():
 
 # -- the method in the loop ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def noisy_synth(tmp_path_factory) -> Path:
-    from rsitr.data.synth import write_synth
-
-    out = tmp_path_factory.mktemp("synth_noisy")
-    return write_synth(out, n_images=24, seed=5, image_size=32, noise_frac=0.3)
+def noisy_synth(synth_dataset) -> Path:
+    return synth_dataset(n_images=24, seed=5, image_size=32, noise_frac=0.3)
 
 
 def test_iebaker_trains_writes_eba_file_and_reloads(noisy_synth, tmp_path):

@@ -32,10 +32,8 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from rsitr.data.synth import write_synth
-
-    return write_synth(tmp_path_factory.mktemp("synth_peft"), n_images=24, seed=3, image_size=32)
+def synth(synth_dataset) -> Path:
+    return synth_dataset(n_images=24, seed=3, image_size=32)
 
 
 def tiny_clip():

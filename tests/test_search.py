@@ -1,11 +1,11 @@
 """Search engine: sources/tiling, index build/resume/add, model refusal, queries, CLI."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
+from conftest import run_search_cli
 
 rasterio = pytest.importorskip("rasterio")
 pytest.importorskip("faiss")
@@ -251,14 +251,7 @@ def test_bad_image_is_named_or_skipped(tmp_path, source, tiny):
 
 # -- CLI ----------------------------------------------------------------------------------------
 def _run(argv, capsys):
-    from rsitr.cli.search import add_cli
-
-    p = argparse.ArgumentParser(prog="rsitr")
-    p.add_argument("-q", "--quiet", action="store_true")
-    add_cli(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    rc = args.func(args)
-    return rc, capsys.readouterr().out
+    return run_search_cli(argv, capsys)
 
 
 def test_cli_build_search_geojson(tmp_path, source, capsys):

@@ -1,11 +1,11 @@
 """Indexes on both stores: the same answers from `rsitr search` / the API, box filters end to end."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
+from conftest import run_search_cli
 
 pytest.importorskip("rasterio")
 pytest.importorskip("faiss")
@@ -101,14 +101,7 @@ def test_bbox_search_matches_brute_force(indexes, tiny):
 
 
 def _run(argv, capsys):
-    from rsitr.cli.search import add_cli
-
-    p = argparse.ArgumentParser(prog="rsitr")
-    p.add_argument("-q", "--quiet", action="store_true")
-    add_cli(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    rc = args.func(args)
-    return rc, capsys.readouterr().out
+    return run_search_cli(argv, capsys)
 
 
 def test_cli_bbox_on_both_stores(indexes, capsys):

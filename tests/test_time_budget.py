@@ -22,12 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from rsitr.data.synth import write_synth
-
-    out = tmp_path_factory.mktemp("synth")
-    write_synth(out, n_images=60, seed=3, image_size=32)
-    return out / "dataset_synth.json"
+def synth(synth_dataset) -> Path:
+    return synth_dataset(n_images=60, seed=3, image_size=32)
 
 
 class SlowTrunks(nn.Module):

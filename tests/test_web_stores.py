@@ -2,10 +2,6 @@
 typed or with a box drawn on the map, shows the same tiles from both stores."""
 from __future__ import annotations
 
-import shutil
-import socket
-import threading
-import time
 
 import pytest
 
@@ -14,7 +10,7 @@ pytest.importorskip("rasterio")
 pytest.importorskip("faiss")
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
 
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -22,36 +18,19 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from _browser import chrome, require_browser, serve, stop  # noqa: E402
 from rsitr.retrieval.bbox import parse_bbox  # noqa: E402
 from rsitr.search import build as B  # noqa: E402
 from rsitr.bench.search import write_sample_source  # noqa: E402
 from rsitr.serve.app import create_app  # noqa: E402
 
-CHROME = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
-DRIVER = shutil.which("chromedriver")
-if CHROME is None or DRIVER is None:
-    pytest.skip(f"chromium/chromedriver not installed (chromium: {CHROME}, chromedriver: {DRIVER})", allow_module_level=True)
+require_browser()
 
 TILE = 96
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(idx):
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(idx, inference="torch"), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        if time.time() - t0 > 30 or not th.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    return srv, th, f"http://127.0.0.1:{port}"
+    return serve(create_app(idx, inference="torch"))
 
 
 @pytest.fixture(scope="module")
@@ -66,27 +45,12 @@ def servers(tmp_path_factory):
     items = B.read_items(root / "faiss", B.read_manifest(root / "faiss"))
     yield {name: url for name, (_, _, url) in running.items()}, items
     for srv, th, _ in running.values():
-        srv.should_exit = True
-        th.join(10)
+        stop(srv, th)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROME
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000",
-              "--disable-extensions", "--no-first-run"):
-        opts.add_argument(a)
-    try:
-        drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"chromium is installed but did not start: {exc}")
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
+    yield from chrome()
 
 
 def _ids(drv):

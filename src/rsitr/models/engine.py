@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from rsitr.models.base import Backbone, Features
 from rsitr.utils.errors import RsitrError
+from rsitr.utils.weights import digest_state
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,7 @@ def state_hash(modules: list[nn.Module], extra: dict) -> str:
     """sha256 over ``extra`` (JSON) and every tensor (name, dtype, shape, bytes) of ``modules``."""
     h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for i, m in enumerate(modules):
-        for name, t in sorted(m.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            if t.dtype == torch.bfloat16:
-                t = t.view(torch.int16)
-            h.update(t.numpy().tobytes())
+        digest_state(h, m, str(i))
     return h.hexdigest()[:24]
 
 
@@ -191,8 +186,9 @@ class InferenceEngine:
 
         return pad_trim(ids, self.backbone.pad_id)
 
-    def key(self, name: str) -> str:
-        _, owners, _, _, _, size = self._part(name)
+    def key(self, name: str, part: tuple | None = None) -> str:
+        """The cache key of part ``name`` (``part``: its :meth:`_part` when already built)."""
+        _, owners, _, _, _, size = part if part is not None else self._part(name)
         info = self.backbone.info
         extra = {"part": name, "class": type(self.backbone).__name__, "name": info.name, "config": info.config,
                  "size": size, "torch": torch.__version__.split("+")[0], "opset": OPSET, "format": FORMAT_VERSION}
@@ -221,8 +217,9 @@ class InferenceEngine:
     def _load_or_export(self, name: str) -> _Graph | None:
         from rsitr.utils.io import atomic_path, atomic_write_json, read_json
 
-        module, owners, example, in_names, dyn, _ = self._part(name)
-        key = self.key(name)
+        part = self._part(name)
+        module, owners, example, in_names, dyn, _ = part
+        key = self.key(name, part)
         path = self.cache_dir / f"{name}-{key}.onnx"
         meta_path = path.with_suffix(".json")
         if path.is_file() and meta_path.is_file():

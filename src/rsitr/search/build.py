@@ -51,6 +51,7 @@ import torch
 from rsitr.search.sources import STRETCH, Item, read_item, scan_source
 from rsitr.utils.errors import DataError, RsitrError
 from rsitr.utils.io import atomic_path, atomic_write_json, jsonable, read_json, sha256_file
+from rsitr.utils.weights import digest_state
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ def state_sha256(model) -> str:
     if model.method is not None:
         mods.append(("method", model.method))
     for prefix, mod in mods:
-        for name, t in sorted(mod.state_dict().items()):
-            t = t.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{prefix}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest_state(h, mod, prefix)
     return h.hexdigest()
 
 

@@ -73,3 +73,15 @@ def load_safetensors(path: str | Path, *, what: str = "safetensors file") -> dic
         raise CheckpointError(f"{path}: {what} is corrupt (it asks for more memory than there is)") from exc
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot read this {what}: {_reason(exc)}") from exc
+
+
+def digest_state(h, module, prefix: str) -> None:
+    """Feed every tensor of ``module.state_dict()`` (sorted by name: ``prefix.name``, dtype, numel,
+    raw bytes) into the hashlib object ``h``: the one definition of "these weights" that index
+    manifests (``state_sha256``) and the ONNX graph cache key share."""
+    import torch
+
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{prefix}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
