@@ -114,6 +114,37 @@ def test_clip_vit_b32_onnx_equals_torch(shared_dir, tmp_path):
     _check_model(CLIP.from_config("ViT-B-32").eval(), shared_dir, tmp_path)
 
 
+def test_batches_larger_than_a_chunk_are_run_in_chunks(monkeypatch, tmp_path):
+    """ONNX Runtime runs at most CHUNK rows per call (its arena keeps the largest batch's memory);
+    a larger batch gives what one call gives."""
+    from rsitr.models import engine as E
+
+    model = _tiny()
+    eng = E.engine_for(model, "onnx", cache_dir=tmp_path)
+    x = torch.randn(7, 3, model.preprocess.image_size, model.preprocess.image_size, generator=torch.Generator().manual_seed(3))
+    ids = model.tokenize(["a river", "many cars in a parking lot", "", "two tanks", "a bridge over a river", "x", "green fields"])
+    whole_i, whole_t = eng.image_features(x), eng.text_features(ids)
+    graph = eng._graph("image_features")
+    assert graph is not None
+
+    class Spy:  # records the rows of every ONNX Runtime call
+        def __init__(self, session):
+            self.session, self.rows = session, []
+
+        def run(self, out, feed):
+            self.rows.append(next(iter(feed.values())).shape[0])
+            return self.session.run(out, feed)
+
+    graph.session = spy = Spy(graph.session)
+    monkeypatch.setattr(E, "CHUNK", 3)
+    chunked_i, chunked_t = eng.image_features(x), eng.text_features(ids)
+    assert spy.rows == [3, 3, 1]
+    for a, b in ((whole_i, chunked_i), (whole_t, chunked_t)):
+        torch.testing.assert_close(a.pooled, b.pooled, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a.tokens, b.tokens, atol=1e-6, rtol=1e-6)
+        assert torch.equal(a.mask, b.mask)
+
+
 # -- the graph cache -------------------------------------------------------------------------------
 def _tiny(seed=0):
     from rsitr.models.clip import CLIP
