@@ -72,8 +72,14 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     proc.wait(10)
     d = load_checkpoint(ck)
     assert d["progress"]["global_step"] == 1 and float(d["state"]["w"].mean()) == 1.0
-    # the killed write's temporary file is not mistaken for a checkpoint
+    # the killed write's temporary file is not mistaken for a checkpoint, and the next write of
+    # that checkpoint removes it (its writer is gone)
     assert load_checkpoint(tmp_path)["progress"]["global_step"] == 1
+    assert half.exists()
+    from rsitr.models.checkpoint import save_checkpoint
+
+    save_checkpoint(ck, d)
+    assert not half.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_kill_during_training_resumes(tmp_path):

@@ -21,7 +21,7 @@ def undertrained(result, time_budget) -> bool:
 
     if not result.undertrained:
         return False
-    print(f"rsitr: error: time_budget={time_budget:g} s left time for {result.steps} training steps, less than one epoch "
+    print(f"rsitr: error: time_budget={time_budget:g} s left time for {result.steps} training step{'s' if result.steps != 1 else ''}, less than one epoch "
           f"({result.steps_per_epoch}): this model is not trained. Raise the budget (the trunk cache in the run folder is reused), "
           f"or continue with --resume and a larger one", file=sys.stderr)
     return True
