@@ -55,7 +55,8 @@ ALPHA_MODES = ("drop", "black")
 _TIFF_SUFFIXES = {".tif", ".tiff", ".gtif", ".gtiff"}
 
 
-def _rasterio():
+def rasterio_or_none():
+    """The rasterio module (its GDAL logs quietened), or None when it is not installed."""
     from rsitr.utils.logging import quiet_library_logs
 
     quiet_library_logs()
@@ -78,7 +79,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        rio = _rasterio()
+        rio = rasterio_or_none()
         if rio is None or path.suffix.lower() not in _TIFF_SUFFIXES:
             raise DataError(f"{path}: unreadable image ({_reason(exc)})") from exc
         try:
@@ -194,13 +195,13 @@ def load_image(
     try:
         im = Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        if path.suffix.lower() in _TIFF_SUFFIXES and _rasterio() is not None:
+        if path.suffix.lower() in _TIFF_SUFFIXES and rasterio_or_none() is not None:
             return _from_array(_read_rasterio(path, exc), path, stretch, bands, alpha="drop")
         hint = " (a multi-band TIFF? install rasterio to read it)" if path.suffix.lower() in _TIFF_SUFFIXES else ""
         raise DataError(f"{path}: unreadable image ({_reason(exc)}){hint}") from exc
     with im:
         try:
-            if _wants_rasterio(im) and _rasterio() is not None:
+            if _wants_rasterio(im) and rasterio_or_none() is not None:
                 return _from_array(_read_rasterio(path, None), path, stretch, bands, alpha="drop")
             im.load()
             return _from_pil(im, path, stretch, bands, alpha)
@@ -225,7 +226,7 @@ def _read_rasterio(path: Path, pil_exc: BaseException | None) -> np.ndarray:
     """All bands of a raster as ``[H, W, C]`` in their stored dtype."""
     import warnings
 
-    rio = _rasterio()
+    rio = rasterio_or_none()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning for plain tiles

@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from rsitr.data.images import rasterio_or_none
 from rsitr.utils.errors import DataError, RsitrError
 
 log = logging.getLogger(__name__)
@@ -72,18 +73,6 @@ def item_key(path: Path, window: list[int] | None) -> str:
     return str(path) if window is None else f"{path}#{window[0]},{window[1]},{window[2]},{window[3]}"
 
 
-def _rasterio():
-    from rsitr.utils.logging import quiet_library_logs
-
-    quiet_library_logs()
-    try:
-        import rasterio
-
-        return rasterio
-    except ImportError:
-        return None
-
-
 def iter_image_files(source: str | os.PathLike) -> Iterator[Path]:
     src = Path(source)
     if src.is_file():
@@ -116,7 +105,7 @@ def _georeferenced(ds) -> bool:
 
 def scan_file(path: Path, tile_size: int = 256, overlap: int = 0) -> list[Item]:
     """Items of one file (tiles of a georeferenced raster, else the whole image)."""
-    rio = _rasterio()
+    rio = rasterio_or_none()
     if path.suffix.lower() in TIFF_SUFFIXES and rio is not None:
         try:
             with warnings.catch_warnings():
@@ -174,7 +163,7 @@ def read_item(item: Item) -> Image.Image:
         from rsitr.data.images import load_image
 
         return load_image(path, stretch=STRETCH)
-    rio = _rasterio()
+    rio = rasterio_or_none()
     if rio is None:
         raise RsitrError(f"{path}: reading GeoTIFF tiles needs rasterio (pip install 'rsitr[geo]')")
     from rasterio.enums import ColorInterp
