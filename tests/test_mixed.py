@@ -108,3 +108,18 @@ def test_training_on_a_mix_reuses_single_dataset_caches_and_reports_each_part(tm
     assert got["mR"] == pytest.approx(res.test["two:mR"], abs=1e-4)
     with pytest.raises(RsitrError, match="not both"):
         train(TrainConfig().override({**common, "out_dir": str(tmp_path / "x"), "data.path": str(d1), "data.sources": [str(d2)]}), progress=False)
+
+
+def test_report_shows_each_part_of_a_mixed_cell(tmp_path):
+    from rsitr.bench.report import KEYS, render, summarize
+
+    def rec(seed, a, b):
+        test = {k: (a + b) / 2 for k in KEYS}
+        test.update({f"ucm:{k}": a for k in KEYS})
+        test.update({f"rsicd:{k}": b for k in KEYS})
+        return {"dataset": "ucm+rsicd", "method": "baseline", "seed": seed, "status": "ok", "test": test, "backbone": "towers:x", "mode": "heads"}
+
+    rows = summarize([rec(0, 50.0, 20.0), rec(1, 52.0, 22.0)])
+    assert rows[0]["parts"]["ucm"]["mR"][0] == pytest.approx(51.0) and rows[0]["parts"]["rsicd"]["mR"][0] == pytest.approx(21.0)
+    text = render(tmp_path, rows, [], [])
+    assert "| baseline | ucm | 2 |" in text and "| baseline | rsicd | 2 |" in text and "51.00 ± 1.41" in text
