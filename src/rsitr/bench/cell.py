@@ -21,7 +21,6 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
 
     from rsitr.bench.measurements import CellContext, run_on_cell
     from rsitr.bench.suite import environment, test_split
-    from rsitr.data.captions import load_dataset
     from rsitr.eval.evaluate import encode_dataset, evaluate_ties
     from rsitr.methods.factory import load
     from rsitr.train.config import TrainConfig
@@ -34,7 +33,9 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
     loaded = trained["loaded"]
 
     # efficiency on the test split with the best checkpoint
-    data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
+    from rsitr.train.data import load_training_data
+
+    data = load_training_data(cfg.data)
     test = test_split(cfg, data)
     model = loaded.backbone
     engine = _engine(model, cfg)
@@ -61,7 +62,7 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
         "cell": spec["cell"], "dataset": spec["dataset"], "method": spec["method"], "seed": spec["seed"], "published": spec.get("published"),
         "status": "ok", "test": test_ties["expected"], "test_ties": test_ties, "best_val": trained["best"],
         "trainable_params": trained["trainable_params"], "total_params": trained["total_params"], "train_seconds": round(train_seconds, 1),
-        "train_images": len(data.split(cfg.data.train_split)) if not cfg.data.subset else min(cfg.data.subset, len(data.split(cfg.data.train_split))),
+        "train_images": len(data.split(cfg.data.train_split)),
         "images_per_s": round(len(test) / max(enc_seconds, 1e-9), 1) if len(test) else None,
         "texts_per_s": round(len(texts) / max(text_seconds, 1e-9), 1) if texts else None,
         "query_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat else None,

@@ -64,6 +64,9 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["backbone"] = rs[0].get("backbone")
             row["mode"] = rs[0].get("mode")
             row["measurements"] = _summarize_measurements(rs)
+            # a model trained on a mix of datasets (data.sources): each part's own test split
+            parts = dict.fromkeys(k.split(":", 1)[0] for k in rs[0]["test"] if ":" in k)
+            row["parts"] = {part: {key: mean_std([r["test"][f"{part}:{key}"] for r in rs]) for key in KEYS} for part in parts} or None
         rows.append(row)
     return rows
 
@@ -133,6 +136,16 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
             out.append(f"| {r['method']} | {r['backbone']} ({r['mode']}) | {r['seeds']}{fail} | " + " | ".join(cells) + " | "
                        f"{_params(r['trainable_params'])} | {_fmt(r['train_seconds'], 0)} | {_fmt(r['peak_rss_mb'], 0)} | "
                        f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['query_ms_p50'], 3)} |")
+        mixed = [r for r in drows if r.get("seeds") and r.get("parts")]
+        if mixed:
+            out += ["", "Trained on a mix of datasets (`data.sources`): the rows above are the mean over its parts; each part's "
+                    "own test split, scored on its own:", "",
+                    "| method | part | seeds | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | mR |",
+                    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in mixed:
+                for part, m in r["parts"].items():
+                    cells = [f"{m[k][0]:.2f} ± {m[k][1]:.2f}" if r["seeds"] > 1 else f"{m[k][0]:.2f}" for k in KEYS]
+                    out.append(f"| {r['method']} | {part} | {r['seeds']} | " + " | ".join(cells) + " |")
         tied = [r for r in drows if r.get("seeds") and r.get("ties_optimistic")]
         if tied:
             out += ["", "Tied scores (the same caption under several images gets exactly the same score) counted three ways: "

@@ -237,9 +237,16 @@ def check_inputs(suite: Suite) -> None:
     """Every dataset path and checkpoint path a suite needs, checked before anything runs."""
     missing = []
     for c in suite.cells:
-        p = c.overrides.get("data.path")
-        if not p or not Path(p).exists():
-            missing.append(f"dataset '{c.dataset}': data.path {p!r}")
+        sources = c.overrides.get("data.sources")
+        if sources:
+            for src in sources:
+                p = src.get("path") if isinstance(src, dict) else src
+                if not p or not Path(p).exists():
+                    missing.append(f"dataset '{c.dataset}': data.sources path {p!r}")
+        else:
+            p = c.overrides.get("data.path")
+            if not p or not Path(p).exists():
+                missing.append(f"dataset '{c.dataset}': data.path {p!r}")
         b = str(c.overrides.get("model.backbone", ""))
         if b and parse_spec(b).is_path and not Path(b).exists():
             missing.append(f"dataset '{c.dataset}' method '{c.method}': checkpoint {b!r}")
@@ -257,16 +264,13 @@ def environment() -> dict[str, Any]:
 
 
 def test_split(cfg, data=None):
-    """The test split a cell of config ``cfg`` is scored on (its ``data.subset`` applied)."""
-    from rsitr.data.captions import load_dataset
-    from rsitr.data.types import CaptionDataset
+    """The test split a cell of config ``cfg`` is scored on (its ``data.subset`` applied; a mix of
+    datasets keeps its parts, each scored on its own)."""
+    from rsitr.train.data import load_training_data
 
     if data is None:
-        data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
-    test = data.split(cfg.data.test_split)
-    if cfg.data.subset:
-        test = CaptionDataset(test.entries[: cfg.data.subset], test.format, test.source)
-    return test
+        data = load_training_data(cfg.data)
+    return data.split(cfg.data.test_split)
 
 
 def run_suite(suite: Suite, out: Path, *, progress: bool = True, timeout: float | None = None) -> list[dict[str, Any]]:

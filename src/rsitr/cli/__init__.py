@@ -71,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     cfg = cfg.override(overrides)
-    if not cfg.data.path:
-        raise RsitrError("no dataset: give --data PATH or data.path in the config")
+    if not cfg.data.path and not cfg.data.sources:
+        raise RsitrError("no dataset: give --data PATH, or data.path or data.sources in the config")
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"trained {result.trainable_params:,} / {result.total_params:,} parameters in {result.seconds:.1f}s; run folder {result.out_dir}")
     if result.budget_stopped:

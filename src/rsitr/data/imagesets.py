@@ -97,6 +97,17 @@ class TrunkCache:
     image: list[Features] | None
     text: Features | None
 
+    def subset(self, dataset: CaptionDataset, start: int, stop: int) -> "TrunkCache":
+        """The cache of ``dataset.subset(start, stop)`` (this cache is ``dataset``'s)."""
+        t0 = sum(len(e.captions) for e in dataset.entries[:start])
+        t1 = t0 + sum(len(e.captions) for e in dataset.entries[start:stop])
+
+        def cut(f: Features, a: int, b: int) -> Features:
+            return Features(f.pooled[a:b], f.tokens[a:b], f.mask[a:b])
+
+        return TrunkCache([cut(f, start, stop) for f in self.image] if self.image is not None else None,
+                          cut(self.text, t0, t1) if self.text is not None else None)
+
 
 def trunk_cut(backbone, modality: str) -> str | None:
     """Where the backbone's trunk ends for ``modality`` when that is not the whole tower (two-tower
@@ -218,6 +229,17 @@ def build_trunk_cache(
     cache key does not depend on it. ``budget``: stop with an error as soon as the work still to
     do cannot finish by its deadline (:class:`CacheBudget`)."""
     from rsitr.utils.progress import progress_bar
+
+    parts = [(a, b) for _, a, b in dataset.parts() if b > a]
+    if parts:
+        # a mix of datasets (rsitr.data.mixed): each part is cached on its own, under the key it has
+        # alone, so a dataset's cache serves every mix it is part of
+        kw = dict(cache_dir=cache_dir, views=views, train_transform=train_transform, eval_transform=eval_transform, keep_tokens=keep_tokens,
+                  batch_size=batch_size, workers=workers, seed=seed, device=device, progress=progress, engine=engine, budget=budget)
+        caches = [build_trunk_cache(backbone, dataset.subset(a, b), **kw) for a, b in parts]
+        image = [_cat([c.image[v] for c in caches]) for v in range(len(caches[0].image))] if caches[0].image is not None else None
+        text = _cat([c.text for c in caches]) if caches[0].text is not None else None
+        return TrunkCache(image, text)
 
     was_training = backbone.training
     backbone.eval()

@@ -27,18 +27,42 @@ class ImageEntry:
     split: str
     captions: list[str]
     label: str | None = None
+    part: str | None = None  # the dataset it came from, in a training mix of several (see rsitr.data.mixed)
 
 
 @dataclass
 class CaptionDataset:
     entries: list[ImageEntry]
-    format: str = "unknown"  # "karpathy" | "pir" | "iebaker-csv" | "csv" | "synth"
+    format: str = "unknown"  # "karpathy" | "pir" | "iebaker-csv" | "csv" | "synth" | "mixed"
     source: Path | None = None
     problems: list[str] = field(default_factory=list)  # what --skip-bad skipped, one line each
+    # a mix of several datasets (rsitr.data.mixed): each part's sampling weight, in part order;
+    # None = proportional to its size. Empty for a single dataset.
+    part_weights: dict[str, float | None] = field(default_factory=dict)
 
     # -- views ---------------------------------------------------------------------------
     def split(self, name: str) -> "CaptionDataset":
-        return CaptionDataset([e for e in self.entries if e.split == name], self.format, self.source)
+        return CaptionDataset([e for e in self.entries if e.split == name], self.format, self.source, part_weights=dict(self.part_weights))
+
+    def parts(self) -> list[tuple[str, int, int]]:
+        """``[(name, start, stop)]``: the contiguous entry ranges of a mix's parts, in order
+        (``[]`` for a single dataset). Every part is listed, an empty one as ``start == stop``."""
+        if not self.part_weights:
+            return []
+        names = list(self.part_weights)
+        out, i = [], 0
+        for name in names:
+            start = i
+            while i < len(self.entries) and self.entries[i].part == name:
+                i += 1
+            out.append((name, start, i))
+        if i != len(self.entries):
+            raise ValueError(f"the entries of a mixed dataset are not grouped by part in the order {names}")
+        return out
+
+    def subset(self, start: int, stop: int) -> "CaptionDataset":
+        """Entries ``start:stop`` as a dataset of their own (one part of a mix: no part weights)."""
+        return CaptionDataset(self.entries[start:stop], self.format, self.source)
 
     @property
     def splits(self) -> dict[str, int]:

@@ -147,6 +147,9 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
             raise ValueError(f"ties must be among {TIES}, got {t!r}")
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty split")
+    parts = [(name, a, b) for name, a, b in dataset.parts() if b > a]
+    if parts:
+        return _evaluate_parts(backbone, dataset, parts, method, ties, rerank, rerank_options, **kwargs)
     t0 = time.perf_counter()
     sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
     if not isinstance(sim, tuple):
@@ -162,4 +165,24 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
         out[t] = {k: float(v) for k, v in metrics.items()}
     log.info("evaluated %d images / %d captions in %.1fs: mR %s", len(dataset), len(text_to_image), time.perf_counter() - t0,
              ", ".join(f"{out[t]['mR']:.2f} ({t} ties)" for t in ties) if len(ties) > 1 else f"{out[ties[0]]['mR']:.2f}")
+    return out
+
+
+def _evaluate_parts(backbone, dataset, parts, method, ties, rerank, rerank_options, **kwargs) -> dict[str, dict[str, float]]:
+    """A mix of datasets (:mod:`rsitr.data.mixed`): every part's split is scored on its own (the
+    protocol ranks within one dataset); the metrics are the mean over the parts, and each part's
+    own under ``"<part>:<metric>"`` (e.g. ``"rsicd:mR"``)."""
+    cache = kwargs.pop("trunk_cache", None)
+    per = {}
+    for name, a, b in parts:
+        sub_cache = cache.subset(dataset, a, b) if cache is not None else None
+        per[name] = evaluate_ties(backbone, dataset.subset(a, b), method=method, ties=ties, rerank=rerank, rerank_options=rerank_options,
+                                  trunk_cache=sub_cache, **kwargs)
+    out = {}
+    for t in ties:
+        keys = list(next(iter(per.values()))[t])
+        metrics = {k: float(sum(per[n][t][k] for n in per) / len(per)) for k in keys}
+        for n in per:
+            metrics.update({f"{n}:{k}": v for k, v in per[n][t].items()})
+        out[t] = metrics
     return out

@@ -28,6 +28,9 @@ class DataConfig:
     epoch_unit: str = "pairs"  # "pairs": every (image, caption) once per epoch; "images": one random caption per image
     workers: int = 0  # DataLoader worker processes for image decoding
     subset: int | None = None  # use only the first N images of each split (smoke runs)
+    # several datasets as one (instead of path): [{path, name, weight, format, image_root, labels}, ...]
+    # train on the union of their train splits, each part's val/test scored on its own (rsitr.data.mixed)
+    sources: tuple = ()
 
 
 @dataclass

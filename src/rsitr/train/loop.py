@@ -186,8 +186,8 @@ def train(
     to simulate a crash)."""
     from rsitr.utils.progress import progress_bar
 
-    from rsitr.data.captions import load_dataset
     from rsitr.eval.evaluate import evaluate
+    from rsitr.train.data import load_training_data
     from rsitr.methods.factory import load_model
 
     t_start = time.perf_counter()
@@ -203,20 +203,10 @@ def train(
     barrier(dist_info)
 
     seed_everything(cfg.seed)
-    data = load_dataset(cfg.data.path, format=cfg.data.format, image_root=cfg.data.image_root, labels=cfg.data.labels, skip_bad=cfg.data.skip_bad)
-    if cfg.data.subset:
-        from rsitr.data.types import CaptionDataset
-
-        keep = {name: cfg.data.subset for name in data.splits}
-        entries = []
-        for e in data.entries:
-            if keep[e.split] > 0:
-                keep[e.split] -= 1
-                entries.append(e)
-        data = CaptionDataset(entries, data.format, data.source)
+    data = load_training_data(cfg.data)
     train_ds, val_ds = data.split(cfg.data.train_split), data.split(cfg.data.val_split)
     if len(train_ds) == 0:
-        raise RsitrError(f"{cfg.data.path}: the '{cfg.data.train_split}' split is empty")
+        raise RsitrError(f"{cfg.data.path or 'data.sources'}: the '{cfg.data.train_split}' split is empty")
     backbone = load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
     method = build_method(cfg.method.name, backbone, cfg.method.options, train_ds)
     if cfg.method.false_negatives not in ("keep", "mask"):
