@@ -29,8 +29,8 @@ from rsitr.data.captions import load_dataset
 from rsitr.data.imagesets import ImageSet, TrunkCache, build_trunk_cache, make_transforms, select, supports_trunk_cache
 from rsitr.data.types import CaptionDataset
 from rsitr.eval.evaluate import encode_dataset, evaluate
+from rsitr.methods import factory
 from rsitr.methods.base import Method, TrainContext, build_method
-from rsitr.methods.factory import load_model
 from rsitr.models import checkpoint as ckpt
 from rsitr.models.base import Backbone, Features
 from rsitr.models.registry import parse_spec
@@ -397,7 +397,7 @@ def _load_data(cfg: TrainConfig) -> CaptionDataset:
 
 def _build_model(cfg: TrainConfig, train_ds: CaptionDataset, device: torch.device, dist_info: DistInfo) -> tuple[Backbone, Method, TrainStep]:
     """Backbone and method as one :class:`TrainStep`, with the parameters ``model.mode`` trains."""
-    backbone = load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
+    backbone = factory.load_model(cfg.model.backbone, device=str(device), quick_gelu=cfg.model.quick_gelu, embed_dim=cfg.model.embed_dim)
     method = build_method(cfg.method.name, backbone, cfg.method.options, train_ds)
     if cfg.method.false_negatives not in ("keep", "mask"):
         raise RsitrError(f"method.false_negatives must be 'keep' or 'mask', got {cfg.method.false_negatives!r}")
