@@ -12,23 +12,9 @@ Parameter-efficient fine-tuning of a frozen dual encoder with
 Select it with ``method.name: rdb`` (``--method rdb``); train with ``model.mode: frozen`` on CLIP
 (only the method's parameters train) or ``model.mode: heads`` on the two-tower backbone (its
 randomly initialised projection heads train too).
-
-Where the adapters go (``install``)
------------------------------------
-* CLIP: ``backbone.visual.transformer.resblocks`` (VEA) and ``backbone.transformer.resblocks``
-  (TSA); each chosen block's ``adapter`` slot gets one adapter, applied to the block output.
-* Other backbones: ``backbone.adapter_blocks("image"|"text")`` (a ModuleList of blocks with an
-  ``adapter`` slot) when it exists; for a modality without transformer blocks (the CNN image
-  tower) ``backbone.token_adapter_slot("image")`` -- one slot over the spatial tokens
-  ``[B, HW, C]`` before pooling -- receives a single VEA (``vea_layers`` then only switches it
-  on or off). Its width comes from ``slot.width`` or ``backbone.info.config["image_width"]``;
-  ``needs_tokens`` is then True so that cached trunk features keep their tokens.
-* The adapters are submodules of the method (``self.vea``/``self.tsa``, so the loop trains them)
-  *and* of the backbone (the slots). Their tensors are saved once, with the backbone state
-  (``backbone.*``): the method's own ``state_dict`` leaves them out and its ``load_state_dict``
-  does not ask for them (the loop's ``load_trainable_state`` names tensors with the
-  de-duplicating ``named_parameters()``, where a shared adapter appears only under
-  ``backbone.*``; a second copy under ``method.*`` would be rejected on resume and reload).
+This module: the options and the method (:class:`RDB`), which installs the adapters
+(:mod:`~rsitr.methods.rdb.cmaa`) and computes DTCL, with its teacher
+(:mod:`~rsitr.methods.rdb.teacher`).
 
 Options (``method.options``; every key has a default, unknown keys are an error)
 -------------------------------------------------------------------------------
@@ -92,25 +78,24 @@ DTCL (each term and the weighting switchable for ablations):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rsitr.losses.contrastive import info_nce, logit_scale_exp
 from rsitr.losses.dtcl import classification_loss, consistency_kl, fixed_weighting, similarity_logits, uncertainty_weighting
-from rsitr.methods.adapters import DiffAttnAdapter, HierAttnAdapter, frozen_copy
+from rsitr.methods.base import Capabilities, Method, register_method
+from rsitr.methods.rdb.cmaa import CMAAMixin
+from rsitr.methods.rdb.teacher import TeacherMixin
 from rsitr.models.base import Backbone, Features
 from rsitr.utils.distributed import gather_rows
-from rsitr.methods.base import Capabilities, Method, register_method
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class RDBOptions:
@@ -140,72 +125,10 @@ class RDBOptions:
 
 
 TERMS = ("contrastive", "cls", "consistency")
-_ADAPTER_KEY = re.compile(r"(^|\.)(vea|tsa)\.\d+\.")
-
-
-# -- helpers ---------------------------------------------------------------------------------
-def resolve_layers(spec: Any, n: int, what: str) -> list[int]:
-    """Block indices from ``"all"`` / ``"last_half"`` / ``"none"`` / a list of (possibly
-    negative) indices, for a tower of ``n`` blocks."""
-    if spec is None or spec == "none" or (isinstance(spec, (list, tuple)) and len(spec) == 0):
-        return []
-    if spec == "all":
-        return list(range(n))
-    if spec == "last_half":
-        return list(range(n // 2, n))
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        spec = [spec]
-    if not isinstance(spec, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-        raise RsitrError(f"RDB option {what} must be 'all', 'last_half', 'none' or a list of block indices, got {spec!r}")
-    out = []
-    for i in spec:
-        j = i + n if i < 0 else i
-        if not 0 <= j < n:
-            raise RsitrError(f"RDB option {what}: block {i} does not exist (the tower has {n} blocks)")
-        if j not in out:
-            out.append(j)
-    return sorted(out)
-
-
-def _wanted(spec: Any, what: str) -> bool:
-    """Whether a layer spec asks for any adapter (for a single token slot, any non-empty spec
-    other than "none" switches it on)."""
-    if spec is None or spec == "none" or (isinstance(spec, (list, tuple)) and len(spec) == 0):
-        return False
-    if spec in ("all", "last_half") or isinstance(spec, (int, list, tuple)):
-        return True
-    raise RsitrError(f"RDB option {what} must be 'all', 'last_half', 'none' or a list of block indices, got {spec!r}")
-
-
-def _block_width(block: nn.Module) -> int:
-    w = getattr(block, "width", None)
-    if isinstance(w, int):
-        return w
-    for m in block.modules():
-        if isinstance(m, nn.LayerNorm):
-            return int(m.normalized_shape[-1])
-    raise RsitrError(f"cannot tell the hidden width of adapter block {type(block).__name__} (no 'width' attribute or LayerNorm)")
-
-
-def find_slots(backbone: Backbone, modality: str) -> tuple[str, Any] | None:
-    """Where a modality's adapters go: ``("blocks", ModuleList)``, ``("token", slot)`` or None."""
-    if hasattr(backbone, "adapter_blocks"):
-        blocks = backbone.adapter_blocks(modality)
-        if blocks is not None:
-            return "blocks", blocks
-        slot_fn = getattr(backbone, "token_adapter_slot", None)
-        slot = slot_fn(modality) if slot_fn is not None else None
-        return ("token", slot) if slot is not None else None
-    tower = getattr(backbone, "visual", None) if modality == "image" else backbone
-    transformer = getattr(tower, "transformer", None) if tower is not None else None
-    blocks = getattr(transformer, "resblocks", None)
-    if isinstance(blocks, nn.ModuleList) and len(blocks) and hasattr(blocks[0], "adapter"):
-        return "blocks", blocks
-    return None
 
 
 @register_method
-class RDB(Method):
+class RDB(CMAAMixin, TeacherMixin, Method):
     """Cross-Modal Asymmetric Adapter + Dual-Task Consistency Loss (see the module doc)."""
 
     name = "rdb"
@@ -218,7 +141,6 @@ class RDB(Method):
         o = self.opts
         if train_data is not None:
             o.classes = list(train_data.classes) if train_data.classes else None
-        self._token_slot = False  # an adapter over a token slot (CNN tower): cached trunk features keep their tokens
         for key in ("weighting", "teacher", "cls_on"):
             allowed = {"weighting": ("uncertainty", "fixed"), "teacher": ("ema", "bank"), "cls_on": ("both", "image", "text")}[key]
             if getattr(o, key) not in allowed:
@@ -228,33 +150,7 @@ class RDB(Method):
         for key in ("ema_momentum", "bank_momentum"):
             if not 0.0 <= float(getattr(o, key)) < 1.0:
                 raise RsitrError(f"RDB option {key} must be in [0, 1), got {getattr(o, key)!r}")
-
-        # -- adapters -----------------------------------------------------------------------
-        self.vea = nn.ModuleList()
-        self.tsa = nn.ModuleList()
-        self._targets: dict[str, list[int | None]] = {"image": [], "text": []}  # block index, None = token slot
-        for modality, spec_key in (("image", "vea_layers"), ("text", "tsa_layers")):
-            found = find_slots(backbone, modality)
-            spec = getattr(o, spec_key)
-            if found is None:
-                if _wanted(spec, spec_key):
-                    log.warning("RDB: backbone %s has no adapter slots for the %s tower; no %s installed",
-                                backbone.info.name, modality, "VEA" if modality == "image" else "TSA")
-                continue
-            kind, where = found
-            if kind == "blocks":
-                layers = resolve_layers(spec, len(where), spec_key)
-                for i in layers:
-                    self._add(modality, _block_width(where[i]), depth=i + 1)
-                self._targets[modality] = list(layers)
-            elif _wanted(spec, spec_key):
-                width = getattr(where, "width", None) or backbone.info.config.get(f"{modality}_width")
-                if not isinstance(width, int):
-                    raise RsitrError(f"cannot tell the width of the {modality} token adapter slot of {backbone.info.name}")
-                self._add(modality, width, depth=int(o.token_slot_depth))
-                self._targets[modality] = [None]
-                self._token_slot = True  # the token slot adapts cached trunk tokens
-        self._owners: list[tuple[nn.Module, nn.Module, nn.Module | None]] = []  # (slot owner, adapter, teacher)
+        self._build_adapters(backbone)
 
         # -- DTCL -------------------------------------------------------------------------------
         self.terms = [t for t in TERMS if getattr(o, f"loss_{t}")]
@@ -274,19 +170,7 @@ class RDB(Method):
         if not self.terms:
             raise RsitrError("RDB: every DTCL term is off (loss_contrastive/loss_cls/loss_consistency)")
         self.log_vars = nn.Parameter(torch.zeros(len(TERMS))) if o.weighting == "uncertainty" else None
-
-        self.vea_teacher = self.tsa_teacher = None
-        if "consistency" in self.terms and o.teacher == "ema":
-            self.vea_teacher = nn.ModuleList(frozen_copy(m) for m in self.vea)
-            self.tsa_teacher = nn.ModuleList(frozen_copy(m) for m in self.tsa)
-        if "consistency" in self.terms and o.teacher == "bank":
-            n_img = len(train_data) if train_data is not None else 0
-            n_txt = len(train_data.texts()[0]) if train_data is not None else 0
-            d = backbone.embed_dim
-            self.register_buffer("bank_image", torch.zeros(n_img, d), persistent=False)
-            self.register_buffer("bank_text", torch.zeros(n_txt, d), persistent=False)
-            self.register_buffer("bank_image_seen", torch.zeros(n_img, dtype=torch.bool), persistent=False)
-            self.register_buffer("bank_text_seen", torch.zeros(n_txt, dtype=torch.bool), persistent=False)
+        self._build_teacher(backbone, train_data)
 
         self.register_state_dict_post_hook(RDB._drop_installed_adapters)
         self.register_load_state_dict_post_hook(RDB._ignore_installed_adapters)
@@ -298,60 +182,6 @@ class RDB(Method):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(train_tokens=self._token_slot)
-
-    def _add(self, modality: str, width: int, depth: int) -> None:
-        o = self.opts
-        kind = {"vea": "image", True: "image", "tsa": "text"}.get(o.symmetric, modality)  # symmetric: one type for both
-        target = self.vea if modality == "image" else self.tsa
-        if kind == "image":
-            target.append(DiffAttnAdapter(width, int(o.vea_bottleneck), int(o.vea_heads), depth=depth))
-        else:
-            target.append(HierAttnAdapter(width, int(o.tsa_bottleneck), int(o.phrase_window)))
-
-    # -- installation ---------------------------------------------------------------------------
-    def install(self, backbone: Backbone) -> None:
-        """Put the adapters into ``backbone``'s slots (idempotent; also at load time)."""
-        self._owners = []
-        for modality, adapters, teachers in (("image", self.vea, self.vea_teacher), ("text", self.tsa, self.tsa_teacher)):
-            targets = self._targets[modality]
-            found = find_slots(backbone, modality)
-            if found is not None:  # an RDB adapter left by an earlier install does not survive this one
-                for owner in ([found[1]] if found[0] == "token" else list(found[1])):
-                    if isinstance(owner.adapter, (DiffAttnAdapter, HierAttnAdapter)):
-                        owner.adapter = None
-            if not targets:
-                continue
-            if found is None:
-                raise RsitrError(f"RDB: backbone {backbone.info.name} has no {modality} adapter slots")
-            kind, where = found
-            for k, t in enumerate(targets):
-                if (t is None) != (kind == "token") or (t is not None and t >= len(where)):
-                    raise RsitrError(f"RDB: the {modality} tower of {backbone.info.name} does not match the adapters built for it")
-                owner = where if t is None else where[t]
-                owner.adapter = adapters[k]
-                self._owners.append((owner, adapters[k], teachers[k] if teachers is not None else None))
-
-    @contextlib.contextmanager
-    def _teacher_installed(self) -> Iterator[None]:
-        try:
-            for owner, _, teacher in self._owners:
-                owner.adapter = teacher
-            yield
-        finally:
-            for owner, student, _ in self._owners:
-                owner.adapter = student
-
-    # adapters live in the backbone's state (see the module doc)
-    @staticmethod
-    def _drop_installed_adapters(module: "RDB", state: dict, prefix: str, local_metadata) -> None:
-        if module._owners:
-            for k in [k for k in state if k.startswith((prefix + "vea.", prefix + "tsa."))]:
-                del state[k]
-
-    @staticmethod
-    def _ignore_installed_adapters(module: "RDB", incompatible) -> None:
-        if module._owners:
-            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _ADAPTER_KEY.search(k)]
 
     @staticmethod
     def _build_cls_head_from_state(module: "RDB", state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -393,65 +223,3 @@ class RDB(Method):
             logs[k] = float(v.detach())
             logs[f"w_{k}"] = weights[k]
         return total, logs
-
-    @torch.no_grad()
-    def _teacher_embeddings(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.opts.teacher == "bank":
-            return self._bank_embeddings(img, txt, batch)
-        have_img, have_txt = bool(len(self.vea)), bool(len(self.tsa))
-        t_img, t_txt = img.pooled.detach(), txt.pooled.detach()  # a tower without adapters: teacher = student
-        was = backbone.training
-        backbone.eval()
-        try:
-            with self._teacher_installed():
-                if have_img:
-                    if "image_trunk" in batch:
-                        t_img = backbone.image_head(batch["image_trunk"]).pooled
-                    elif "pixels" in batch:
-                        t_img = backbone.encode_image(batch["pixels"])
-                    else:
-                        raise RsitrError("RDB's EMA teacher needs the batch's images ('pixels' or 'image_trunk')")
-                    if t_img.shape[0] != img.pooled.shape[0]:
-                        t_img = gather_rows(t_img)
-                if have_txt:
-                    if "text_trunk" in batch:
-                        t_txt = backbone.text_head(batch["text_trunk"]).pooled
-                    elif "ids" in batch:
-                        t_txt = backbone.encode_text(batch["ids"])
-                    else:
-                        raise RsitrError("RDB's EMA teacher needs the batch's captions ('ids' or 'text_trunk')")
-                    if t_txt.shape[0] != txt.pooled.shape[0]:
-                        t_txt = gather_rows(t_txt)
-        finally:
-            backbone.train(was)
-        return t_img, t_txt
-
-    def _bank_embeddings(self, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        m = float(self.opts.bank_momentum)
-        out = []
-        for feats, key, bank, seen in ((img, "image_index", self.bank_image, self.bank_image_seen),
-                                       (txt, "text_index", self.bank_text, self.bank_text_seen)):
-            idx = batch[key]
-            if idx.shape[0] != feats.pooled.shape[0]:
-                idx = gather_rows(idx)
-            if bank.shape[0] == 0 or int(idx.max()) >= bank.shape[0]:
-                raise RsitrError("RDB teacher 'bank' needs the training data at construction (banks sized by it)")
-            cur = F.normalize(feats.pooled.detach().float(), dim=-1)
-            target = torch.where(seen[idx][:, None], bank[idx], cur)
-            bank[idx] = F.normalize(m * target + (1 - m) * cur, dim=-1)
-            seen[idx] = True
-            out.append(target)
-        return out[0], out[1]
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """EMA update of the teacher adapters."""
-        if self.vea_teacher is None:
-            return
-        m = float(self.opts.ema_momentum)
-        for students, teachers in ((self.vea, self.vea_teacher), (self.tsa, self.tsa_teacher)):
-            for s, t in zip(students, teachers):
-                params = dict(s.named_parameters())
-                for name, buf in t.named_buffers():
-                    if name in params:
-                        buf.mul_(m).add_(params[name].detach().to(buf.dtype), alpha=1.0 - m)
