@@ -15,4 +15,4 @@ from rsitr.methods.rdb.cmaa import _block_width, _wanted, find_slots, resolve_la
 from rsitr.methods.rdb.method import RDB, TERMS, RDBOptions
 
 __all__ = ["RDB", "RDBOptions", "TERMS", "classification_loss", "consistency_kl", "find_slots", "fixed_weighting", "resolve_layers",
-           "uncertainty_weighting"]
+           "uncertainty_weighting", "_block_width", "_wanted"]  # the last two: rsitr.methods.peft uses them

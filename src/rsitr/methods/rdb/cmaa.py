@@ -96,7 +96,6 @@ def find_slots(backbone: Backbone, modality: str) -> tuple[str, Any] | None:
     return None
 
 
-
 class CMAAMixin:
     """The adapter part of :class:`~rsitr.methods.rdb.method.RDB`: reads ``self.opts``; holds the
     adapters ``vea`` / ``tsa``, where they go (``_targets``) and, once installed, their slots
@@ -141,7 +140,6 @@ class CMAAMixin:
         else:
             target.append(HierAttnAdapter(width, int(o.tsa_bottleneck), int(o.phrase_window)))
 
-
     # -- installation ---------------------------------------------------------------------------
     def install(self, backbone: Backbone) -> None:
         """Put the adapters into ``backbone``'s slots (idempotent; also at load time)."""
@@ -164,7 +162,6 @@ class CMAAMixin:
                 owner = where if t is None else where[t]
                 owner.adapter = adapters[k]
                 self._owners.append((owner, adapters[k], teachers[k] if teachers is not None else None))
-
 
     # adapters live in the backbone's state (see the module doc)
     @staticmethod

@@ -47,7 +47,6 @@ class TeacherMixin:
             for owner, student, _ in self._owners:
                 owner.adapter = student
 
-
     @torch.no_grad()
     def _teacher_embeddings(self, backbone: Backbone, img: Features, txt: Features, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.opts.teacher == "bank":
@@ -59,23 +58,9 @@ class TeacherMixin:
         try:
             with self._teacher_installed():
                 if have_img:
-                    if "image_trunk" in batch:
-                        t_img = backbone.image_head(batch["image_trunk"]).pooled
-                    elif "pixels" in batch:
-                        t_img = backbone.encode_image(batch["pixels"])
-                    else:
-                        raise RsitrError("RDB's EMA teacher needs the batch's images ('pixels' or 'image_trunk')")
-                    if t_img.shape[0] != img.pooled.shape[0]:
-                        t_img = gather_rows(t_img)
+                    t_img = _tower_forward(backbone, batch, "image", img.pooled.shape[0])
                 if have_txt:
-                    if "text_trunk" in batch:
-                        t_txt = backbone.text_head(batch["text_trunk"]).pooled
-                    elif "ids" in batch:
-                        t_txt = backbone.encode_text(batch["ids"])
-                    else:
-                        raise RsitrError("RDB's EMA teacher needs the batch's captions ('ids' or 'text_trunk')")
-                    if t_txt.shape[0] != txt.pooled.shape[0]:
-                        t_txt = gather_rows(t_txt)
+                    t_txt = _tower_forward(backbone, batch, "text", txt.pooled.shape[0])
         finally:
             backbone.train(was)
         return t_img, t_txt
@@ -109,3 +94,17 @@ class TeacherMixin:
                 for name, buf in t.named_buffers():
                     if name in params:
                         buf.mul_(m).add_(params[name].detach().to(buf.dtype), alpha=1.0 - m)
+
+
+def _tower_forward(backbone: Backbone, batch: dict, modality: str, n_rows: int) -> torch.Tensor:
+    """Pooled embeddings of one tower for the batch (its cached trunk features through the head, or
+    the images / captions through the whole tower), all-gathered to ``n_rows`` rows when the
+    student's are."""
+    trunk, raw, what = ("image_trunk", "pixels", "images") if modality == "image" else ("text_trunk", "ids", "captions")
+    if trunk in batch:
+        out = (backbone.image_head if modality == "image" else backbone.text_head)(batch[trunk]).pooled
+    elif raw in batch:
+        out = (backbone.encode_image if modality == "image" else backbone.encode_text)(batch[raw])
+    else:
+        raise RsitrError(f"RDB's EMA teacher needs the batch's {what} ('{raw}' or '{trunk}')")
+    return gather_rows(out) if out.shape[0] != n_rows else out
