@@ -123,3 +123,10 @@ def test_report_shows_each_part_of_a_mixed_cell(tmp_path):
     assert rows[0]["parts"]["ucm"]["mR"][0] == pytest.approx(51.0) and rows[0]["parts"]["rsicd"]["mR"][0] == pytest.approx(21.0)
     text = render(tmp_path, rows, [], [])
     assert "| baseline | ucm | 2 |" in text and "| baseline | rsicd | 2 |" in text and "51.00 ± 1.41" in text
+
+
+def test_split_names_join_with_plus_and_none_is_empty():
+    ds = _ds(9, "a")
+    assert [e.image_id for e in ds.split("train+val").entries] == [e.image_id for e in ds.entries if e.split != "test"]
+    assert len(ds.split("none")) == 0 and len(ds.split("")) == 0
+    assert len(ds.split("train + test")) == 6
