@@ -130,3 +130,21 @@ def test_split_names_join_with_plus_and_none_is_empty():
     assert [e.image_id for e in ds.split("train+val").entries] == [e.image_id for e in ds.entries if e.split != "test"]
     assert len(ds.split("none")) == 0 and len(ds.split("")) == 0
     assert len(ds.split("train + test")) == 6
+
+
+def test_shipped_joint_config_matches_the_suite_row():
+    """The training config the README points users to is the joint-towers suite's ucm+rsicd row."""
+    from rsitr.bench.suite import load_suite
+    from rsitr.train.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "src" / "rsitr" / "configs"
+    cfg = TrainConfig.from_yaml(root / "ucm-rsicd-towers.yaml")
+    cell = next(c for c in load_suite("joint-towers", seeds=[0], variables={"RSITR_UCM": "../shared/data/ucm-captions",
+                                                                           "RSITR_RSICD": "../shared/data/rsicd"}).cells
+                if c.dataset == "ucm+rsicd")
+    row = TrainConfig().override({k: v for k, v in cell.overrides.items() if k != "cache_dir"})
+    for key in ("model", "method"):
+        assert getattr(cfg, key) == getattr(row, key)
+    for key in ("epochs", "batch_size", "lr", "trunk_lr_scale", "weight_decay", "warmup_steps", "cache_views", "cache_seed"):
+        assert getattr(cfg, key) == getattr(row, key), key
+    assert [dict(s) for s in cfg.data.sources] == [dict(s) for s in row.data.sources] and cfg.data.epoch_unit == row.data.epoch_unit
