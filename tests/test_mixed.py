@@ -123,3 +123,28 @@ def test_report_shows_each_part_of_a_mixed_cell(tmp_path):
     assert rows[0]["parts"]["ucm"]["mR"][0] == pytest.approx(51.0) and rows[0]["parts"]["rsicd"]["mR"][0] == pytest.approx(21.0)
     text = render(tmp_path, rows, [], [])
     assert "| baseline | ucm | 2 |" in text and "| baseline | rsicd | 2 |" in text and "51.00 ± 1.41" in text
+
+
+def test_split_names_join_with_plus_and_none_is_empty():
+    ds = _ds(9, "a")
+    assert [e.image_id for e in ds.split("train+val").entries] == [e.image_id for e in ds.entries if e.split != "test"]
+    assert len(ds.split("none")) == 0 and len(ds.split("")) == 0
+    assert len(ds.split("train + test")) == 6
+
+
+def test_shipped_joint_config_matches_the_suite_row():
+    """The training config the README points users to is the joint-towers suite's ucm+rsicd row."""
+    from rsitr.bench.suite import load_suite
+    from rsitr.train.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "src" / "rsitr" / "configs"
+    cfg = TrainConfig.from_yaml(root / "ucm-rsicd-towers.yaml")
+    cell = next(c for c in load_suite("joint-towers", seeds=[0], variables={"RSITR_UCM": "../shared/data/ucm-captions",
+                                                                           "RSITR_RSICD": "../shared/data/rsicd"}).cells
+                if c.dataset == "ucm+rsicd")
+    row = TrainConfig().override({k: v for k, v in cell.overrides.items() if k != "cache_dir"})
+    for key in ("model", "method"):
+        assert getattr(cfg, key) == getattr(row, key)
+    for key in ("epochs", "batch_size", "lr", "trunk_lr_scale", "weight_decay", "warmup_steps", "cache_views", "cache_seed"):
+        assert getattr(cfg, key) == getattr(row, key), key
+    assert [dict(s) for s in cfg.data.sources] == [dict(s) for s in row.data.sources] and cfg.data.epoch_unit == row.data.epoch_unit

@@ -42,7 +42,10 @@ class CaptionDataset:
 
     # -- views ---------------------------------------------------------------------------
     def split(self, name: str) -> "CaptionDataset":
-        return CaptionDataset([e for e in self.entries if e.split == name], self.format, self.source, part_weights=dict(self.part_weights))
+        """The entries of split ``name``; ``"train+val"`` joins splits (in entry order), ``"none"``
+        (or ``""``) is an empty split (e.g. ``data.val_split: none``: no validation)."""
+        names = {n.strip() for n in name.split("+")} - {"", "none"}
+        return CaptionDataset([e for e in self.entries if e.split in names], self.format, self.source, part_weights=dict(self.part_weights))
 
     def parts(self) -> list[tuple[str, int, int]]:
         """``[(name, start, stop)]``: the contiguous entry ranges of a mix's parts, in order
