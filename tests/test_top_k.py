@@ -186,10 +186,14 @@ def test_rsicd_suite_parses_into_valid_configs(monkeypatch):
 
     monkeypatch.setenv("RSITR_RSICD", "/data/rsicd")
     s = load_suite("rsicd-towers")
-    assert {c.method for c in s.cells} == {"baseline", "baseline-fn", "baseline-mp", "iebaker", "ftf", "rdb", "combo"} and len(s.cells) == 21
+    assert {c.method for c in s.cells} == {"baseline", "baseline-trainval", "baseline-fn", "baseline-mp", "iebaker", "ftf", "rdb", "combo"}
+    assert len(s.cells) == 24
     for c in s.cells:
         cfg = TrainConfig().override(c.overrides)  # every key exists
         assert cfg.data.path == "/data/rsicd" and cfg.model.mode.startswith("top:") and c.published == "RSICD"
+        # the final-model row trains on the papers' whole training pool and has no validation split
+        trainval = c.method == "baseline-trainval"
+        assert (cfg.data.train_split, cfg.data.val_split) == (("train+val", "none") if trainval else ("train", "val"))
 
 
 def test_batch_mode_bn_statistics_are_trained_checkpointed_and_restored(towers, synth, tmp_path):
