@@ -17,14 +17,7 @@ def towers():
 
 
 def _apply(model, mode: str) -> dict:
-    model.set_mode(mode)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    groups = model.trainable_groups(mode)
-    for ps in groups.values():
-        for p in ps:
-            p.requires_grad_(True)
-    return groups
+    return model.apply_mode(mode)
 
 
 @pytest.fixture

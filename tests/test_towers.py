@@ -185,13 +185,7 @@ def test_heads_of_trunks_equal_features(towers):
 
 
 def _apply(model, mode: str) -> dict:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    groups = model.trainable_groups(mode)
-    for ps in groups.values():
-        for p in ps:
-            p.requires_grad_(True)
-    return groups
+    return model.apply_mode(mode)
 
 
 def test_trainable_groups(towers):

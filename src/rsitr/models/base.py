@@ -83,5 +83,17 @@ class Backbone(nn.Module):
         """
         return {"all": [p for p in self.parameters()]}
 
+    def apply_mode(self, mode: str) -> dict[str, list[nn.Parameter]]:
+        """:meth:`set_mode`, then only the parameters of ``mode``'s groups require gradients;
+        returns the groups."""
+        self.set_mode(mode)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        groups = self.trainable_groups(mode)
+        for params in groups.values():
+            for p in params:
+                p.requires_grad_(True)
+        return groups
+
 
 __all__ = ["Backbone", "BackboneInfo", "Features", "PreprocessConfig"]

@@ -77,14 +77,7 @@ def _gather_features(f: Features, info: DistInfo, tokens: bool) -> Features:
 
 
 def _set_trainable(module: TrainStep, mode: str) -> None:
-    bb = module.backbone
-    bb.set_mode(mode)  # where the trunks end (what the frozen-trunk cache holds)
-    for p in bb.parameters():
-        p.requires_grad_(False)
-    groups = bb.trainable_groups(mode)
-    for params in groups.values():
-        for p in params:
-            p.requires_grad_(True)
+    module.backbone.apply_mode(mode)  # also where the trunks end (what the frozen-trunk cache holds)
     # method modules always train (their own parameters)
     for p in module.method.parameters():
         p.requires_grad_(True)
