@@ -308,6 +308,51 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from rsitr.bench.fuse import find_cell, fuse, render
+    from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+    if args.runs and (args.suite_dirs or args.members):
+        raise RsitrError("give run folders, or --suite-dirs with --members (and --seeds), not both")
+    if args.runs:
+        groups = {"runs": [(None, Path(p)) for p in args.runs]}
+    elif args.suite_dirs and args.members:
+        dirs = [Path(d) for d in args.suite_dirs]
+        groups = {f"seed {s}": [(m, find_cell(dirs, m, s, args.dataset)) for m in args.members] for s in args.seeds}
+    else:
+        raise RsitrError("name the runs to score: RUN [RUN ...], or --suite-dirs DIR [DIR ...] --members M [M ...]")
+    if not args.betas or any(b <= 0 for b in args.betas):
+        raise RsitrError(f"--betas must be positive numbers, got {args.betas}")
+    res = fuse(groups, betas=tuple(args.betas), dynamic=args.dynamic, data=args.data, progress=not args.quiet, choose=args.choose)
+    md = render(res)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "fuse.json", res)
+        atomic_write_text(out / "fuse.md", md)
+    if args.json:
+        _print_json(res)
+    else:
+        print(md)
+    return 0
+
+
+def add_fuse_args(p: argparse.ArgumentParser) -> None:
+    from rsitr.bench.fuse import BETAS
+
+    p.add_argument("runs", nargs="*", help="run folders or bench cell folders to fuse (one group)")
+    p.add_argument("--suite-dirs", nargs="+", default=None, help="`rsitr bench run` folders holding the members' cells")
+    p.add_argument("--members", nargs="+", default=None, help="suite rows (methods) to fuse, one cell of each per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds: one group per seed, rows averaged over them (default 0)")
+    p.add_argument("--dataset", default=None, help="the suite dataset of the cells (default: any)")
+    p.add_argument("--data", default=None, help="score on this dataset instead of the runs' own (needed for runs trained on a mix)")
+    p.add_argument("--betas", type=float, nargs="+", default=list(BETAS), help=f"QB-Norm temperatures to choose from on val (default {' '.join(f'{b:g}' for b in BETAS)})")
+    p.add_argument("--dynamic", action="store_true", help="dynamic inverted softmax (QB-Norm Eq. 4): normalise only queries whose top-1 is in the activation set")
+    p.add_argument("--choose", action="store_true", help="add the row whose members (any subset) and beta score best on val, per group")
+    p.add_argument("--out", default=None, help="folder for fuse.json and fuse.md")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown tables")
+
+
 def add_bench_cli(sub) -> None:
     """``rsitr bench encode|run|report|iebaker|rdb|ftf|search`` on ``rsitr``'s subparsers."""
     b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
@@ -336,5 +381,7 @@ def add_bench_cli(sub) -> None:
     add_command(b, "serve", "the HTTP server under N concurrent clients: req/s, latency percentiles, errors, RSS, answers vs sequence",
                 add_serve_bench_args, cmd_serve_bench)
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
+    add_command(b, "fuse", "score fusion of trained runs (a late combination of methods) and QB-Norm, beta chosen on val, test once",
+                add_fuse_args, cmd_fuse)
     add_command(b, "scale", "past one machine: single-process vs Ray encode, Milvus Lite vs FAISS search, cost projection",
                 add_scale_args, cmd_scale)

@@ -139,7 +139,7 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
                   rerank: str | None = None, rerank_options: dict | None = None, **kwargs) -> dict[str, dict[str, float]]:
     """:func:`evaluate` under several tie conventions at once (``{ties: metrics}``), scoring the
     split once. See :mod:`rsitr.retrieval.metrics` for what each convention counts."""
-    from rsitr.retrieval.metrics import METRIC_KEYS, TIES, retrieval_metrics
+    from rsitr.retrieval.metrics import TIES
     from rsitr.retrieval.rerank import rerank as apply_rerank
 
     for t in ties:
@@ -154,18 +154,24 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
     sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
     if not isinstance(sim, tuple):
         sim = apply_rerank(rerank, sim, **(rerank_options or {}))
-    out = {}
-    for t in ties:
-        if isinstance(sim, tuple):  # (t2i, i2t): each direction ranked by its own matrix
-            m_t2i, m_i2t = (retrieval_metrics(s, text_to_image, ties=t) for s in sim)
-            metrics = {k: (m_i2t if k.startswith("i2t") else m_t2i)[k] for k in METRIC_KEYS[:6]}
-            metrics["mR"] = sum(metrics.values()) / 6.0
-        else:
-            metrics = retrieval_metrics(sim, text_to_image, ties=t)
-        out[t] = {k: float(v) for k, v in metrics.items()}
+    out = {t: pair_metrics(sim, text_to_image, ties=t) for t in ties}
     log.info("evaluated %d images / %d captions in %.1fs: mR %s", len(dataset), len(text_to_image), time.perf_counter() - t0,
              ", ".join(f"{out[t]['mR']:.2f} ({t} ties)" for t in ties) if len(ties) > 1 else f"{out[ties[0]]['mR']:.2f}")
     return out
+
+
+def pair_metrics(sim, text_to_image, ties: str = "expected") -> dict[str, float]:
+    """The protocol's metrics of one ``[images, texts]`` matrix, or of a ``(t2i, i2t)`` pair of
+    them (each direction ranked by its own matrix: two-stage scoring, QB-Norm)."""
+    from rsitr.retrieval.metrics import METRIC_KEYS, retrieval_metrics
+
+    if isinstance(sim, tuple):
+        m_t2i, m_i2t = (retrieval_metrics(s, text_to_image, ties=ties) for s in sim)
+        metrics = {k: (m_i2t if k.startswith("i2t") else m_t2i)[k] for k in METRIC_KEYS[:6]}
+        metrics["mR"] = sum(metrics.values()) / 6.0
+    else:
+        metrics = retrieval_metrics(sim, text_to_image, ties=ties)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def _evaluate_parts(backbone, dataset, parts, method, ties, rerank, rerank_options, **kwargs) -> dict[str, dict[str, float]]:
