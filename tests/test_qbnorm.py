@@ -143,3 +143,50 @@ def test_bench_fuse_bad_arguments_are_one_line_errors(argv, msg, capsys):
 
     assert main(["-q", "bench", "fuse", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+FUSE_SUITE = """
+name: tiny-fuse
+base:
+  model.backbone: clip:tiny
+  model.mode: full
+  epochs: 1
+  max_steps: 2
+  batch_size: 16
+  eval_batch_size: 64
+  augment.enabled: false
+datasets:
+  synth:
+    synth: {images: 60, seed: 1}
+methods:
+  baseline: {method.name: baseline}
+  fn: {method.name: baseline, method.false_negatives: mask}
+seeds: [0]
+fuse: {members: [baseline, fn], choose: true, betas: [5, 10]}
+"""
+
+
+@pytest.mark.slow
+def test_a_suite_with_a_fuse_section_reports_the_fused_rows(tmp_path, capsys):
+    from rsitr.cli import main
+
+    f = tmp_path / "s.yaml"
+    f.write_text(FUSE_SUITE)
+    assert main(["-q", "bench", "run", "--suite", str(f), "--out", str(tmp_path / "run")]) == 0
+    res = json.loads((tmp_path / "run" / "fuse.json").read_text())
+    assert list(res["per_group"]) == ["seed 0"] and res["betas"] == [5.0, 10.0]
+    assert [r["row"] for r in res["mean"]][-1] == "chosen on val + QB-Norm"
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Fused rows" in md and "baseline+fn + QB-Norm" in md
+
+
+@pytest.mark.parametrize("fuse,msg", [("{members: [nope]}", "fuse.members must name methods"), ("{members: [b], beta: 3}", "unknown key fuse.beta"),
+                                      ("{members: [b], betas: [0]}", "fuse.betas must be positive"), ("[b]", "'fuse' must be a mapping"),
+                                      ("{members: [b], choose: 1}", "fuse.choose must be a bool")])
+def test_bad_fuse_sections_are_suite_errors(tmp_path, fuse, msg):
+    from rsitr.bench.suite import load_suite
+
+    f = tmp_path / "s.yaml"
+    f.write_text(f"name: x\ndatasets: {{d: {{data.path: /x}}}}\nmethods: {{b: {{method.name: baseline}}}}\nfuse: {fuse}\n")
+    with pytest.raises(RsitrError, match=msg):
+        load_suite(str(f))

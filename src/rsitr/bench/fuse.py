@@ -225,3 +225,31 @@ def render(result: dict[str, Any]) -> str:
         lines += [f"| {r['row']}{' (' + '+'.join(r['members']) + ')' if 'members' in r else ''} | {'-' if r['beta'] is None else format(r['beta'], 'g')} | "
                   f"{r['val']['mR']:.2f} | {r['test']['mR']:.2f} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def fuse_suite(suite, out: Path, *, progress: bool = False) -> dict[str, Any] | None:
+    """The suite's ``fuse:`` section on a run folder: one group per (dataset, seed) whose member
+    cells all finished; writes ``fuse.json`` and ``fuse.md`` there (read by ``rsitr bench
+    report``). None when the suite has no such section or no seed is complete."""
+    from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+    spec = suite.fuse
+    if not spec:
+        return None
+    out = Path(out)
+    groups = {}
+    datasets = sorted({c.dataset for c in suite.cells})
+    seeds = sorted({c.seed for c in suite.cells})
+    for d in datasets:
+        for seed in seeds:
+            cells = [out / "cells" / d / m / f"seed{seed}" for m in spec["members"]]
+            if all((c / "run" / "checkpoint_best.pt").is_file() and (c / "result.json").is_file() for c in cells):
+                groups[f"{d} seed {seed}" if len(datasets) > 1 else f"seed {seed}"] = list(zip(spec["members"], cells))
+    if not groups:
+        log.info("fuse: no seed has every member of %s finished", spec["members"])
+        return None
+    res = fuse(groups, betas=tuple(float(b) for b in spec.get("betas") or BETAS), dynamic=bool(spec.get("dynamic", False)),
+               choose=bool(spec.get("choose", False)), progress=progress)
+    atomic_write_json(out / "fuse.json", res)
+    atomic_write_text(out / "fuse.md", render(res))
+    return res

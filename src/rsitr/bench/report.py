@@ -176,6 +176,8 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
                         "remote-sensing pairs) and then fine-tuned on GPUs. The published numbers also break tied scores "
                         "by sort order, ours report the expectation under random tie-breaking."]
         out.append("")
+    if (run_dir / "fuse.md").is_file():  # the suite's fuse: section (rsitr.bench.fuse)
+        out += ["## Fused rows", "", (run_dir / "fuse.md").read_text(encoding="utf-8").rstrip(), ""]
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         out += ["## Failed cells", ""]

@@ -16,6 +16,8 @@ A suite is a YAML file::
       lora: {rank: 4}
     measurements: [params]   # optional: measurements run on each finished cell (a list, or
     seeds: [0, 1, 2]         # name -> parameters; see rsitr.bench.measurements)
+    fuse:                    # optional: after the cells, `rsitr bench fuse` on every seed whose
+      members: [baseline, rdb]   # members all finished (rsitr.bench.fuse); choose, betas, dynamic
 
 ``method.options`` mappings merge (base, then the suite's ``options`` for the cell's method, then
 the dataset's, then the method's own) instead of replacing each other.
@@ -122,6 +124,7 @@ class Suite:
     raw: dict[str, Any] = field(default_factory=dict)
     measurements: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> parameters, run on every finished cell
     text: str = ""  # the suite as YAML, archived in the run folder
+    fuse: dict[str, Any] | None = None  # the checked ``fuse:`` section
 
 
 def find_suite(name_or_path: str) -> Path:
@@ -189,7 +192,32 @@ def build_suite(raw: dict[str, Any], path: Path, *, text: str | None = None, see
             for seed in (all_seeds if seeds is not None or mseeds is None else [int(x) for x in mseeds]):
                 cells.append(Cell(dname, mname, int(seed), {**over, "seed": int(seed)}, published, trains))
     return Suite(raw.get("name", path.stem), raw.get("description", ""), cells, path, raw, _measurements(raw.get("measurements"), path),
-                 text if text is not None else yaml.safe_dump(raw, sort_keys=False))
+                 text if text is not None else yaml.safe_dump(raw, sort_keys=False), _fuse_spec(raw.get("fuse"), raw["methods"], path))
+
+
+FUSE_KEYS = {"members": list, "choose": bool, "betas": list, "dynamic": bool}
+
+
+def _fuse_spec(spec: Any, methods: dict, path: Path) -> dict[str, Any] | None:
+    """A suite's ``fuse:`` section: members (suite methods, at least one), ``choose`` (the
+    subset chosen on val), ``betas``, ``dynamic`` (see :mod:`rsitr.bench.fuse`)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise RsitrError(f"{path}: 'fuse' must be a mapping with 'members' (and optionally {sorted(set(FUSE_KEYS) - {'members'})})")
+    for k, v in spec.items():
+        if k not in FUSE_KEYS:
+            raise RsitrError(f"{path}: unknown key fuse.{k}; known: {sorted(FUSE_KEYS)}")
+        if not isinstance(v, FUSE_KEYS[k]):
+            raise RsitrError(f"{path}: fuse.{k} must be a {FUSE_KEYS[k].__name__}, got {v!r}")
+    members = spec.get("members") or []
+    unknown = [m for m in members if m not in methods]
+    if not members or unknown:
+        raise RsitrError(f"{path}: fuse.members must name methods of the suite ({list(methods)}); got {members}")
+    betas = spec.get("betas")
+    if betas is not None and (not betas or not all(isinstance(b, (int, float)) and b > 0 for b in betas)):
+        raise RsitrError(f"{path}: fuse.betas must be positive numbers, got {betas}")
+    return dict(spec)
 
 
 def _measurements(spec: Any, path: Path) -> dict[str, dict[str, Any]]:

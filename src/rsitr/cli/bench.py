@@ -37,6 +37,10 @@ def _run_and_report(suite, out: Path, args: argparse.Namespace, *, as_json: bool
     from rsitr.bench.suite import run_suite
 
     records = run_suite(suite, out, progress=not args.quiet)
+    if suite.fuse:
+        from rsitr.bench.fuse import fuse_suite
+
+        fuse_suite(suite, out, progress=not args.quiet)
     md = report(out)
     if as_json:
         _print_json(json.loads((out / "report.json").read_text()))
