@@ -301,3 +301,40 @@ def test_towers_spec_gives_the_same_model_every_time():
     a, b = B.load_model(spec), B.load_model(spec)
     assert torch.equal(torch.random.get_rng_state(), before)  # the global stream is left alone
     assert B.state_sha256(a) == B.state_sha256(b)
+
+
+def test_rerank_qbnorm_over_the_query_bank(index, synth_dataset, tmp_path, capsys):
+    """`rsitr index qbank` stores the captions' embeddings; `--rerank qbnorm` orders the recalled
+    tiles by cosine - z (QB-Norm over the bank), as a brute-force computation does."""
+    import shutil
+
+    import torch
+
+    from rsitr.retrieval.qbnorm import bank_normalizers
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index, idx)
+    with pytest.raises(RsitrError, match="rsitr index qbank"):
+        SearchEngine(idx).search("x", rerank="qbnorm")
+    caps = synth_dataset(n_images=40, seed=3, image_size=64)
+    rc, out = run_search_cli(["-q", "index", "qbank", str(idx), str(caps), "--beta", "5"], capsys)
+    assert rc == 0 and "beta 5" in out
+    meta = json.loads((idx / "qbank.json").read_text())
+    bank = np.load(idx / "qbank.npy")
+    assert bank.dtype == np.float16 and bank.shape == (meta["count"], 128) and meta["split"] == "train" and meta["count"] > 20
+    eng = SearchEngine(idx)
+    query = "storage tanks near a road"
+    res = eng.search(query, k=4, rerank="qbnorm", rerank_depth=9)
+    emb = B.read_embeddings(idx, B.read_manifest(idx))
+    z = bank_normalizers(torch.from_numpy(emb), torch.from_numpy(bank.astype(np.float32)), 5.0).numpy()
+    want = emb @ eng.encode_text(query)[0] - z
+    assert [r["id"] for r in res] == np.argsort(-want, kind="stable")[:4].tolist()
+    assert [r["score"] for r in res] == pytest.approx(np.sort(want)[::-1][:4].tolist(), abs=1e-4)
+    plain = eng.search(query, k=9)
+    assert {r["id"] for r in eng.search(query, k=9, rerank="qbnorm")} == {r["id"] for r in plain}
+    meta["state_sha256"] = "0" * 64
+    (idx / "qbank.json").write_text(json.dumps(meta))
+    with pytest.raises(RsitrError, match="another model"):
+        SearchEngine(idx).search(query, rerank="qbnorm")
+    with pytest.raises(RsitrError, match="has no captions"):
+        run_search_cli(["-q", "index", "qbank", str(idx), str(caps), "--split", "nope"], capsys)

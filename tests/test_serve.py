@@ -78,6 +78,8 @@ def test_refused_reranks_are_400(client):
     assert r.status_code == 400 and "query set" in r.json()["detail"]
     r = client.get("/search", params={"q": "x", "rerank": "ftf"})
     assert r.status_code == 400 and "--keep-tokens" in r.json()["detail"]
+    r = client.get("/search", params={"q": "x", "rerank": "qbnorm"})
+    assert r.status_code == 400 and "rsitr index qbank" in r.json()["detail"]
 
 
 def test_tiles(client):

@@ -168,6 +168,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_index_qbank(args: argparse.Namespace) -> int:
+    from rsitr.search.qbank import DEFAULT_BETA, build_query_bank
+
+    meta = build_query_bank(args.index, args.captions, split=args.split, beta=DEFAULT_BETA if args.beta is None else args.beta,
+                            batch_size=args.batch_size, engine=args.engine, progress=_progress(args))
+    print(f"query bank of {args.index}: {meta['count']} captions of {meta['source']} [{meta['split']}], beta {meta['beta']:g}")
+    return 0
+
+
 def add_cli(sub) -> None:
     """Register ``index build|add``, ``search`` and ``serve`` on ``rsitr.cli``'s subparsers."""
     ix = sub.add_parser("index", help="build / grow a search index over images or GeoTIFF scenes").add_subparsers(dest="index_command", required=True)
@@ -183,13 +192,22 @@ def add_cli(sub) -> None:
     a.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     _add_build_opts(a, tiling=False)
     a.set_defaults(func=cmd_index_add)
+    q = ix.add_parser("qbank", help="store a query bank for `search --rerank qbnorm` (QB-Norm): captions encoded by the index's model")
+    q.add_argument("index", help="index folder made by `rsitr index build`")
+    q.add_argument("captions", help="caption dataset (any format rsitr reads), e.g. the model's training data")
+    q.add_argument("--split", default="train", help="its split to use, or 'all' (default train)")
+    q.add_argument("--beta", type=float, default=None, help="QB-Norm temperature (default 14: chosen on RSICD val)")
+    q.add_argument("--batch-size", type=int, default=256, help="captions per encode batch (default 256)")
+    add_engine_arg(q)
+    q.set_defaults(func=cmd_index_qbank)
 
     s = sub.add_parser("search", help="search an index with a sentence (or an image)")
     s.add_argument("index", help="index folder made by `rsitr index build`")
     s.add_argument("query", nargs="?", default=None, help="the sentence to search for (or give --image)")
     s.add_argument("-k", type=int, default=20, help="number of results (default 20)")
-    s.add_argument("--rerank", choices=("none", "ftf"), default="none",
-                   help="ftf: re-score the top candidates with FTF's word x patch interaction (index built with --keep-tokens). "
+    s.add_argument("--rerank", choices=("none", "ftf", "qbnorm"), default="none",
+                   help="ftf: re-score the top candidates with FTF's word x patch interaction (index built with --keep-tokens); "
+                        "qbnorm: re-rank them by QB-Norm over the index's query bank (`rsitr index qbank`). "
                         "SAR is not offered: it re-ranks with the reverse direction over a set of queries, which one free-text "
                         "search does not have (use `rsitr eval --rerank sar`)")
     s.add_argument("--rerank-depth", type=int, default=100, help="candidates reranked (default 100)")

@@ -43,7 +43,7 @@ from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-RERANKS = ("none", "ftf", "sar")
+RERANKS = ("none", "ftf", "qbnorm", "sar")
 SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sorts candidates by the reverse rank of the query "
                    "among a set of texts each candidate image ranks, and a free-text search has no such query set. "
                    "Use `rsitr eval` on a caption dataset for SAR, or --rerank ftf with an index built with --keep-tokens.")
@@ -60,6 +60,7 @@ class SearchEngine:
         self.index_dir = Path(index_dir)
         self._milvus_uri = milvus_uri
         self._tokens = None
+        self._qbank = None
         # `rsitr index add` may commit a new generation (manifest first, then the old files are
         # removed) while this reads: the files of the manifest read are then gone, and the new
         # manifest is read again. Everything is opened here (the memory maps keep a generation's
@@ -214,6 +215,8 @@ class SearchEngine:
         box = _bbox(bbox)
         if rerank == "none":
             return self.search_vector(self.encode_text(query), k, box)
+        if rerank == "qbnorm":
+            return self._search_qbnorm(query, int(k), int(rerank_depth), box)
         return self._search_ftf(query, int(k), int(rerank_depth), box)
 
     def search_image(self, image, k: int = 20, exclude_self: bool = False, bbox=None) -> list[dict]:
@@ -249,6 +252,44 @@ class SearchEngine:
             scores, ids, _parts = twostage.search_t2i(recall, store, q, tf.tokens.float(), tf.mask, k=depth, top=k,
                                                       alpha=params.alpha, tau=params.tau, balance=params.balance, renorm=params.renorm)
         return self._results(scores[0], ids[0])
+
+    # -- QB-Norm ---------------------------------------------------------------------------------
+    def query_bank(self):
+        """The index's query bank (:mod:`rsitr.search.qbank`): ``(bank [B, D], metadata)``."""
+        if self._qbank is None:
+            from rsitr.search.qbank import load_query_bank
+
+            got = load_query_bank(self.index_dir, self.manifest)
+            if got is None:
+                raise RsitrError(f"{self.index_dir}: --rerank qbnorm needs the index's query bank; make it with "
+                                 f"`rsitr index qbank {self.index_dir} CAPTIONS` (e.g. the model's training captions)")
+            self._qbank = got
+        return self._qbank
+
+    @torch.no_grad()
+    def _search_qbnorm(self, query: str, k: int, depth: int, box=None) -> list[dict]:
+        """Recall ``depth`` tiles by the cosine, re-rank them by ``cosine - z`` (QB-Norm's inverted
+        softmax over the index's query bank, :func:`rsitr.retrieval.qbnorm.bank_normalizers`)."""
+        from rsitr.retrieval.qbnorm import bank_normalizers
+
+        if k < 1:
+            raise RsitrError(f"k must be >= 1, got {k}")
+        bank, meta = self.query_bank()
+        depth = max(k, depth)
+        q = self.encode_text(query)
+        with self._lock:
+            scores, ids = self.vectors.search(q, depth, box) if box is not None else self.vectors.search(q, depth)
+        scores, ids = scores[0], ids[0]
+        keep = ids >= 0
+        scores, ids = scores[keep], ids[keep]
+        if len(ids) == 0:
+            return []
+        cand = torch.from_numpy(np.asarray(self.embeddings[np.sort(ids)], dtype=np.float32))
+        order_back = np.searchsorted(np.sort(ids), ids)
+        z = bank_normalizers(cand[order_back], bank, float(meta["beta"])).numpy()
+        new = scores - z
+        top = np.argsort(-new, kind="stable")[:k]
+        return self._results(new[top], ids[top])
 
     # -- thumbnails ------------------------------------------------------------------------------
     def thumbnail(self, item_id: int, size: int = 256, fmt: str = "JPEG") -> bytes:

@@ -19,7 +19,7 @@ cookie ``rsitr_token`` that a request with ``?token=TOKEN`` sets (the page: open
 else is 401.
 
 Validation errors are 422 (FastAPI's format); a bad upload is 400 (undecodable) / 413 (too
-large) / 415 (its bytes are not an image of an accepted format); refused operations (``rerank=sar``, ``ftf`` without tokens)
+large) / 415 (its bytes are not an image of an accepted format); refused operations (``rerank=sar``, ``ftf`` without tokens, ``qbnorm`` without a query bank)
 are 400 with ``{"detail": message}``. Requests are served concurrently from FastAPI's thread
 pool; the engine serialises model/FAISS calls with its own lock.
 """
@@ -116,7 +116,7 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
 
     @app.get("/search")
     def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY), k: int = Query(20, ge=1, le=MAX_K),
-               rerank: Literal["none", "ftf", "sar"] = "none", bbox: str | None = Query(None, max_length=200)):
+               rerank: Literal["none", "ftf", "qbnorm", "sar"] = "none", bbox: str | None = Query(None, max_length=200)):
         if not q.strip():
             raise HTTPException(422, "query is blank")
         box = _box(bbox)
