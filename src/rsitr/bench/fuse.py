@@ -193,6 +193,31 @@ def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: boo
         log.info("group %s: %s", label, ", ".join(str(n or p) for n, p in runs))
         members = [embed_member(p, name=n, data=data, progress=progress) for n, p in runs]
         per[label] = score_group(members, betas=betas, dynamic=dynamic, choose=choose)
+    return {"betas": list(betas), "dynamic": dynamic, "groups": {g: [[n, str(p)] for n, p in groups[g]] for g in groups},
+            "per_group": per, "mean": summarize(per)}
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result of several ``fuse.json`` (e.g. one per seed, scored at different times): their
+    groups together, averaged again. They must have the same rows, betas and variant."""
+    if not results:
+        raise RsitrError("nothing to merge")
+    first = results[0]
+    per, groups = {}, {}
+    for r in results:
+        if r["betas"] != first["betas"] or r["dynamic"] != first["dynamic"]:
+            raise RsitrError("cannot merge fusion results scored with different betas or QB-Norm variants")
+        for g, rows in r["per_group"].items():
+            if [x["row"] for x in rows] != [x["row"] for x in next(iter(first["per_group"].values()))]:
+                raise RsitrError(f"group {g!r} has other rows than the first result's; merge results of the same members only")
+            if g in per:
+                raise RsitrError(f"group {g!r} is in two of the results")
+            per[g], groups[g] = rows, r["groups"][g]
+    return {"betas": first["betas"], "dynamic": first["dynamic"], "groups": groups, "per_group": per, "mean": summarize(per)}
+
+
+def summarize(per: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean (and std of mR) over the groups of every row."""
     names = [r["row"] for r in next(iter(per.values()))]
     mean = []
     for i, name in enumerate(names):
@@ -207,8 +232,7 @@ def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: boo
                 if k == "mR":
                     row[f"{part}_mR_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         mean.append(row)
-    return {"betas": list(betas), "dynamic": dynamic, "groups": {g: [[n, str(p)] for n, p in groups[g]] for g in groups},
-            "per_group": per, "mean": mean}
+    return mean
 
 
 def render(result: dict[str, Any]) -> str:

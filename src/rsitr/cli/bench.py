@@ -314,8 +314,17 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from rsitr.bench.fuse import find_cell, fuse, render
-    from rsitr.utils.io import atomic_write_json, atomic_write_text
 
+    if args.merge:
+        from rsitr.bench.fuse import merge
+
+        if args.runs or args.suite_dirs or args.members:
+            raise RsitrError("--merge takes fuse.json files only, no runs to score")
+        try:
+            res = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RsitrError(f"--merge: not a readable fuse.json ({exc})") from exc
+        return _fuse_output(res, render(res), args)
     if args.runs and (args.suite_dirs or args.members):
         raise RsitrError("give run folders, or --suite-dirs with --members (and --seeds), not both")
     if args.runs:
@@ -328,7 +337,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if not args.betas or any(b <= 0 for b in args.betas):
         raise RsitrError(f"--betas must be positive numbers, got {args.betas}")
     res = fuse(groups, betas=tuple(args.betas), dynamic=args.dynamic, data=args.data, progress=not args.quiet, choose=args.choose)
-    md = render(res)
+    return _fuse_output(res, render(res), args)
+
+
+def _fuse_output(res, md: str, args: argparse.Namespace) -> int:
+    from rsitr.utils.io import atomic_write_json, atomic_write_text
+
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -352,6 +366,8 @@ def add_fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="score on this dataset instead of the runs' own (needed for runs trained on a mix)")
     p.add_argument("--betas", type=float, nargs="+", default=list(BETAS), help=f"QB-Norm temperatures to choose from on val (default {' '.join(f'{b:g}' for b in BETAS)})")
     p.add_argument("--dynamic", action="store_true", help="dynamic inverted softmax (QB-Norm Eq. 4): normalise only queries whose top-1 is in the activation set")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FUSE.json",
+                   help="no scoring: merge the groups of earlier fuse.json files (e.g. one per seed) into one table")
     p.add_argument("--choose", action="store_true", help="add the row whose members (any subset) and beta score best on val, per group")
     p.add_argument("--out", default=None, help="folder for fuse.json and fuse.md")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown tables")

@@ -61,6 +61,7 @@ class SearchEngine:
         self._milvus_uri = milvus_uri
         self._tokens = None
         self._qbank = None
+        self._qb_z = None  # QB-Norm normaliser per tile (NaN: not computed yet)
         # `rsitr index add` may commit a new generation (manifest first, then the old files are
         # removed) while this reads: the files of the manifest read are then gone, and the new
         # manifest is read again. Everything is opened here (the memory maps keep a generation's
@@ -284,9 +285,14 @@ class SearchEngine:
         scores, ids = scores[keep], ids[keep]
         if len(ids) == 0:
             return []
-        cand = torch.from_numpy(np.asarray(self.embeddings[np.sort(ids)], dtype=np.float32))
-        order_back = np.searchsorted(np.sort(ids), ids)
-        z = bank_normalizers(cand[order_back], bank, float(meta["beta"])).numpy()
+        with self._lock:  # z depends on the tile and the bank only: computed once per tile, then looked up
+            if self._qb_z is None or len(self._qb_z) != len(self.items):
+                self._qb_z = np.full(len(self.items), np.nan, dtype=np.float32)
+            todo = np.unique(ids[np.isnan(self._qb_z[ids])])
+            if len(todo):
+                cand = torch.from_numpy(np.asarray(self.embeddings[todo], dtype=np.float32))
+                self._qb_z[todo] = bank_normalizers(cand, bank, float(meta["beta"])).numpy()
+            z = self._qb_z[ids]
         new = scores - z
         top = np.argsort(-new, kind="stable")[:k]
         return self._results(new[top], ids[top])
