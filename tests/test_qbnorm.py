@@ -129,17 +129,19 @@ def test_bench_fuse_cli_writes_tables(two_runs, tmp_path, capsys):
     rc = main(["-q", "bench", "fuse", *map(str, two_runs), "--betas", "5", "20", "--out", str(tmp_path / "f")])
     assert rc == 0
     res = json.loads((tmp_path / "f" / "fuse.json").read_text())
-    rows = res["per_group"]["runs"]
+    (label,) = res["per_group"]
+    assert label == " + ".join(f"{p.parent.name}/{p.name}" for p in two_runs)
+    rows = res["per_group"][label]
     assert [r["row"] for r in rows] == ["run0", "run0 + QB-Norm", "run1", "run1 + QB-Norm", "run0+run1", "run0+run1 + QB-Norm"]
     assert all(0.0 <= r["test"]["mR"] <= 100.0 for r in rows)
     md = (tmp_path / "f" / "fuse.md").read_text()
     assert "run0+run1 + QB-Norm" in md and md.strip() == capsys.readouterr().out.strip()
     # --merge: the groups of several results (e.g. one per seed) averaged again, no scoring
-    other = dict(res, per_group={"again": res["per_group"]["runs"]}, groups={"again": res["groups"]["runs"]})
+    other = dict(res, per_group={"again": rows}, groups={"again": res["groups"][label]})
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert main(["-q", "bench", "fuse", "--merge", str(tmp_path / "f" / "fuse.json"), str(tmp_path / "other.json"), "--json"]) == 0
     merged = json.loads(capsys.readouterr().out)
-    assert list(merged["per_group"]) == ["runs", "again"] and all(r["groups"] == 2 for r in merged["mean"])
+    assert list(merged["per_group"]) == [label, "again"] and all(r["groups"] == 2 for r in merged["mean"])
     assert [r["test_mR"] for r in merged["mean"]] == pytest.approx([r["test_mR"] for r in res["mean"]])
     assert main(["-q", "bench", "fuse", "--merge", str(tmp_path / "f" / "fuse.json"), str(tmp_path / "f" / "fuse.json")]) == 2
     assert "in two of the results" in capsys.readouterr().err

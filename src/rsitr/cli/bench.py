@@ -328,7 +328,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if args.runs and (args.suite_dirs or args.members):
         raise RsitrError("give run folders, or --suite-dirs with --members (and --seeds), not both")
     if args.runs:
-        groups = {"runs": [(None, Path(p)) for p in args.runs]}
+        # the group is named by its runs (the last two parts of each path: a cell's method/seedN),
+        # so the results of several such calls can be merged
+        paths = [Path(p).resolve() for p in args.runs]
+        groups = {" + ".join(f"{p.parent.name}/{p.name}" for p in paths): [(None, p) for p in paths]}
     elif args.suite_dirs and args.members:
         dirs = [Path(d) for d in args.suite_dirs]
         groups = {f"seed {s}": [(m, find_cell(dirs, m, s, args.dataset)) for m in args.members] for s in args.seeds}
