@@ -156,25 +156,16 @@ def test_bench_fuse_bad_arguments_are_one_line_errors(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
-FUSE_SUITE = """
-name: tiny-fuse
-base:
-  model.backbone: clip:tiny
-  model.mode: full
-  epochs: 1
-  max_steps: 2
-  batch_size: 16
-  eval_batch_size: 64
-  augment.enabled: false
-datasets:
-  synth:
-    synth: {images: 60, seed: 1}
-methods:
-  baseline: {method.name: baseline}
-  fn: {method.name: baseline, method.false_negatives: mask}
-seeds: [0]
-fuse: {members: [baseline, fn], choose: true, betas: [5, 10]}
-"""
+def _fuse_suite() -> str:
+    """test_bench_suite's tiny suite (clip:tiny, 60 synthetic images), two methods, one seed, a fuse: section."""
+    import yaml
+    from test_bench_suite import SUITE
+
+    raw = yaml.safe_load(SUITE)
+    raw.update(name="tiny-fuse", seeds=[0], methods={"baseline": {"method.name": "baseline"},
+                                                     "fn": {"method.name": "baseline", "method.false_negatives": "mask"}},
+               fuse={"members": ["baseline", "fn"], "choose": True, "betas": [5, 10]})
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 @pytest.mark.slow
@@ -182,7 +173,7 @@ def test_a_suite_with_a_fuse_section_reports_the_fused_rows(tmp_path, capsys):
     from rsitr.cli import main
 
     f = tmp_path / "s.yaml"
-    f.write_text(FUSE_SUITE)
+    f.write_text(_fuse_suite())
     assert main(["-q", "bench", "run", "--suite", str(f), "--out", str(tmp_path / "run")]) == 0
     res = json.loads((tmp_path / "run" / "fuse.json").read_text())
     assert list(res["per_group"]) == ["seed 0"] and res["betas"] == [5.0, 10.0]

@@ -149,25 +149,32 @@ def score_group(members: list[Member], *, betas=BETAS, dynamic: bool = False, ch
     groups = [([m], m.name) for m in members]
     if len(members) > 1:
         groups.append((members, "+".join(m.name for m in members)))
+    scored: dict[tuple, dict[str, float]] = {}
+
+    def metrics(sub: tuple[int, ...], split: str, beta: float | None) -> dict[str, float]:
+        """The metrics of the members ``sub`` (indices) fused on ``split``, each (sub, split, beta) scored once."""
+        key = (sub, split, beta)
+        if key not in scored:
+            scored[key] = pair_metrics(_scores([members[i] for i in sub], split, beta, dynamic), members[0].owner[split])
+        return scored[key]
+
+    groups = [((i,), m.name) for i, m in enumerate(members)]
+    if len(members) > 1:
+        groups.append((tuple(range(len(members))), "+".join(m.name for m in members)))
     rows = []
-    for group, name in groups:
-        val_plain = pair_metrics(_scores(group, "val", None, dynamic), members[0].owner["val"])
-        rows.append({"row": name, "qbnorm": False, "beta": None, "val": val_plain,
-                     "test": pair_metrics(_scores(group, "test", None, dynamic), members[0].owner["test"])})
-        val = {b: pair_metrics(_scores(group, "val", b, dynamic), members[0].owner["val"]) for b in betas}
-        best = max(betas, key=lambda b: (val[b]["mR"], -b))  # ties: the smaller beta
-        rows.append({"row": f"{name} + QB-Norm", "qbnorm": True, "beta": best, "val": val[best], "val_by_beta": {str(b): val[b]["mR"] for b in betas},
-                     "test": pair_metrics(_scores(group, "test", best, dynamic), members[0].owner["test"])})
+    for sub, name in groups:
+        rows.append({"row": name, "qbnorm": False, "beta": None, "val": metrics(sub, "val", None), "test": metrics(sub, "test", None)})
+        best = max(betas, key=lambda b: (metrics(sub, "val", b)["mR"], -b))  # ties: the smaller beta
+        rows.append({"row": f"{name} + QB-Norm", "qbnorm": True, "beta": best, "val": metrics(sub, "val", best),
+                     "val_by_beta": {str(b): metrics(sub, "val", b)["mR"] for b in betas}, "test": metrics(sub, "test", best)})
     if choose and len(members) > 1:
         import itertools
 
         cands = [sub for k in range(1, len(members) + 1) for sub in itertools.combinations(range(len(members)), k)]
-        val = {(sub, b): pair_metrics(_scores([members[i] for i in sub], "val", b, dynamic), members[0].owner["val"]) for sub in cands for b in betas}
         # ties: fewer members, then the smaller beta
-        sub, best = max(val, key=lambda kb: (val[kb]["mR"], -len(kb[0]), -kb[1]))
-        chosen = [members[i] for i in sub]
-        rows.append({"row": "chosen on val + QB-Norm", "qbnorm": True, "beta": best, "members": [m.name for m in chosen], "val": val[(sub, best)],
-                     "candidates": len(cands), "test": pair_metrics(_scores(chosen, "test", best, dynamic), members[0].owner["test"])})
+        sub, best = max(((sub, b) for sub in cands for b in betas), key=lambda kb: (metrics(kb[0], "val", kb[1])["mR"], -len(kb[0]), -kb[1]))
+        rows.append({"row": "chosen on val + QB-Norm", "qbnorm": True, "beta": best, "members": [members[i].name for i in sub],
+                     "val": metrics(sub, "val", best), "candidates": len(cands), "test": metrics(sub, "test", best)})
     return rows
 
 
@@ -255,8 +262,6 @@ def fuse_suite(suite, out: Path, *, progress: bool = False) -> dict[str, Any] | 
     """The suite's ``fuse:`` section on a run folder: one group per (dataset, seed) whose member
     cells all finished; writes ``fuse.json`` and ``fuse.md`` there (read by ``rsitr bench
     report``). None when the suite has no such section or no seed is complete."""
-    from rsitr.utils.io import atomic_write_json, atomic_write_text
-
     spec = suite.fuse
     if not spec:
         return None
@@ -274,6 +279,17 @@ def fuse_suite(suite, out: Path, *, progress: bool = False) -> dict[str, Any] | 
         return None
     res = fuse(groups, betas=tuple(float(b) for b in spec.get("betas") or BETAS), dynamic=bool(spec.get("dynamic", False)),
                choose=bool(spec.get("choose", False)), progress=progress)
-    atomic_write_json(out / "fuse.json", res)
-    atomic_write_text(out / "fuse.md", render(res))
+    write_result(out, res)
     return res
+
+
+def write_result(out: Path, res: dict[str, Any]) -> str:
+    """``out/fuse.json`` and ``out/fuse.md`` (written atomically); returns the markdown."""
+    from rsitr.utils.io import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = render(res)
+    atomic_write_json(out / "fuse.json", res)
+    atomic_write_text(out / "fuse.md", md)
+    return md

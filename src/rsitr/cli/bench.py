@@ -313,7 +313,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from rsitr.bench.fuse import find_cell, fuse, render
+    from rsitr.bench.fuse import find_cell, fuse
 
     if args.merge:
         from rsitr.bench.fuse import merge
@@ -324,7 +324,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             res = merge([json.loads(Path(f).read_text()) for f in args.merge])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RsitrError(f"--merge: not a readable fuse.json ({exc})") from exc
-        return _fuse_output(res, render(res), args)
+        return _fuse_output(res, args)
     if args.runs and (args.suite_dirs or args.members):
         raise RsitrError("give run folders, or --suite-dirs with --members (and --seeds), not both")
     if args.runs:
@@ -340,17 +340,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if not args.betas or any(b <= 0 for b in args.betas):
         raise RsitrError(f"--betas must be positive numbers, got {args.betas}")
     res = fuse(groups, betas=tuple(args.betas), dynamic=args.dynamic, data=args.data, progress=not args.quiet, choose=args.choose)
-    return _fuse_output(res, render(res), args)
+    return _fuse_output(res, args)
 
 
-def _fuse_output(res, md: str, args: argparse.Namespace) -> int:
-    from rsitr.utils.io import atomic_write_json, atomic_write_text
+def _fuse_output(res, args: argparse.Namespace) -> int:
+    from rsitr.bench.fuse import render, write_result
 
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "fuse.json", res)
-        atomic_write_text(out / "fuse.md", md)
+    md = write_result(Path(args.out), res) if args.out else render(res)
     if args.json:
         _print_json(res)
     else:

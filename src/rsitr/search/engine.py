@@ -197,13 +197,17 @@ class SearchEngine:
 
     def search_vector(self, q: np.ndarray, k: int, bbox=None) -> list[dict]:
         """``bbox``: ``None`` or a WGS84 box (``"W,S,E,N"`` / :class:`rsitr.retrieval.bbox.BBox`)."""
+        scores, ids = self._nearest(q, k, _bbox(bbox))
+        return self._results(scores, ids)
+
+    def _nearest(self, q: np.ndarray, k: int, box=None) -> tuple[np.ndarray, np.ndarray]:
+        """The vector store's ``k`` best (scores, ids) for the one query ``q`` (ids -1: none)."""
         k = int(k)
         if k < 1:
             raise RsitrError(f"k must be >= 1, got {k}")
-        box = _bbox(bbox)
         with self._lock:
             scores, ids = self.vectors.search(q, k, box) if box is not None else self.vectors.search(q, k)
-        return self._results(scores[0], ids[0])
+        return scores[0], ids[0]
 
     def search(self, query: str, k: int = 20, rerank: str = "none", rerank_depth: int = 100, bbox=None) -> list[dict]:
         query = (query or "").strip()
@@ -276,11 +280,7 @@ class SearchEngine:
         if k < 1:
             raise RsitrError(f"k must be >= 1, got {k}")
         bank, meta = self.query_bank()
-        depth = max(k, depth)
-        q = self.encode_text(query)
-        with self._lock:
-            scores, ids = self.vectors.search(q, depth, box) if box is not None else self.vectors.search(q, depth)
-        scores, ids = scores[0], ids[0]
+        scores, ids = self._nearest(self.encode_text(query), max(k, depth), box)
         keep = ids >= 0
         scores, ids = scores[keep], ids[keep]
         if len(ids) == 0:
