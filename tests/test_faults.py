@@ -110,6 +110,8 @@ def test_kill_during_training_resumes(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         d = load_checkpoint(run / "checkpoint_last.pt")  # never half-written
+        if d["progress"]["global_step"] == 10:  # killed after its last step (max_steps=10) was saved: not a kill during training
+            break
         steps_seen.append(d["progress"]["global_step"])
     p = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
