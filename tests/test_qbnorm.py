@@ -145,6 +145,9 @@ def test_bench_fuse_cli_writes_tables(two_runs, tmp_path, capsys):
     assert [r["test_mR"] for r in merged["mean"]] == pytest.approx([r["test_mR"] for r in res["mean"]])
     assert main(["-q", "bench", "fuse", "--merge", str(tmp_path / "f" / "fuse.json"), str(tmp_path / "f" / "fuse.json")]) == 2
     assert "in two of the results" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["-q", "bench", "fuse", "--merge", str(tmp_path / "bad.json")]) == 2
+    assert f"{tmp_path / 'bad.json'}: not a readable fuse.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,msg", [(["--suite-dirs", "x"], "name the runs"), (["nowhere"], "not a finished training run"),

@@ -320,10 +320,16 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
         if args.runs or args.suite_dirs or args.members:
             raise RsitrError("--merge takes fuse.json files only, no runs to score")
+        results = []
+        for f in args.merge:
+            try:
+                results.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as exc:
+                raise RsitrError(f"{f}: not a readable fuse.json ({exc})") from exc
         try:
-            res = merge([json.loads(Path(f).read_text()) for f in args.merge])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RsitrError(f"--merge: not a readable fuse.json ({exc})") from exc
+            res = merge(results)
+        except (KeyError, TypeError) as exc:
+            raise RsitrError(f"--merge: {', '.join(args.merge)}: not all are fuse.json results of `rsitr bench fuse` (missing {exc})") from exc
         return _fuse_output(res, args)
     if args.runs and (args.suite_dirs or args.members):
         raise RsitrError("give run folders, or --suite-dirs with --members (and --seeds), not both")
