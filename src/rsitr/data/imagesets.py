@@ -117,17 +117,52 @@ def trunk_cut(backbone, modality: str) -> str | None:
     return f(modality) if f is not None else None
 
 
+def _weights_identity(weights: dict) -> dict:
+    """What names the pretrained weights in a cache key: their digests (``*sha256*`` entries) and
+    format, not where the files are. A key with the file paths changed with every virtualenv,
+    clone or site-packages, and each recomputed every cache (a new venv: RSICD's 13 GB again)."""
+    if any("sha256" in k for k in weights):
+        return {k: v for k, v in weights.items() if "sha256" in k or k == "format"}
+    return dict(weights)
+
+
 def _key(backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
+    """The cache key of ``what`` ("image" | "text") of ``dataset`` under ``backbone``: the backbone's
+    name and weight digests, the cut point, ``extra`` (view, seed, preprocessing, tokens) and per
+    entry its image id and a fingerprint of the file (its size and 4 KiB from its middle; image keys)
+    or its captions (text keys). It does not depend on where the dataset or the weights are: a clean
+    checkout beside the same data shares the cache, and an image edited in place gets a new key."""
     h = hashlib.sha256()
     cut = trunk_cut(backbone, what)
-    if cut is not None:  # (no entry without a cut: the keys of whole-trunk caches stay as they were)
+    if cut is not None:
         extra = {**extra, "cut": cut}
-    h.update(json.dumps({"backbone": backbone.info.name, "weights": backbone.info.weights, "what": what, **extra}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"backbone": backbone.info.name, "weights": _weights_identity(backbone.info.weights), "what": what, **extra},
+                        sort_keys=True, default=str).encode())
     for e in dataset.entries:
-        h.update(str(e.path).encode())
-        if what == "text":
+        h.update(f"{e.image_id}\x00".encode())
+        if what == "image":
+            h.update(_fingerprint(e.path))
+        else:
             h.update("\x00".join(e.captions).encode())
     return h.hexdigest()[:20]
+
+
+_FINGERPRINTS: dict = {}
+
+
+def _fingerprint(path) -> bytes:
+    """Size + 4 KiB from the middle of the file (b"-" when it cannot be read); memoised per
+    (path, size, mtime) so a run's several keys read each file once."""
+    try:
+        st = Path(path).stat()
+    except (OSError, TypeError):
+        return b"-"
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _FINGERPRINTS:
+        with open(path, "rb") as f:
+            f.seek(max(0, st.st_size // 2 - 2048))
+            _FINGERPRINTS[memo] = str(st.st_size).encode() + b":" + hashlib.sha256(f.read(4096)).digest()[:8]
+    return _FINGERPRINTS[memo]
 
 
 def _features_to_cpu(f: Features, keep_tokens: bool) -> Features:
