@@ -224,3 +224,17 @@ def test_members_of_top_mode_towers_come_from_the_trunk_caches(synth_dataset, tm
     for split, (imgs, txts) in {"test": (m.images["test"], m.texts["test"]), "train": (m.bank_images, m.bank_texts)}.items():
         enc = encode_dataset(model, ds.split(split), batch_size=16, progress=False)
         assert F.cosine_similarity(enc.images, imgs).min() > 0.999 and F.cosine_similarity(enc.texts, txts).min() > 0.999
+
+
+def test_members_of_one_method_from_two_suites_get_distinct_names(tmp_path):
+    from rsitr.bench.fuse import _distinct
+
+    imgs = {"val": _unit(2, 4, seed=1), "test": _unit(2, 4, seed=2)}
+    owner = {"val": [0, 1], "test": [0, 1]}
+    a = _member("baseline", imgs, imgs, owner, imgs["val"], imgs["val"])
+    b = _member("baseline", imgs, imgs, owner, imgs["val"], imgs["val"])
+    c = _member("ftf", imgs, imgs, owner, imgs["val"], imgs["val"])
+    a.run = tmp_path / "bench-rsicd" / "cells" / "rsicd" / "baseline" / "seed0" / "run"
+    b.run = tmp_path / "bench-joint" / "cells" / "ucm+rsicd" / "baseline" / "seed0"
+    c.run = tmp_path / "bench-rsicd" / "cells" / "rsicd" / "ftf" / "seed0" / "run"
+    assert [m.name for m in _distinct([a, b, c])] == ["rsicd:baseline", "ucm+rsicd:baseline", "ftf"]

@@ -191,6 +191,18 @@ def find_cell(suite_dirs: list[Path], member: str, seed: int, dataset: str | Non
     return hits[0]
 
 
+def _distinct(members: list[Member]) -> list[Member]:
+    """Members of one name (the same method of two suites: an RSICD baseline and the UCM+RSICD
+    joint baseline) are named by their suite dataset too, ``ucm+rsicd:baseline``."""
+    names = [m.name for m in members]
+    for m in members:
+        if names.count(m.name) > 1:
+            cell = m.run.parent if m.run.name == "run" else m.run
+            if cell.parent.parent.parent.name == "cells":  # cells/<dataset>/<method>/seedN
+                m.name = f"{cell.parent.parent.name}:{m.name}"
+    return members
+
+
 def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: bool = False, data: str | None = None,
          progress: bool = False, choose: bool = False) -> dict[str, Any]:
     """Score every group (``{label: [(member name, run or cell folder), ...]}``, e.g. one group
@@ -198,7 +210,7 @@ def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: boo
     per = {}
     for label, runs in groups.items():
         log.info("group %s: %s", label, ", ".join(str(n or p) for n, p in runs))
-        members = [embed_member(p, name=n, data=data, progress=progress) for n, p in runs]
+        members = _distinct([embed_member(p, name=n, data=data, progress=progress) for n, p in runs])
         per[label] = score_group(members, betas=betas, dynamic=dynamic, choose=choose)
     return {"betas": list(betas), "dynamic": dynamic, "groups": {g: [[n, str(p)] for n, p in groups[g]] for g in groups},
             "per_group": per, "mean": summarize(per)}
