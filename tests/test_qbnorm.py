@@ -238,3 +238,20 @@ def test_members_of_one_method_from_two_suites_get_distinct_names(tmp_path):
     b.run = tmp_path / "bench-joint" / "cells" / "ucm+rsicd" / "baseline" / "seed0"
     c.run = tmp_path / "bench-rsicd" / "cells" / "rsicd" / "ftf" / "seed0" / "run"
     assert [m.name for m in _distinct([a, b, c])] == ["rsicd:baseline", "ucm+rsicd:baseline", "ftf"]
+
+
+def test_find_cell_takes_dataset_qualified_members(tmp_path):
+    from rsitr.bench.fuse import find_cell
+
+    cells = {}
+    for suite, ds in (("bench-rsicd", "rsicd"), ("bench-joint", "ucm+rsicd")):
+        c = tmp_path / suite / "cells" / ds / "baseline" / "seed1"
+        (c / "run").mkdir(parents=True)
+        (c / "run" / "checkpoint_best.pt").write_bytes(b"x")
+        cells[ds] = c
+    dirs = [tmp_path / "bench-rsicd", tmp_path / "bench-joint"]
+    assert find_cell(dirs, "ucm+rsicd:baseline", 1) == cells["ucm+rsicd"]
+    assert find_cell(dirs, "baseline", 1, "rsicd") == cells["rsicd"]
+    assert find_cell(dirs, "rsicd:baseline", 1, "ucm+rsicd") == cells["rsicd"]  # the member's own dataset wins
+    with pytest.raises(RsitrError, match="no finished cell"):
+        find_cell(dirs, "ucm:baseline", 1)

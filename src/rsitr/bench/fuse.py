@@ -179,7 +179,11 @@ def score_group(members: list[Member], *, betas=BETAS, dynamic: bool = False, ch
 
 
 def find_cell(suite_dirs: list[Path], member: str, seed: int, dataset: str | None = None) -> Path:
-    """The finished cell ``cells/<dataset>/<member>/seed<seed>`` in one of ``suite_dirs``."""
+    """The finished cell ``cells/<dataset>/<member>/seed<seed>`` in one of ``suite_dirs``. A member
+    ``DATASET:METHOD`` names its suite dataset itself (members of two suites: ``baseline`` of
+    rsicd-towers and ``ucm+rsicd:baseline`` of joint-towers)."""
+    if ":" in member:
+        dataset, member = member.split(":", 1)
     hits = []
     for d in suite_dirs:
         pattern = f"cells/{dataset or '*'}/{member}/seed{seed}"
