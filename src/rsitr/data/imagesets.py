@@ -139,7 +139,10 @@ def _key(backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
     h.update(json.dumps({"backbone": backbone.info.name, "weights": _weights_identity(backbone.info.weights), "what": what, **extra},
                         sort_keys=True, default=str).encode())
     for e in dataset.entries:
-        h.update(f"{e.image_id}\x00".encode())
+        # an entry of a mix carries its dataset's prefix (rsitr.data.mixed): the id it has alone
+        # keys it, so a dataset's cache serves every mix it is part of
+        iid = e.image_id[len(e.part) + 1:] if e.part and e.image_id.startswith(f"{e.part}/") else e.image_id
+        h.update(f"{iid}\x00".encode())
         if what == "image":
             h.update(_fingerprint(e.path))
         else:
