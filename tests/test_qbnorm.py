@@ -255,3 +255,24 @@ def test_find_cell_takes_dataset_qualified_members(tmp_path):
     assert find_cell(dirs, "rsicd:baseline", 1, "ucm+rsicd") == cells["rsicd"]  # the member's own dataset wins
     with pytest.raises(RsitrError, match="no finished cell"):
         find_cell(dirs, "ucm:baseline", 1)
+
+
+def test_a_mixed_data_member_without_data_is_refused_before_any_embedding(tmp_path, monkeypatch):
+    import json
+
+    from rsitr.bench import fuse as fuse_mod
+
+    runs = []
+    for name, data in (("plain", {"path": "x"}), ("mix", {"sources": [{"path": "a"}, {"path": "b"}]})):
+        r = tmp_path / name
+        r.mkdir()
+        (r / "config.json").write_text(json.dumps({"data": data}))
+        (r / "checkpoint_best.pt").write_bytes(b"x")
+        runs.append((None, r))
+
+    def no_embedding(*a, **k):
+        raise AssertionError("embedded a member before refusing")
+
+    monkeypatch.setattr(fuse_mod, "embed_member", no_embedding)
+    with pytest.raises(RsitrError, match=r"mix\b.*trained on a mix of datasets; name the one to score with --data"):
+        fuse_mod.fuse({"g": runs})

@@ -211,6 +211,12 @@ def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: boo
          progress: bool = False, choose: bool = False) -> dict[str, Any]:
     """Score every group (``{label: [(member name, run or cell folder), ...]}``, e.g. one group
     per seed) and average the rows over the groups."""
+    if data is None:  # refuse a mixed-data run before minutes of embedding the others
+        for runs in groups.values():
+            for _, p in runs:
+                run = run_folder(p)
+                if json.loads((run / "config.json").read_text()).get("data", {}).get("sources"):
+                    raise RsitrError(f"{run}: trained on a mix of datasets; name the one to score with --data")
     per = {}
     for label, runs in groups.items():
         log.info("group %s: %s", label, ", ".join(str(n or p) for n, p in runs))
