@@ -72,6 +72,10 @@ def run_folder(path: Path) -> Path:
     raise RsitrError(f"{path}: not a finished training run (no config.json + checkpoint_best.pt here or under run/)")
 
 
+def _refuse_mix(run: Path):
+    raise RsitrError(f"{run}: trained on a mix of datasets; name the one to score with --data")
+
+
 def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False) -> Member:
     """Load the best checkpoint of a run and embed the val and test splits and the bank (the
     training split, eval view). Frozen-trunk activations come from the run's trunk cache
@@ -89,7 +93,7 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
     if data is not None:
         ds = load_dataset(data)
     elif cfg.data.sources:
-        raise RsitrError(f"{run}: trained on a mix of datasets; name the one to score with --data")
+        _refuse_mix(run)
     else:
         ds = load_training_data(cfg.data)
     if cfg.data.val_split == "none":
@@ -216,7 +220,7 @@ def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: boo
             for _, p in runs:
                 run = run_folder(p)
                 if json.loads((run / "config.json").read_text()).get("data", {}).get("sources"):
-                    raise RsitrError(f"{run}: trained on a mix of datasets; name the one to score with --data")
+                    _refuse_mix(run)
     per = {}
     for label, runs in groups.items():
         log.info("group %s: %s", label, ", ".join(str(n or p) for n, p in runs))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rsitr.data.mixed import own_image_id
 from rsitr.data.types import CaptionDataset, Features
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_path
@@ -139,10 +140,8 @@ def _key(backbone, dataset: CaptionDataset, what: str, extra: dict) -> str:
     h.update(json.dumps({"backbone": backbone.info.name, "weights": _weights_identity(backbone.info.weights), "what": what, **extra},
                         sort_keys=True, default=str).encode())
     for e in dataset.entries:
-        # an entry of a mix carries its dataset's prefix (rsitr.data.mixed): the id it has alone
-        # keys it, so a dataset's cache serves every mix it is part of
-        iid = e.image_id[len(e.part) + 1:] if e.part and e.image_id.startswith(f"{e.part}/") else e.image_id
-        h.update(f"{iid}\x00".encode())
+        # the id an entry of a mix has alone keys it, so a dataset's cache serves every mix it is part of
+        h.update(f"{own_image_id(e)}\x00".encode())
         if what == "image":
             h.update(_fingerprint(e.path))
         else:

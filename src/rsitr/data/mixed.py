@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsitr.data.types import CaptionDataset
+from rsitr.data.types import CaptionDataset, ImageEntry
 from rsitr.utils.config import from_mapping
 from rsitr.utils.errors import RsitrError
 
@@ -79,9 +79,14 @@ def load_mixed(sources: Sequence[Source], load: Callable[[Source], CaptionDatase
     for src in sources:
         ds = load(src)
         for e in ds.entries:
-            entries.append(dataclasses.replace(e, image_id=f"{src.name}/{e.image_id}", part=src.name))
+            entries.append(dataclasses.replace(e, image_id=f"{src.name}/{e.image_id}", part=src.name))  # see own_image_id
         problems.extend(f"{src.name}: {p}" for p in ds.problems)
     return CaptionDataset(entries, "mixed", None, problems, part_weights={s.name: s.weight for s in sources})
 
 
-__all__ = ["Source", "load_mixed", "parse_sources"]
+def own_image_id(e: ImageEntry) -> str:
+    """The id ``e`` has in its own dataset: a mix's entry without its ``<part>/`` prefix."""
+    return e.image_id[len(e.part) + 1:] if e.part and e.image_id.startswith(f"{e.part}/") else e.image_id
+
+
+__all__ = ["Source", "load_mixed", "own_image_id", "parse_sources"]
