@@ -99,3 +99,44 @@ def run_search_cli(argv, capsys):
     args = p.parse_args(argv)
     rc = args.func(args)
     return rc, capsys.readouterr().out
+
+
+def fake_trunks(delay: float = 0.0, weights: dict | None = None):
+    """Frozen trunks for trunk-cache tests: image features are the pixel means, text features
+    ones; ``calls`` counts trunk batches, each taking ``delay`` seconds (a loaded CPU);
+    ``weights`` is what ``info.weights`` names (the cache key's part)."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from rsitr.data.transforms import PreprocessConfig
+    from rsitr.data.types import Features
+
+    class FakeTrunks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.delay, self.calls = delay, 0
+            self.info = SimpleNamespace(name="fake", weights=dict(weights or {}))
+            self.preprocess = PreprocessConfig(image_size=16)
+
+        def trunk_trainable(self, modality):
+            return False
+
+        def tokenize(self, texts):
+            return torch.zeros(len(texts), 4, dtype=torch.long)
+
+        def _batch(self, pooled):
+            self.calls += 1
+            time.sleep(self.delay)
+            n = len(pooled)
+            return Features(pooled, torch.zeros(n, 1, 3), torch.ones(n, 1, dtype=torch.bool))
+
+        def image_trunk(self, px):
+            return self._batch(px.mean(dim=(2, 3)))
+
+        def text_trunk(self, ids):
+            return self._batch(torch.ones(len(ids), 3))
+
+    return FakeTrunks()

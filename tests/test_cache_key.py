@@ -3,38 +3,14 @@ content, views, cut) and nothing else: not where the dataset or the weight files
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
+from conftest import fake_trunks
 
 from rsitr.data.captions import load_dataset
 from rsitr.data.imagesets import _key, build_trunk_cache
-from rsitr.data.transforms import EvalTransform, PreprocessConfig
-from rsitr.data.types import Features
-
-
-class CountingTrunks(nn.Module):
-    def __init__(self, weights: dict):
-        super().__init__()
-        self.calls = 0
-        self.info = SimpleNamespace(name="counting", weights=weights)
-        self.preprocess = PreprocessConfig(image_size=16)
-
-    def trunk_trainable(self, modality):
-        return False
-
-    def tokenize(self, texts):
-        return torch.zeros(len(texts), 4, dtype=torch.long)
-
-    def image_trunk(self, px):
-        self.calls += 1
-        return Features(px.mean(dim=(2, 3)), torch.zeros(len(px), 1, 3), torch.ones(len(px), 1, dtype=torch.bool))
-
-    def text_trunk(self, ids):
-        self.calls += 1
-        return Features(torch.ones(len(ids), 3), torch.zeros(len(ids), 1, 3), torch.ones(len(ids), 1, dtype=torch.bool))
+from rsitr.data.transforms import EvalTransform
 
 
 def _weights(folder: str, sha: str = "ab" * 32) -> dict:
@@ -56,19 +32,19 @@ def test_key_ignores_dataset_and_weight_locations(synth, tmp_path):
     b = load_dataset(_copy(synth, tmp_path / "elsewhere")).split("train")
     assert [e.path for e in a.entries] != [e.path for e in b.entries]
     for what in ("image", "text"):
-        k1 = _key(CountingTrunks(_weights("venv1")), a, what, {"view": 0})
-        k2 = _key(CountingTrunks(_weights("clone/.venv")), b, what, {"view": 0})
+        k1 = _key(fake_trunks(weights=_weights("venv1")), a, what, {"view": 0})
+        k2 = _key(fake_trunks(weights=_weights("clone/.venv")), b, what, {"view": 0})
         assert k1 == k2
         # ... but the weights' digest, the extras and the split are in it
-        assert _key(CountingTrunks(_weights("venv1", sha="ef" * 32)), a, what, {"view": 0}) != k1
-        assert _key(CountingTrunks(_weights("venv1")), a, what, {"view": 1}) != k1
-        assert _key(CountingTrunks(_weights("venv1")), load_dataset(synth).split("val"), what, {"view": 0}) != k1
+        assert _key(fake_trunks(weights=_weights("venv1", sha="ef" * 32)), a, what, {"view": 0}) != k1
+        assert _key(fake_trunks(weights=_weights("venv1")), a, what, {"view": 1}) != k1
+        assert _key(fake_trunks(weights=_weights("venv1")), load_dataset(synth).split("val"), what, {"view": 0}) != k1
 
 
 def test_key_follows_image_content_and_captions(synth, tmp_path):
     copy = _copy(synth, tmp_path / "edited")
     ds = load_dataset(copy).split("train")
-    bb = CountingTrunks(_weights("v"))
+    bb = fake_trunks(weights=_weights("v"))
     img, txt = _key(bb, ds, "image", {}), _key(bb, ds, "text", {})
     # an image rewritten in place with the same size: new image key, same text key
     p = ds.entries[0].path
@@ -86,12 +62,12 @@ def test_key_follows_image_content_and_captions(synth, tmp_path):
 def test_a_moved_dataset_and_new_venv_reuse_the_cache(synth, tmp_path):
     cache = tmp_path / "cache"
     ds = load_dataset(synth).split("train")
-    first = CountingTrunks(_weights("venv1"))
+    first = fake_trunks(weights=_weights("venv1"))
     kw = dict(cache_dir=cache, eval_transform=EvalTransform(first.preprocess), batch_size=4, progress=False)
     c1 = build_trunk_cache(first, ds, **kw)
     assert first.calls > 0
     moved = load_dataset(_copy(synth, tmp_path / "moved")).split("train")
-    second = CountingTrunks(_weights("other/.venv"))
+    second = fake_trunks(weights=_weights("other/.venv"))
     c2 = build_trunk_cache(second, moved, **kw)
     assert second.calls == 0  # everything loaded from the cache
     assert torch.equal(c1.image[0].pooled, c2.image[0].pooled) and torch.equal(c1.text.pooled, c2.text.pooled)

@@ -7,15 +7,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
-from torch import nn
+from conftest import fake_trunks
 
 from rsitr.data.imagesets import CacheBudget, build_trunk_cache
-from rsitr.data.transforms import EvalTransform, PreprocessConfig
-from rsitr.data.types import Features
+from rsitr.data.transforms import EvalTransform
 from rsitr.utils.errors import RsitrError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,37 +23,11 @@ def synth(synth_dataset) -> Path:
     return synth_dataset(n_images=60, seed=3, image_size=32)
 
 
-class SlowTrunks(nn.Module):
-    """Frozen trunks that take ``delay`` seconds per batch (what the towers do on a loaded CPU)."""
-
-    def __init__(self, delay: float):
-        super().__init__()
-        self.delay, self.calls = delay, 0
-        self.info = SimpleNamespace(name="slow", weights={})
-        self.preprocess = PreprocessConfig(image_size=16)
-
-    def trunk_trainable(self, modality):
-        return False
-
-    def tokenize(self, texts):
-        return torch.zeros(len(texts), 4, dtype=torch.long)
-
-    def image_trunk(self, px):
-        self.calls += 1
-        time.sleep(self.delay)
-        return Features(torch.zeros(len(px), 3), torch.zeros(len(px), 1, 3), torch.ones(len(px), 1, dtype=torch.bool))
-
-    def text_trunk(self, ids):
-        self.calls += 1
-        time.sleep(self.delay)
-        return Features(torch.zeros(len(ids), 3), torch.zeros(len(ids), 1, 3), torch.ones(len(ids), 1, dtype=torch.bool))
-
-
 def test_caching_that_cannot_fit_stops_early(synth, tmp_path):
     from rsitr.data.captions import load_dataset
 
     ds = load_dataset(synth).split("train")  # 42 images, 210 captions: 6 + 27 batches of 8
-    trunks = SlowTrunks(0.05)
+    trunks = fake_trunks(delay=0.05)  # what the towers do on a loaded CPU
     budget = CacheBudget(time.perf_counter() + 0.5, 0.5)
     t0 = time.perf_counter()
     with pytest.raises(RsitrError, match=r"time_budget=0.5 s cannot cover caching the frozen trunks"):
