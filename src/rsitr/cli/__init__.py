@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     from rsitr.cli.bench import add_bench_cli
+    from rsitr.cli.cache import add_cache_cli
     from rsitr.cli.common import add_engine_arg
     from rsitr.cli.data import add_data_cli
     from rsitr.cli.demo import add_demo_cli
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_cli(sub)
     add_search_cli(sub)  # index build / index add / search / serve
+    add_cache_cli(sub)
     return p
 
 

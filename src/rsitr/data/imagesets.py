@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from rsitr.data.mixed import own_image_id
 from rsitr.data.types import CaptionDataset, Features
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_path
+from rsitr.utils.cachedir import mark_used
+from rsitr.utils.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +192,30 @@ def _cat(parts: list[Features]) -> Features:
     return Features(torch.cat([p.pooled for p in parts]), tokens[:, :n_used], mask[:, :n_used])
 
 
-def _load_or_compute(path: Path | None, compute) -> Features:
+def _describe(backbone, dataset: CaptionDataset, what: str, extra: dict) -> dict:
+    """What a cache file holds, written beside it as ``.json`` (``rsitr cache ls`` shows it)."""
+    from rsitr.utils.version import __version__
+
+    return {"what": what, "backbone": backbone.info.name, "cut": trunk_cut(backbone, what), **extra,
+            "entries": len(dataset), "captions": sum(len(e.captions) for e in dataset.entries),
+            "splits": sorted({str(e.split) for e in dataset.entries}), "dataset": str(dataset.source) if dataset.source else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rsitr": __version__}
+
+
+def _load_or_compute(path: Path | None, compute, description: dict | None = None) -> Features:
     if path is not None and path.is_file():
         from rsitr.utils.weights import load_torch_file
 
         d = load_torch_file(path, what="trunk-feature cache (delete it to recompute)")
+        mark_used(path)  # its last use, for `rsitr cache prune`
         log.info("loaded cached trunk features %s", path)
         return Features(d["pooled"], d["tokens"], d["mask"])
     f = compute()
     if path is not None:
         with atomic_path(path) as tmp:
             torch.save({"pooled": f.pooled, "tokens": f.tokens, "mask": f.mask}, tmp)
+        if description is not None:
+            atomic_write_json(path.with_suffix(".json"), description)
     return f
 
 
@@ -301,7 +315,7 @@ def build_trunk_cache(
                 # a cache with tokens also serves a run that needs only the pooled features
                 tkey = _key(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": True, "pre": repr(backbone.preprocess)})
                 if (cache_dir / f"img-{tkey}.pt").is_file():
-                    image_jobs.append((cache_dir / f"img-{tkey}.pt", None, True))
+                    image_jobs.append((cache_dir / f"img-{tkey}.pt", None, True, None))
                     continue
 
             def compute(v=v):
@@ -314,7 +328,7 @@ def build_trunk_cache(
                     tick()
                 return _cat(parts)
 
-            image_jobs.append((path, compute, False))
+            image_jobs.append((path, compute, False, _describe(backbone, dataset, "image", {"view": v, "seed": seed if v > 0 else None, "tokens": keep_image})))
             if budget is not None and not (path is not None and path.is_file()):
                 budget.plan(n_img_batches)
     text_job = None
@@ -334,14 +348,14 @@ def build_trunk_cache(
                 tick()
             return _cat(parts)
 
-        text_job = (path, compute_text)
+        text_job = (path, compute_text, _describe(backbone, dataset, "text", {"tokens": keep_text}))
         if budget is not None and not (path is not None and path.is_file()):
             budget.plan(math.ceil(len(texts) / batch_size))
     image_views = None
     if not backbone.trunk_trainable("image"):
         image_views = []
-        for path, compute, drop_tokens in image_jobs:
-            f = _load_or_compute(path, compute)
+        for path, compute, drop_tokens, description in image_jobs:
+            f = _load_or_compute(path, compute, description)
             image_views.append(_features_to_cpu(f, False) if drop_tokens else f)
     text = None
     if text_job is not None:

@@ -229,6 +229,7 @@ class InferenceEngine:
         return graph
 
     def _load_or_export(self, name: str) -> _Graph | None:
+        from rsitr.utils.cachedir import mark_used
         from rsitr.utils.io import atomic_path, atomic_write_json, read_json
 
         part = self._part(name)
@@ -241,6 +242,7 @@ class InferenceEngine:
             if not meta.get("exact", False):
                 log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", path, meta.get("max_abs_diff", float("nan")), self.tolerance)
                 return None
+            mark_used(path)  # its last use, for `rsitr cache prune`, for `rsitr cache prune`
             return _Graph(path, self.threads)
         t0 = time.perf_counter()
         was = self.backbone.training

@@ -55,7 +55,7 @@ def _remove_orphans(path: Path) -> None:
     """Temporaries of ``path`` left by a writer that was killed (its pid, in the name, is gone)."""
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         try:
             tmp.unlink()
@@ -63,7 +63,8 @@ def _remove_orphans(path: Path) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
