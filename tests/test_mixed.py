@@ -84,11 +84,12 @@ def test_training_on_a_mix_reuses_single_dataset_caches_and_reports_each_part(tm
               "warmup_steps": 1, "eval_batch_size": 16, "cache_dir": str(cache), "cache_views": 2, "cache_seed": 0,
               "data.epoch_unit": "images"}
     train(TrainConfig().override({**common, "data.path": str(d1), "out_dir": str(tmp_path / "one")}), progress=False)
-    alone = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    # a file's inode: a rewrite (atomic rename) changes it, a load (which marks the file used) does not
+    alone = {p.name: p.stat().st_ino for p in cache.glob("*.pt")}
     cfg = TrainConfig().override({**common, "out_dir": str(tmp_path / "mix"),
                                   "data.sources": [{"path": str(d1), "name": "one", "weight": 1}, {"path": str(d2), "name": "two", "weight": 2}]})
     res = train(cfg, progress=False)
-    after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    after = {p.name: p.stat().st_ino for p in cache.glob("*.pt")}
     # the first dataset's caches were read, not rewritten; the second got its own, as many
     assert all(after[k] == v for k, v in alone.items())
     assert len(after) == 2 * len(alone)

@@ -215,10 +215,10 @@ def test_members_of_top_mode_towers_come_from_the_trunk_caches(synth_dataset, tm
             "model.mode": "top:1,1", "model.embed_dim": 32, "epochs": 1, "batch_size": 8, "eval_batch_size": 16, "cache_views": 2,
             "cache_dir": str(tmp_path / "cache"), "seed": 1}
     train(TrainConfig().override(over), progress=False)
-    n_cached = len(list((tmp_path / "cache").iterdir()))
+    n_cached = len(list((tmp_path / "cache").glob("*.pt")))
     m = embed_member(tmp_path / "run")
     # val was cached by training; test gets its cache now; the bank reuses the training cache
-    assert len(list((tmp_path / "cache").iterdir())) == n_cached + 2
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == n_cached + 2
     ds = load_dataset(str(data))
     model = load(str(tmp_path / "run")).backbone
     for split, (imgs, txts) in {"test": (m.images["test"], m.texts["test"]), "train": (m.bank_images, m.bank_texts)}.items():

@@ -118,7 +118,7 @@ def test_cache_key_changes_with_the_cut(reset, tmp_path):
         seen[mode] = (c.image[0].tokens.shape, c.text.tokens.shape)
         if mode != "heads":
             assert c.image[0].tokens.dtype == torch.float16 and c.text.tokens.dtype == torch.float16
-    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    files = sorted(p.name for p in (tmp_path / "c").glob("*.pt"))  # (each has a .json description)
     assert len(files) == 6, files  # one image and one text cache per cut
     assert seen["heads"][0][1] == 0  # whole trunk, pooled-only run: no tokens
     assert seen["top:1,1"][0][2] == 192 and seen["top:2,2"][0][2] == 112  # cut activations kept
@@ -147,7 +147,7 @@ def test_training_smoke_and_checkpoint_round_trip(towers, synth, tmp_path, metho
             "warmup_steps": 1, "eval_batch_size": 16, "cache_views": 2, "seed": 1, **extra}
     res = train(TrainConfig().override(over), progress=False)
     assert res.test is not None and res.trainable_params > 100_000  # top blocks + a MiniLM layer
-    caches = list((tmp_path / "run" / "cache").iterdir())
+    caches = list((tmp_path / "run" / "cache").glob("*.pt"))
     assert len([c for c in caches if c.name.startswith("img-")]) == 3  # train views 0, 1 and val view 0
     # the text trunk below the cut stays cached (RDB: TSA only in the trained layer 5)
     assert len([c for c in caches if c.name.startswith("txt-")]) == 2  # train and val captions
