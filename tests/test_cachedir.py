@@ -150,3 +150,20 @@ def test_onnx_graph_loads_mark_it_used(tmp_path):
     again.describe()
     assert again.export_seconds == 0.0 and all(time.time() - it.last_used < 60 for it in scan(tmp_path))
     assert not prune(tmp_path, 30 * DAY).removed
+
+
+def test_atomic_writes_clear_only_their_own_dead_writers_temporaries(tmp_path):
+    """The temporary-name parse the pruning shares with rsitr.utils.io.atomic_path: a write of a
+    file removes its temporaries whose writer died, not a live writer's nor another file's."""
+    from rsitr.utils.io import atomic_write_text, temporary_of
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+    target = tmp_path / "a.pt"
+    dead_tmp, live_tmp = tmp_path / f".a.pt.{dead}.x1_y.tmp", tmp_path / f".a.pt.{os.getpid()}.q9.tmp"
+    other = tmp_path / f".a.pt.json.{dead}.zz.tmp"  # another file's temporary, though its glob matches
+    for p in (dead_tmp, live_tmp, other):
+        p.write_text("t")
+    assert temporary_of(dead_tmp.name) == ("a.pt", dead) and temporary_of(other.name) == ("a.pt.json", dead)
+    assert temporary_of("a.pt") is None and temporary_of(".a.pt.notapid.x.tmp") is None
+    atomic_write_text(target, "done")
+    assert target.read_text() == "done" and not dead_tmp.exists() and live_tmp.exists() and other.exists()

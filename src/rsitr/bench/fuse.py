@@ -72,8 +72,13 @@ def run_folder(path: Path) -> Path:
     raise RsitrError(f"{path}: not a finished training run (no config.json + checkpoint_best.pt here or under run/)")
 
 
-def _refuse_mix(run: Path):
-    raise RsitrError(f"{run}: trained on a mix of datasets; name the one to score with --data")
+def _run_config(run: Path, data: str | None) -> dict[str, Any]:
+    """A run's ``config.json``; a run trained on a mix of datasets is refused without ``data``
+    (the dataset to score)."""
+    raw = json.loads((run / "config.json").read_text())
+    if data is None and raw.get("data", {}).get("sources"):
+        raise RsitrError(f"{run}: trained on a mix of datasets; name the one to score with --data")
+    return raw
 
 
 def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False) -> Member:
@@ -89,13 +94,8 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
     from rsitr.train.data import load_training_data
 
     run = run_folder(path)
-    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    if data is not None:
-        ds = load_dataset(data)
-    elif cfg.data.sources:
-        _refuse_mix(run)
-    else:
-        ds = load_training_data(cfg.data)
+    cfg = TrainConfig.from_dict(_run_config(run, data))
+    ds = load_dataset(data) if data is not None else load_training_data(cfg.data)
     if cfg.data.val_split == "none":
         raise RsitrError(f"{run}: trained without a val split (data.val_split: none); beta is chosen on val")
     splits = {"val": ds.split(cfg.data.val_split), "test": ds.split(cfg.data.test_split), "bank": ds.split(cfg.data.train_split)}
@@ -218,9 +218,7 @@ def fuse(groups: dict[str, list[tuple[str, Path]]], *, betas=BETAS, dynamic: boo
     if data is None:  # refuse a mixed-data run before minutes of embedding the others
         for runs in groups.values():
             for _, p in runs:
-                run = run_folder(p)
-                if json.loads((run / "config.json").read_text()).get("data", {}).get("sources"):
-                    _refuse_mix(run)
+                _run_config(run_folder(p), None)
     per = {}
     for label, runs in groups.items():
         log.info("group %s: %s", label, ", ".join(str(n or p) for n, p in runs))

@@ -242,7 +242,7 @@ class InferenceEngine:
             if not meta.get("exact", False):
                 log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", path, meta.get("max_abs_diff", float("nan")), self.tolerance)
                 return None
-            mark_used(path)  # its last use, for `rsitr cache prune`, for `rsitr cache prune`
+            mark_used(path)  # its last use, for `rsitr cache prune`
             return _Graph(path, self.threads)
         t0 = time.perf_counter()
         was = self.backbone.training

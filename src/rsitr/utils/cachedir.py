@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import pid_alive
+from rsitr.utils.io import pid_alive, temporary_of
 
 # the names the writers give (a content key of 16-64 hex digits); nothing else is ever pruned
 _ITEMS = (
     (re.compile(r"^(img|txt)-[0-9a-f]{16,64}\.pt$"), "trunk cache"),
     (re.compile(r"^[a-z][a-z0-9_]*-[0-9a-f]{16,64}\.onnx$"), "onnx graph"),
 )
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.tmp$")
 
 
 @dataclass
@@ -116,8 +115,8 @@ def dead_temporaries(folder: str | os.PathLike) -> list[Path]:
         return []
     out = []
     for p in folder.iterdir():
-        m = _TEMP.match(p.name)
-        if m and _is_item_name(m["name"]) and p.is_file() and not pid_alive(int(m["pid"])):
+        owner = temporary_of(p.name)
+        if owner and _is_item_name(owner[0]) and p.is_file() and not pid_alive(owner[1]):
             out.append(p)
     return sorted(out)
 

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from glob import escape as glob_escape
 import tempfile
 from pathlib import Path
@@ -51,11 +52,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.tmp$")
+
+
+def temporary_of(filename: str) -> tuple[str, int] | None:
+    """``(target name, writer pid)`` of an :func:`atomic_path` temporary's file name
+    (``.NAME.PID.RANDOM.tmp``), else None."""
+    m = _TEMPORARY.match(filename)
+    return (m["name"], int(m["pid"])) if m else None
+
+
 def _remove_orphans(path: Path) -> None:
     """Temporaries of ``path`` left by a writer that was killed (its pid, in the name, is gone)."""
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if not pid.isdigit() or pid_alive(int(pid)):
+        owner = temporary_of(tmp.name)
+        if owner is None or owner[0] != path.name or pid_alive(owner[1]):
             continue
         try:
             tmp.unlink()
