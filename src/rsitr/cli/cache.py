@@ -43,6 +43,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.unused_days is None:
         raise RsitrError("say what to remove: --unused-days N (items not used for N days; 0 = every item)")
+    if args.unused_days < 0:
+        raise RsitrError(f"--unused-days must be >= 0, got {args.unused_days:g}")
     out, total = [], 0
     for folder in _folders(args):
         r = prune(folder, args.unused_days * 86400, dry_run=args.dry_run)
