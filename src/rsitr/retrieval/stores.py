@@ -236,6 +236,7 @@ class MilvusStore(VectorStore):
         self.uri, self.collection, self.dim, self.index_kind = normalize_uri(uri), collection, int(dim), index_kind
         self.nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search = int(nlist), int(nprobe), int(hnsw_m), int(ef_construction), int(ef_search)
         self._client = None
+        self._loaded = False
 
     # -- connection ----------------------------------------------------------------------------
     @property
@@ -257,6 +258,7 @@ class MilvusStore(VectorStore):
                 self._client.close()
             finally:
                 self._client = None
+                self._loaded = False
 
     def exists(self) -> bool:
         return bool(self.client.has_collection(self.collection))
@@ -283,13 +285,34 @@ class MilvusStore(VectorStore):
         ip = c.prepare_index_params()
         params = {"flat": {}, "ivf": {"nlist": self.nlist}, "hnsw": {"M": self.hnsw_m, "efConstruction": self.ef_construction}}[self.index_kind]
         ip.add_index(field_name="vector", index_type=MILVUS_INDEX[self.index_kind], metric_type="IP", params=params)
-        c.create_collection(self.collection, schema=s, index_params=ip, consistency_level="Strong")
+        c.create_collection(self.collection, schema=s, consistency_level="Strong")
+        # the index separately: a synchronous create_index waits through AllocTimestamp, which Milvus Lite
+        # (3.x) does not implement (its gRPC server logs an ERROR with a traceback); a server builds the
+        # index in the background either way and answers searches meanwhile
+        c.create_index(self.collection, ip, sync=not self.uri.endswith(".db"))
+        self._ensure_loaded()
         log.info("created Milvus collection %s at %s (%s, IP)", self.collection, self.uri, MILVUS_INDEX[self.index_kind])
 
     def _need(self) -> None:
         if not self.client.has_collection(self.collection):
             raise RsitrError(f"Milvus collection {self.collection!r} not found at {self.uri} (was the index built against "
                              f"another Milvus? rebuild it, or pass the right --milvus-uri)")
+        self._ensure_loaded()
+
+    def _ensure_loaded(self) -> None:
+        """Load the collection into memory once per connection. A collection with a vector index is
+        *released* when a new process (or a restarted server) opens it, and Milvus refuses searches
+        and queries on a released collection; loading a loaded one is a no-op."""
+        if self._loaded:
+            return
+        try:
+            state = self.client.get_load_state(self.collection)
+            loaded = "Loaded" in str(state.get("state", "")) if isinstance(state, dict) else False
+            if not loaded:
+                self.client.load_collection(self.collection)
+        except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for one cause
+            raise RsitrError(f"cannot load Milvus collection {self.collection!r} at {self.uri}: {exc}") from exc
+        self._loaded = True
 
     # -- data ----------------------------------------------------------------------------------
     def add(self, vectors: Any, records: Sequence[dict]) -> None:
