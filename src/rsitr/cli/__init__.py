@@ -48,12 +48,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsitr.models.engine import engine_for
 
     engine = engine_for(model.backbone, args.engine)
+    rerank_options = {"k": args.rerank_k} if args.rerank == "sar" else None
+    if args.rerank == "qbnorm":
+        from rsitr.eval.evaluate import QBNormBank
+
+        bank = data.split(args.qbnorm_bank)
+        if len(bank) == 0:
+            raise RsitrError(f"{args.data}: the QB-Norm bank split '{args.qbnorm_bank}' is empty (splits present: {data.splits}); "
+                             f"--qbnorm-bank names the split whose captions and images form the query bank")
+        if args.qbnorm_bank == args.split:
+            raise RsitrError(f"--qbnorm-bank {args.qbnorm_bank} is the evaluated split: QB-Norm's bank must be other queries "
+                             f"(the model's training split)")
+        caps = model.method.capabilities if model.method is not None else None
+        if caps is not None and (caps.score_tokens or caps.two_stage or caps.reranker):
+            log.warning("--rerank qbnorm ranks the pooled cosine; the checkpoint method's own scoring is not applied")
+        rerank_options = {"qbnorm": QBNormBank(bank, beta=args.qbnorm_beta, dynamic=args.qbnorm_dynamic)}
     metrics = evaluate(model.backbone, split, method=model.method, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                       progress=not args.quiet, ties=args.ties, rerank=args.rerank,
-                       rerank_options={"k": args.rerank_k} if args.rerank == "sar" else None, engine=engine)
+                       progress=not args.quiet, ties=args.ties, rerank=args.rerank, rerank_options=rerank_options, engine=engine,
+                       tta=args.tta)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-                          "images": len(split), "captions": split.n_captions, "rerank": args.rerank, **metrics}, indent=2))
+                          "images": len(split), "captions": split.n_captions, "rerank": args.rerank, "tta": args.tta,
+                          **({"qbnorm_beta": args.qbnorm_beta, "qbnorm_bank": args.qbnorm_bank} if args.rerank == "qbnorm" else {}),
+                          **metrics}, indent=2))
     else:
         print(format_table(metrics, title=f"{args.checkpoint} on {args.data} [{args.split}: {len(split)} images, {split.n_captions} captions]"))
     return 0
@@ -118,9 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None, help="CLIP activation override for open_clip state dicts")
     e.add_argument("--ties", choices=("expected", "optimistic", "pessimistic"), default="expected",
                    help="how exact score ties count (repeated captions tie exactly); see rsitr.retrieval.metrics")
-    e.add_argument("--rerank", choices=("none", "sar"), default="none",
-                   help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model)")
+    e.add_argument("--rerank", choices=("none", "sar", "qbnorm"), default="none",
+                   help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model); qbnorm = QB-Norm "
+                        "(Bogolin et al. 2022) over the --qbnorm-bank split's captions and images (any model; pooled cosine)")
     e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
+    e.add_argument("--qbnorm-bank", default="train", help="the split whose captions/images are QB-Norm's query bank (default train)")
+    e.add_argument("--qbnorm-beta", type=float, default=14.0,
+                   help="QB-Norm inverse temperature (default 14: the beta RSICD's val chose for 13 of 15 runs)")
+    e.add_argument("--qbnorm-dynamic", action="store_true", help="QB-Norm's dynamic inverted softmax (their Eq. 4)")
+    e.add_argument("--tta", type=int, choices=(1, 4, 8), default=1,
+                   help="test-time augmentation: each image's embedding averaged over 1, 4 (rotations) or 8 (and mirrors) "
+                        "dihedral views; both directions use the averaged embedding (default 1)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_engine_arg(e)
     e.set_defaults(func=cmd_eval)

@@ -104,6 +104,25 @@ def _rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+DIHEDRAL_VIEWS = (1, 4, 8)
+
+
+def dihedral_views(px: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first ``n`` (1, 4 or 8) symmetries of the square applied to a batch ``[B, C, S, S]``:
+    identity, then the rotations by 90, 180 and 270 degrees (``n >= 4``), then each of the four
+    mirrored left-right (``n == 8``). Aerial and satellite tiles have no "up", so a tile's
+    embedding averaged over these views (test-time augmentation) is a better estimate of what it
+    shows; the views are made on the already resized tensor, so they cost no decode."""
+    if n not in DIHEDRAL_VIEWS:
+        raise ValueError(f"test-time views must be one of {DIHEDRAL_VIEWS}, got {n}")
+    if n > 1 and px.shape[-1] != px.shape[-2]:
+        raise ValueError(f"dihedral views need square inputs, got {tuple(px.shape[-2:])}")
+    views = [px] + ([torch.rot90(px, k, dims=(-2, -1)) for k in (1, 2, 3)] if n >= 4 else [])
+    if n == 8:
+        views += [torch.flip(v, dims=(-1,)) for v in views]
+    return views
+
+
 class EvalTransform:
     """PIL image -> normalised ``float32`` tensor ``[3, S, S]`` (CLIP eval preprocessing)."""
 

@@ -37,6 +37,7 @@ def encode_dataset(
     progress: bool = True,
     keep_tokens: bool = False,
     engine=None,
+    tta: int = 1,
 ) -> Encoded:
     """Embed every image (eval transform) and caption of ``dataset``.
 
@@ -44,11 +45,16 @@ def encode_dataset(
     backbone with frozen trunks skip the towers and apply only its heads. ``keep_tokens``
     also returns the token-level features (for methods that re-rank with them). ``engine`` (an
     :class:`rsitr.models.engine.InferenceEngine` of ``backbone``) runs the no-grad forward passes
-    (ONNX Runtime); None runs the backbone in torch.
+    (ONNX Runtime); None runs the backbone in torch. ``tta`` (1, 4 or 8): each image's pooled
+    embedding is the mean of its L2-normalised embeddings over that many dihedral views
+    (:func:`rsitr.data.transforms.dihedral_views`; test-time augmentation, both directions of the
+    protocol use it); token features, when kept, are those of the unrotated view (token positions
+    do not rotate with a mean). A trunk cache holds one view only, so ``tta > 1`` encodes the images
+    in full.
     """
     from rsitr.utils.progress import progress_bar
 
-    from rsitr.data.transforms import EvalTransform
+    from rsitr.data.transforms import DIHEDRAL_VIEWS, EvalTransform, dihedral_views
     from rsitr.data.imagesets import ImageSet, iterate_images
 
     device = torch.device(device)
@@ -61,7 +67,20 @@ def encode_dataset(
             return Features(f.pooled.float().cpu(), f.tokens.float().cpu(), f.mask.cpu())
         return Features(f.pooled.float().cpu(), f.pooled.new_zeros(0), f.mask.new_zeros(0))
 
-    if trunk_cache is not None and trunk_cache.image is not None:
+    if tta not in DIHEDRAL_VIEWS:
+        raise ValueError(f"tta must be one of {DIHEDRAL_VIEWS}, got {tta}")
+
+    def encode_px(px: torch.Tensor) -> Features:
+        views = dihedral_views(px, tta)
+        first = run.image_features(views[0]) if keep_tokens else Features(run.encode_image(views[0]), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))
+        if tta == 1:
+            return keep(first)
+        pooled = F.normalize(first.pooled.float(), dim=-1)
+        for v in views[1:]:
+            pooled = pooled + F.normalize(run.encode_image(v).float(), dim=-1)
+        return keep(Features(pooled / len(views), first.tokens, first.mask))
+
+    if trunk_cache is not None and trunk_cache.image is not None and tta == 1:
         feats = trunk_cache.image[0]
         img_parts = [keep(backbone.image_head(_slice(feats, i, batch_size, device))) for i in range(0, len(dataset), batch_size)]
     else:
@@ -69,8 +88,7 @@ def encode_dataset(
         img_parts = []
         it = iterate_images(images, range(len(dataset)), batch_size, workers)
         for px in progress_bar(it, total=math.ceil(len(dataset) / batch_size), desc="encode images", disable=not progress, leave=False):
-            px = px.to(device)
-            img_parts.append(keep(run.image_features(px)) if keep_tokens else keep(Features(run.encode_image(px), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))))
+            img_parts.append(encode_px(px.to(device)))
     texts, owner = dataset.texts()
     if trunk_cache is not None and trunk_cache.text is not None:
         feats = trunk_cache.text
@@ -124,6 +142,36 @@ def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, per_dir
     return sim, enc.text_to_image
 
 
+@dataclass
+class QBNormBank:
+    """QB-Norm at evaluation (:mod:`rsitr.retrieval.qbnorm`): ``bank``, a split that is not the
+    evaluated one (the model's own training split), encoded like the evaluated split; ``beta``
+    the inverse temperature of their Eq. 2; ``dynamic``: their Eq. 4."""
+
+    bank: CaptionDataset
+    beta: float = 14.0
+    dynamic: bool = False
+
+
+def qbnorm_similarity(backbone: Backbone, dataset: CaptionDataset, qb: QBNormBank, **kwargs):
+    """The ``(t2i, i2t)`` pair of the split's pooled-cosine matrix normalised by the bank: images by
+    the bank's captions (text->image), captions by the bank's images (image->text); and the
+    caption owners. ``kwargs`` go to :func:`encode_dataset` for both (``tta`` included)."""
+    from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
+
+    if len(qb.bank) == 0:
+        raise ValueError("QB-Norm needs a non-empty bank split")
+    kwargs.pop("keep_tokens", None)
+    bank_kwargs = {k: v for k, v in kwargs.items() if k != "trunk_cache"}
+    enc = encode_dataset(backbone, dataset, **kwargs)
+    bank = encode_dataset(backbone, qb.bank, **bank_kwargs)
+    with torch.no_grad():
+        image_norm = bank_normalizers(enc.images, bank.texts, qb.beta)
+        text_norm = bank_normalizers(enc.texts, bank.images, qb.beta)
+        active = (activation_set(enc.images, bank.texts), activation_set(enc.texts, bank.images)) if qb.dynamic else (None, None)
+        return qb_norm(enc.images @ enc.texts.t(), image_norm, text_norm, *active), enc.text_to_image
+
+
 def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected",
              rerank: str | None = None, rerank_options: dict | None = None, **kwargs) -> dict[str, float]:
     """Standard protocol metrics (percent) of ``backbone`` on ``dataset`` (one split).
@@ -131,7 +179,9 @@ def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str
     ``method``: the method that scores the split (e.g. FTF's re-ranking, iEBAKER's SAR; a loaded
     checkpoint's is :attr:`rsitr.methods.factory.LoadedModel.method`); None: pooled cosine. ``rerank``: a named
     re-ranker of :mod:`rsitr.retrieval.rerank` applied to that matrix afterwards (``"sar"``,
-    with ``rerank_options`` such as ``k``), usable on any model."""
+    with ``rerank_options`` such as ``k``), usable on any model; ``"qbnorm"`` with
+    ``rerank_options={"qbnorm": QBNormBank(...)}`` ranks the pooled cosine normalised by a query
+    bank (:func:`qbnorm_similarity`; the method's own scoring is not applied)."""
     return evaluate_ties(backbone, dataset, method=method, ties=(ties,), rerank=rerank, rerank_options=rerank_options, **kwargs)[ties]
 
 
@@ -151,7 +201,13 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
     if parts:
         return _evaluate_parts(backbone, dataset, parts, method, ties, rerank, rerank_options, **kwargs)
     t0 = time.perf_counter()
-    sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
+    if rerank == "qbnorm":
+        qb = (rerank_options or {}).get("qbnorm")
+        if not isinstance(qb, QBNormBank):
+            raise ValueError("rerank='qbnorm' needs rerank_options={'qbnorm': QBNormBank(bank split, beta)}")
+        sim, text_to_image = qbnorm_similarity(backbone, dataset, qb, **kwargs)
+    else:
+        sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
     if not isinstance(sim, tuple):
         sim = apply_rerank(rerank, sim, **(rerank_options or {}))
     out = {t: pair_metrics(sim, text_to_image, ties=t) for t in ties}
@@ -179,6 +235,8 @@ def _evaluate_parts(backbone, dataset, parts, method, ties, rerank, rerank_optio
     protocol ranks within one dataset); the metrics are the mean over the parts, and each part's
     own under ``"<part>:<metric>"`` (e.g. ``"rsicd:mR"``)."""
     cache = kwargs.pop("trunk_cache", None)
+    if rerank == "qbnorm":
+        raise ValueError("QB-Norm evaluation of a mix of datasets is not supported: evaluate each dataset with its own bank")
     per = {}
     for name, a, b in parts:
         sub_cache = cache.subset(dataset, a, b) if cache is not None else None
