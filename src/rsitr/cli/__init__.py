@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     from rsitr.cli.common import add_engine_arg
     from rsitr.cli.data import add_data_cli
     from rsitr.cli.demo import add_demo_cli
+    from rsitr.cli.models import add_models_cli
     from rsitr.cli.search import add_cli as add_search_cli
 
     add_demo_cli(sub)
+    add_models_cli(sub)
     add_data_cli(sub)
     e = sub.add_parser("eval", help="evaluate a model on a dataset split (the field's protocol)")
     _add_data_args(e)

@@ -157,19 +157,26 @@ def qbnorm_similarity(backbone: Backbone, dataset: CaptionDataset, qb: QBNormBan
     """The ``(t2i, i2t)`` pair of the split's pooled-cosine matrix normalised by the bank: images by
     the bank's captions (text->image), captions by the bank's images (image->text); and the
     caption owners. ``kwargs`` go to :func:`encode_dataset` for both (``tta`` included)."""
-    from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
-
     if len(qb.bank) == 0:
         raise ValueError("QB-Norm needs a non-empty bank split")
     kwargs.pop("keep_tokens", None)
-    bank_kwargs = {k: v for k, v in kwargs.items() if k != "trunk_cache"}
+    # the bank's images are queries (of the image->text direction), not gallery items: test-time
+    # views are a gallery-side average, so the bank is encoded in one view (and costs 1/tta)
+    bank_kwargs = {**{k: v for k, v in kwargs.items() if k != "trunk_cache"}, "tta": 1}
     enc = encode_dataset(backbone, dataset, **kwargs)
     bank = encode_dataset(backbone, qb.bank, **bank_kwargs)
+    return qbnorm_scores(enc, bank, qb.beta, qb.dynamic), enc.text_to_image
+
+
+def qbnorm_scores(enc: Encoded, bank: Encoded, beta: float, dynamic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """QB-Norm's ``(t2i, i2t)`` pair of an encoded split's cosine matrix over an encoded bank."""
+    from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
+
     with torch.no_grad():
-        image_norm = bank_normalizers(enc.images, bank.texts, qb.beta)
-        text_norm = bank_normalizers(enc.texts, bank.images, qb.beta)
-        active = (activation_set(enc.images, bank.texts), activation_set(enc.texts, bank.images)) if qb.dynamic else (None, None)
-        return qb_norm(enc.images @ enc.texts.t(), image_norm, text_norm, *active), enc.text_to_image
+        image_norm = bank_normalizers(enc.images, bank.texts, beta)
+        text_norm = bank_normalizers(enc.texts, bank.images, beta)
+        active = (activation_set(enc.images, bank.texts), activation_set(enc.texts, bank.images)) if dynamic else (None, None)
+        return qb_norm(enc.images @ enc.texts.t(), image_norm, text_norm, *active)
 
 
 def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected",

@@ -1,6 +1,6 @@
 """One factory for every model source: ``load(source) -> LoadedModel(backbone, method, preprocess)``.
 
-``source`` is a backbone spec (``towers:NAME``, ``clip:CONFIG``, a CLIP checkpoint path; see
+``source`` is a shipped model (``shipped:NAME``, :mod:`rsitr.models.shipped`), a backbone spec (``towers:NAME``, ``clip:CONFIG``, a CLIP checkpoint path; see
 :mod:`rsitr.models.registry`) or an rsitr training checkpoint (a file, or a run folder: its best,
 else last checkpoint). A training checkpoint comes back with the method it was trained with --
 rebuilt from its stored name and options, its adapters installed in the backbone, its trained
@@ -45,6 +45,13 @@ class LoadedModel:
 def load(source, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256, seed: int | None = None) -> LoadedModel:
     """The model of ``source`` (see the module doc), on ``device``. ``seed`` seeds the random
     initialisation of ``clip:CONFIG`` specs."""
+    from rsitr.models.shipped import SHIPPED_DIR, PREFIX, resolve, shipped_checkpoint
+
+    found = resolve(source)
+    if found is not None:
+        name, root = found
+        label = PREFIX + name if root == SHIPPED_DIR else str(source)
+        return from_checkpoint(shipped_checkpoint(name, root), device=device, source=label)
     spec = parse_spec(source)
     if spec.is_path and is_rsitr_checkpoint(spec.name):
         return from_checkpoint(load_checkpoint(spec.name), device=device, source=str(source))

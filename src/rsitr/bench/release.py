@@ -1,0 +1,215 @@
+"""Building a shipped model (:mod:`rsitr.models.shipped`): train, export the trained parts,
+evaluate, write the card -- one command, ``rsitr models build RELEASE.yaml``.
+
+A *release file* (``src/rsitr/configs/releases/NAME.yaml``) names the model, its training config
+and seed, the evaluation sets and options, and the card's text (data, licences, intended use,
+limits, ground resolution, test-time defaults). :func:`build_release` trains the config into a run
+folder (or continues one: a finished run is not trained again), exports its best checkpoint as fp16
+safetensors with a card, then evaluates *the exported model itself* (so the card's numbers are the
+shipped weights', fp16 included) on every set, with and without test-time views and QB-Norm, and
+writes the metrics into the card. The evaluation sets marked ``zero_shot`` are never used for a
+choice: they are reported only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsitr.utils.errors import RsitrError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+
+
+@dataclass
+class EvalSet:
+    """One evaluation set of a release: ``label``, the annotation file or folder ``data`` (``$VAR``
+    and ``${VAR:-default}`` expanded), the evaluated ``split``, the QB-Norm ``bank`` split (None: no
+    QB-Norm row), ``format``/``image_root`` as for ``rsitr eval``, and ``zero_shot`` (a set the
+    model never trained on, reported only)."""
+
+    label: str
+    data: str
+    split: str = "test"
+    bank: str | None = "train"
+    format: str = "auto"
+    image_root: str | None = None
+    zero_shot: bool = False
+
+
+@dataclass
+class Release:
+    name: str
+    config: str  # the training config (YAML), relative to the release file or absolute
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    eval_sets: list[EvalSet] = field(default_factory=list)
+    ttas: tuple[int, ...] = (1, 8)
+    qbnorm_beta: float = 14.0
+    card: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Release":
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise RsitrError(f"{p}: unreadable release file ({exc})") from exc
+        if not isinstance(raw, dict) or "name" not in raw or "config" not in raw:
+            raise RsitrError(f"{p}: a release file needs at least 'name' and 'config'")
+        sets = [EvalSet(**s) for s in raw.get("eval_sets", [])]
+        ttas = tuple(int(t) for t in raw.get("ttas", (1, 8)))
+        return cls(name=str(raw["name"]), config=str(raw["config"]), seed=int(raw.get("seed", 0)), overrides=dict(raw.get("overrides", {})),
+                   eval_sets=sets, ttas=ttas, qbnorm_beta=float(raw.get("qbnorm_beta", 14.0)), card=dict(raw.get("card", {})), path=p)
+
+    def config_path(self) -> Path:
+        c = Path(self.config)
+        if c.is_absolute() or c.exists():
+            return c
+        return (self.path.parent / c) if self.path is not None else c
+
+
+def expand(text: str) -> str:
+    """``$VAR`` / ``${VAR}`` / ``${VAR:-default}`` from the environment."""
+    import re
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        return os.environ.get(name) or (default if default is not None else "")
+
+    return os.path.expandvars(re.sub(r"\$\{(\w+):-([^}]*)\}", sub, text))
+
+
+def git_commit(where: str | Path = ".") -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), or None."""
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def evaluate_model(source: str, sets: list[EvalSet], *, ttas=(1, 8), qbnorm_beta: float = 14.0, engine: str = "auto",
+                   batch_size: int = 128, progress: bool = True) -> list[dict[str, Any]]:
+    """Rows of test metrics (expected ties) of the model ``source`` on every set: one per
+    test-time view count, and with QB-Norm (the set's own ``bank`` split as the query bank) for sets
+    that have one. Each split is encoded once per view count; the bank once."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import encode_dataset, evaluate_ties, pair_metrics, qbnorm_scores
+    from rsitr.methods.factory import load
+    from rsitr.models.engine import engine_for
+
+    model = load(source)
+    eng = engine_for(model.backbone, engine)
+    own_scoring = model.method is not None and (model.method.capabilities.score_tokens or model.method.capabilities.two_stage)
+    rows: list[dict[str, Any]] = []
+    for s in sets:
+        path = expand(s.data)
+        root = expand(s.image_root) if s.image_root else None
+        if not Path(path).exists():
+            log.warning("%s: %s not found; not evaluated (set the variable in its path)", s.label, path)
+            continue
+        data = load_dataset(path, format=s.format, image_root=root, split=s.split)
+        split = data.split(s.split)
+        if len(split) == 0:
+            raise RsitrError(f"{s.label}: split {s.split!r} of {path} is empty")
+        common = {"batch_size": batch_size, "progress": progress, "engine": eng}
+        bank = None
+        if s.bank and len(data.split(s.bank)) and not own_scoring:
+            bank = encode_dataset(model.backbone, data.split(s.bank), tta=1, **common)
+        for tta in ttas:
+            t0 = time.perf_counter()
+            if own_scoring:  # the method's own scoring (token features): through the evaluator
+                sim, owner = None, None
+                m = evaluate_ties(model.backbone, split, method=model.method, ties=("expected",), tta=tta, **common)["expected"]
+            else:
+                enc = encode_dataset(model.backbone, split, tta=tta, **common)
+                sim, owner = enc.images @ enc.texts.t(), enc.text_to_image
+                m = pair_metrics(sim, owner)
+            secs = time.perf_counter() - t0
+            base = {"dataset": s.label, "split": s.split, "images": len(split), "captions": split.n_captions, "tta": tta,
+                    "zero_shot": s.zero_shot, "encode_s_per_image": round(secs / len(split), 5)}
+            rows.append({**base, "rerank": "none", **{k: float(m[k]) for k in METRICS}})
+            if bank is not None:
+                q = pair_metrics(qbnorm_scores(enc, bank, qbnorm_beta), owner)
+                rows.append({**base, "rerank": f"qbnorm(beta={qbnorm_beta:g}, bank={s.bank})", **{k: float(q[k]) for k in METRICS}})
+            log.info("%s tta=%d: mR %.2f%s", s.label, tta, rows[-1 - (bank is not None)]["mR"],
+                     f", with QB-Norm {rows[-1]['mR']:.2f}" if bank is not None else "")
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["dataset", "split", "images", "tta", "rerank", *METRICS, "encode_s_per_image"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) and c in METRICS else str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def export_run(run_dir: str | Path, name: str, out_dir: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Export the best (else last) checkpoint of ``run_dir`` as the shipped model ``name``."""
+    from rsitr.models.checkpoint import load_checkpoint
+    from rsitr.models.shipped import export_checkpoint
+
+    ck = load_checkpoint(run_dir)
+    meta = {"trained_run": str(run_dir), "best": ck.get("best", {}) if isinstance(ck.get("best"), dict) else {}}
+    return export_checkpoint(ck, out_dir, name, {**(card or {}), **{k: v for k, v in meta.items() if k not in (card or {})}})
+
+
+def build_release(release: Release, out_dir: str | Path, run_dir: str | Path, *, train: bool = True, engine: str = "auto",
+                  progress: bool = True) -> dict[str, Any]:
+    """Train (unless ``run_dir`` holds a finished run, or ``train`` is False), export, evaluate the
+    export, write the card. Returns the card document."""
+    from rsitr.models.shipped import read_card, write_card
+
+    run = Path(run_dir)
+    t0 = time.perf_counter()
+    if train:
+        from rsitr.train.config import TrainConfig
+        from rsitr.train.loop import train as train_run
+
+        cfg = TrainConfig.from_yaml(release.config_path()).override({**release.overrides, "seed": release.seed, "out_dir": str(run)})
+        resume = (run / "checkpoint_last.pt").is_file()
+        train_run(cfg, resume=resume, progress=progress)
+    train_s = time.perf_counter() - t0
+    if not ((run / "checkpoint_best.pt").is_file() or (run / "checkpoint_last.pt").is_file()):
+        raise RsitrError(f"{run}: no checkpoint to export (train it first, or drop --no-train)")
+    card = {**release.card, "release_file": str(release.path) if release.path else None, "built_at_commit": git_commit(),
+            "training_config": str(release.config_path()), "seed": release.seed}
+    out = export_run(run, release.name, out_dir, card)
+    rows = evaluate_model(_shipped_source(out, release.name), release.eval_sets,
+                          ttas=release.ttas, qbnorm_beta=release.qbnorm_beta, engine=engine, progress=progress)
+    doc = read_card(release.name, out.parent)
+    doc["card"]["metrics"] = rows
+    doc["card"]["build_seconds"] = {"train_and_cache": round(train_s, 1), "total": round(time.perf_counter() - t0, 1)}
+    write_card(out, doc)
+    return doc
+
+
+def _shipped_source(folder: Path, name: str) -> str:
+    """A spec that loads the export in ``folder``: ``shipped:NAME`` inside the package, else the folder."""
+    from rsitr.models import shipped
+
+    if folder.resolve().parent == shipped.SHIPPED_DIR.resolve():
+        return shipped.PREFIX + name
+    return str(folder)
+
+
+def rows_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=1)
+
+
+__all__ = ["EvalSet", "Release", "build_release", "evaluate_model", "export_run", "markdown_table", "rows_json"]
