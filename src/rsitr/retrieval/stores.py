@@ -114,6 +114,11 @@ def register_store(cls: type["VectorStore"]) -> type["VectorStore"]:
     return cls
 
 
+def unregister_store(kind: str) -> None:
+    """Remove store ``kind`` from the registry (for tests that register a store of their own)."""
+    _REGISTRY.pop(kind, None)
+
+
 def store_kinds() -> tuple[str, ...]:
     """The registered store kinds, in registration order (the first, ``faiss``, is the default)."""
     return tuple(_REGISTRY)
@@ -643,4 +648,4 @@ def open_store(spec: dict | None, ctx: StoreContext, options: dict | None = None
 
 __all__ = ["FaissStore", "MILVUS_INDEX", "MilvusOptions", "MilvusStore", "NoOptions", "StoreContext", "StoreFlag", "VectorStore",
            "default_collection", "normalize_uri", "open_store", "parse_store_opt_args", "parse_store_options", "register_store",
-           "store_class", "store_flags", "store_kinds"]
+           "store_class", "store_flags", "store_kinds", "unregister_store"]
