@@ -35,7 +35,6 @@ checkpoint carries); an index is only ever used with a model whose hash matches 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math

@@ -1,6 +1,6 @@
 """Query an index: text -> tiles, image -> similar tiles, optional re-ranking, thumbnails.
 
-:class:`SearchEngine` loads an index folder (:mod:`rsitr.search.build`), its model (refused
+:class:`SearchEngine` loads an index folder (its manifest: :class:`rsitr.search.manifest.IndexManifest`), its model (refused
 unless its weights hash to the manifest's), and answers queries. It is safe to share between
 threads: model forward passes and FAISS searches run under one lock (a 2-core CPU gains nothing
 from running them concurrently), everything else is read-only.
