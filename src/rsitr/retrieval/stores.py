@@ -16,7 +16,7 @@ footprint, answers inner-product (cosine) top-k queries, and filters them by a W
   (FLOAT_VECTOR, metric IP), ``key``/``path``/``crs`` (VARCHAR), ``window`` (INT64 array, empty for
   whole images), ``west``/``south``/``east``/``north`` (DOUBLE), ``crosses`` and ``has_geo``
   (BOOL). Vector index ``FLAT`` (exact), ``IVF_FLAT`` or ``HNSW``. A filtered search pushes the
-  box down as a scalar filter expression (:func:`rsitr.retrieval.bbox.milvus_expr`). Rows are
+  box down as a scalar filter expression (:func:`milvus_expr`, equal to :func:`rsitr.retrieval.bbox.intersects`). Rows are
   written with ``upsert`` (by id), so re-writing the same ids after a crash is idempotent.
 
 Stores are registered by kind (:func:`register_store`); the index builder, the search engine, the
@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from rsitr.retrieval.bbox import BBox, footprint_array, intersects, milvus_expr, parse_bbox
+from rsitr.retrieval.bbox import BBox, footprint_array, intersects, parse_bbox
 from rsitr.retrieval.index import KINDS, VectorIndex, _as_matrix, l2_normalize
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_path
@@ -391,6 +391,18 @@ def default_collection(index_dir: str | os.PathLike) -> str:
     return f"rsitr_{name}_{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
 
 
+def milvus_expr(box: BBox) -> str:
+    """The Milvus boolean expression equal to :func:`intersects` (exact float64 literals)."""
+    W, S, E, N = (repr(float(v)) for v in box.as_list())
+    lat = f"south <= {N} and north >= {S}"
+    if box.crosses_antimeridian:
+        lon = f"(crosses == true or east >= {W} or west <= {E})"
+    else:
+        lon = (f"((crosses == false and west <= {E} and east >= {W}) or "
+               f"(crosses == true and (west <= {E} or east >= {W})))")
+    return f"has_geo == true and {lat} and {lon}"
+
+
 @dataclasses.dataclass
 class MilvusOptions:
     """``--store milvus`` options: ``uri`` (a Milvus Lite file ``*.db`` or a server URL), ``collection``
@@ -647,5 +659,5 @@ def open_store(spec: dict | None, ctx: StoreContext, options: dict | None = None
 
 
 __all__ = ["FaissStore", "MILVUS_INDEX", "MilvusOptions", "MilvusStore", "NoOptions", "StoreContext", "StoreFlag", "VectorStore",
-           "default_collection", "normalize_uri", "open_store", "parse_store_opt_args", "parse_store_options", "register_store",
+           "default_collection", "milvus_expr", "normalize_uri", "open_store", "parse_store_opt_args", "parse_store_options", "register_store",
            "store_class", "store_flags", "store_kinds", "unregister_store"]
