@@ -131,9 +131,9 @@ def test_manifest_reader(edits):
             assert "\n" not in str(exc)
             return
         # what passed is what the index code relies on
-        assert isinstance(got["files"], dict) and all("/" not in v and v not in ("..", ".") for v in got["files"].values())
-        assert isinstance(got["count"], int) and got["count"] >= 0 and got["embed_dim"] > 0
-        assert got["index"]["kind"] in ("flat", "ivf", "hnsw") and got["tiling"]["tile_size"] > got["tiling"]["overlap"] >= 0
+        assert isinstance(got.files, dict) and all("/" not in v and v not in ("..", ".") for v in got.files.values())
+        assert isinstance(got.count, int) and got.count >= 0 and got.embed_dim > 0
+        assert got.index_kind in ("flat", "ivf", "hnsw") and got.tile_size > got.overlap >= 0
 
 
 # -- the API -------------------------------------------------------------------------------------

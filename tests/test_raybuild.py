@@ -47,9 +47,10 @@ def _opts(**kw):
 
 def _same_index(a: Path, b: Path) -> None:
     ma, mb = B.read_manifest(a), B.read_manifest(b)
-    for k in ma.keys() | mb.keys():
+    da, db = ma.to_dict(), mb.to_dict()
+    for k in da.keys() | db.keys():
         if k not in ("created", "updated"):  # timings
-            assert ma.get(k) == mb.get(k), k
+            assert da.get(k) == db.get(k), k
     ia, ib = B.read_items(a, ma), B.read_items(b, mb)
     assert [it.to_json() for it in ia] == [it.to_json() for it in ib]
     diff = np.abs(B.read_embeddings(a, ma) - B.read_embeddings(b, mb)).max()
@@ -105,9 +106,9 @@ def test_ray_build_resumes_after_the_driver_is_killed(cluster, source, tmp_path)
             proc.wait(30)
     written = {}
     for p in sorted((out / R.SHARDS).glob("shard-*.parquet")):
-        written[p.name] = R.read_shard(p, B.read_manifest(out)["model"]["state_sha256"], columns=["key"])["keys"]
+        written[p.name] = R.read_shard(p, B.read_manifest(out).model.state_sha256, columns=["key"])["keys"]
     done = {k for ks in written.values() for k in ks}
-    assert 2 <= len(done) < 16 and B.read_manifest(out)["count"] == 0  # mid-way: shards on disk, nothing merged
+    assert 2 <= len(done) < 16 and B.read_manifest(out).count == 0  # mid-way: shards on disk, nothing merged
     # re-run: only what no shard holds is encoded
     r = R.build_index_ray(source, "clip:tiny", out, _opts(), R.RayOptions(workers=1, shard_size=2))
     assert r.encoded == 16 - len(done) and r.total == 16

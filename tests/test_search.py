@@ -113,9 +113,9 @@ def test_plain_images_are_whole_items(source):
 # -- build / search -----------------------------------------------------------------------------
 def test_build_manifest_and_search(index, source):
     m = B.read_manifest(index)
-    assert m["count"] == 9 and m["embed_dim"] == 128 and m["model"]["checkpoint"] == "clip:tiny"
-    assert m["backbone"]["kind"] == "clip" and m["preprocess"]["image_size"] == 64 and m["tiling"] == {"tile_size": TILE, "overlap": 0}
-    assert m["model"]["state_sha256"] and m["created"] and m["tokens"] is True
+    assert m.count == 9 and m.embed_dim == 128 and m.model.checkpoint == "clip:tiny"
+    assert m.backbone["kind"] == "clip" and m.preprocess["image_size"] == 64 and (m.tile_size, m.overlap) == (TILE, 0)
+    assert m.model.state_sha256 and m.created and m.tokens is True
     assert not (index / "chunks").exists()
     items = B.read_items(index, m)
     assert [it.id for it in items] == list(range(9))
@@ -155,7 +155,7 @@ def test_approximate_kinds(tmp_path, source, tiny, kind):
     out = tmp_path / "idx"
     B.build_index(source, "clip:tiny", out, opts(index_kind=kind, batch_size=8, chunk_size=None), model=tiny)
     eng = SearchEngine(out, model=tiny)
-    assert B.read_manifest(out)["index"]["kind"] == kind
+    assert B.read_manifest(out).index_kind == kind
     assert len(eng.search("houses", k=4)) == 4
 
 
@@ -175,7 +175,7 @@ def test_resume_after_interrupt_encodes_nothing_twice(tmp_path, source, tiny, mo
     with pytest.raises(KeyboardInterrupt):
         B.build_index(source, "clip:tiny", out, opts(), model=tiny)
     assert len(list((out / "chunks").glob("chunk-*.npz"))) == 3
-    assert B.read_manifest(out)["count"] == 0  # nothing merged yet
+    assert B.read_manifest(out).count == 0  # nothing merged yet
     calls.clear()
     fail_after[0] = None
     r = B.build_index(source, "clip:tiny", out, opts(), model=tiny)
@@ -195,7 +195,7 @@ def test_resume_after_interrupt_encodes_nothing_twice(tmp_path, source, tiny, mo
 def test_index_add_skips_indexed_paths(tmp_path, source, tiny, monkeypatch):
     out = tmp_path / "idx"
     B.build_index(source / "png", "clip:tiny", out, opts(), model=tiny)
-    assert B.read_manifest(out)["count"] == 3
+    assert B.read_manifest(out).count == 3
     extra = tmp_path / "extra"
     write_sample_source(extra, n_png=2, geotiff=False, seed=5)
     calls = []
@@ -207,7 +207,7 @@ def test_index_add_skips_indexed_paths(tmp_path, source, tiny, monkeypatch):
     r = B.add_to_index(out, extra, opts(), model=tiny)
     assert sum(calls) == 2 and r.total == 11
     m = B.read_manifest(out)
-    assert len(B.read_items(out, m)) == 11 and B.read_embeddings(out, m).shape[0] == 11 and len(m["sources"]) == 3
+    assert len(B.read_items(out, m)) == 11 and B.read_embeddings(out, m).shape[0] == 11 and len(m.sources) == 3
     eng = SearchEngine(out, model=tiny)
     new_png = sorted(extra.glob("png/*.png"))[0]
     assert eng.search_image(new_png, k=1)[0]["path"] == str(new_png.resolve())

@@ -13,6 +13,7 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from rsitr.retrieval.bbox import footprint_array, intersects, parse_bbox  # noqa: E402
+from rsitr.retrieval.stores import MilvusStore  # noqa: E402
 from rsitr.search import build as B  # noqa: E402
 from rsitr.bench.search import write_sample_source  # noqa: E402
 from rsitr.search.engine import SearchEngine  # noqa: E402
@@ -40,7 +41,7 @@ def _opts(**kw):
 def indexes(tmp_path_factory, source, tiny):
     root = tmp_path_factory.mktemp("idx")
     B.build_index(source, "clip:tiny", root / "faiss", _opts(), model=tiny)
-    B.build_index(source, "clip:tiny", root / "milvus", _opts(store="milvus", milvus_uri=str(root / "m.db")), model=tiny)
+    B.build_index(source, "clip:tiny", root / "milvus", _opts(store="milvus", store_options={"uri": str(root / "m.db")}), model=tiny)
     return root / "faiss", root / "milvus"
 
 
@@ -54,9 +55,9 @@ def _box_of(index_dir) -> str:
 
 def test_manifest_names_the_store(indexes):
     f, m = (B.read_manifest(p) for p in indexes)
-    assert f["store"] == {"kind": "faiss"} and "footprints" in f["files"]
-    assert m["store"]["kind"] == "milvus" and m["store"]["index"] == "FLAT" and m["store"]["uri"].endswith("m.db")
-    assert "vectors" not in m["files"] and m["count"] == f["count"] == 15
+    assert f.store == {"kind": "faiss"} and "footprints" in f.files
+    assert m.store["kind"] == "milvus" and m.store["index"] == "FLAT" and m.store["uri"].endswith("m.db")
+    assert "vectors" not in m.files and m.count == f.count == 15
     np.testing.assert_array_equal(B.read_embeddings(indexes[0], f), B.read_embeddings(indexes[1], m))
 
 
@@ -121,11 +122,11 @@ def test_cli_bbox_on_both_stores(indexes, capsys):
 def test_milvus_index_grows_and_recovers_an_interrupted_merge(tmp_path, source, tiny):
     out = tmp_path / "idx"
     db = tmp_path / "g.db"
-    B.build_index(source / "png", "clip:tiny", out, _opts(store="milvus", milvus_uri=str(db)), model=tiny)
+    B.build_index(source / "png", "clip:tiny", out, _opts(store="milvus", store_options={"uri": str(db)}), model=tiny)
     m = B.read_manifest(out)
-    assert m["count"] == 3
+    assert m.count == 3
     # a merge killed after writing to Milvus but before the manifest switched leaves rows past the count
-    with B.milvus_store(m) as st:
+    with MilvusStore.from_spec(m.store, m.embed_dim, m.index_kind) as st:
         st.add(np.ones((2, st.dim), np.float32), [{"id": 3, "path": "/ghost/a.png"}, {"id": 4, "path": "/ghost/b.png"}])
         assert len(st) == 5
     r = B.add_to_index(out, source, _opts(), model=tiny)
@@ -137,21 +138,21 @@ def test_milvus_index_grows_and_recovers_an_interrupted_merge(tmp_path, source, 
     finally:
         eng.close()
     with pytest.raises(RsitrError, match="another one"):
-        B.build_index(source, "clip:tiny", out, _opts(store="milvus", milvus_uri=str(tmp_path / "other.db")), model=tiny)
+        B.build_index(source, "clip:tiny", out, _opts(store="milvus", store_options={"uri": str(tmp_path / "other.db")}), model=tiny)
 
 
 def test_store_option_errors(tmp_path, source, tiny, indexes):
     with pytest.raises(RsitrError, match="needs --milvus-uri"):
         B.build_index(source, "clip:tiny", tmp_path / "a", _opts(store="milvus"), model=tiny)
     with pytest.raises(RsitrError, match="apply to --store milvus"):
-        B.build_index(source, "clip:tiny", tmp_path / "b", _opts(milvus_uri=str(tmp_path / "x.db")), model=tiny)
+        B.build_index(source, "clip:tiny", tmp_path / "b", _opts(store_options={"uri": str(tmp_path / "x.db")}), model=tiny)
     with pytest.raises(RsitrError, match="store faiss"):
-        B.build_index(source, "clip:tiny", indexes[0], _opts(store="milvus", milvus_uri=str(tmp_path / "x.db")), model=tiny)
+        B.build_index(source, "clip:tiny", indexes[0], _opts(store="milvus", store_options={"uri": str(tmp_path / "x.db")}), model=tiny)
     # an existing collection is never taken over by a new index
     m = B.read_manifest(indexes[1])
     with pytest.raises(RsitrError, match="already exists"):
-        B.build_index(source, "clip:tiny", tmp_path / "c", _opts(store="milvus", milvus_uri=m["store"]["uri"],
-                                                                 milvus_collection=m["store"]["collection"]), model=tiny)
+        B.build_index(source, "clip:tiny", tmp_path / "c", _opts(store="milvus", store_options={
+            "uri": m.store["uri"], "collection": m.store["collection"]}), model=tiny)
     assert not (tmp_path / "c").exists()
 
 

@@ -40,7 +40,7 @@ def servers(tmp_path_factory):
     model = B.load_model("clip:tiny")
     o = dict(tile_size=TILE, batch_size=16, progress=False, engine="torch")
     B.build_index(src, "clip:tiny", root / "faiss", B.BuildOptions(**o), model=model)
-    B.build_index(src, "clip:tiny", root / "milvus", B.BuildOptions(**o, store="milvus", milvus_uri=str(root / "m.db")), model=model)
+    B.build_index(src, "clip:tiny", root / "milvus", B.BuildOptions(**o, store="milvus", store_options={"uri": str(root / "m.db")}), model=model)
     running = {name: _serve(root / name) for name in ("faiss", "milvus")}
     items = B.read_items(root / "faiss", B.read_manifest(root / "faiss"))
     yield {name: url for name, (_, _, url) in running.items()}, items

@@ -118,11 +118,11 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
     """Load the server of ``index`` (see the module doc); returns the figures as a dict."""
     import httpx
 
-    from rsitr.search.build import read_items, read_manifest
+    from rsitr.search.manifest import IndexManifest
 
     index = Path(index)
-    manifest = read_manifest(index)
-    items = read_items(index, manifest)
+    manifest = IndexManifest.load(index)
+    items = manifest.read_items(index)
     if not items:
         raise RsitrError(f"{index}: the index is empty")
     if clients < 1 or duration <= 0 or warmup < 0 or len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
@@ -248,7 +248,7 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
     rss_warm = [v for t, v in rss if t <= warmup] or [v for _, v in rss[:1]]
     rss_after = [v for t, v in rss if t > warmup]
     return {
-        "index": str(index), "items": len(items), "model": manifest["model"]["checkpoint"], "clients": clients, "duration_s": duration,
+        "index": str(index), "items": len(items), "model": manifest.model.checkpoint, "clients": clients, "duration_s": duration,
         "warmup_s": warmup, "k": k, "mix": dict(zip(KINDS, [float(w) for w in weights])), "server_startup_s": round(startup_s, 1),
         "sequential_p50_ms": {kk: _pct(np.asarray(v) * 1000.0, 50) for kk, v in seq_lat.items()},
         "rows": rows, "total_requests": total, "total_req_per_s": round(total / wall, 2) if wall > 0 else 0.0,

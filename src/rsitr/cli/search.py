@@ -23,12 +23,7 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
         p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
         p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw"), default="flat", help="vector index: exact (flat) or approximate")
         p.add_argument("--keep-tokens", action="store_true", help="also store image patch tokens (fp16) for --rerank ftf")
-        # -- vector store (rsitr.retrieval.stores) --
-        p.add_argument("--store", choices=("faiss", "milvus"), default="faiss",
-                       help="where the vectors live: faiss (files in the index folder, default) or milvus (a Milvus collection)")
-        p.add_argument("--milvus-uri", default=None, metavar="FILE.db|URL",
-                       help="--store milvus: a Milvus Lite file (embedded) or a server such as http://host:19530 (token: $MILVUS_TOKEN)")
-        p.add_argument("--milvus-collection", default=None, help="collection name (default: rsitr_<index folder>_<hash of its path>)")
+        _add_store_args(p, build=True)
     p.add_argument("--batch-size", type=int, default=32, help="images per encode batch (default 32)")
     p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
     p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
@@ -41,6 +36,42 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
     p.add_argument("--ray-workers", type=int, default=1, help="--executor ray: encoder actors (default 1)")
     p.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="--executor ray: CPUs/threads per encoder (default 1)")
     p.add_argument("--shard-size", type=int, default=1024, help="--executor ray: items per Parquet shard, the unit of resume (default 1024)")
+
+
+def _add_store_args(p: argparse.ArgumentParser, *, build: bool) -> None:
+    """The vector store flags (:mod:`rsitr.retrieval.stores`): ``--store`` (build), the generic
+    ``--store-opt KEY=VALUE``, and the spelled flags each registered store declares for its options."""
+    from rsitr.retrieval.stores import store_flags, store_kinds
+
+    if build:
+        kinds = store_kinds()
+        p.add_argument("--store", choices=kinds, default=kinds[0],
+                       help=f"where the vectors live: {kinds[0]} (files in the index folder, default) or another registered store "
+                            f"({', '.join(kinds[1:])})")
+    p.add_argument("--store-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the vector store (repeatable)" + ("" if build else
+                        "; here: only what the index's store lets a reader override, e.g. its address"))
+    for f in store_flags():
+        if build or f.reopen:
+            p.add_argument(f.flag, dest=_flag_dest(f.flag), default=None, metavar=f.metavar, help=f"{f.help} (= --store-opt {f.key}=...)")
+
+
+def _flag_dest(flag: str) -> str:
+    return "store_flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def _store_options(args) -> dict:
+    """``--store-opt`` pairs and the stores' spelled flags as one ``{key: value}``."""
+    from rsitr.retrieval.stores import parse_store_opt_args, store_flags
+
+    out = parse_store_opt_args(getattr(args, "store_opt", None))
+    for f in store_flags():
+        v = getattr(args, _flag_dest(f.flag), None)
+        if v is not None:
+            if f.key in out and out[f.key] != v:
+                raise RsitrError(f"{f.flag} {v} and --store-opt {f.key}={out[f.key]} disagree")
+            out[f.key] = v
+    return out
 
 
 def _ray_opts(args):
@@ -62,7 +93,7 @@ def cmd_index_build(args) -> int:
     from rsitr.search.build import build_index
 
     o = _opts(args, tile_size=args.tile_size, overlap=args.overlap, index_kind=args.index_kind, keep_tokens=args.keep_tokens,
-              store=args.store, milvus_uri=args.milvus_uri, milvus_collection=args.milvus_collection)
+              store=args.store, store_options=_store_options(args))
     if args.executor == "ray":
         from rsitr.search.raybuild import build_index_ray
 
@@ -112,7 +143,7 @@ def cmd_search(args) -> int:
         from rsitr.retrieval.bbox import parse_bbox
 
         box = parse_bbox(args.bbox)  # before loading anything: a bad box is one line
-    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine, milvus_uri=args.milvus_uri)
+    eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine, store_options=_store_options(args))
     try:
         if args.image is not None:
             if args.rerank != "none":
@@ -161,7 +192,8 @@ def cmd_serve(args) -> int:
     from rsitr.serve.app import create_app
 
     token = serve_token(args)
-    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine, milvus_uri=args.milvus_uri, token=token)
+    app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine, store_options=_store_options(args),
+                     token=token)
     print(f"serving {args.index} on http://{args.host}:{args.port}/" + (" (token required; open /?token=... once in a browser)" if token else ""),
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info")
@@ -217,7 +249,7 @@ def add_cli(sub) -> None:
     s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     s.add_argument("--bbox", default=None, metavar="W,S,E,N",
                    help="only tiles whose WGS84 footprint intersects this box (degrees; W > E crosses the antimeridian)")
-    s.add_argument("--milvus-uri", default=None, help="a Milvus-backed index: reach its collection here instead of the recorded URI")
+    _add_store_args(s, build=False)
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_engine_arg(s)
     s.set_defaults(func=cmd_search)
@@ -230,7 +262,7 @@ def add_cli(sub) -> None:
     v.add_argument("--token", default=None, help="require this token on every route but /healthz: header 'Authorization: Bearer T', "
                    "or open /?token=T once in a browser (sets a cookie); default $RSITR_TOKEN")
     v.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
-    v.add_argument("--milvus-uri", default=None, help="a Milvus-backed index: reach its collection here instead of the recorded URI")
+    _add_store_args(v, build=False)
     v.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_engine_arg(v)
     v.set_defaults(func=cmd_serve)

@@ -7,9 +7,8 @@ STAC. ``west > east`` means the box crosses the antimeridian (it covers ``[west,
 intersects it (a box of zero width or height, e.g. a point, selects the tiles containing it).
 
 :func:`intersects` is the one definition of "a footprint intersects the box"; the FAISS store
-applies it with numpy and :func:`milvus_expr` writes the same test as a Milvus scalar filter
-over the ``west/south/east/north`` (DOUBLE), ``crosses`` and ``has_geo`` (BOOL) fields, so both
-stores select exactly the same tiles.
+applies it with numpy, and a store that filters inside a database writes the same test in its
+own filter language (:mod:`rsitr.retrieval.stores`), so every store selects exactly the same tiles.
 """
 from __future__ import annotations
 
@@ -93,16 +92,4 @@ def intersects(fp: np.ndarray, has_geo: np.ndarray, box: BBox) -> np.ndarray:
     return has_geo & lat & lon
 
 
-def milvus_expr(box: BBox) -> str:
-    """The Milvus boolean expression equal to :func:`intersects` (exact float64 literals)."""
-    W, S, E, N = (repr(float(v)) for v in box.as_list())
-    lat = f"south <= {N} and north >= {S}"
-    if box.crosses_antimeridian:
-        lon = f"(crosses == true or east >= {W} or west <= {E})"
-    else:
-        lon = (f"((crosses == false and west <= {E} and east >= {W}) or "
-               f"(crosses == true and (west <= {E} or east >= {W})))")
-    return f"has_geo == true and {lat} and {lon}"
-
-
-__all__ = ["BBox", "footprint_array", "intersects", "milvus_expr", "parse_bbox"]
+__all__ = ["BBox", "footprint_array", "intersects", "parse_bbox"]

@@ -16,14 +16,25 @@ footprint, answers inner-product (cosine) top-k queries, and filters them by a W
   (FLOAT_VECTOR, metric IP), ``key``/``path``/``crs`` (VARCHAR), ``window`` (INT64 array, empty for
   whole images), ``west``/``south``/``east``/``north`` (DOUBLE), ``crosses`` and ``has_geo``
   (BOOL). Vector index ``FLAT`` (exact), ``IVF_FLAT`` or ``HNSW``. A filtered search pushes the
-  box down as a scalar filter expression (:func:`rsitr.retrieval.bbox.milvus_expr`). Rows are
+  box down as a scalar filter expression (:func:`milvus_expr`, equal to :func:`rsitr.retrieval.bbox.intersects`). Rows are
   written with ``upsert`` (by id), so re-writing the same ids after a crash is idempotent.
+
+Stores are registered by kind (:func:`register_store`); the index builder, the search engine, the
+server and the CLI go through the registry and name no store. A store class brings
+
+* ``Options``: a dataclass of its options (given as ``--store-opt KEY=VALUE`` or through the
+  spelled flags the store declares in ``cli_flags``, e.g. ``--milvus-uri X`` = ``--store-opt uri=X``);
+* ``create_for_index`` (a new index: returns the ``spec`` its manifest records), ``check_continue``
+  (a build re-run with options: the same store?), ``write_generation`` (the vectors of a new
+  generation of the index) and ``open_for_index`` (reopen it from the recorded ``spec``; the
+  options in ``open_options`` may override the recorded ones, e.g. another address).
 
 :func:`open_store` reopens a store from the ``spec()`` an index manifest records.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import re
@@ -32,14 +43,13 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from rsitr.retrieval.bbox import BBox, footprint_array, intersects, milvus_expr, parse_bbox
+from rsitr.retrieval.bbox import BBox, footprint_array, intersects, parse_bbox
 from rsitr.retrieval.index import KINDS, VectorIndex, _as_matrix, l2_normalize
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-STORES = ("faiss", "milvus")
 MILVUS_INDEX = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 MILVUS_MAX_K = 16384  # Milvus' topk limit
 _BLOCK = 65536  # vectors scored per block in an exact filtered FAISS search
@@ -63,6 +73,107 @@ def _pad(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndar
     return out_s, out_i
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreFlag:
+    """A spelled CLI flag a store declares for one of its options (``--FLAG V`` = ``--store-opt KEY=V``);
+    ``reopen``: also offered where an index is opened (search, serve), not only where one is built."""
+
+    flag: str
+    key: str
+    help: str
+    metavar: str | None = None
+    reopen: bool = False
+
+
+@dataclasses.dataclass
+class StoreContext:
+    """What a store is told about the index it serves: folder, vector size, index kind (``nlist``:
+    IVF cells for the current count), the manifest's ``files`` and, lazily, the items' footprints."""
+
+    index_dir: Path
+    dim: int
+    index_kind: str
+    files: dict
+    nlist: int | None = None
+    footprints: Any = None  # callable -> [wgs84 | None per id]; for indexes written before footprints were stored
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A store without options."""
+
+
+_REGISTRY: dict[str, type["VectorStore"]] = {}
+
+
+def register_store(cls: type["VectorStore"]) -> type["VectorStore"]:
+    """Class decorator: make ``cls`` available as ``--store cls.kind`` (replacing a class of that kind)."""
+    if not getattr(cls, "kind", None) or not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        raise TypeError(f"{cls.__name__}: a store needs a 'kind' and an 'Options' dataclass")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def unregister_store(kind: str) -> None:
+    """Remove store ``kind`` from the registry (for tests that register a store of their own)."""
+    _REGISTRY.pop(kind, None)
+
+
+def store_kinds() -> tuple[str, ...]:
+    """The registered store kinds, in registration order (the first, ``faiss``, is the default)."""
+    return tuple(_REGISTRY)
+
+
+def store_class(kind: str) -> type["VectorStore"]:
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise RsitrError(f"unknown vector store {kind!r}; this rsitr knows {store_kinds()}") from None
+
+
+def store_flags() -> list[StoreFlag]:
+    """Every spelled flag of every registered store (for the CLI)."""
+    return [f for cls in _REGISTRY.values() for f in cls.cli_flags]
+
+
+def parse_store_options(kind: str, given: dict | None, *, reopen: bool = False):
+    """The ``Options`` of store ``kind`` from ``given`` (``{key: value}``, values as typed or as
+    strings); keys it does not take are refused naming the stores that do. ``reopen``: only the
+    store's ``open_options`` may be given (overrides of what the manifest records)."""
+    cls = store_class(kind)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    allowed = set(cls.open_options) if reopen else set(fields)
+    bad = sorted(set(given) - allowed)
+    if bad:
+        flags = {f.key: f.flag for f in cls.cli_flags}
+        others = sorted({k for k, c in _REGISTRY.items() if c is not cls and set(bad) <= {f.name for f in dataclasses.fields(c.Options)}})
+        named = " / ".join(flags.get(b) or next((f.flag for f in store_flags() if f.key == b), f"--store-opt {b}") for b in bad)
+        where = f"apply to --store {' or '.join(others)}, not" if others else "are not options of"
+        raise RsitrError(f"{named} {where} --store {kind} (it takes: {', '.join(sorted(allowed)) or 'no options'})")
+    vals = {}
+    for k, v in given.items():
+        typ = fields[k].type if isinstance(fields[k].type, str) else getattr(fields[k].type, "__name__", "")
+        if isinstance(v, str) and typ.split("|")[0].strip() == "int":
+            try:
+                v = int(v)
+            except ValueError:
+                raise RsitrError(f"--store-opt {k}={v}: an integer is expected") from None
+        vals[k] = v
+    return cls.Options(**vals)
+
+
+def parse_store_opt_args(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` (the ``--store-opt`` flag) as a dict; a pair without ``=`` is refused."""
+    out: dict[str, str] = {}
+    for p in pairs or ():
+        key, sep, value = str(p).partition("=")
+        if not sep or not key.strip():
+            raise RsitrError(f"--store-opt {p!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
 class VectorStore(abc.ABC):
     """Embeddings + footprints of an index. ``search(q, k, bbox)`` returns ``(scores float32 [b,
     m], ids int64 [b, m])`` best first, ``m <= k``; slots a query could not fill hold id -1 and
@@ -70,8 +181,42 @@ class VectorStore(abc.ABC):
     two-argument ``search(q, k)`` is :class:`VectorIndex`'s)."""
 
     kind: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    open_options: ClassVar[frozenset[str]] = frozenset()  # options a reopen may override
+    cli_flags: ClassVar[tuple[StoreFlag, ...]] = ()
     dim: int
     index_kind: str
+
+    # -- the life of an index's store (the registry's interface) --------------------------------
+    @classmethod
+    def create_for_index(cls, index_dir: Path, dim: int, index_kind: str, options) -> dict:
+        """Prepare the store of a new index; returns the ``spec`` its manifest records."""
+        return {"kind": cls.kind}
+
+    @classmethod
+    def check_continue(cls, spec: dict, options, index_dir: Path) -> None:
+        """A build re-run on an existing index with ``options``: refuse options naming another store."""
+
+    @classmethod
+    def check_spec(cls, spec: dict) -> str | None:
+        """What is wrong with a recorded ``spec`` (None: nothing), for the manifest's validation."""
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    def write_generation(cls, spec: dict, ctx: StoreContext, emb: np.ndarray, records: Sequence[dict], n_old: int, gen: int) -> dict:
+        """Write the vectors of generation ``gen`` (``emb``: all rows; the first ``n_old`` were in the
+        previous generation) before the manifest switches to it; returns the files it added to the
+        index folder (``{"vectors": name, "footprints": name}`` or fewer)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open_for_index(cls, spec: dict, ctx: StoreContext, options=None) -> "VectorStore":
+        """Reopen the store ``spec`` records (``options``: overrides allowed by ``open_options``)."""
+
+    def where(self) -> str:
+        """Where the vectors are, for messages."""
+        return "its vector file"
 
     @abc.abstractmethod
     def add(self, vectors: Any, records: Sequence[dict]) -> None:
@@ -108,7 +253,10 @@ class VectorStore(abc.ABC):
 
 
 # -- FAISS -----------------------------------------------------------------------------------------
+@register_store
 class FaissStore(VectorStore):
+    """Vectors and footprints as files in the index folder (the default store)."""
+
     kind = "faiss"
 
     def __init__(self, index: VectorIndex, footprints: np.ndarray | None = None, has_geo: np.ndarray | None = None):
@@ -193,6 +341,26 @@ class FaissStore(VectorStore):
     def spec(self) -> dict:
         return {"kind": "faiss"}
 
+    @classmethod
+    def write_generation(cls, spec: dict, ctx: StoreContext, emb: np.ndarray, records: Sequence[dict], n_old: int, gen: int) -> dict:
+        if not len(emb):
+            return {}
+        vi = VectorIndex(emb.shape[1], ctx.index_kind, nlist=ctx.nlist if ctx.index_kind == "ivf" else None)
+        vi.add(emb)
+        st = cls(vi, *footprint_array([r.get("wgs84") for r in records]))
+        files = {"vectors": f"vectors.{gen:06d}.faiss", "footprints": f"footprints.{gen:06d}.npy"}
+        st.save(ctx.index_dir / files["vectors"], ctx.index_dir / files["footprints"])
+        return files
+
+    @classmethod
+    def open_for_index(cls, spec: dict, ctx: StoreContext, options=None) -> "FaissStore":
+        if not ctx.files.get("vectors"):
+            raise RsitrError(f"{ctx.index_dir}: the FAISS store of this index has no vectors file")
+        fp = ctx.files.get("footprints")
+        if fp:
+            return cls.load(ctx.index_dir / ctx.files["vectors"], ctx.index_dir / fp)
+        return cls.load(ctx.index_dir / ctx.files["vectors"], footprints=ctx.footprints() if ctx.footprints else None)
+
 
 # -- Milvus ----------------------------------------------------------------------------------------
 def _milvus():
@@ -223,8 +391,45 @@ def default_collection(index_dir: str | os.PathLike) -> str:
     return f"rsitr_{name}_{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
 
 
+def milvus_expr(box: BBox) -> str:
+    """The Milvus boolean expression equal to :func:`intersects` (exact float64 literals)."""
+    W, S, E, N = (repr(float(v)) for v in box.as_list())
+    lat = f"south <= {N} and north >= {S}"
+    if box.crosses_antimeridian:
+        lon = f"(crosses == true or east >= {W} or west <= {E})"
+    else:
+        lon = (f"((crosses == false and west <= {E} and east >= {W}) or "
+               f"(crosses == true and (west <= {E} or east >= {W})))")
+    return f"has_geo == true and {lat} and {lon}"
+
+
+@dataclasses.dataclass
+class MilvusOptions:
+    """``--store milvus`` options: ``uri`` (a Milvus Lite file ``*.db`` or a server URL), ``collection``
+    (default :func:`default_collection` of the index folder), and the vector index parameters."""
+
+    uri: str | None = None
+    collection: str | None = None
+    nlist: int = 128
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+
+
+@register_store
 class MilvusStore(VectorStore):
+    """One Milvus collection (Milvus Lite file or server) holding vectors and tile metadata."""
+
     kind = "milvus"
+    Options = MilvusOptions
+    open_options = frozenset({"uri"})
+    cli_flags = (
+        StoreFlag("--milvus-uri", "uri", "--store milvus: a Milvus Lite file (embedded) or a server such as http://host:19530 "
+                  "(token: $MILVUS_TOKEN); on search/serve: reach the index's collection here instead of the recorded URI",
+                  metavar="FILE.db|URL", reopen=True),
+        StoreFlag("--milvus-collection", "collection", "--store milvus: collection name (default: rsitr_<index folder>_<hash of its path>)"),
+    )
     BATCH = 2000  # rows per upsert (well under Milvus' 64 MB message limit at dim 1024)
 
     def __init__(self, uri: str, collection: str, dim: int, index_kind: str = "flat", *, nlist: int = 128, nprobe: int = 16,
@@ -396,6 +601,42 @@ class MilvusStore(VectorStore):
                 "metric": "IP", "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
                 "ef_construction": self.ef_construction, "ef_search": self.ef_search}
 
+    def where(self) -> str:
+        return f"Milvus collection {self.collection} at {self.uri}"
+
+    @classmethod
+    def check_spec(cls, spec: dict) -> str | None:
+        if not all(isinstance(spec.get(k), str) and spec[k] for k in ("uri", "collection")):
+            return "a milvus store needs 'uri' and 'collection' strings"
+        return None
+
+    @classmethod
+    def create_for_index(cls, index_dir: Path, dim: int, index_kind: str, options: MilvusOptions) -> dict:
+        if not options.uri:
+            raise RsitrError("--store milvus needs --milvus-uri (a Milvus Lite file such as idx.db, or http://host:19530)")
+        o = options
+        with cls(o.uri, o.collection or default_collection(index_dir), dim, index_kind, nlist=o.nlist, nprobe=o.nprobe,
+                 hnsw_m=o.hnsw_m, ef_construction=o.ef_construction, ef_search=o.ef_search) as st:
+            st.create()  # refuses a collection that already exists
+            return st.spec()
+
+    @classmethod
+    def check_continue(cls, spec: dict, options: MilvusOptions, index_dir: Path) -> None:
+        if (options.uri and normalize_uri(options.uri) != spec["uri"]) or (options.collection and options.collection != spec["collection"]):
+            raise RsitrError(f"{index_dir}: this index writes to Milvus collection {spec['collection']} at {spec['uri']}; "
+                             f"it cannot continue into another one")
+
+    @classmethod
+    def write_generation(cls, spec: dict, ctx: StoreContext, emb: np.ndarray, records: Sequence[dict], n_old: int, gen: int) -> dict:
+        with cls.from_spec(spec, ctx.dim, ctx.index_kind) as st:
+            st.delete_from(n_old)  # rows an interrupted merge left past the committed count
+            st.add(emb[n_old:], records[n_old:])
+        return {}
+
+    @classmethod
+    def open_for_index(cls, spec: dict, ctx: StoreContext, options: MilvusOptions | None = None) -> "MilvusStore":
+        return cls.from_spec(spec, ctx.dim, ctx.index_kind, uri=options.uri if options is not None else None)
+
     @classmethod
     def from_spec(cls, spec: dict, dim: int, index_kind: str, uri: str | None = None) -> "MilvusStore":
         return cls(uri or spec["uri"], spec["collection"], dim, index_kind, nlist=int(spec.get("nlist", 128)),
@@ -403,18 +644,20 @@ class MilvusStore(VectorStore):
                    ef_construction=int(spec.get("ef_construction", 200)), ef_search=int(spec.get("ef_search", 128)))
 
 
-def open_store(spec: dict | None, *, dim: int, index_kind: str, vectors_path: str | os.PathLike | None = None,
-               footprints_path: str | os.PathLike | None = None, footprints: Sequence | None = None,
-               milvus_uri: str | None = None) -> VectorStore:
-    """Reopen the store an index manifest names (``spec`` None: an older index, FAISS)."""
+def open_store(spec: dict | None, ctx: StoreContext, options: dict | None = None) -> VectorStore:
+    """Reopen the store an index manifest names (``spec`` None: an older index, FAISS);
+    ``options``: ``{key: value}`` overrides the store allows on a reopen (``open_options``)."""
     kind = (spec or {}).get("kind", "faiss")
-    if kind == "faiss":
-        if vectors_path is None:
-            raise RsitrError("the FAISS store of this index has no vectors file")
-        return FaissStore.load(vectors_path, footprints_path, footprints)
-    if kind == "milvus":
-        return MilvusStore.from_spec(spec, dim, index_kind, uri=milvus_uri)
-    raise RsitrError(f"unknown vector store {kind!r} in the index manifest; this rsitr knows {STORES}")
+    cls = store_class(kind)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    foreign = sorted(k for k in options if k not in cls.open_options
+                     and any(k in c.open_options for c in _REGISTRY.values() if c is not cls))
+    if foreign:  # e.g. one server command line for indexes of several stores: as before, options of another store are ignored
+        log.warning("%s: ignored for this index (its store is %s)", ", ".join(foreign), kind)
+        options = {k: v for k, v in options.items() if k not in foreign}
+    return cls.open_for_index(spec or {"kind": kind}, ctx, parse_store_options(kind, options, reopen=True) if options else None)
 
 
-__all__ = ["FaissStore", "MILVUS_INDEX", "MilvusStore", "STORES", "VectorStore", "default_collection", "normalize_uri", "open_store"]
+__all__ = ["FaissStore", "MILVUS_INDEX", "MilvusOptions", "MilvusStore", "NoOptions", "StoreContext", "StoreFlag", "VectorStore",
+           "default_collection", "milvus_expr", "normalize_uri", "open_store", "parse_store_opt_args", "parse_store_options", "register_store",
+           "store_class", "store_flags", "store_kinds", "unregister_store"]

@@ -1,6 +1,6 @@
 """Query an index: text -> tiles, image -> similar tiles, optional re-ranking, thumbnails.
 
-:class:`SearchEngine` loads an index folder (:mod:`rsitr.search.build`), its model (refused
+:class:`SearchEngine` loads an index folder (its manifest: :class:`rsitr.search.manifest.IndexManifest`), its model (refused
 unless its weights hash to the manifest's), and answers queries. It is safe to share between
 threads: model forward passes and FAISS searches run under one lock (a 2-core CPU gains nothing
 from running them concurrently), everything else is read-only.
@@ -21,7 +21,7 @@ Re-ranking (``rerank=``):
 
 Footprint filter (``bbox=`` on every search, ``W,S,E,N`` in WGS84): only items whose footprint
 intersects the box are ranked (:mod:`rsitr.retrieval.bbox`); the index's vector store applies it
-(FAISS: filter then rank, exact; Milvus: a scalar filter expression). With ``--rerank ftf`` the
+(FAISS: filter then rank, exact; a database store pushes the box down as a filter). With ``--rerank ftf`` the
 recall stage is filtered. Items without a footprint never match a box.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsitr.search import build as B
+from rsitr.search.manifest import IndexManifest, load_model as _load_model, model_identity
 from rsitr.search.sources import Item, read_item
 from rsitr.utils.errors import RsitrError
 
@@ -52,13 +52,13 @@ SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sor
 class SearchEngine:
     def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
                  load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None,
-                 milvus_uri: str | None = None):
+                 store_options: dict | None = None):
         """``model``: the index's :class:`~rsitr.methods.factory.LoadedModel` when already loaded
-        (default: loaded from ``checkpoint``, else the checkpoint the manifest names); ``milvus_uri``:
-        reach the index's Milvus collection at another address than the one recorded at build time
-        (e.g. the same collection served by a cluster)."""
+        (default: loaded from ``checkpoint``, else the checkpoint the manifest names);
+        ``store_options``: overrides of the recorded store options that the index's store allows on a
+        reopen (``{key: value}``, e.g. another address of the same collection served by a cluster)."""
         self.index_dir = Path(index_dir)
-        self._milvus_uri = milvus_uri
+        self._store_options = dict(store_options or {})
         self._tokens = None
         self._qbank = None
         self._qb_z = None  # QB-Norm normaliser per tile (NaN: not computed yet)
@@ -72,6 +72,8 @@ class SearchEngine:
                 self._open_generation()
                 break
             except FileNotFoundError as exc:
+                if IndexManifest.load(self.index_dir).generation == self.manifest.generation:  # not a commit: damage
+                    raise self.manifest.missing(Path(exc.filename or "").name, self.index_dir) from exc
                 if attempt == 4:
                     raise RsitrError(f"{self.index_dir}: the index changed under every attempt to open it ({exc.filename})") from exc
                 time.sleep(0.2)
@@ -84,9 +86,9 @@ class SearchEngine:
         if model is not None or load_model:
             from rsitr.models.engine import engine_for
 
-            spec = checkpoint or self.manifest["model"]["checkpoint"]
-            m = model if model is not None else B.load_model(spec, device)
-            B.check_model(self.manifest, B.model_identity(spec, m), self.index_dir)
+            spec = checkpoint or self.manifest.model.checkpoint
+            m = model if model is not None else _load_model(spec, device)
+            self.manifest.check_model(model_identity(spec, m), self.index_dir)
             m.eval()
             self.model, self.method = m.backbone, m.method
             # query encodes (no grad) through ONNX Runtime where available: same vectors within 1e-4
@@ -94,31 +96,27 @@ class SearchEngine:
 
     # -- info ------------------------------------------------------------------------------------
     def _open_generation(self) -> None:
-        self.manifest = B.read_manifest(self.index_dir)
-        if not self.manifest["files"]:
+        self.manifest = m = IndexManifest.load(self.index_dir)
+        if not m.files:
             raise RsitrError(f"{self.index_dir}: the index is empty (its build has not finished: run the same `rsitr index build` again)")
-        self.items: list[Item] = B.read_items(self.index_dir, self.manifest)
-        self.embeddings = B.read_embeddings(self.index_dir, self.manifest, mmap=True)
-        if len(self.items) != self.manifest["count"] or self.embeddings.shape[0] != len(self.items):
+        self.items: list[Item] = m.read_items(self.index_dir)
+        self.embeddings = m.read_embeddings(self.index_dir, mmap=True)
+        if len(self.items) != m.count or self.embeddings.shape[0] != len(self.items):
             raise RsitrError(f"{self.index_dir}: items ({len(self.items)}), embeddings ({self.embeddings.shape[0]}) and manifest count "
-                             f"({self.manifest['count']}) disagree; rebuild the index")
+                             f"({m.count}) disagree; rebuild the index")
         from rsitr.retrieval.index import TokenStore
-        from rsitr.retrieval.stores import open_store
+        from rsitr.retrieval.stores import StoreContext, open_store
 
-        files = self.manifest["files"]
-        spec = B.store_spec(self.manifest)
-        vectors = open_store(spec, dim=int(self.manifest["embed_dim"]), index_kind=self.manifest["index"]["kind"],
-                             vectors_path=self.index_dir / files["vectors"] if files.get("vectors") else None,
-                             footprints_path=self.index_dir / files["footprints"] if files.get("footprints") else None,
-                             footprints=[it.wgs84 for it in self.items], milvus_uri=self._milvus_uri)
+        ctx = StoreContext(self.index_dir, m.embed_dim, m.index_kind, dict(m.files), footprints=lambda: [it.wgs84 for it in self.items])
+        vectors = open_store(m.store, ctx, self._store_options)
         n = len(vectors)
-        if n != len(self.items):
-            where = f"Milvus collection {spec.get('collection')} at {vectors.uri}" if spec["kind"] == "milvus" else "its vector file"
+        if n != len(self.items) or vectors.dim != m.embed_dim:
             vectors.close()
-            raise RsitrError(f"{self.index_dir}: {where} holds {n} vectors but the index has {len(self.items)} items; rebuild the index")
+            raise RsitrError(f"{self.index_dir}: {vectors.where()} holds {n} vectors of size {vectors.dim} but the index has "
+                             f"{len(self.items)} items of size {m.embed_dim}; rebuild the index")
         self.vectors = vectors
-        name = files.get("tokens")
-        self._tokens = TokenStore.load(self.index_dir / name) if self.manifest.get("tokens") and name else None
+        name = m.files.get("tokens")
+        self._tokens = TokenStore.load(self.index_dir / name) if m.tokens and name else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -128,14 +126,14 @@ class SearchEngine:
         return any(it.wgs84 for it in self.items)
 
     def close(self) -> None:
-        """Release the vector store (a Milvus Lite file is open in one process at a time)."""
+        """Release the vector store (an embedded database file may be open in one process at a time)."""
         self.vectors.close()
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
-        return {"items": len(self.items), "embed_dim": m["embed_dim"], "index_kind": m["index"]["kind"], "store": self.vectors.kind,
-                "model": m["model"]["checkpoint"], "backbone": f"{m['backbone']['kind']}:{m['backbone']['name']}",
-                "tokens": m["tokens"], "geo": self.has_geo, "created": m["created"], "updated": m["updated"]}
+        return {"items": len(self.items), "embed_dim": m.embed_dim, "index_kind": m.index_kind, "store": self.vectors.kind,
+                "model": m.model.checkpoint, "backbone": m.backbone_name, "tokens": m.tokens, "geo": self.has_geo,
+                "created": m.created, "updated": m.updated}
 
     def item(self, item_id: int) -> Item:
         if not 0 <= int(item_id) < len(self.items):
@@ -172,7 +170,7 @@ class SearchEngine:
         if not isinstance(image, Image.Image):
             from rsitr.search.sources import scan_file
 
-            its = scan_file(Path(image).resolve(), self.manifest["tiling"]["tile_size"], 0)
+            its = scan_file(Path(image).resolve(), self.manifest.tile_size, 0)
             if len(its) == 1:
                 image = read_item(its[0])  # read exactly as an indexed item would be
             else:  # a georeferenced scene larger than a tile as the query: the whole raster

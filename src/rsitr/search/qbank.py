@@ -32,22 +32,22 @@ def build_query_bank(index_dir: str | Path, captions: str | Path, *, split: str 
     and store them as the index's query bank (replacing any earlier one)."""
     from rsitr.data.captions import load_dataset
     from rsitr.models.engine import engine_for
-    from rsitr.search import build as B
+    from rsitr.search.manifest import IndexManifest, load_model, model_identity
     from rsitr.utils.io import atomic_path, atomic_write_json
     from rsitr.utils.progress import progress_bar
 
     index_dir = Path(index_dir)
     if not beta > 0:
         raise RsitrError(f"--beta must be > 0, got {beta}")
-    manifest = B.read_manifest(index_dir)
+    manifest = IndexManifest.load(index_dir)
     data = load_dataset(captions)
     part = data.split(split) if split != "all" else data
     texts, _ = part.texts()
     if not texts:
         raise RsitrError(f"{captions}: split '{split}' has no captions (splits present: {data.splits}); pass --split")
-    spec = manifest["model"]["checkpoint"]
-    model = B.load_model(spec)
-    B.check_model(manifest, B.model_identity(spec, model), index_dir)
+    spec = manifest.model.checkpoint
+    model = load_model(spec)
+    manifest.check_model(model_identity(spec, model), index_dir)
     model.eval()
     enc = engine_for(model.backbone, engine)
     out = []
@@ -60,13 +60,14 @@ def build_query_bank(index_dir: str | Path, captions: str | Path, *, split: str 
         with open(tmp, "wb") as f:
             np.save(f, bank)
     meta = {"source": str(captions), "split": split, "count": int(bank.shape[0]), "dim": int(bank.shape[1]), "beta": float(beta),
-            "state_sha256": manifest["model"]["state_sha256"]}
+            "state_sha256": manifest.model.state_sha256}
     atomic_write_json(index_dir / META, meta)
     return meta
 
 
-def load_query_bank(index_dir: Path, manifest: dict) -> tuple[torch.Tensor, dict] | None:
-    """The index's bank (``[B, D]`` float32) and its metadata; None when it has none. A bank made
+def load_query_bank(index_dir: Path, manifest) -> tuple[torch.Tensor, dict] | None:
+    """The index's bank (``[B, D]`` float32) and its metadata (``manifest``: the index's
+    :class:`~rsitr.search.manifest.IndexManifest`); None when it has none. A bank made
     with another model than the index's is refused."""
     meta_p, bank_p = index_dir / META, index_dir / BANK
     if not meta_p.is_file():
@@ -76,8 +77,8 @@ def load_query_bank(index_dir: Path, manifest: dict) -> tuple[torch.Tensor, dict
         bank = np.load(bank_p)
     except (OSError, ValueError) as exc:
         raise RsitrError(f"{index_dir}: its query bank is unreadable ({exc}); make it again with `rsitr index qbank`") from exc
-    if meta.get("state_sha256") != manifest["model"]["state_sha256"]:
+    if meta.get("state_sha256") != manifest.model.state_sha256:
         raise RsitrError(f"{index_dir}: its query bank was encoded by another model than the index's; make it again with `rsitr index qbank`")
-    if bank.ndim != 2 or bank.shape != (meta.get("count"), int(manifest["embed_dim"])):
-        raise RsitrError(f"{index_dir}: its query bank has shape {bank.shape}, expected ({meta.get('count')}, {manifest['embed_dim']}); make it again")
+    if bank.ndim != 2 or bank.shape != (meta.get("count"), manifest.embed_dim):
+        raise RsitrError(f"{index_dir}: its query bank has shape {bank.shape}, expected ({meta.get('count')}, {manifest.embed_dim}); make it again")
     return torch.from_numpy(bank.astype(np.float32)), meta

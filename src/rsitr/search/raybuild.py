@@ -20,7 +20,7 @@ pipeline so the encoding can use every core of a cluster:
    ``west/south/east/north`` (WGS84 footprint) and ``vector`` (float32, L2-normalised).
 5. **index**: when every pending item is in a shard, the shards are merged like the
    single-process chunks (:func:`rsitr.search.build.commit_generation`): items in listing order,
-   a new generation of the item table, embeddings and vector store (FAISS or Milvus), the manifest
+   a new generation of the item table, embeddings and vector store (any registered store), the manifest
    switched atomically, then the shards removed.
 
 Resume: a shard is written whole or not at all, so a driver killed at any point leaves complete
@@ -47,6 +47,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from rsitr.search import build as B
+from rsitr.search import manifest as M
+from rsitr.search.manifest import IndexManifest, load_model, model_identity
 from rsitr.search.sources import Item
 from rsitr.utils.errors import DataError, RsitrError
 from rsitr.utils.io import atomic_path
@@ -156,8 +158,8 @@ class TileEncoder:
         from rsitr.models.engine import engine_for
 
         torch.set_num_threads(max(1, int(threads)))  # also the ONNX Runtime intra-op threads
-        model = B.load_model(checkpoint, device)  # the LoadedModel: backbone + the method it was trained with
-        got = B.state_sha256(model)
+        model = M.load_model(checkpoint, device)  # the LoadedModel: backbone + the method it was trained with
+        got = M.state_sha256(model)
         if got != state_sha256:
             raise RsitrError(f"encoder on this node loaded {checkpoint} with weights sha256 {got[:12]}, the index expects "
                              f"{state_sha256[:12]}: every node must see the same model file")
@@ -255,13 +257,12 @@ def add_to_index_ray(index_dir: str | os.PathLike, source: str | os.PathLike, op
                      ray_opts: RayOptions | None = None, *, checkpoint: str | None = None, model=None) -> B.BuildResult:
     """:func:`rsitr.search.build.add_to_index` on Ray."""
     index_dir = Path(index_dir)
-    manifest = B.read_manifest(index_dir)
-    opts = dataclasses.replace(opts or B.BuildOptions(), tile_size=manifest["tiling"]["tile_size"], overlap=manifest["tiling"]["overlap"],
-                               index_kind=manifest["index"]["kind"], keep_tokens=manifest["tokens"])
+    manifest = IndexManifest.load(index_dir)
+    opts = B.for_manifest(opts or B.BuildOptions(), manifest)
     _check(opts, ray_opts or RayOptions())
-    spec = checkpoint or manifest["model"]["checkpoint"]
-    model = model if model is not None else B.load_model(spec, opts.device)
-    B.check_model(manifest, B.model_identity(spec, model), index_dir)
+    spec = checkpoint or manifest.model.checkpoint
+    model = model if model is not None else load_model(spec, opts.device)
+    manifest.check_model(model_identity(spec, model), index_dir)
     return _update_ray(index_dir, manifest, model.backbone, spec, source, opts, ray_opts or RayOptions(), TileEncoder)
 
 
@@ -297,21 +298,21 @@ def _list_items(ray, src: Path, opts: B.BuildOptions, ro: RayOptions) -> list[It
     return items
 
 
-def _update_ray(index_dir: Path, manifest: dict, model, checkpoint: str, source, opts: B.BuildOptions, ro: RayOptions,
+def _update_ray(index_dir: Path, manifest: IndexManifest, model, checkpoint: str, source, opts: B.BuildOptions, ro: RayOptions,
                 encoder_cls: type) -> B.BuildResult:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     src = Path(source).resolve()
-    sha = manifest["model"]["state_sha256"]
+    sha = manifest.model.state_sha256
     local_cpus = ro.num_cpus or int(math.ceil(ro.workers * ro.cpus_per_worker + 1))
     with ray_session(ro.address, local_cpus) as ray:
         items = _list_items(ray, src, opts, ro)
         if not items:
             raise RsitrError(f"{source}: no images found (looked for .jpg, .png, .tif, .tiff ...)")
-        indexed = {it.key for it in B.read_items(index_dir, manifest)}
+        indexed = {it.key for it in manifest.read_items(index_dir)}
         todo = [it for it in items if it.key not in indexed]  # to be added by this build, in listing order
-        planned = {it.key: manifest["count"] + i for i, it in enumerate(todo)}  # the ids they will get
+        planned = {it.key: manifest.count + i for i, it in enumerate(todo)}  # the ids they will get
         in_shards: set[str] = set()
         for p in _shard_files(index_dir):
             got = read_shard(p, sha, columns=["key"])
@@ -326,7 +327,7 @@ def _update_ray(index_dir: Path, manifest: dict, model, checkpoint: str, source,
         if pending:
             encoded, enc_s = _encode_on_ray(ray, model, checkpoint, sha, pending, planned, index_dir, opts, ro, first, encoder_cls, tqdm)
     added = _merge_shards(index_dir, manifest, items, sha, [str(src)])
-    return B.BuildResult(index_dir, int(B.read_manifest(index_dir)["count"]), added, encoded, len(items) - len(todo),
+    return B.BuildResult(index_dir, IndexManifest.load(index_dir).count, added, encoded, len(items) - len(todo),
                          time.perf_counter() - t0, enc_s)
 
 
@@ -394,11 +395,11 @@ def _user_error(exc: BaseException) -> RsitrError | None:
     return RsitrError(m.group(1).strip()) if m else None
 
 
-def _merge_shards(index_dir: Path, manifest: dict, listing: list[Item], sha: str, sources: list[str]) -> int:
+def _merge_shards(index_dir: Path, manifest: IndexManifest, listing: list[Item], sha: str, sources: list[str]) -> int:
     """Merge every shard into a new generation, new items in listing order (as the local build)."""
     shards = _shard_files(index_dir)
-    old_items = B.read_items(index_dir, manifest)
-    if not shards and manifest["files"]:
+    old_items = manifest.read_items(index_dir)
+    if not shards and manifest.files:
         return 0
     seen = {it.key for it in old_items}
     pos = {it.key: i for i, it in enumerate(listing)}
@@ -416,7 +417,7 @@ def _merge_shards(index_dir: Path, manifest: dict, listing: list[Item], sha: str
     for j, (_, it, _) in enumerate(new):
         it.id = len(old_items) + j
         new_items.append(it)
-    embs = [B.read_embeddings(index_dir, manifest)]
+    embs = [manifest.read_embeddings(index_dir)]
     if new:
         embs.append(np.stack([v for _, _, v in new]).astype(np.float32))
     return B.commit_generation(index_dir, manifest, old_items, new_items, embs, [], sources, _shard_files(index_dir))

@@ -56,15 +56,15 @@ def _same(given: str | None, token: str) -> bool:
 
 
 def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu", engine=None, inference: str = "auto",
-               milvus_uri: str | None = None, token: str | None = None):
+               store_options: dict | None = None, token: str | None = None):
     """``engine``: an open :class:`SearchEngine` (else one is opened on ``index_dir``);
-    ``inference``: its query encoder, ``auto`` | ``onnx`` | ``torch``; ``milvus_uri``: the index's
-    Milvus collection at another address than recorded at build time; ``token``: required by every
+    ``inference``: its query encoder, ``auto`` | ``onnx`` | ``torch``; ``store_options``: overrides of
+    the index's recorded store options that its store allows on a reopen (e.g. another address); ``token``: required by every
     route but ``/healthz`` (see the module doc)."""
     from rsitr.search.engine import SearchEngine
 
     eng = engine if engine is not None else SearchEngine(index_dir, checkpoint=checkpoint, device=device, engine=inference,
-                                                          milvus_uri=milvus_uri)
+                                                          store_options=store_options)
     app = FastAPI(title="rsitr search", version="1", docs_url="/docs", redoc_url=None)
     app.state.engine = eng
     if token is not None and not token.strip():
