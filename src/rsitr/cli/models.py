@@ -97,7 +97,7 @@ def add_models_cli(sub) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=cmd_list)
     sh = ms.add_parser("show", help="a shipped model's card")
-    sh.add_argument("name")
+    sh.add_argument("name", help="the model's name (see `rsitr models`)")
     sh.add_argument("--json", action="store_true", help="print card.json")
     sh.set_defaults(func=cmd_show)
     ex = ms.add_parser("export", help="export a training run's trained parts (fp16 safetensors + card) as a model")
