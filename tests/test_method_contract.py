@@ -203,3 +203,24 @@ def test_a_third_family_registers_itself_and_its_declared_split_caches_and_expor
         assert eng.split and torch.allclose(eng.image_features(px).pooled, img.pooled, atol=1e-5)
     assert torch.allclose(head.pooled, img.pooled, atol=1e-2)  # tokens are cached in fp16
     assert torch.allclose(thead.pooled, txt.pooled, atol=1e-2)
+
+
+@pytest.mark.parametrize("spec", BACKBONES)
+def test_declared_capabilities_match_what_the_backbone_gives(spec):
+    """``capabilities`` is true of the backbone: its adapter slots are where it says, with one
+    width per owner and an ``adapter`` slot each; "blocks" owners have attention projections; a
+    declared trunk cache comes with the trunk/head split."""
+    from rsitr.models.base import SplitBackbone
+
+    bb = make_backbone(spec)
+    caps = bb.capabilities
+    assert caps.trunk_cache == isinstance(bb, SplitBackbone)
+    for modality in ("image", "text"):
+        slots = bb.adapter_slots(modality)
+        assert (slots.kind if slots is not None else None) == caps.adapter_slots.get(modality)
+        if slots is None:
+            continue
+        assert len(slots.owners) == len(slots.widths) and all(o.adapter is None for o in slots.owners)
+        if slots.kind == "blocks":
+            proj = bb.attention_projections(slots.owners[0])
+            assert "o" in proj and ("qkv" in proj or {"q", "k", "v"} <= set(proj))
