@@ -1,18 +1,19 @@
 """A small two-tower-like backbone: the slot protocol and the backbone interface without the
 towers' weights (for adapter tests and the method contract tests).
 
-The text tower is 3 BERT layers of width 10 (``adapter_blocks("text")``: LoRA and RDB's TSA find
-their BERT attention and adapter slots there), the image tower a strided convolution whose 4x4
-spatial tokens of width 12 pass one token-adapter slot (``token_adapter_slot("image")``) before
-pooling, as the real two-tower's CNN does. Both project to an 8-dimensional space."""
+The text tower is 3 BERT layers of width 10 (``adapter_slots("text")``, kind ``"blocks"``: LoRA
+and RDB's TSA find their BERT attention and adapter slots there), the image tower a strided
+convolution whose 4x4 spatial tokens of width 12 pass one token-adapter slot
+(``adapter_slots("image")``, kind ``"token"``) before pooling, as the real two-tower's CNN does.
+Both project to an 8-dimensional space."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from rsitr.data.transforms import PreprocessConfig
-from rsitr.models.base import Backbone, BackboneInfo, Features
-from rsitr.models.towers.minilm import BertConfig, BertLayer
+from rsitr.models.base import AdapterSlots, Backbone, BackboneCapabilities, BackboneInfo, Features
+from rsitr.models.towers.minilm import BertConfig, BertLayer, bert_attention_projections
 
 CONTEXT = 12
 VOCAB = 97
@@ -28,6 +29,8 @@ class FakeSlot(nn.Module):
 
 
 class FakeTowers(Backbone):
+    capabilities = BackboneCapabilities(adapter_slots={"image": "token", "text": "blocks"})
+
     def __init__(self):
         super().__init__()
         self.embed_dim = 8
@@ -43,11 +46,13 @@ class FakeTowers(Backbone):
         self.slot = FakeSlot()
         self.image_proj = nn.Linear(12, 8)
 
-    def adapter_blocks(self, modality):
-        return self.text_blocks if modality == "text" else None
+    def adapter_slots(self, modality):
+        if modality == "text":
+            return AdapterSlots("blocks", tuple(self.text_blocks), (10,) * len(self.text_blocks))
+        return AdapterSlots("token", (self.slot,), (12,))
 
-    def token_adapter_slot(self, modality):
-        return self.slot if modality == "image" else None
+    def attention_projections(self, block):
+        return bert_attention_projections(block)
 
     def tokenize(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)

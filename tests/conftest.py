@@ -124,6 +124,9 @@ def fake_trunks(delay: float = 0.0, weights: dict | None = None):
         def trunk_trainable(self, modality):
             return False
 
+        def trunk_cut(self, modality):  # the whole trunk is cached (no top-mode cut)
+            return None
+
         def tokenize(self, texts):
             return torch.zeros(len(texts), 4, dtype=torch.long)
 

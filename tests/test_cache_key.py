@@ -9,7 +9,7 @@ import torch
 from conftest import fake_trunks
 
 from rsitr.data.captions import load_dataset
-from rsitr.data.imagesets import _key, build_trunk_cache
+from rsitr.models.trunk_cache import _key, build_trunk_cache
 from rsitr.data.transforms import EvalTransform
 
 

@@ -13,7 +13,7 @@ from conftest import fake_trunks
 
 from rsitr.cli import main
 from rsitr.data.captions import load_dataset
-from rsitr.data.imagesets import build_trunk_cache
+from rsitr.models.trunk_cache import build_trunk_cache
 from rsitr.data.transforms import EvalTransform
 from rsitr.utils.cachedir import dead_temporaries, prune, render, scan
 

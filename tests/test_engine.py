@@ -324,7 +324,8 @@ def test_gradients_never_go_through_the_engine(tmp_path):
 # -- users of the engine ---------------------------------------------------------------------------
 def test_trunk_cache_is_the_same_with_either_engine(lite0, tmp_path):
     from rsitr.data.captions import load_dataset
-    from rsitr.data.imagesets import build_trunk_cache, make_transforms
+    from rsitr.data.imagesets import make_transforms
+    from rsitr.models.trunk_cache import build_trunk_cache
     from rsitr.train.config import AugmentConfig
 
     data = _synthetic(tmp_path)
@@ -360,7 +361,8 @@ def test_trunk_cache_at_a_cut_is_the_same_with_either_engine(lite0, tmp_path):
 
 
 def _compare_caches(lite0, ds, tmp_path, keep_tokens: bool = True):
-    from rsitr.data.imagesets import build_trunk_cache, make_transforms
+    from rsitr.data.imagesets import make_transforms
+    from rsitr.models.trunk_cache import build_trunk_cache
     from rsitr.train.config import AugmentConfig
 
     eval_tf, train_tf = make_transforms(lite0, AugmentConfig())

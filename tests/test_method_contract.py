@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from _fake_towers import FakeTowers
+from _tiny_backbone import FAMILY, NAME, build_tiny
 from rsitr.data.types import CaptionDataset, Features, ImageEntry
 from rsitr.eval.evaluate import Encoded
 from rsitr.methods.base import Capabilities, build_method, list_methods
 from rsitr.utils.io import jsonable
 
 TOWERS = "towers:efficientnet-lite0+minilm-l6"
-BACKBONES = ["clip:tiny", "fake", pytest.param(TOWERS, marks=pytest.mark.slow)]
+TINY = f"{FAMILY}:{NAME}"  # a third family, one file under tests/, registered below
+BACKBONES = ["clip:tiny", "fake", TINY, pytest.param(TOWERS, marks=pytest.mark.slow)]
 # options that switch every part of a method on (KER's vocabulary is built from the data below)
 OPTIONS = {
     "iebaker": {"eba": True, "ker": True, "ker_min_count": 1, "ker_mode": "both", "local": True, "sar": True, "sar_k": 2},
@@ -28,6 +30,16 @@ OPTIONS = {
 N_IMG, CAPS = 4, 2
 WORDS = ["a red car near two white tanks", "a green field left of a river", "three ships in a blue harbour",
          "a grey runway and a large building"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_family(monkeypatch):
+    """Registers the tiny test family for each test (and only for it)."""
+    from rsitr.models import registry
+
+    registry.list_backbones()  # the built-in families first
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    registry.register_backbone(FAMILY, names=lambda: (NAME,))(build_tiny)
 
 
 def make_backbone(spec: str):
@@ -159,3 +171,56 @@ def test_scores_have_the_protocol_shape_and_capabilities_are_true(name, spec, da
 
         loss, _ = m.loss(bb, strip(img), strip(txt), batch)
         assert torch.isfinite(loss)
+
+
+def test_a_third_family_registers_itself_and_its_declared_split_caches_and_exports(synth_dataset, tmp_path):
+    """The tiny family is built by spec, and what it declares is all the trunk cache and the
+    inference engine need: the heads on the cached trunk features give the features."""
+    from rsitr.data.captions import load_dataset
+    from rsitr.data.images import load_image
+    from rsitr.data.transforms import EvalTransform
+    from rsitr.models.engine import InferenceEngine
+    from rsitr.models.registry import list_backbones
+    from rsitr.models.trunk_cache import build_trunk_cache, supports_trunk_cache
+
+    assert TINY in list_backbones()
+    bb = make_backbone(TINY).eval()
+    assert supports_trunk_cache(bb) and not supports_trunk_cache(make_backbone("clip:tiny"))
+    bb.apply_mode("heads")
+    ds = load_dataset(synth_dataset(n_images=12, seed=5, image_size=32)).split("train")
+    ev = EvalTransform(bb.preprocess)
+    cache = build_trunk_cache(bb, ds, cache_dir=tmp_path, eval_transform=ev, keep_tokens=True, batch_size=4, progress=False)
+    assert sorted(p.name[:3] for p in tmp_path.glob("*.pt")) == ["img", "txt"]
+    px = torch.stack([ev(load_image(e.path)) for e in ds.entries])
+    texts, _ = ds.texts()
+    with torch.no_grad():
+        img, txt = bb.image_features(px), bb.text_features(bb.tokenize(texts))
+        f = cache.image[0]
+        head = bb.image_head(Features(f.pooled, f.tokens.float(), f.mask))
+        t = cache.text
+        thead = bb.text_head(Features(t.pooled, t.tokens.float(), t.mask))
+        eng = InferenceEngine(bb, "torch")
+        assert eng.split and torch.allclose(eng.image_features(px).pooled, img.pooled, atol=1e-5)
+    assert torch.allclose(head.pooled, img.pooled, atol=1e-2)  # tokens are cached in fp16
+    assert torch.allclose(thead.pooled, txt.pooled, atol=1e-2)
+
+
+@pytest.mark.parametrize("spec", BACKBONES)
+def test_declared_capabilities_match_what_the_backbone_gives(spec):
+    """``capabilities`` is true of the backbone: its adapter slots are where it says, with one
+    width per owner and an ``adapter`` slot each; "blocks" owners have attention projections; a
+    declared trunk cache comes with the trunk/head split."""
+    from rsitr.models.base import SplitBackbone
+
+    bb = make_backbone(spec)
+    caps = bb.capabilities
+    assert caps.trunk_cache == isinstance(bb, SplitBackbone)
+    for modality in ("image", "text"):
+        slots = bb.adapter_slots(modality)
+        assert (slots.kind if slots is not None else None) == caps.adapter_slots.get(modality)
+        if slots is None:
+            continue
+        assert len(slots.owners) == len(slots.widths) and all(o.adapter is None for o in slots.owners)
+        if slots.kind == "blocks":
+            proj = bb.attention_projections(slots.owners[0])
+            assert "o" in proj and ("qkv" in proj or {"q", "k", "v"} <= set(proj))

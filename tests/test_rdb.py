@@ -429,8 +429,8 @@ def test_two_tower_backbone_gets_a_token_vea_and_text_tsas():
         pytest.skip(f"two-tower backbone not available: {exc}")
     m = RDB(bb, {"classes": ["a", "b", "c"]}, None)
     m.install(bb)
-    blocks = bb.adapter_blocks("text")
-    assert m.needs_tokens and bb.token_adapter_slot("image").adapter is m.vea[0]
+    blocks = bb.adapter_slots("text").owners
+    assert m.needs_tokens and bb.adapter_slots("image").owners[0].adapter is m.vea[0]
     assert all(b.adapter is a for b, a in zip(blocks, m.tsa)) and m.tsa[0].width == bb.info.config["text_width"]
     for p in bb.parameters():
         p.requires_grad_(False)

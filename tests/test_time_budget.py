@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import fake_trunks
 
-from rsitr.data.imagesets import CacheBudget, build_trunk_cache
+from rsitr.data.imagesets import CacheBudget
+from rsitr.models.trunk_cache import build_trunk_cache
 from rsitr.data.transforms import EvalTransform
 from rsitr.utils.errors import RsitrError
 

@@ -106,7 +106,7 @@ def test_cache_key_changes_with_the_cut(reset, tmp_path):
     from rsitr.data.captions import load_dataset
     from rsitr.data.synth import write_synth
     from rsitr.data.transforms import EvalTransform
-    from rsitr.data.imagesets import build_trunk_cache
+    from rsitr.models.trunk_cache import build_trunk_cache
 
     towers = reset
     ds = load_dataset(str(write_synth(tmp_path / "d", n_images=4, seed=2, image_size=64))).split("train")

@@ -275,7 +275,7 @@ def test_trunk_cache_with_tokens_serves_pooled_only_runs(towers, tmp_path):
     the pooled features: no trunk forward, same pooled values, tokens dropped."""
     from rsitr.data.captions import load_dataset
     from rsitr.data.synth import write_synth
-    from rsitr.data.imagesets import build_trunk_cache
+    from rsitr.models.trunk_cache import build_trunk_cache
 
     ds = load_dataset(str(write_synth(tmp_path / "d", n_images=6, seed=2, image_size=64))).split("train")
     from rsitr.data.transforms import EvalTransform

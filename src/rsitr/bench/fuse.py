@@ -86,7 +86,8 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
     training split, eval view). Frozen-trunk activations come from the run's trunk cache
     (``cache_dir``) when its backbone allows one: the bank is then the training cache's view 0."""
     from rsitr.data.captions import load_dataset
-    from rsitr.data.imagesets import TrunkCache, build_trunk_cache, make_transforms, supports_trunk_cache
+    from rsitr.data.imagesets import TrunkCache, make_transforms
+    from rsitr.models.trunk_cache import build_trunk_cache, supports_trunk_cache
     from rsitr.eval.evaluate import encode_dataset
     from rsitr.methods.factory import load
     from rsitr.models.engine import engine_for

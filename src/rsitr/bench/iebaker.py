@@ -121,7 +121,8 @@ def _score_train_pairs(model, train_ds, cache_dir: Path | None) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from rsitr.data.imagesets import build_trunk_cache, make_transforms, supports_trunk_cache
+    from rsitr.data.imagesets import make_transforms
+    from rsitr.models.trunk_cache import build_trunk_cache, supports_trunk_cache
     from rsitr.eval.evaluate import encode_dataset
 
     for p in model.parameters():  # inference only: frozen trunks can use the run's cached trunk features

@@ -19,8 +19,8 @@ The rows (the suite's methods):
   ``rdb-fixed-weights`` (``weighting: fixed``).
 
 PEFT rows (adapter / lora / rdb*) train in ``model.mode: ${RSITR_PEFT_MODE:-heads}``: ``rsitr bench
-rdb`` sets ``frozen`` on ``clip:`` backbones (only the method's modules train) and ``heads``
-otherwise -- the two-tower backbone's projection heads are random, so they must train along with
+rdb`` sets ``frozen`` on backbones of a random-init family (``clip:CONFIG``; only the method's
+modules train) and ``heads`` otherwise -- the two-tower backbone's projection heads are random, so they must train along with
 the adapters (its trunks stay frozen and their features are cached once per run folder).
 
 The ``params`` measurement records per cell the trainable parameters and their share of the
@@ -40,7 +40,8 @@ EXTRA_ROWS = ("locked-image",)  # in the suite, run only when named
 
 
 def default_peft_mode(backbone: str) -> str:
-    return "frozen" if parse_spec(backbone).family == "clip" else "heads"
+    """``model.mode`` of the PEFT rows for the backbone spec ``backbone`` (see the module doc)."""
+    return "frozen" if parse_spec(backbone).random_init else "heads"
 
 
 def plain_params(backbone) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 from rsitr.bench.measurements import get_measurement, mean_results, std_results
 from rsitr.bench.suite import collect
-from rsitr.models.registry import parse_spec
+from rsitr.models.registry import comparison_note
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
@@ -166,15 +166,11 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
                     "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
             for p in sorted(pub, key=lambda p: float(p["mR"]), reverse=True):
                 out.append(f"| {p['method']} | {p['backbone']} | {p['tuning']} | {p['params']} | " + " | ".join(p[k] for k in KEYS) + f" | {p['source']} |")
-            if any(parse_spec(str(r.get("backbone", ""))).family == "towers" for r in drows):
+            notes = list(dict.fromkeys(n for n in (comparison_note(str(r.get("backbone", ""))) for r in drows) if n))
+            if notes:  # what the backbones' families say about themselves
                 train_imgs = next((r.get("train_images") for r in drows if r.get("train_images")), None)
-                out += ["", "How our rows differ from the published ones: our backbone is an EfficientNet-Lite image tower "
-                        "pretrained on ImageNet classification and a MiniLM sentence encoder pretrained on sentence pairs, "
-                        "never trained together before this run; only small heads/adapters on top of them are trained here, "
-                        f"on the {f'{train_imgs:,}' if train_imgs else 'training'} images of the training split, on a 2-core CPU. The published CLIP models were "
-                        "pretrained image-text on hundreds of millions of pairs (RemoteCLIP, GeoRSCLIP: plus millions of "
-                        "remote-sensing pairs) and then fine-tuned on GPUs. The published numbers also break tied scores "
-                        "by sort order, ours report the expectation under random tie-breaking."]
+                training = f"the {f'{train_imgs:,}' if train_imgs else 'training'} images of the training split"
+                out += ["", *(n.format(training=training) for n in notes)]
         out.append("")
     if (run_dir / "fuse.md").is_file():  # the suite's fuse: section (rsitr.bench.fuse)
         out += ["## Fused rows", "", (run_dir / "fuse.md").read_text(encoding="utf-8").rstrip(), ""]

@@ -127,17 +127,18 @@ def encode_comparison(source: str, *, batch_size: int = 64, n_batches: int = 5, 
     images and captions, with ratios to the reference (or to rsitr torch when no reference)."""
     from rsitr.methods.factory import load_model
     from rsitr.models.engine import engine_for
+    from rsitr.models.towers import TwoTower
     from rsitr.models.towers.minilm import pad_trim
 
     model = load_model(source).eval()
     pixels, texts, what = load_inputs(model, batch_size, images)
     ids = model.tokenize(texts)
-    towers = model.info.kind == "towers"
+    split = model.capabilities.trunk_cache  # the engine runs the trunks (the heads stay in torch): time those
     base = {"backbone": source, "name": model.info.name, "params": sum(p.numel() for p in model.parameters()), "image_size": model.preprocess.image_size,
             "batch_size": batch_size, "inputs": what, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine()}
     impls: list[tuple[str, object, object]] = []  # (name, image fn, text fn)
-    if reference and towers:
+    if reference and isinstance(model, TwoTower):  # the reference implementations are of its two towers
         image_fn, text_fn = _reference_towers(model)
         # the reference BERT gets the padding-trimmed ids, as rsitr's trunk runs them
         ref_ids = ids[:, : pad_trim(ids, model.pad_id)]
@@ -147,8 +148,8 @@ def encode_comparison(source: str, *, batch_size: int = 64, n_batches: int = 5, 
         eng = engine_for(model, kind)
         if kind == "onnx":
             eng.describe()  # export / load the graphs outside the timing
-        img = (lambda eng=eng: eng.image_trunk(pixels)) if towers else (lambda eng=eng: eng.encode_image(pixels))
-        txt = (lambda eng=eng: eng.text_trunk(ids)) if towers else (lambda eng=eng: eng.encode_text(ids))
+        img = (lambda eng=eng: eng.image_trunk(pixels)) if split else (lambda eng=eng: eng.encode_image(pixels))
+        txt = (lambda eng=eng: eng.text_trunk(ids)) if split else (lambda eng=eng: eng.encode_text(ids))
         impls.append((f"rsitr {eng.kind}" + ("" if eng.kind == kind else f" (asked {kind})"), img, txt))
     t_img = _interleaved_medians({name: f for name, f, _ in impls if f is not None}, n_batches)
     t_txt = _interleaved_medians({name: f for name, _, f in impls if f is not None}, n_batches)
@@ -160,7 +161,7 @@ def encode_comparison(source: str, *, batch_size: int = 64, n_batches: int = 5, 
         r["texts_per_s"] = round(batch_size / r["text_s"], 1) if r["text_s"] else None
         r["image_speedup"] = round(ref_img / r["image_s"], 2) if r["image_s"] and ref_img else None
         r["text_speedup"] = round(ref_txt / r["text_s"], 2) if r["text_s"] and ref_txt else None
-        r["what"] = "trunks (pooled + tokens)" if towers else "pooled embeddings"
+        r["what"] = "trunks (pooled + tokens)" if split else "pooled embeddings"
     return rows
 
 

@@ -91,8 +91,8 @@ def cmd_iebaker(args: argparse.Namespace) -> int:
     from rsitr.models.registry import parse_spec
 
     base: dict[str, Any] = {"model.backbone": args.backbone, "epochs": args.epochs, "max_steps": args.max_steps, "time_budget": args.time_budget}
-    if args.mode or parse_spec(args.backbone).family == "clip":
-        base["model.mode"] = args.mode or "full"
+    if args.mode or parse_spec(args.backbone).random_init:
+        base["model.mode"] = args.mode or "full"  # nothing pretrained to keep: train everything
     suite = _alias_suite(SUITE, args, base=base, options={"iebaker": _overrides(args.option)}, methods=args.variants,
                          synth={"noise_frac": args.noise_frac})
     return _run_and_report(suite, Path(args.out), args, as_json=args.json)

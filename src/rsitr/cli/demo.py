@@ -11,11 +11,12 @@ from rsitr.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-# what trains by default, per backbone kind: the two-tower model is LiT-style (pretrained
-# towers locked, heads trained on cached features); a random-init CLIP must train everything.
+# what trains by default, by what the backbone declares: one with a cacheable trunk/head split
+# (the two-tower model) is trained LiT-style (pretrained trunks locked, heads trained on cached
+# features); one without (CLIP, e.g. a random-init clip:tiny) trains everything.
 DEMO_DEFAULTS = {
-    "towers": {"mode": "heads", "epochs": 30, "lr": 2e-3, "batch_size": 128, "warmup_steps": 20, "weight_decay": 0.05},
-    "clip": {"mode": "full", "epochs": 20, "lr": 5e-4, "batch_size": 64, "warmup_steps": 50, "weight_decay": 0.1},
+    "split": {"mode": "heads", "epochs": 30, "lr": 2e-3, "batch_size": 128, "warmup_steps": 20, "weight_decay": 0.05},
+    "whole": {"mode": "full", "epochs": 20, "lr": 5e-4, "batch_size": 64, "warmup_steps": 50, "weight_decay": 0.1},
 }
 
 
@@ -25,7 +26,6 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
     from rsitr.data.synth import write_synth
     from rsitr.eval.evaluate import evaluate
     from rsitr.methods.factory import load_model
-    from rsitr.models.registry import parse_spec
     from rsitr.retrieval.metrics import format_table
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
@@ -38,16 +38,15 @@ def run_demo(out: Path, images: int = 1000, seed: int = 0, backbone: str = "towe
         write_synth(data_dir, n_images=images, seed=seed)
     data = load_dataset(ann)
     test = data.split("test")
-    kind = "towers" if parse_spec(backbone).family == "towers" else "clip"
-    defaults = dict(DEMO_DEFAULTS[kind])
-    if mode:
-        defaults["mode"] = mode
-    if epochs:
-        defaults["epochs"] = epochs
     import torch
 
     torch.manual_seed(seed)  # the fresh heads of the "before" model: the same row on every run
     before_model = load_model(backbone)
+    defaults = dict(DEMO_DEFAULTS["split" if before_model.capabilities.trunk_cache else "whole"])
+    if mode:
+        defaults["mode"] = mode
+    if epochs:
+        defaults["epochs"] = epochs
     before = evaluate(before_model, test, progress=progress)
     del before_model
     run_dir = out / f"run-{backbone.replace(':', '_').replace('/', '_')}"

@@ -5,7 +5,7 @@ splits; each part keeps its own val and test split. The mix is a plain :class:`C
 whose entries are grouped by part (:meth:`CaptionDataset.parts`), each entry naming its part
 (``ImageEntry.part``) and its image id prefixed ``"<part>/"`` so ids stay unique. Paths, captions
 and order within a part are the part's own, so a frozen-trunk cache computed for one dataset alone
-serves it inside any mix (:func:`rsitr.data.imagesets.build_trunk_cache` caches per part).
+serves it inside any mix (:func:`rsitr.models.trunk_cache.build_trunk_cache` caches per part).
 
 Sampling weights: a part's ``weight`` is its share of every epoch's training pairs
 (:func:`rsitr.train.epochs.epoch_order`); without weights each part contributes in proportion to

@@ -8,7 +8,7 @@ for the ``scale`` factor)::
 
     out = x + scale * Up(GELU(Down(LN(x))))      # Up zero-initialised: identity at the start
 
-in the same slots RDB uses (:func:`rsitr.methods.rdb.find_slots`): each chosen transformer block
+in the slots the backbone declares (:meth:`rsitr.models.base.Backbone.adapter_slots`, as RDB): each chosen transformer block
 of both towers gets one adapter on its output (the block's ``adapter`` slot); a tower without
 transformer blocks (the two-tower backbone's CNN) gets one adapter in its token slot over the
 spatial tokens ``[B, HW, C]`` before pooling (``needs_tokens`` is then True). The bottleneck
@@ -28,13 +28,15 @@ LoRA (Hu et al. 2022, Sec. 4.1, Eq. 3) on the attention projections of the trans
     h = W0 x + (alpha / r) * B A x        # A: r x d_in (Kaiming-uniform), B: d_out x r (zeros)
 
 applied merge-free: the delta is computed in the forward pass, ``W0`` is never modified. Each
-targeted projection has its own ``(A, B)``: CLIP's fused ``in_proj_weight`` gets separate q / k
-/ v pairs whose deltas are concatenated (so the parameter count equals that of separate q/k/v
-Linears, as in MiniLM's BERT attention); ``"o"`` is CLIP's ``out_proj`` or BERT's
-``attention.output.dense``. The modules keep their parameter names (their class is swapped to a
-LoRA-aware subclass and the pair is stored as the child ``lora``), so pretrained state dicts
-still load, and the LoRA tensors are saved with the backbone state (``...attn.lora.q.A``).
-A tower without attention (the CNN image tower) gets nothing (logged).
+targeted projection has its own ``(A, B)``; the projections are the ones the backbone declares
+(:meth:`rsitr.models.base.Backbone.attention_projections`). A fused q/k/v projection (CLIP's
+``in_proj_weight``) gets separate q / k / v pairs whose deltas are concatenated (so the parameter
+count equals that of separate q/k/v Linears, as in MiniLM's BERT attention) and put into its
+``lora`` slot; a separate projection (``nn.Linear``; ``"o"`` is CLIP's ``out_proj`` or BERT's
+``attention.output.dense``) has its class swapped to a LoRA-aware subclass with the pair as its
+child ``lora``. The modules keep their parameter names, so pretrained state dicts still load, and
+the LoRA tensors are saved with the backbone state (``...attn.lora.parts.q.A``).
+A tower without attention blocks (the CNN image tower) gets nothing (logged).
 
 Options: ``rank`` (8), ``alpha`` (16), ``targets`` ("qkv"; "qkvo" adds the output projection;
 any non-empty subset of the letters q, k, v, o is accepted, e.g. "qv" as in Hu et al.),
@@ -57,9 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsitr.methods.rdb import _block_width, _wanted, find_slots, resolve_layers
+from rsitr.methods.rdb import _wanted, resolve_layers
 from rsitr.models.base import Backbone
-from rsitr.models.clip.model import Attention as CLIPAttention
 from rsitr.methods.base import Capabilities, Method, register_method
 from rsitr.utils.errors import RsitrError
 
@@ -157,20 +158,16 @@ class BottleneckAdapterMethod(_InstalledModules):
         self.text_adapters = nn.ModuleList()
         self._targets: dict[str, list[int | None]] = {"image": [], "text": []}
         for modality, adapters in (("image", self.image_adapters), ("text", self.text_adapters)):
-            found = find_slots(backbone, modality)
+            found = backbone.adapter_slots(modality)
             if found is None:
                 if _wanted(o.layers, "layers"):
                     log.warning("adapter: backbone %s has no adapter slots for the %s tower; none installed", backbone.info.name, modality)
                 continue
-            kind, where = found
-            if kind == "blocks":
-                idx = resolve_layers(o.layers, len(where), "layers")
-                widths = [_block_width(where[i]) for i in idx]
+            if found.kind == "blocks":
+                idx = resolve_layers(o.layers, len(found), "layers")
+                widths = [found.widths[i] for i in idx]
             elif _wanted(o.layers, "layers"):
-                w = getattr(where, "width", None) or backbone.info.config.get(f"{modality}_width")
-                if not isinstance(w, int):
-                    raise RsitrError(f"cannot tell the width of the {modality} token adapter slot of {backbone.info.name}")
-                idx, widths = [None], [w]
+                idx, widths = [None], [found.widths[0]]
                 self._token_slot = True  # the token slot adapts cached trunk tokens
             else:
                 idx, widths = [], []
@@ -183,9 +180,9 @@ class BottleneckAdapterMethod(_InstalledModules):
     def install(self, backbone: Backbone) -> None:
         """Put the adapters into the backbone's slots (idempotent; also at load time)."""
         for modality, adapters in (("image", self.image_adapters), ("text", self.text_adapters)):
-            found = find_slots(backbone, modality)
+            found = backbone.adapter_slots(modality)
             if found is not None:  # adapters of an earlier install do not survive this one
-                for owner in ([found[1]] if found[0] == "token" else list(found[1])):
+                for owner in found.owners:
                     if isinstance(owner.adapter, BottleneckAdapter):
                         owner.adapter = None
             targets = self._targets[modality]
@@ -193,11 +190,10 @@ class BottleneckAdapterMethod(_InstalledModules):
                 continue
             if found is None:
                 raise RsitrError(f"adapter: backbone {backbone.info.name} has no {modality} adapter slots")
-            kind, where = found
             for a, t in zip(adapters, targets):
-                if (t is None) != (kind == "token") or (t is not None and t >= len(where)):
+                if (t is None) != (found.kind == "token") or (t is not None and t >= len(found)):
                     raise RsitrError(f"adapter: the {modality} tower of {backbone.info.name} does not match the adapters built for it")
-                (where if t is None else where[t]).adapter = a
+                found.owners[0 if t is None else t].adapter = a
         self._installed = True
 
 
@@ -247,41 +243,14 @@ class LoRALinear(nn.Linear):
         return super().forward(x) + self.lora(x)
 
 
-class LoRACLIPAttention(CLIPAttention):
-    """CLIP's :class:`~rsitr.models.clip.model.Attention` with the LoRA delta of its child
-    ``lora`` added to the fused q/k/v projection; the rest is the same computation."""
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias) + self.lora(x)
-        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
-
-
-def attention_projections(block: nn.Module) -> dict[str, nn.Module]:
-    """The attention projections of a transformer block: ``{"qkv": fused module}`` or
-    ``{"q", "k", "v": Linear}``, plus ``{"o": Linear}``."""
-    attn = getattr(block, "attn", None)
-    if isinstance(attn, CLIPAttention):
-        return {"qkv": attn, "o": attn.out_proj}
-    att = getattr(block, "attention", None)
-    sa = getattr(att, "self", None) if att is not None else None
-    if sa is not None and all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value")):
-        return {"q": sa.query, "k": sa.key, "v": sa.value, "o": att.output.dense}
-    raise RsitrError(f"LoRA does not know the attention layout of block {type(block).__name__}")
-
-
 def _strip_lora(module: nn.Module) -> None:
-    """Undo an install on one module (restore its class, drop its ``lora`` child)."""
+    """Undo an install on one declared projection: empty a fused projection's ``lora`` slot, or
+    restore a swapped ``nn.Linear``'s class and drop its ``lora`` child."""
     if isinstance(module, LoRALinear):
         module.__class__ = nn.Linear
-    elif isinstance(module, LoRACLIPAttention):
-        module.__class__ = CLIPAttention
-    else:
-        return
-    if "lora" in module._modules:
         del module._modules["lora"]
+    elif module._modules.get("lora") is not None:
+        module.lora = None
 
 
 @register_method
@@ -306,14 +275,13 @@ class LoRAMethod(_InstalledModules):
         self.lora = nn.ModuleList()
         self._targets: list[tuple[str, int, str]] = []  # (modality, block, "qkv" | "q" | ... | "o")
         for modality in ("image", "text"):
-            found = find_slots(backbone, modality)
-            if found is None or found[0] != "blocks":
+            found = backbone.adapter_slots(modality)
+            if found is None or found.kind != "blocks":
                 if _wanted(o.layers, "layers"):
                     log.info("LoRA: the %s tower of %s has no attention blocks (e.g. a CNN): no LoRA there", modality, backbone.info.name)
                 continue
-            blocks = found[1]
-            for i in resolve_layers(o.layers, len(blocks), "layers"):
-                proj = attention_projections(blocks[i])
+            for i in resolve_layers(o.layers, len(found), "layers"):
+                proj = backbone.attention_projections(found.owners[i])
                 if "qkv" in proj:
                     fused = proj["qkv"]
                     qkv = "".join(c for c in self.letters if c in "qkv")
@@ -331,23 +299,24 @@ class LoRAMethod(_InstalledModules):
     def install(self, backbone: Backbone) -> None:
         """Attach the LoRA pairs to their projections (idempotent; also at load time)."""
         for modality in ("image", "text"):
-            found = find_slots(backbone, modality)
-            if found is not None and found[0] == "blocks":
-                for m in found[1].modules():
-                    _strip_lora(m)
+            found = backbone.adapter_slots(modality)
+            if found is not None and found.kind == "blocks":
+                for block in found.owners:
+                    for m in backbone.attention_projections(block).values():
+                        _strip_lora(m)
         for unit, (modality, i, what) in zip(self.lora, self._targets):
-            found = find_slots(backbone, modality)
-            if found is None or found[0] != "blocks" or i >= len(found[1]):
+            found = backbone.adapter_slots(modality)
+            if found is None or found.kind != "blocks" or i >= len(found):
                 raise RsitrError(f"LoRA: the {modality} tower of {backbone.info.name} does not match the LoRA built for it")
-            proj = attention_projections(found[1][i])
+            proj = backbone.attention_projections(found.owners[i])
             if what not in proj:
                 raise RsitrError(f"LoRA: block {i} of the {modality} tower of {backbone.info.name} has no {what!r} projection")
             target = proj[what]
             if what == "qkv":
-                target.__class__ = LoRACLIPAttention
-            elif type(target) is nn.Linear:
-                target.__class__ = LoRALinear
-            else:
+                target.lora = unit  # the fused projection's declared delta slot
+                continue
+            if type(target) is not nn.Linear:
                 raise RsitrError(f"LoRA: projection {what!r} of block {i} is a {type(target).__name__}, not a plain nn.Linear")
+            target.__class__ = LoRALinear
             target.lora = unit
         self._installed = True

@@ -157,7 +157,8 @@ class InferenceEngine:
         self.threads = int(threads) if threads else torch.get_num_threads()
         self.tolerance = float(tolerance)
         self._graphs: dict[tuple, _Graph | None] = {}
-        self.split = all(hasattr(backbone, n) for n in ("image_trunk", "image_head", "text_trunk", "text_head"))
+        # a declared trunk/head split (SplitBackbone): the engine runs the trunks, the heads stay in torch
+        self.split = backbone.capabilities.trunk_cache
         self.export_seconds = 0.0
 
     def __repr__(self) -> str:
@@ -187,8 +188,7 @@ class InferenceEngine:
             raise ValueError(name)
         image = name.startswith("image")
         if self.split:
-            owners = [bb.image_tower] if image else [bb.text_tower]
-            owners += [m for m in getattr(bb, "engine_state_modules", lambda modality: [])("image" if image else "text")]
+            owners = list(bb.trunk_modules("image" if image else "text"))
         else:
             owners = [bb]
         out_dyn = {"pooled": {0: "batch"}, "tokens": {0: "batch"} if image else {0: "batch", 1: "length"},
@@ -208,9 +208,9 @@ class InferenceEngine:
                  "size": size, "torch": torch.__version__.split("+")[0], "opset": OPSET, "format": FORMAT_VERSION}
         # a trunk that ends at a cut (two-tower top mode) computes other outputs from the same
         # tensors: the cut is part of the key (no entry without one: whole-trunk keys stay as they were)
-        cut = getattr(self.backbone, "trunk_cut", None)
-        if self.split and cut is not None and cut(name.split("_")[0]) is not None:
-            extra["cut"] = cut(name.split("_")[0])
+        cut = self.backbone.trunk_cut(name.split("_")[0]) if self.split else None
+        if cut is not None:
+            extra["cut"] = cut
         return state_hash(owners, extra)
 
     # -- export and sessions ---------------------------------------------------------------------

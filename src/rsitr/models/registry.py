@@ -11,20 +11,22 @@ A backbone *spec* is a string:
   method: it sits below them).
 
 :func:`parse_spec` is the only place that reads those prefixes; a family registers its builder
-with :func:`register_backbone` (``@register_backbone("towers", names=...)``) and
-:func:`list_backbones` lists every spec a registered family can build by name.
+with :func:`register_backbone` (``@register_backbone("towers", names=...)``) in its own package
+(:mod:`rsitr.models.clip` registers ``clip`` and paths, :mod:`rsitr.models.towers` ``towers``;
+both are imported on first use of the registry) and :func:`list_backbones` lists every spec a
+registered family can build by name.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
 
 from rsitr.models.base import Backbone
-from rsitr.utils.errors import CheckpointError, RsitrError
+from rsitr.utils.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,35 @@ class BackboneSpec:
 class _Family:
     build: Callable[..., Backbone]
     names: Callable[[], Iterable[str]]
+    comparison_note: str | None = None
 
 
 _FAMILIES: dict[str, _Family] = {}
 _RANDOM_INIT: set[str] = set()
+# the packages of the families rsitr ships: each registers itself when imported
+BUILTIN_FAMILIES = ("rsitr.models.clip", "rsitr.models.towers")
+_builtins_loaded = False
 
 
-def register_backbone(family: str, *, names: Callable[[], Iterable[str]] = lambda: (), random_init: bool = False):
+def _load_builtin_families() -> None:
+    """Import the built-in family packages once (their import registers them)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_FAMILIES:
+            importlib.import_module(module)
+
+
+def register_backbone(family: str, *, names: Callable[[], Iterable[str]] = lambda: (), random_init: bool = False,
+                      comparison_note: str | None = None):
     """Register ``fn(name, device, *, quick_gelu, embed_dim, seed) -> Backbone`` as the builder
-    of specs ``"<family>:<name>"`` (``family="path"``: specs without a prefix)."""
+    of specs ``"<family>:<name>"`` (``family="path"``: specs without a prefix). ``names``: the
+    names it builds; ``random_init``: its backbones have random weights; ``comparison_note``: how
+    its results differ from the published CLIP rows, printed by benchmark reports (``{training}``
+    is replaced by what was trained on, e.g. "the 8,734 images of the training split")."""
 
     def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _FAMILIES[family] = _Family(fn, names)
+        _FAMILIES[family] = _Family(fn, names, comparison_note)
         if random_init:
             _RANDOM_INIT.add(family)
         return fn
@@ -81,6 +100,7 @@ def parse_spec(spec: str | Path | BackboneSpec) -> BackboneSpec:
     else -> ``("path", spec)``."""
     if isinstance(spec, BackboneSpec):
         return spec
+    _load_builtin_families()
     text = str(spec)
     prefix, sep, rest = text.partition(":")
     if sep and prefix in _FAMILIES and prefix != PATH:
@@ -88,8 +108,15 @@ def parse_spec(spec: str | Path | BackboneSpec) -> BackboneSpec:
     return BackboneSpec(PATH, text)
 
 
+def comparison_note(spec: str | Path | BackboneSpec) -> str | None:
+    """The ``comparison_note`` the family of ``spec`` registered, or None."""
+    family = _FAMILIES.get(parse_spec(spec).family)
+    return family.comparison_note if family is not None else None
+
+
 def list_backbones() -> list[str]:
     """Every spec a registered family builds by name (paths not included)."""
+    _load_builtin_families()
     return sorted(f"{f}:{n}" for f, fam in _FAMILIES.items() if f != PATH for n in fam.names())
 
 
@@ -126,42 +153,3 @@ def rebuild_backbone(state: dict, device: str = "cpu") -> Backbone:
     # any trunk cache or inference-engine graph of it) ends below the trained blocks
     model.set_mode(cfg.get("mode", "heads"))
     return model
-
-
-# -- the families --------------------------------------------------------------------------------
-def _tower_names() -> Iterable[str]:
-    from rsitr.models.towers import TOWER_NAMES
-
-    return TOWER_NAMES
-
-
-def _clip_names() -> Iterable[str]:
-    from rsitr.models.clip import CONFIGS
-
-    return CONFIGS
-
-
-@register_backbone("towers", names=_tower_names)
-def _towers(name: str, device: str, *, embed_dim: int = 256, **_) -> Backbone:
-    from rsitr.models.towers import load_towers
-
-    return load_towers(name, device=device, embed_dim=embed_dim)
-
-
-@register_backbone("clip", names=_clip_names, random_init=True)
-def _clip_config(name: str, device: str, *, quick_gelu: bool | None = None, seed: int | None = None, **_) -> Backbone:
-    from rsitr.models.clip import CLIP
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    kwargs = {} if quick_gelu is None else {"quick_gelu": quick_gelu}
-    return CLIP.from_config(name, **kwargs)
-
-
-@register_backbone(PATH)
-def _clip_weights(path: str, device: str, *, quick_gelu: bool | None = None, **_) -> Backbone:
-    from rsitr.models.clip import load_clip
-
-    if not path:
-        raise RsitrError("empty backbone spec: give towers:NAME, clip:CONFIG or a checkpoint path")
-    return load_clip(path, device=device, quick_gelu=quick_gelu)

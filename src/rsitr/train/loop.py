@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsitr.data.imagesets import ImageSet, TrunkCache, build_trunk_cache, make_transforms, select, supports_trunk_cache
+from rsitr.data.imagesets import ImageSet, TrunkCache, make_transforms, select
+from rsitr.models.trunk_cache import build_trunk_cache, supports_trunk_cache
 from rsitr.data.types import CaptionDataset
 from rsitr.eval.evaluate import encode_dataset, evaluate
 from rsitr.methods import factory

@@ -4,7 +4,7 @@ Two kinds of items live in cache folders, each named by a content key, so they p
 weights, datasets and code change (a trunk cache of RSICD is 2-3 GB; an exported text tower
 ~90 MB per trained model):
 
-- trunk-feature caches ``img-<key>.pt`` / ``txt-<key>.pt`` (:mod:`rsitr.data.imagesets`; a run's
+- trunk-feature caches ``img-<key>.pt`` / ``txt-<key>.pt`` (:mod:`rsitr.models.trunk_cache`; a run's
   ``cache_dir``), each with a ``.json`` description beside it;
 - exported ONNX graphs ``<part>-<key>.onnx`` (:mod:`rsitr.models.engine`; ``$RSITR_ONNX_CACHE``,
   default ``~/.cache/rsitr/onnx``), each with its ``.json`` export record.

@@ -126,10 +126,10 @@ class KERMixin:
         each step only applies the (trainable) head; otherwise a text forward. A text trunk that ends
         below trained layers (two-tower top mode) gives token activations the head needs whole; they
         are not pooled here: a text forward then too."""
-        from rsitr.data.imagesets import supports_trunk_cache, trunk_cut
+        from rsitr.models.trunk_cache import supports_trunk_cache
 
         cacheable = (int(self.opts.ker_pool) > 0 and supports_trunk_cache(backbone) and not backbone.trunk_trainable("text")
-                     and trunk_cut(backbone, "text") is None)
+                     and backbone.trunk_cut("text") is None)
         if not cacheable:
             return backbone.text_features(backbone.tokenize(negs).to(device)).pooled
         missing = [c for c in dict.fromkeys(negs) if c not in self._pool_cache]

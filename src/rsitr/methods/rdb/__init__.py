@@ -11,8 +11,8 @@ The adapters themselves (differential and hierarchical attention) are :mod:`rsit
 DTCL's terms are pure functions in :mod:`rsitr.losses.dtcl`.
 """
 from rsitr.losses.dtcl import classification_loss, consistency_kl, fixed_weighting, uncertainty_weighting
-from rsitr.methods.rdb.cmaa import _block_width, _wanted, find_slots, resolve_layers
+from rsitr.methods.rdb.cmaa import _wanted, resolve_layers
 from rsitr.methods.rdb.method import RDB, TERMS, RDBOptions
 
-__all__ = ["RDB", "RDBOptions", "TERMS", "classification_loss", "consistency_kl", "find_slots", "fixed_weighting", "resolve_layers",
-           "uncertainty_weighting", "_block_width", "_wanted"]  # the last two: rsitr.methods.peft uses them
+__all__ = ["RDB", "RDBOptions", "TERMS", "classification_loss", "consistency_kl", "fixed_weighting", "resolve_layers",
+           "uncertainty_weighting", "_wanted"]  # the last: rsitr.methods.peft uses it

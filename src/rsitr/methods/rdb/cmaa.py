@@ -4,14 +4,16 @@
 
 Where the adapters go (``install``)
 -----------------------------------
-* CLIP: ``backbone.visual.transformer.resblocks`` (VEA) and ``backbone.transformer.resblocks``
-  (TSA); each chosen block's ``adapter`` slot gets one adapter, applied to the block output.
-* Other backbones: ``backbone.adapter_blocks("image"|"text")`` (a ModuleList of blocks with an
-  ``adapter`` slot) when it exists; for a modality without transformer blocks (the CNN image
-  tower) ``backbone.token_adapter_slot("image")`` -- one slot over the spatial tokens
-  ``[B, HW, C]`` before pooling -- receives a single VEA (``vea_layers`` then only switches it
-  on or off). Its width comes from ``slot.width`` or ``backbone.info.config["image_width"]``;
-  ``needs_tokens`` is then True so that cached trunk features keep their tokens.
+The slots the backbone declares, :meth:`rsitr.models.base.Backbone.adapter_slots`:
+
+* ``"blocks"`` (CLIP's residual blocks in both towers, MiniLM's layers): each chosen block's
+  ``adapter`` slot gets one adapter, applied to the block output;
+* ``"token"`` (a modality without transformer blocks, e.g. the two-tower's CNN image tower): one
+  slot over the spatial tokens ``[B, HW, C]`` before pooling receives a single VEA
+  (``vea_layers`` then only switches it on or off); ``needs_tokens`` is then True so that
+  cached trunk features keep their tokens.
+
+The adapters' widths are the ones the backbone declares for its slots.
 * The adapters are submodules of the method (``self.vea``/``self.tsa``, so the loop trains them)
   *and* of the backbone (the slots). Their tensors are saved once, with the backbone state
   (``backbone.*``): the method's own ``state_dict`` leaves them out and its ``load_state_dict``
@@ -69,33 +71,6 @@ def _wanted(spec: Any, what: str) -> bool:
     raise RsitrError(f"RDB option {what} must be 'all', 'last_half', 'none' or a list of block indices, got {spec!r}")
 
 
-def _block_width(block: nn.Module) -> int:
-    w = getattr(block, "width", None)
-    if isinstance(w, int):
-        return w
-    for m in block.modules():
-        if isinstance(m, nn.LayerNorm):
-            return int(m.normalized_shape[-1])
-    raise RsitrError(f"cannot tell the hidden width of adapter block {type(block).__name__} (no 'width' attribute or LayerNorm)")
-
-
-def find_slots(backbone: Backbone, modality: str) -> tuple[str, Any] | None:
-    """Where a modality's adapters go: ``("blocks", ModuleList)``, ``("token", slot)`` or None."""
-    if hasattr(backbone, "adapter_blocks"):
-        blocks = backbone.adapter_blocks(modality)
-        if blocks is not None:
-            return "blocks", blocks
-        slot_fn = getattr(backbone, "token_adapter_slot", None)
-        slot = slot_fn(modality) if slot_fn is not None else None
-        return ("token", slot) if slot is not None else None
-    tower = getattr(backbone, "visual", None) if modality == "image" else backbone
-    transformer = getattr(tower, "transformer", None) if tower is not None else None
-    blocks = getattr(transformer, "resblocks", None)
-    if isinstance(blocks, nn.ModuleList) and len(blocks) and hasattr(blocks[0], "adapter"):
-        return "blocks", blocks
-    return None
-
-
 class CMAAMixin:
     """The adapter part of :class:`~rsitr.methods.rdb.method.RDB`: reads ``self.opts``; holds the
     adapters ``vea`` / ``tsa``, where they go (``_targets``) and, once installed, their slots
@@ -109,24 +84,20 @@ class CMAAMixin:
         self.tsa = nn.ModuleList()
         self._targets: dict[str, list[int | None]] = {"image": [], "text": []}  # block index, None = token slot
         for modality, spec_key in (("image", "vea_layers"), ("text", "tsa_layers")):
-            found = find_slots(backbone, modality)
+            found = backbone.adapter_slots(modality)
             spec = getattr(o, spec_key)
             if found is None:
                 if _wanted(spec, spec_key):
                     log.warning("RDB: backbone %s has no adapter slots for the %s tower; no %s installed",
                                 backbone.info.name, modality, "VEA" if modality == "image" else "TSA")
                 continue
-            kind, where = found
-            if kind == "blocks":
-                layers = resolve_layers(spec, len(where), spec_key)
+            if found.kind == "blocks":
+                layers = resolve_layers(spec, len(found), spec_key)
                 for i in layers:
-                    self._add(modality, _block_width(where[i]), depth=i + 1)
+                    self._add(modality, found.widths[i], depth=i + 1)
                 self._targets[modality] = list(layers)
             elif _wanted(spec, spec_key):
-                width = getattr(where, "width", None) or backbone.info.config.get(f"{modality}_width")
-                if not isinstance(width, int):
-                    raise RsitrError(f"cannot tell the width of the {modality} token adapter slot of {backbone.info.name}")
-                self._add(modality, width, depth=int(o.token_slot_depth))
+                self._add(modality, found.widths[0], depth=int(o.token_slot_depth))
                 self._targets[modality] = [None]
                 self._token_slot = True  # the token slot adapts cached trunk tokens
         self._owners: list[tuple[nn.Module, nn.Module, nn.Module | None]] = []  # (slot owner, adapter, teacher)
@@ -146,20 +117,19 @@ class CMAAMixin:
         self._owners = []
         for modality, adapters, teachers in (("image", self.vea, self.vea_teacher), ("text", self.tsa, self.tsa_teacher)):
             targets = self._targets[modality]
-            found = find_slots(backbone, modality)
+            found = backbone.adapter_slots(modality)
             if found is not None:  # an RDB adapter left by an earlier install does not survive this one
-                for owner in ([found[1]] if found[0] == "token" else list(found[1])):
+                for owner in found.owners:
                     if isinstance(owner.adapter, (DiffAttnAdapter, HierAttnAdapter)):
                         owner.adapter = None
             if not targets:
                 continue
             if found is None:
                 raise RsitrError(f"RDB: backbone {backbone.info.name} has no {modality} adapter slots")
-            kind, where = found
             for k, t in enumerate(targets):
-                if (t is None) != (kind == "token") or (t is not None and t >= len(where)):
+                if (t is None) != (found.kind == "token") or (t is not None and t >= len(found)):
                     raise RsitrError(f"RDB: the {modality} tower of {backbone.info.name} does not match the adapters built for it")
-                owner = where if t is None else where[t]
+                owner = found.owners[0 if t is None else t]
                 owner.adapter = adapters[k]
                 self._owners.append((owner, adapters[k], teachers[k] if teachers is not None else None))
 

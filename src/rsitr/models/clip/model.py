@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsitr.models.base import Backbone, BackboneInfo, Features, PreprocessConfig
+from rsitr.models.base import AdapterSlots, Backbone, BackboneCapabilities, BackboneInfo, Features, PreprocessConfig, check_modality
 from rsitr.utils.errors import RsitrError
 
 
@@ -86,7 +86,11 @@ class LayerNorm(nn.LayerNorm):
 
 class Attention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names
-    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), computed with SDPA."""
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), computed with SDPA.
+
+    ``lora`` is a slot for a low-rank update of the fused q/k/v projection (None by default): a
+    module ``delta(x) -> [B, N, 3W]`` added to ``x @ in_proj_weight.T + in_proj_bias``. LoRA
+    methods fill it (its tensors are saved as ``...attn.lora.*``)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -96,10 +100,14 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.lora: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if self.lora is not None:
+            qkv = qkv + self.lora(x)
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
@@ -186,7 +194,10 @@ def _init_transformer(t: Transformer) -> None:
 
 
 class CLIP(Backbone):
-    """CLIP dual encoder implementing :class:`~rsitr.models.base.Backbone`."""
+    """CLIP dual encoder implementing :class:`~rsitr.models.base.Backbone` (no trunk/head split:
+    adapters sit inside the transformer blocks of both towers)."""
+
+    capabilities = BackboneCapabilities(adapter_slots={"image": "blocks", "text": "blocks"})
 
     def __init__(self, cfg: CLIPConfig, *, name: str | None = None, weights: dict | None = None):
         super().__init__()
@@ -254,6 +265,18 @@ class CLIP(Backbone):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)[0]
+
+    def adapter_slots(self, modality: str) -> AdapterSlots:
+        """The residual blocks of the ViT (``"image"``) or of the text transformer (``"text"``); each
+        block's ``adapter`` slot is applied to the block output."""
+        t = self.visual.transformer if check_modality(modality) == "image" else self.transformer
+        return AdapterSlots("blocks", tuple(t.resblocks), (t.width,) * len(t.resblocks))
+
+    def attention_projections(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The block's fused q/k/v attention (``"qkv"``, with its ``lora`` slot) and ``out_proj`` (``"o"``)."""
+        if not isinstance(block, ResidualAttentionBlock):
+            raise RsitrError(f"not a CLIP residual block: {type(block).__name__}")
+        return {"qkv": block.attn, "o": block.attn.out_proj}
 
     def trainable_groups(self, mode: str) -> dict[str, list[nn.Parameter]]:
         """``full``: everything; ``locked-image``: text tower + projections + temperature (LiT);

