@@ -74,12 +74,12 @@ def test_bad_checkpoints_one_line_exit_2(tmp_path, capsys, images):
 
 def test_bad_rsitr_checkpoint_file(tmp_path):
     """The training-checkpoint reader words a corrupt file the same way (one line, no advice)."""
-    from rsitr.models.checkpoint import load_checkpoint
+    from rsitr.models.checkpoint import TrainCheckpoint
     from rsitr.utils.errors import CheckpointError
 
     for name, path in _bad_checkpoints(tmp_path).items():
         with pytest.raises(CheckpointError) as info:
-            load_checkpoint(path)
+            TrainCheckpoint.load(path)
         msg = str(info.value)
         assert "\n" not in msg and str(path) in msg and "weights_only" not in msg, (name, msg)
 

@@ -36,7 +36,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 CKPT_WRITER = r"""
 import sys, torch
 from pathlib import Path
-from rsitr.models.checkpoint import save_checkpoint
+from rsitr.models.checkpoint import TrainCheckpoint
+def save_checkpoint(path, state, step):
+    TrainCheckpoint("clip:tiny", {}, {}, state, True, "baseline", progress={"global_step": step}).save(path)
 out, marker, hang = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "hang"
 if hang:  # step 2: torch.save writes part of the file, says so, and waits to be killed
     import rsitr.models.checkpoint as C
@@ -51,14 +53,14 @@ if hang:  # step 2: torch.save writes part of the file, says so, and waits to be
     import os
     C.torch.save = slow_save
 for step in (1, 2) if hang else (1,):
-    save_checkpoint(out, {"state": {"w": torch.full((256, 256), float(step))}, "progress": {"global_step": step}})
+    save_checkpoint(out, {"w": torch.full((256, 256), float(step))}, step)
     if not hang:
         marker.write_text("done")
 """
 
 
 def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
-    from rsitr.models.checkpoint import load_checkpoint
+    from rsitr.models.checkpoint import TrainCheckpoint
 
     ck = tmp_path / "checkpoint_last.pt"
     p = subprocess.run([sys.executable, "-c", CKPT_WRITER, str(ck), str(tmp_path / "m1"), "once"], env=ENV, timeout=120, capture_output=True, text=True)
@@ -70,15 +72,13 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     assert half.exists() and half != ck and half.parent == ck.parent  # the bytes go to a temporary name
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    d = load_checkpoint(ck)
-    assert d["progress"]["global_step"] == 1 and float(d["state"]["w"].mean()) == 1.0
+    d = TrainCheckpoint.load(ck)
+    assert d.global_step == 1 and float(d.state["w"].mean()) == 1.0
     # the killed write's temporary file is not mistaken for a checkpoint, and the next write of
     # that checkpoint removes it (its writer is gone)
-    assert load_checkpoint(tmp_path)["progress"]["global_step"] == 1
+    assert TrainCheckpoint.load(tmp_path).global_step == 1
     assert half.exists()
-    from rsitr.models.checkpoint import save_checkpoint
-
-    save_checkpoint(ck, d)
+    d.save(ck)
     assert not half.exists() and not list(tmp_path.glob("*.tmp"))
 
 
@@ -86,7 +86,7 @@ def test_kill_during_training_resumes(tmp_path):
     """A real training run killed at random steps (checkpoint every step): the run folder always
     holds a readable checkpoint_last.pt, and --resume finishes the run."""
     from rsitr.data.synth import write_synth
-    from rsitr.models.checkpoint import load_checkpoint
+    from rsitr.models.checkpoint import TrainCheckpoint
 
     write_synth(tmp_path / "data", n_images=40, seed=1, image_size=32)
     run = tmp_path / "run"
@@ -109,16 +109,16 @@ def test_kill_during_training_resumes(tmp_path):
             break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        d = load_checkpoint(run / "checkpoint_last.pt")  # never half-written
-        if d["progress"]["global_step"] == 10:  # killed after its last step (max_steps=10) was saved: not a kill during training
+        d = TrainCheckpoint.load(run / "checkpoint_last.pt")  # never half-written
+        if d.global_step == 10:  # killed after its last step (max_steps=10) was saved: not a kill during training
             break
-        steps_seen.append(d["progress"]["global_step"])
+        steps_seen.append(d.global_step)
     p = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert steps_seen == sorted(steps_seen) and all(s >= 1 for s in steps_seen)
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == result["planned_steps"] > max(steps_seen)
-    assert load_checkpoint(run / "checkpoint_last.pt")["progress"]["global_step"] == result["planned_steps"]
+    assert TrainCheckpoint.load(run / "checkpoint_last.pt").global_step == result["planned_steps"]
 
 
 # -- indexes -----------------------------------------------------------------------------------

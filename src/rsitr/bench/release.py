@@ -161,11 +161,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def export_run(run_dir: str | Path, name: str, out_dir: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Export the best (else last) checkpoint of ``run_dir`` as the shipped model ``name``."""
-    from rsitr.models.checkpoint import load_checkpoint
+    from rsitr.models.checkpoint import TrainCheckpoint
     from rsitr.models.shipped import export_checkpoint
 
-    ck = load_checkpoint(run_dir)
-    meta = {"trained_run": str(run_dir), "best": ck.get("best", {}) if isinstance(ck.get("best"), dict) else {}}
+    ck = TrainCheckpoint.load(run_dir)
+    meta = {"trained_run": str(run_dir), "best": ck.best}
     return export_checkpoint(ck, out_dir, name, {**(card or {}), **{k: v for k, v in meta.items() if k not in (card or {})}})
 
 

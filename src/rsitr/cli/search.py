@@ -146,7 +146,7 @@ def cmd_search(args) -> int:
     eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine, store_options=_store_options(args))
     try:
         if args.image is not None:
-            if args.rerank != "none":
+            if args.rerank not in ("auto", "none"):
                 raise RsitrError("--rerank applies to text queries only")
             query = f"image:{args.image}"
             results = eng.search_image(args.image, k=args.k, bbox=box)
@@ -237,12 +237,16 @@ def add_cli(sub) -> None:
     s.add_argument("index", help="index folder made by `rsitr index build`")
     s.add_argument("query", nargs="?", default=None, help="the sentence to search for (or give --image)")
     s.add_argument("-k", type=int, default=20, help="number of results (default 20)")
-    s.add_argument("--rerank", choices=("none", "ftf", "qbnorm"), default="none",
-                   help="ftf: re-score the top candidates with FTF's word x patch interaction (index built with --keep-tokens); "
+    s.add_argument("--rerank", choices=("auto", "none", "ftf", "qbnorm"), default="auto",
+                   help="auto (default): rank as the checkpoint's method ranks in `rsitr eval` (FTF's two-stage rerank and "
+                        "iEBAKER's local mix need an index built with --keep-tokens; what cannot be applied is warned about once); "
+                        "none: the pooled-cosine order; "
+                        "ftf: re-score the top candidates with FTF's word x patch interaction (index built with --keep-tokens); "
                         "qbnorm: re-rank them by QB-Norm over the index's query bank (`rsitr index qbank`). "
                         "SAR is not offered: it re-ranks with the reverse direction over a set of queries, which one free-text "
                         "search does not have (use `rsitr eval --rerank sar`)")
-    s.add_argument("--rerank-depth", type=int, default=100, help="candidates reranked (default 100)")
+    s.add_argument("--rerank-depth", type=int, default=100,
+                   help="candidates reranked (default 100; with auto, FTF's two-stage uses its own k)")
     s.add_argument("--image", default=None, help="query with an image file instead: tiles that look like it")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")

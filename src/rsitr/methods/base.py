@@ -63,6 +63,35 @@ class Capabilities:
     trunk_cache: bool = True
 
 
+SCORING_KINDS = ("cosine", "two_stage", "fine_mix", "local_mix")
+
+
+@dataclass(frozen=True)
+class CandidateScoring:
+    """How a method scores one free-text query against image candidates recalled by the pooled
+    cosine -- what search asks of a checkpoint's method so that it ranks as ``rsitr eval`` does.
+
+    * ``kind``: ``"cosine"`` (the recall order is the method's order: baseline, RDB, PEFT),
+      ``"two_stage"`` (FTF: the top ``depth`` candidates rescored by the word x patch interaction),
+      ``"fine_mix"`` (FTF ``rerank: exhaustive``: every pair mixed with the interaction at eval)
+      or ``"local_mix"`` (iEBAKER ``local``: global cosine mixed with the local similarity);
+    * ``needs_tokens``: :meth:`Method.rescore` reads image tokens (an index built with ``--keep-tokens``);
+    * ``depth``: the number of recalled candidates eval rescores (FTF's ``k``); None: eval
+      scores every image, search rescores as many candidates as it is told (``--rerank-depth``);
+    * ``unavailable``: why part of eval's scoring cannot apply to one free-text query (SAR needs
+      a set of queries), None when all of it can.
+    """
+
+    kind: str = "cosine"
+    needs_tokens: bool = False
+    depth: int | None = None
+    unavailable: str | None = None
+
+
+SAR_FOR_ONE_QUERY = ("SAR re-sorts candidates by the reverse rank of the query among a set of texts each candidate image ranks, "
+                     "and a free-text search has no such query set")
+
+
 @dataclass
 class BaselineOptions:
     """The baseline has no options."""
@@ -232,6 +261,21 @@ class Method(nn.Module):
     def two_stage_params(self) -> TwoStageParams | None:
         """Recall/rerank parameters of a two-stage method (None: not one)."""
         return None
+
+    # -- search (one free-text query against recalled image candidates) ------------------------
+    def candidate_scoring(self) -> CandidateScoring:
+        """How :meth:`rescore` scores a query's recalled candidates (default: the recall cosine)."""
+        return CandidateScoring()
+
+    @torch.no_grad()
+    def rescore(self, coarse: torch.Tensor, query: Features, cand_tokens: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """The method's scores ``[b, k]`` of ``b`` text queries against their ``k`` recalled image
+        candidates, the same numbers its :meth:`score` gives those pairs at evaluation.
+        ``coarse [b, k]``: the candidates' pooled cosines; ``query``: the queries' text features
+        (tokens ``[b, Nw, d]``, mask ``[b, Nw]``); ``cand_tokens [b, k, Np, d]`` / ``cand_mask
+        [b, k, Np]``: the candidates' image tokens (empty unless ``candidate_scoring().needs_tokens``).
+        Default: the cosine unchanged."""
+        return coarse
 
 
 @dataclass

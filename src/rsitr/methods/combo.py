@@ -35,6 +35,7 @@ rebuilt exactly by :func:`rsitr.methods.factory.load`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from rsitr.data.types import CaptionDataset
-from rsitr.methods.base import Capabilities, Method, TrainContext, method_class, register_method
+from rsitr.methods.base import Capabilities, CandidateScoring, Method, TrainContext, method_class, register_method
 from rsitr.models.base import Backbone, Features
 from rsitr.retrieval.twostage import TwoStageParams
 from rsitr.utils.errors import RsitrError
@@ -168,6 +169,16 @@ class Combo(Method):
 
     def two_stage_params(self) -> TwoStageParams | None:
         return self._scorer.two_stage_params() if self._scorer is not None else None
+
+    def candidate_scoring(self) -> CandidateScoring:
+        """The scoring part's, with the re-ranking part's reason when its re-ranking cannot apply to one query."""
+        plan = self._scorer.candidate_scoring() if self._scorer is not None else CandidateScoring()
+        why = self._reranker.candidate_scoring().unavailable if self._reranker is not None else None
+        return dataclasses.replace(plan, unavailable=why or plan.unavailable)
+
+    @torch.no_grad()
+    def rescore(self, coarse: torch.Tensor, query: Features, cand_tokens: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        return self._scorer.rescore(coarse, query, cand_tokens, cand_mask) if self._scorer is not None else coarse
 
 
 def _combinable() -> list[str]:

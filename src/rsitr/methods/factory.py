@@ -15,7 +15,7 @@ from typing import Any
 from rsitr.data.transforms import PreprocessConfig
 from rsitr.methods.base import Method, build_method
 from rsitr.models.base import Backbone
-from rsitr.models.checkpoint import is_rsitr_checkpoint, load_checkpoint
+from rsitr.models.checkpoint import TrainCheckpoint
 from rsitr.models.registry import build_backbone, parse_spec, rebuild_backbone
 from rsitr.utils.errors import CheckpointError
 
@@ -53,8 +53,9 @@ def load(source, device: str = "cpu", *, quick_gelu: bool | None = None, embed_d
         label = PREFIX + name if root == SHIPPED_DIR else str(source)
         return from_checkpoint(shipped_checkpoint(name, root), device=device, source=label)
     spec = parse_spec(source)
-    if spec.is_path and is_rsitr_checkpoint(spec.name):
-        return from_checkpoint(load_checkpoint(spec.name), device=device, source=str(source))
+    ckpt = TrainCheckpoint.probe(spec.name) if spec.is_path else None  # one open: a checkpoint, or None for another file
+    if ckpt is not None:
+        return from_checkpoint(ckpt, device=device, source=str(source))
     backbone = build_backbone(spec, device, quick_gelu=quick_gelu, embed_dim=embed_dim, seed=seed)
     return LoadedModel(backbone, None, str(source))
 
@@ -64,27 +65,26 @@ def load_model(source, device: str = "cpu", *, quick_gelu: bool | None = None, e
     return load(source, device, quick_gelu=quick_gelu, embed_dim=embed_dim).backbone
 
 
-def from_checkpoint(state: dict, device: str = "cpu", source: str | None = None) -> LoadedModel:
+def from_checkpoint(ckpt: TrainCheckpoint, device: str = "cpu", source: str | None = None) -> LoadedModel:
     """Rebuild the backbone and the method of a training checkpoint and apply their trained tensors."""
-    where = state.get("_path", "checkpoint")
-    model = rebuild_backbone(state)
+    where = ckpt.where
+    model = rebuild_backbone(ckpt)
     # the method first: it installs its adapters into the backbone's blocks, whose trained
     # tensors are then part of the backbone state below
-    method = build_method(state["method"]["name"], model, dict(state["method"].get("options", {})), None)
-    backbone_state = {k[len("backbone."):]: v for k, v in state["state"].items() if k.startswith("backbone.")}
+    method = build_method(ckpt.method_name, model, dict(ckpt.method_options), None)
+    backbone_state = ckpt.part_state("backbone")
     own = model.state_dict()
     unknown = [k for k in backbone_state if k not in own]
     if unknown:
         raise CheckpointError(f"{where}: tensors not in the model: {unknown[:5]}")
     missing = model.load_state_dict(backbone_state, strict=False).missing_keys
-    if state["state_is_full"] and missing:
+    if ckpt.state_is_full and missing:
         raise CheckpointError(f"{where}: full checkpoint lacks {missing[:5]}")
-    method_state = {k[len("method."):]: v for k, v in state["state"].items() if k.startswith("method.")}
-    bad = method.load_state_dict(method_state, strict=False)
+    bad = method.load_state_dict(ckpt.part_state("method"), strict=False)
     if bad.unexpected_keys or bad.missing_keys:
         raise CheckpointError(f"{where}: method {method.name} state does not match (missing {bad.missing_keys[:5]}, unexpected {bad.unexpected_keys[:5]})")
-    src = source or state.get("_path") or state["backbone"]["source"]
-    return LoadedModel(model.to(device).eval(), method.to(device).eval(), str(src), dict(state["method"]))
+    src = source or (str(ckpt.path) if ckpt.path is not None else ckpt.backbone_source)
+    return LoadedModel(model.to(device).eval(), method.to(device).eval(), str(src), ckpt.method_record)
 
 
 __all__ = ["LoadedModel", "from_checkpoint", "load", "load_model"]

@@ -51,8 +51,8 @@ from rsitr.losses.contrastive import info_nce, logit_scale_exp, symmetric_ce
 from rsitr.losses.ftf import intra_granularity, intra_structure, token_mean
 from rsitr.models.base import Backbone, Features
 from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores, interaction_scores
-from rsitr.retrieval.twostage import DEFAULT_ALPHA, DEFAULT_K, TwoStageParams, exhaustive, two_stage
-from rsitr.methods.base import Capabilities, Method, register_method
+from rsitr.retrieval.twostage import DEFAULT_ALPHA, DEFAULT_K, TwoStageParams, exhaustive, rescore, two_stage
+from rsitr.methods.base import Capabilities, CandidateScoring, Method, register_method
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,24 @@ class FTF(Method):
 
     def score_direction(self) -> str | None:
         return str(self.opts.eval_direction)
+
+    def candidate_scoring(self) -> CandidateScoring:
+        """Search rescores as eval's text->image matrix does: ``two_stage``, the method's ``k``
+        recalled candidates; ``exhaustive``, every candidate search hands over; ``none``: cosine."""
+        o = self.opts
+        if o.rerank == "none":
+            return CandidateScoring()
+        if o.rerank == "two_stage":
+            return CandidateScoring("two_stage", needs_tokens=True, depth=int(o.k))
+        return CandidateScoring("fine_mix", needs_tokens=True)
+
+    @torch.no_grad()
+    def rescore(self, coarse: torch.Tensor, query: Features, cand_tokens: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        o = self.opts
+        if o.rerank == "none":
+            return coarse
+        params = TwoStageParams(alpha=float(o.alpha), tau=float(o.tau), balance=float(o.balance), renorm=bool(o.renorm))
+        return rescore(coarse, query.tokens, query.mask, cand_tokens, cand_mask, params)
 
     # -- training ------------------------------------------------------------------------------
     def _fine_kw(self) -> dict[str, Any]:

@@ -22,11 +22,14 @@ import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 
 from rsitr.models.base import Backbone
 from rsitr.utils.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from rsitr.models.checkpoint import TrainCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +132,15 @@ def build_backbone(source: str | BackboneSpec, device: str = "cpu", *, quick_gel
     return model.to(device)
 
 
-def rebuild_backbone(state: dict, device: str = "cpu") -> Backbone:
+def rebuild_backbone(ckpt: "TrainCheckpoint", device: str = "cpu") -> Backbone:
     """The architecture of a training checkpoint's backbone, before its trained tensors are
     applied: from the stored config when the checkpoint holds the whole backbone of a CLIP,
     else from its source (whose weights must still hash to what the run was trained on)."""
-    spec = parse_spec(state["backbone"]["source"])
-    info = state["backbone"]["info"]
-    cfg = state["config"]["model"]
-    where = state.get("_path", "checkpoint")
-    if (spec.family == "clip") or (state["state_is_full"] and info["kind"] == "clip"):
+    spec = parse_spec(ckpt.backbone_source)
+    info = ckpt.backbone_info
+    cfg = ckpt.model_config
+    where = ckpt.where
+    if (spec.family == "clip") or (ckpt.state_is_full and info.get("kind") == "clip"):
         from rsitr.models.clip import CLIP
 
         model = CLIP.from_config(dict(info["config"]))
@@ -145,7 +148,7 @@ def rebuild_backbone(state: dict, device: str = "cpu") -> Backbone:
         if spec.is_path and not Path(spec.name).exists():
             raise CheckpointError(f"{where}: its backbone weights {spec.name} are not at that path any more; the checkpoint stores only the trained tensors")
         model = build_backbone(spec, "cpu", quick_gelu=cfg.get("quick_gelu"), embed_dim=cfg.get("embed_dim", 256))
-        have, want = dict(model.info.weights), dict(info["weights"])
+        have, want = dict(model.info.weights), dict(info.get("weights") or {})
         for k in ("sha256", "image_sha256", "text_sha256"):
             if k in want and have.get(k) != want[k]:
                 raise CheckpointError(f"{where}: backbone weights differ from those it was trained on ({k} {have.get(k)} != {want[k]})")

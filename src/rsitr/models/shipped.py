@@ -27,12 +27,15 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rsitr.utils.errors import CheckpointError, RsitrError
 from rsitr.utils.io import atomic_path
+
+if TYPE_CHECKING:
+    from rsitr.models.checkpoint import TrainCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +117,12 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def shipped_checkpoint(name: str, root: str | Path | None = None) -> dict[str, Any]:
-    """A training-checkpoint dict (the layout of :mod:`rsitr.models.checkpoint`) of the shipped
-    model ``name``: its trained tensors in float32, after checking the weights file's sha256
-    against the card."""
+def shipped_checkpoint(name: str, root: str | Path | None = None) -> "TrainCheckpoint":
+    """The training checkpoint (:class:`rsitr.models.checkpoint.TrainCheckpoint`, validated as one)
+    of the shipped model ``name``: its trained tensors in float32, after checking the weights
+    file's sha256 against the card."""
+    from rsitr.models.checkpoint import TrainCheckpoint
+
     from safetensors.torch import load_file
 
     card = read_card(name, root)
@@ -131,25 +136,26 @@ def shipped_checkpoint(name: str, root: str | Path | None = None) -> dict[str, A
     tensors = load_file(str(path))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
     ck = dict(card["checkpoint"])
-    return {**ck, "state": state, "state_is_full": False, "_path": PREFIX + name}
+    return TrainCheckpoint.from_dict({**ck, "state": state, "state_is_full": False}, PREFIX + name)
 
 
-def export_checkpoint(checkpoint: dict[str, Any], out_dir: str | Path, name: str, card: dict[str, Any] | None = None) -> Path:
+def export_checkpoint(checkpoint: "TrainCheckpoint", out_dir: str | Path, name: str, card: dict[str, Any] | None = None) -> Path:
     """Write the trained tensors of a training ``checkpoint`` (as loaded by
-    :func:`rsitr.models.checkpoint.load_checkpoint`) as a shipped model in ``out_dir`` (fp16
+    :meth:`rsitr.models.checkpoint.TrainCheckpoint.load`) as a shipped model in ``out_dir`` (fp16
     safetensors + ``card.json``). A checkpoint that holds the whole backbone (a randomly
     initialised CLIP) is refused: its tensors are not a few MB and no wheel rebuilds its trunk."""
     from safetensors.torch import save_file
 
-    if checkpoint.get("state_is_full"):
+    if checkpoint.state_is_full:
         raise RsitrError("this checkpoint stores its whole backbone (a model without pretrained trunk weights to rebuild "
                          "from); only runs on a pretrained backbone can ship their trained parts")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in checkpoint["state"].items()}
+    tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in checkpoint.state.items()}
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"rsitr_model": name})
-    meta = {k: checkpoint[k] for k in ("rsitr", "backbone", "config", "method") if k in checkpoint}
+    on_disk = checkpoint.to_dict()
+    meta = {k: on_disk[k] for k in ("rsitr", "backbone", "config", "method")}
     doc = {"format": FORMAT, "name": name,
            "weights": {"file": WEIGHTS, "sha256": sha256_file(out / WEIGHTS), "bytes": (out / WEIGHTS).stat().st_size,
                        "dtype": "float16", "tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values()))},

@@ -132,6 +132,18 @@ def exhaustive(coarse_img: torch.Tensor, coarse_txt: torch.Tensor, img_tokens: t
 
 
 # -- query-time search over an archive (index + token store) ------------------------------------
+def rescore(coarse: torch.Tensor, query_tokens: torch.Tensor, query_mask: torch.Tensor | None, cand_tokens: torch.Tensor,
+            cand_mask: torch.Tensor | None, params: TwoStageParams) -> torch.Tensor:
+    """The rerank stage for ``b`` queries' ``k`` recalled candidates: ``(1 - alpha) coarse + alpha
+    fine`` ``[b, k]`` from ``coarse [b, k]``, the queries' word tokens ``[b, Nw, d]`` and the
+    candidates' patch tokens ``[b, k, Np, d]`` (masks None: all valid), with ``params``'s
+    interaction settings -- the numbers :func:`two_stage` puts in the candidates' cells."""
+    qm = None if query_mask is None else query_mask[:, None]
+    f = fine_scores_paired(cand_tokens.float(), cand_mask, query_tokens.float()[:, None], qm, tau=params.tau, balance=params.balance,
+                           renorm=params.renorm)
+    return combine(coarse.float(), f, params.alpha)
+
+
 def search_t2i(index: VectorIndex, store: TokenStore, query_pooled: Any, query_tokens: torch.Tensor, query_mask: torch.Tensor | None,
                *, k: int = DEFAULT_K, top: int | None = None, alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
                balance: float = DEFAULT_BALANCE, renorm: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -158,4 +170,5 @@ def search_t2i(index: VectorIndex, store: TokenStore, query_pooled: Any, query_t
     return take(final).astype(np.float32), take(ids), {"coarse": take(cs), "fine": take(f.astype(np.float32))}
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_K", "DIRECTIONS", "OFFSET", "TwoStageParams", "combine", "exhaustive", "search_t2i", "two_stage"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_K", "DIRECTIONS", "OFFSET", "TwoStageParams", "combine", "exhaustive", "rescore", "search_t2i",
+           "two_stage"]

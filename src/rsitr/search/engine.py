@@ -5,9 +5,20 @@ unless its weights hash to the manifest's), and answers queries. It is safe to s
 threads: model forward passes and FAISS searches run under one lock (a 2-core CPU gains nothing
 from running them concurrently), everything else is read-only.
 
-Re-ranking (``rerank=``):
+Scoring and re-ranking (``rerank=``):
 
-* ``"none"``: the vector index order (cosine of pooled embeddings).
+* ``"auto"`` (default): rank as the checkpoint's method ranks texts->images in ``rsitr eval``.
+  The engine asks the method (:meth:`rsitr.methods.base.Method.candidate_scoring`) how it scores
+  a query against candidates recalled by the pooled cosine, and has it rescore them
+  (:meth:`~rsitr.methods.base.Method.rescore`): the recall order for the baseline, RDB and PEFT;
+  FTF's two-stage rerank of its ``k`` best candidates; iEBAKER's ``local`` mix of the global
+  cosine and the local similarity over the top ``rerank_depth`` candidates (eval mixes every
+  pair: the two agree wherever the depth covers the candidates that matter). Candidates beyond the
+  rescored ones follow in recall order, as in eval's two-stage matrix. What cannot be applied is
+  said once per engine with a warning, never skipped silently: an index without image tokens
+  (built without ``--keep-tokens``) for a method that scores with them -- then ranked by the
+  pooled cosine --, and iEBAKER's SAR, which needs a set of queries (see ``"sar"``).
+* ``"none"``: the vector index order (cosine of pooled embeddings), whatever the method.
 * ``"ftf"``: the top ``rerank_depth`` candidates are re-scored by the FTF fine-grained stage
   (:mod:`rsitr.retrieval.twostage`) with the index's token store (built with ``--keep-tokens``)
   and the query's word tokens, with the two-stage parameters (``alpha``, ``tau``, ``balance``,
@@ -43,7 +54,7 @@ from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
 
-RERANKS = ("none", "ftf", "qbnorm", "sar")
+RERANKS = ("auto", "none", "ftf", "qbnorm", "sar")
 SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sorts candidates by the reverse rank of the query "
                    "among a set of texts each candidate image ranks, and a free-text search has no such query set. "
                    "Use `rsitr eval` on a caption dataset for SAR, or --rerank ftf with an index built with --keep-tokens.")
@@ -62,6 +73,7 @@ class SearchEngine:
         self._tokens = None
         self._qbank = None
         self._qb_z = None  # QB-Norm normaliser per tile (NaN: not computed yet)
+        self._warned: set[str] = set()  # what "auto" scoring could not apply, said once
         # `rsitr index add` may commit a new generation (manifest first, then the old files are
         # removed) while this reads: the files of the manifest read are then gone, and the new
         # manifest is read again. Everything is opened here (the memory maps keep a generation's
@@ -207,7 +219,7 @@ class SearchEngine:
             scores, ids = self.vectors.search(q, k, box) if box is not None else self.vectors.search(q, k)
         return scores[0], ids[0]
 
-    def search(self, query: str, k: int = 20, rerank: str = "none", rerank_depth: int = 100, bbox=None) -> list[dict]:
+    def search(self, query: str, k: int = 20, rerank: str = "auto", rerank_depth: int = 100, bbox=None) -> list[dict]:
         query = (query or "").strip()
         if not query:
             raise RsitrError("empty query")
@@ -220,6 +232,8 @@ class SearchEngine:
             return self.search_vector(self.encode_text(query), k, box)
         if rerank == "qbnorm":
             return self._search_qbnorm(query, int(k), int(rerank_depth), box)
+        if rerank == "auto":
+            return self._search_method(query, int(k), int(rerank_depth), box)
         return self._search_ftf(query, int(k), int(rerank_depth), box)
 
     def search_image(self, image, k: int = 20, exclude_self: bool = False, bbox=None) -> list[dict]:
@@ -237,24 +251,77 @@ class SearchEngine:
             raise RsitrError(f"{self.index_dir}: --rerank ftf needs the image token store; rebuild the index with --keep-tokens")
         return self._tokens
 
-    @torch.no_grad()
     def _search_ftf(self, query: str, k: int, depth: int, box=None) -> list[dict]:
         """FTF two-stage search: recall ``depth`` tiles by the pooled cosine, rerank them with the
         parameter-free text-guided interaction over the stored patch tokens
-        (:func:`rsitr.retrieval.twostage.search_t2i`, ``final = (1-alpha) coarse + alpha fine``),
+        (:func:`rsitr.retrieval.twostage.rescore`, ``final = (1-alpha) coarse + alpha fine``),
         with the checkpoint method's two-stage parameters (see the module doc)."""
         from rsitr.retrieval import twostage
 
         store = self._token_store()
-        depth = max(k, depth)
         params = (self.method.two_stage_params() if self.method is not None else None) or twostage.TwoStageParams()
+
+        def fn(coarse, q, tokens, mask):
+            return twostage.rescore(coarse, q.tokens, q.mask, tokens, mask, params)
+
+        return self._search_rescored(query, k, max(k, depth), box, fn, store)
+
+    # -- through the checkpoint's method ---------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def _search_method(self, query: str, k: int, depth: int, box=None) -> list[dict]:
+        """``rerank="auto"``: rank as the checkpoint's method does (see the module doc)."""
+        from rsitr.methods.base import CandidateScoring
+
+        method = self.method
+        plan = method.candidate_scoring() if method is not None else CandidateScoring()
+        name = method.name if method is not None else "none"
+        if plan.unavailable:
+            self._warn_once("unavailable", f"{self.index_dir}: search ranks unlike `rsitr eval` for this {name} checkpoint: {plan.unavailable}")
+        if plan.kind == "cosine":
+            return self.search_vector(self.encode_text(query), k, box)
+        if plan.needs_tokens and self._tokens is None:
+            self._warn_once("tokens", f"{self.index_dir}: the {name} checkpoint scores with {plan.kind} over image tokens, which this index "
+                                      "does not store: results are ranked by the pooled cosine, not as `rsitr eval` ranks them; "
+                                      "rebuild the index with --keep-tokens")
+            return self.search_vector(self.encode_text(query), k, box)
+        return self._search_rescored(query, k, plan.depth if plan.depth is not None else depth, box, method.rescore,
+                                     self._tokens if plan.needs_tokens else None)
+
+    @torch.no_grad()
+    def _search_rescored(self, query: str, k: int, depth: int, box, rescore, store) -> list[dict]:
+        """Recall ``max(k, depth)`` tiles by the pooled cosine, rescore the first ``depth`` with
+        ``rescore(coarse [1, d], query Features, tokens [1, d, Np, dim], mask [1, d, Np])`` (the
+        tiles' stored tokens; empty without a ``store``) and rank them by it; recalled tiles beyond
+        ``depth`` follow in recall order."""
+        from rsitr.models.base import Features
+
+        if k < 1:
+            raise RsitrError(f"k must be >= 1, got {k}")
+        depth = max(1, int(depth))
         with self._lock:
             tf, _ = self._text_features(query)
-            q = torch.nn.functional.normalize(tf.pooled.float(), dim=-1)
+            q = torch.nn.functional.normalize(tf.pooled.float(), dim=-1).cpu().numpy()
             recall = self.vectors if box is None else _Filtered(self.vectors, box)
-            scores, ids, _parts = twostage.search_t2i(recall, store, q, tf.tokens.float(), tf.mask, k=depth, top=k,
-                                                      alpha=params.alpha, tau=params.tau, balance=params.balance, renorm=params.renorm)
-        return self._results(scores[0], ids[0])
+            coarse, ids = recall.search(q, max(k, depth))
+            coarse, ids = coarse[0], ids[0]
+            keep = ids >= 0
+            coarse, ids = coarse[keep].astype(np.float32), ids[keep]
+            head = ids[:depth]
+            if len(head) == 0:
+                return []
+            if store is not None:
+                tokens, mask = store.get(head[None])
+            else:
+                tokens, mask = torch.zeros(1, len(head), 0, 0), torch.zeros(1, len(head), 0, dtype=torch.bool)
+            q_feat = Features(tf.pooled.float().cpu(), tf.tokens.float().cpu(), tf.mask.cpu())
+            new = rescore(torch.from_numpy(coarse[: len(head)])[None], q_feat, tokens, mask)[0].float().numpy()
+        order = np.argsort(-new, kind="stable")
+        scores = np.concatenate([new[order], coarse[len(head):]])[:k]
+        return self._results(scores, np.concatenate([head[order], ids[len(head):]])[:k])
 
     # -- QB-Norm ---------------------------------------------------------------------------------
     def query_bank(self):

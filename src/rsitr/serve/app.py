@@ -3,7 +3,7 @@
 Routes
 ------
 ``GET /healthz``                       liveness + index summary
-``GET /search?q=TEXT&k=20&rerank=none&bbox=W,S,E,N`` text search (JSON); ``q`` 1..500 chars,
+``GET /search?q=TEXT&k=20&rerank=auto&bbox=W,S,E,N`` text search (JSON); ``q`` 1..500 chars,
                                        ``1 <= k <= 200``; ``bbox`` (optional, WGS84): only tiles whose
                                        footprint intersects it (a bad box is 422)
 ``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB),
@@ -116,7 +116,7 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
 
     @app.get("/search")
     def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY), k: int = Query(20, ge=1, le=MAX_K),
-               rerank: Literal["none", "ftf", "qbnorm", "sar"] = "none", bbox: str | None = Query(None, max_length=200)):
+               rerank: Literal["auto", "none", "ftf", "qbnorm", "sar"] = "auto", bbox: str | None = Query(None, max_length=200)):
         if not q.strip():
             raise HTTPException(422, "query is blank")
         box = _box(bbox)

@@ -254,24 +254,18 @@ class Run:
         if not self.dist_info.is_main:
             return
         cfg = self.cfg
-        payload: dict[str, Any] = {
-            "backbone": {"source": cfg.model.backbone, "info": _info_dict(self.backbone)},
-            "config": cfg.to_dict(),
-            "state": trainable_state(self.module, self.full_backbone),
-            "state_is_full": self.full_backbone,
-            "method": {"name": self.method.name, "options": jsonable(self.method.options)},
-            "best": self.best,
-            "history": self.history,
-            "epoch_order": torch.from_numpy(self.order_now) if self.order_now is not None else None,
-            "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                         "seconds": self.elapsed()},
-        }
+        resume = None
         if with_resume_state:
-            payload.update(
-                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict() if self.scaler is not None else {}, rng=ckpt.rng_state(),
-            )
-        ckpt.save_checkpoint(path, payload)
+            resume = ckpt.ResumeState(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                                      scaler=self.scaler.state_dict() if self.scaler is not None else {}, rng=ckpt.rng_state())
+        ckpt.TrainCheckpoint(
+            backbone_source=cfg.model.backbone, backbone_info=_info_dict(self.backbone), config=cfg.to_dict(),
+            state=trainable_state(self.module, self.full_backbone), state_is_full=self.full_backbone,
+            method_name=self.method.name, method_options=jsonable(self.method.options), best=self.best, history=self.history,
+            epoch_order=torch.from_numpy(self.order_now) if self.order_now is not None else None,
+            progress={"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "seconds": self.elapsed()},
+            resume=resume,
+        ).save(path)
 
 
 def _inference_engine(backbone: Backbone, cfg: TrainConfig):
@@ -335,8 +329,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
         log.info(msg)
 
     eval_tf, train_tf = make_transforms(backbone, cfg.augment)
-    prior = ckpt.load_checkpoint(last_path) if resume and last_path.exists() else None
-    elapsed_before = float(prior["progress"].get("seconds", 0.0)) if prior is not None else 0.0  # earlier invocations, for time_budget
+    prior = ckpt.TrainCheckpoint.load(last_path) if resume and last_path.exists() else None
+    elapsed_before = float(prior.progress.get("seconds", 0.0)) if prior is not None else 0.0  # earlier invocations, for time_budget
     cache, val_cache = _build_caches(cfg, backbone, method, train_ds, val_ds, out, device, progress and dist_info.is_main, eval_tf, train_tf,
                                      deadline=t_start + cfg.time_budget - elapsed_before if cfg.time_budget is not None else None)
     images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None) if cache is None or cache.image is None else None
@@ -419,18 +413,20 @@ def _build_caches(cfg: TrainConfig, backbone: Backbone, method: Method, train_ds
     return cache, val_cache
 
 
-def _restore(run: Run, state: dict[str, Any]) -> None:
+def _restore(run: Run, prior: ckpt.TrainCheckpoint) -> None:
     """Continue exactly where ``checkpoint_last.pt`` stopped (mid-epoch too)."""
-    load_trainable_state(run.module, state["state"], str(run.last_path))
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"])
-    run.epoch, run.step_in_epoch, run.global_step = (state["progress"][k] for k in ("epoch", "step_in_epoch", "global_step"))
-    if state.get("epoch_order") is not None and run.step_in_epoch > 0:
-        run.saved_order = state["epoch_order"].numpy()
-    run.best, run.history = state["best"], state["history"]
+    if prior.resume is None:
+        raise RsitrError(f"{prior.where}: holds no optimizer/scheduler/RNG state to resume from (a best checkpoint?)")
+    load_trainable_state(run.module, prior.state, str(run.last_path))
+    run.optimizer.load_state_dict(prior.resume.optimizer)
+    run.scheduler.load_state_dict(prior.resume.scheduler)
+    if run.scaler is not None and prior.resume.scaler:
+        run.scaler.load_state_dict(prior.resume.scaler)
+    ckpt.set_rng_state(prior.resume.rng)
+    run.epoch, run.step_in_epoch, run.global_step = (prior.progress[k] for k in ("epoch", "step_in_epoch", "global_step"))
+    if prior.epoch_order is not None and run.step_in_epoch > 0:
+        run.saved_order = prior.epoch_order.numpy()
+    run.best, run.history = prior.best, prior.history
     log.info("resumed %s at epoch %d step %d (global step %d)", run.last_path, run.epoch, run.step_in_epoch, run.global_step)
 
 
@@ -600,7 +596,7 @@ def finish(run: Run, *, evaluate_test: bool = True) -> TrainResult:
         test_ds = run.data.split(cfg.data.test_split)
         if len(test_ds):
             if run.best_path.exists():
-                load_trainable_state(run.module, ckpt.load_checkpoint(run.best_path)["state"], str(run.best_path))
+                load_trainable_state(run.module, ckpt.TrainCheckpoint.load(run.best_path).state, str(run.best_path))
             result.test = evaluate(run.backbone, test_ds, method=run.method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=run.device,
                                    progress=run.progress, engine=_inference_engine(run.backbone, cfg))
     result.seconds = time.perf_counter() - run.t_start

@@ -17,7 +17,7 @@ import torch
 from rsitr.data.types import CaptionDataset
 from rsitr.losses.contrastive import symmetric_ce
 from rsitr.losses.iebaker import masked_info_nce
-from rsitr.methods.base import Capabilities, Method, TrainContext, register_method
+from rsitr.methods.base import SAR_FOR_ONE_QUERY, Capabilities, CandidateScoring, Method, TrainContext, register_method
 from rsitr.methods.iebaker.eba import CRITERIA, EBAMixin, _is_main
 from rsitr.methods.iebaker.ker import KERMixin
 from rsitr.methods.iebaker.local import local_similarity, local_similarity_matrix
@@ -167,6 +167,26 @@ class IEBAKER(EBAMixin, KERMixin, SARMixin, Method):
         if not self._eba_active(epoch):
             return order
         return self._eliminate_before_align(order, epoch, ctx)
+
+    # -- search --------------------------------------------------------------------------------
+    def candidate_scoring(self) -> CandidateScoring:
+        """The local mix when eval scores with it (``local`` and ``local_eval_weight > 0``), else
+        the cosine; SAR (``sar``/``rerank: sar``) has no counterpart for one free-text query."""
+        local = self.capabilities.own_scoring
+        return CandidateScoring("local_mix" if local else "cosine", needs_tokens=local,
+                                unavailable=f"iEBAKER's SAR re-ranking is not applied: {SAR_FOR_ONE_QUERY}" if self.sar_enabled else None)
+
+    @torch.no_grad()
+    def rescore(self, coarse: torch.Tensor, query: Features, cand_tokens: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        """``(1 - w) cosine + w local`` of each query with its candidates (what :meth:`score` gives)."""
+        if not self.capabilities.own_scoring:
+            return coarse
+        b, k = coarse.shape
+        t = query.tokens.float()[:, None].expand(b, k, *query.tokens.shape[1:]).reshape(b * k, *query.tokens.shape[1:])
+        tm = query.mask[:, None].expand(b, k, query.mask.shape[1]).reshape(b * k, -1)
+        loc = local_similarity(t, tm, cand_tokens.reshape(b * k, *cand_tokens.shape[2:]), cand_mask.reshape(b * k, -1), pairwise=False)
+        w = float(self.opts.local_eval_weight)
+        return (1 - w) * coarse.float() + w * loc.view(b, k)
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
