@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsitr.bench.measurements import write_result
 from rsitr.retrieval.index import TokenStore, VectorIndex, l2_normalize
 from rsitr.retrieval.interaction import DEFAULT_BALANCE, DEFAULT_TAU, fine_scores
 from rsitr.retrieval.twostage import DEFAULT_ALPHA, TwoStageParams, search_t2i
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,7 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
         "rows": rows,
     }
     if out:
-        out = Path(out)
-        atomic_write_json(out, result)
-        atomic_write_text(out.with_suffix(".md"), format_markdown(result) + "\n")
+        write_result(out, result, format_markdown(result) + "\n")
     return result
 
 

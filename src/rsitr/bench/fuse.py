@@ -12,6 +12,8 @@
 
 Each row is reported plain and with QB-Norm; per seed (``--suite-dirs`` + ``--members`` +
 ``--seeds``: the members' cells of one seed form one group) and as a mean over seeds.
+``fuse.json`` / ``fuse.md`` are written by the benchmarks' one writer,
+:func:`rsitr.bench.measurements.write_result`.
 """
 from __future__ import annotations
 
@@ -310,11 +312,10 @@ def fuse_suite(suite, out: Path, *, progress: bool = False) -> dict[str, Any] | 
 
 def write_result(out: Path, res: dict[str, Any]) -> str:
     """``out/fuse.json`` and ``out/fuse.md`` (written atomically); returns the markdown."""
-    from rsitr.utils.io import atomic_write_json, atomic_write_text
+    from rsitr.bench.measurements import write_result as write_files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = render(res)
-    atomic_write_json(out / "fuse.json", res)
-    atomic_write_text(out / "fuse.md", md)
+    write_files(out / "fuse.json", res, md)
     return md

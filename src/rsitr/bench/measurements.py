@@ -104,6 +104,20 @@ def run_on_cell(specs: dict[str, dict[str, Any]], ctx: CellContext) -> dict[str,
     return out
 
 
+# -- the one writer of a benchmark's result files -----------------------------------------------
+def write_result(path: str | Path, result: Any, markdown: str | None = None) -> None:
+    """A benchmark's result as JSON at ``path`` (atomically: a reader never sees half a file) and,
+    when given, its markdown next to it (``path`` with the suffix ``.md``). Used by the standalone
+    benchmarks that write files (``bench ftf``, ``bench serve``, ``bench fuse``); the suite's
+    ``report.md`` / ``report.json`` are written by :func:`rsitr.bench.report.report`."""
+    from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable
+
+    path = Path(path)
+    atomic_write_json(path, jsonable(result))
+    if markdown is not None:
+        atomic_write_text(path.with_suffix(".md"), markdown)
+
+
 # -- summaries over seeds --------------------------------------------------------------------------
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
@@ -131,10 +145,17 @@ def mean_results(results: list[Any]) -> Any:
     return first
 
 
+def mean_std(xs: list[float], ddof: int = 1) -> tuple[float, float]:
+    """Mean and standard deviation (``ddof`` 1: sample, 0: population; 0 for a single value).
+    Here, below the report and the suite runner, so that both and every measurement share it
+    without importing each other."""
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - ddof)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
 def std_results(results: list[dict[str, Any]]) -> dict[str, float]:
     """Sample standard deviation over seeds of each top-level number of the results (0 for one)."""
-    from rsitr.bench.report import mean_std
-
     out = {}
     for k in dict.fromkeys(k for r in results for k in r):
         vals = [float(r[k]) for r in results if _number(r.get(k))]

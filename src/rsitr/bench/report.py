@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from rsitr.bench.measurements import get_measurement, mean_results, std_results
+from rsitr.bench.measurements import get_measurement, mean_results, mean_std, std_results
 from rsitr.bench.suite import collect
 from rsitr.models.registry import comparison_note
 from rsitr.utils.io import atomic_write_json, atomic_write_text
@@ -21,13 +20,6 @@ PUBLISHED = Path(__file__).with_name("published.tsv")
 def published_rows(dataset: str) -> list[dict[str, str]]:
     lines = [ln for ln in PUBLISHED.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
     return [r for r in csv.DictReader(lines, delimiter="\t") if r["dataset"].lower() == dataset.lower()]
-
-
-def mean_std(xs: list[float], ddof: int = 1) -> tuple[float, float]:
-    """Mean and standard deviation (``ddof`` 1: sample, 0: population; 0 for a single value)."""
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - ddof)) if len(xs) > 1 else 0.0
-    return m, sd
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

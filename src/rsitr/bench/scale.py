@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -331,24 +331,38 @@ def load_result(path: str | Path) -> dict:
     return res
 
 
-def run(args: Any) -> dict:
-    """``args``: the options of ``rsitr bench scale`` (:func:`rsitr.cli.bench.add_scale_args`)."""
-    if args.from_json:  # re-render a run: the measurements as they were, the projection recomputed
-        res = load_result(args.from_json)
-        res["projection"] = projection(res.get("encode"), res.get("search") or [], int(res["search"][0]["dim"]) if res.get("search") else args.dim)
-        return res
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rsitr-bench-scale-"))
+def rerender(path: str | Path, dim: int = 256) -> dict:
+    """A previous run's result (:func:`load_result`) with its projection recomputed from its
+    measurements (which stay as they were); ``dim``: the vector dimension when it has no search part."""
+    res = load_result(path)
+    res["projection"] = projection(res.get("encode"), res.get("search") or [], int(res["search"][0]["dim"]) if res.get("search") else dim)
+    return res
+
+
+def run(*, images: str | Path | None = None, checkpoint: str = "towers:efficientnet-lite0+minilm-l6", limit: int | None = None,
+        workers: Sequence[int] = (1, 2), batch_size: int = 32, engine: str = "auto", sizes: Sequence[int] = (100_000,),
+        kinds: Sequence[str] = ("flat", "hnsw"), flat_only_above: int = 200_000, dim: int = 256, queries: int = 200, k: int = 10,
+        encode: bool = True, search: bool = True, milvus: bool = True, workdir: str | Path | None = None,
+        progress: bool = True) -> dict:
+    """The three parts of the module docstring, one result: ``machine``, ``encode`` (unless not
+    ``encode``), ``search`` (unless not ``search``; FAISS only without ``milvus``) and ``projection``.
+    Intermediate files go to ``workdir`` (kept) or a temporary folder (removed).
+
+    It writes no result file: ``rsitr bench scale`` prints the JSON (and the markdown after it) and
+    :func:`rerender` reads that output back, so the harness's writer
+    (:func:`rsitr.bench.measurements.write_result`) has nothing to write here."""
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rsitr-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"machine": {"cpus": os.cpu_count(), "load": round(os.getloadavg()[0], 2), "python": platform.python_version()}}
     try:
-        if not args.no_encode:
-            res["encode"] = run_encode_bench(args.images, args.checkpoint, args.limit, args.workers, args.batch_size, work / "encode",
-                                             engine=args.engine, progress=not getattr(args, "quiet", False))
-        if not args.no_search:
-            res["search"] = run_search_bench(args.sizes, args.dim, args.queries, args.k, work, kinds=args.kinds, milvus=not args.no_milvus,
-                                             flat_only_above=args.flat_only_above)
-        res["projection"] = projection(res.get("encode"), res.get("search") or [], args.dim)
+        if encode:
+            res["encode"] = run_encode_bench(images, checkpoint, limit, list(workers), batch_size, work / "encode",
+                                             engine=engine, progress=progress)
+        if search:
+            res["search"] = run_search_bench(list(sizes), dim, queries, k, work, kinds=kinds, milvus=milvus,
+                                             flat_only_above=flat_only_above)
+        res["projection"] = projection(res.get("encode"), res.get("search") or [], dim)
     finally:
-        if not args.workdir:
+        if not workdir:
             shutil.rmtree(work, ignore_errors=True)
     return res

@@ -18,10 +18,11 @@ for ``/healthz``, and then:
 Printed: requests/s overall and per kind, p50/p95/p99 latency per kind, errors (non-2xx,
 connection failures), mismatches against the sequential answers, and the RSS figures. The run is
 bounded: it ends after ``duration`` seconds and every request has a timeout.
+With ``--out`` the result is written by the benchmarks' one writer,
+:func:`rsitr.bench.measurements.write_result`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -291,8 +292,3 @@ def render(out: dict[str, Any]) -> str:
         lines.append("first errors: " + " | ".join(out["error_examples"]))
     return "\n".join(lines)
 
-
-def write_json(path: str | Path, out: dict) -> None:
-    from rsitr.utils.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(out, indent=2) + "\n")

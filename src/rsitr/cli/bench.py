@@ -160,13 +160,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
-    from rsitr.bench.serve_load import render, run_serve_bench, write_json
+    from rsitr.bench.measurements import write_result
+    from rsitr.bench.serve_load import render, run_serve_bench
 
     mix = [float(x) for x in args.mix.split(",")] if args.mix else [0.7, 0.1, 0.2]
     out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=mix,
                           engine=args.engine, server_threads=args.server_threads, seed=args.seed)
     if args.out:
-        write_json(args.out, out)
+        write_result(args.out, out)
     print(json.dumps(out, indent=2) if args.json else render(out))
     return 0
 
@@ -298,13 +299,19 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from rsitr.bench.scale import render, run
+    from rsitr.bench.scale import render, rerender, run
 
     if args.limit is not None and args.limit < 1:
         raise RsitrError(f"--limit must be >= 1, got {args.limit}")
     if any(w < 1 for w in args.workers) or any(n < args.k for n in args.sizes):
         raise RsitrError("--workers must be >= 1 and every --sizes value >= k")
-    res = run(args)
+    if args.from_json:  # re-render a run: the measurements as they were, the projection recomputed
+        res = rerender(args.from_json, dim=args.dim)
+    else:
+        res = run(images=args.images, checkpoint=args.checkpoint, limit=args.limit, workers=args.workers, batch_size=args.batch_size,
+                  engine=args.engine, sizes=args.sizes, kinds=args.kinds, flat_only_above=args.flat_only_above, dim=args.dim,
+                  queries=args.queries, k=args.k, encode=not args.no_encode, search=not args.no_search, milvus=not args.no_milvus,
+                  workdir=args.workdir, progress=not getattr(args, "quiet", False))
     print(json.dumps(res, indent=1))
     if not args.json:
         print()
