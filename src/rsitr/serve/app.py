@@ -20,8 +20,8 @@ cookie ``rsitr_token`` that a request with ``?token=TOKEN`` sets (the page: open
 ``/?token=TOKEN`` once; it redirects to ``/`` so the token leaves the address bar). Anything
 else is 401.
 
-Validation errors are 422 (FastAPI's format); a query string over 16 KB is 414 (a request line
-over 64 KB is refused by the HTTP parser, ``rsitr serve`` sets its limit); a bad upload is 400 (undecodable) / 413 (too
+Validation errors are 422 (FastAPI's format); a query string over 16 KB is 414 (up to a
+4 MB request line; beyond that the HTTP parser refuses it, ``rsitr serve`` sets its limit); a bad upload is 400 (undecodable) / 413 (too
 large) / 415 (its bytes are not an image of an accepted format); refused operations (``rerank=sar``, ``ftf`` without tokens, ``qbnorm`` without a query bank)
 are 400 with ``{"detail": message}``. Requests are served concurrently from FastAPI's thread
 pool; the engine serialises model/FAISS calls with its own lock.
@@ -47,7 +47,8 @@ MAX_QUERY = 500
 MAX_K = 200
 MAX_UPLOAD = 20 * 1024 * 1024
 MAX_PIXELS = 100_000_000  # an upload's pixel limit (the CLI's --max-pixels is for files the user chose)
-MAX_REQUEST_LINE = 64 * 1024  # longer request lines/headers are refused by the HTTP parser (h11); query length is checked below
+MAX_REQUEST_LINE = 4 * 1024 * 1024  # the HTTP parser's (h11) limit, set by `rsitr serve`: a request line up to this
+                                     # reaches the app, whose middleware answers a long query string with a JSON 414
 MAX_QUERY_STRING = 16 * 1024
 DECODE_SLOTS = 2  # uploads decoded at the same time (each may take a few hundred MB while decoding)
 # formats an upload may have, identified from its bytes (PIL), whatever its declared Content-Type
