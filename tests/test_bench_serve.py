@@ -6,21 +6,27 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_bench_serve_small(tmp_path, capsys):
+def _small_index(tmp_path, n: int) -> None:
+    """``tmp_path/idx``: ``n`` plain 40 px tiles indexed with clip:tiny."""
     pytest.importorskip("fastapi")
     pytest.importorskip("faiss")
-    import json
-
     from PIL import Image
 
-    from rsitr.cli import main
     from rsitr.search import build as B
 
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(5):
+    for i in range(n):
         Image.new("RGB", (40, 40), (40 * i, 90, 30)).save(src / f"t{i}.png")
     B.build_index(src, "clip:tiny", tmp_path / "idx", B.BuildOptions(batch_size=8, progress=False))
+
+
+def test_bench_serve_small(tmp_path, capsys):
+    import json
+
+    from rsitr.cli import main
+
+    _small_index(tmp_path, 5)
     code = main(["-q", "bench", "serve", str(tmp_path / "idx"), "--clients", "3", "--duration", "3", "--warmup", "1", "-k", "3",
                  "--out", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
@@ -35,21 +41,12 @@ def test_bench_serve_small(tmp_path, capsys):
 def test_bench_serve_upload_mix(tmp_path, capsys):
     """``--mix text:0.5,upload:0.5`` sends a large file; RSS is read after warm-up, at the end and
     after an idle pause."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("faiss")
     import json
-
-    from PIL import Image
 
     from rsitr.bench.serve_load import make_upload_tiff
     from rsitr.cli import main
-    from rsitr.search import build as B
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(3):
-        Image.new("RGB", (40, 40), (40 * i, 90, 30)).save(src / f"t{i}.png")
-    B.build_index(src, "clip:tiny", tmp_path / "idx", B.BuildOptions(batch_size=8, progress=False))
+    _small_index(tmp_path, 3)
     up = make_upload_tiff(tmp_path / "up.tif", megabytes=1.0)
     assert 0.9 < up.stat().st_size / 2**20 < 1.1
     code = main(["-q", "bench", "serve", str(tmp_path / "idx"), "--clients", "2", "--duration", "2", "--warmup", "1", "-k", "2",
