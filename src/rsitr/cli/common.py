@@ -47,14 +47,15 @@ class in_range:
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
+        lo, hi = (None if v is None else f"{v:g}" for v in (self.lo, self.hi))
         if self.hi == INT_MAX:  # the technical cap is not worth stating
-            return f"{what} >= {self.lo}" if self.lo is not None else what
-        if self.lo is not None and self.hi is not None and not self.lo_open:
-            return f"{what} in {self.lo}..{self.hi}"
-        if self.lo is not None and self.hi is not None:
-            return f"{what} > {self.lo} and <= {self.hi}"
-        if self.lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {self.lo}"
+            return f"{what} >= {lo}" if lo is not None else what
+        if lo is not None and hi is not None and not self.lo_open:
+            return f"{what} in {lo}..{hi}"
+        if lo is not None and hi is not None:
+            return f"{what} > {lo} and <= {hi}"
+        if lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {lo}"
         return what
 
     def __call__(self, text: str):
