@@ -6,21 +6,27 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_bench_serve_small(tmp_path, capsys):
+def _small_index(tmp_path, n: int) -> None:
+    """``tmp_path/idx``: ``n`` plain 40 px tiles indexed with clip:tiny."""
     pytest.importorskip("fastapi")
     pytest.importorskip("faiss")
-    import json
-
     from PIL import Image
 
-    from rsitr.cli import main
     from rsitr.search import build as B
 
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(5):
+    for i in range(n):
         Image.new("RGB", (40, 40), (40 * i, 90, 30)).save(src / f"t{i}.png")
     B.build_index(src, "clip:tiny", tmp_path / "idx", B.BuildOptions(batch_size=8, progress=False))
+
+
+def test_bench_serve_small(tmp_path, capsys):
+    import json
+
+    from rsitr.cli import main
+
+    _small_index(tmp_path, 5)
     code = main(["-q", "bench", "serve", str(tmp_path / "idx"), "--clients", "3", "--duration", "3", "--warmup", "1", "-k", "3",
                  "--out", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
@@ -30,3 +36,37 @@ def test_bench_serve_small(tmp_path, capsys):
     assert got["errors"] == 0 and got["answers_differing_from_sequence"] == 0 and got["answers_checked"] > 0
     assert all(r["requests"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in got["rows"])
     assert got["rss_mb"]["peak"] > 0
+
+
+def test_bench_serve_upload_mix(tmp_path, capsys):
+    """``--mix text:0.5,upload:0.5`` sends a large file; RSS is read after warm-up, at the end and
+    after an idle pause."""
+    import json
+
+    from rsitr.bench.serve_load import make_upload_tiff
+    from rsitr.cli import main
+
+    _small_index(tmp_path, 3)
+    up = make_upload_tiff(tmp_path / "up.tif", megabytes=1.0)
+    assert 0.9 < up.stat().st_size / 2**20 < 1.1
+    code = main(["-q", "bench", "serve", str(tmp_path / "idx"), "--clients", "2", "--duration", "2", "--warmup", "1", "-k", "2",
+                 "--mix", "text:0.5,upload:0.5", "--upload", str(up), "--idle", "1", "--out", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| upload |" in out and "| thumb |" not in out and "idle" in out
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["errors"] == 0 and got["answers_differing_from_sequence"] == 0
+    assert [r["kind"] for r in got["rows"]] == ["text", "upload"] and all(r["requests"] > 0 for r in got["rows"])
+    a = got["rss_after_load_mb"]
+    assert a["after_warmup"] > 0 and a["at_end"] > 0 and a["after_idle"] > 0 and isinstance(a["returned_within_10pct"], bool)
+
+
+def test_parse_mix():
+    from rsitr.bench.serve_load import parse_mix
+    from rsitr.utils.errors import RsitrError
+
+    assert parse_mix("text:0.5,upload:0.5") == {"text": 0.5, "image": 0.0, "thumb": 0.0, "upload": 0.5}
+    assert parse_mix("0.7,0.1,0.2") == {"text": 0.7, "image": 0.1, "thumb": 0.2, "upload": 0.0}
+    assert parse_mix(None)["text"] == 0.7
+    for bad in ("text:-1", "bogus:1", "1,2", "text:x", "text:0"):
+        with pytest.raises(RsitrError, match="--mix"):
+            parse_mix(bad)

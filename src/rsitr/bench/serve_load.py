@@ -9,11 +9,15 @@ for ``/healthz``, and then:
    ``application/octet-stream``);
 2. **under load**: ``clients`` threads, each with its own HTTP connection, send requests back to
    back for ``duration`` seconds, in a fixed mix of kinds (``text``: ``GET /search``, ``image``:
-   ``POST /search/image``, ``thumb``: ``GET /tiles/{id}``). Every answer to a query of the set is
+   ``POST /search/image`` of a small tile, ``thumb``: ``GET /tiles/{id}``, ``upload``:
+   ``POST /search/image`` of a large file, by default a generated ~18 MB TIFF just under the
+   server's 20 MB limit; :func:`parse_mix`). Every answer to a query of the set is
    compared with the answer in sequence (same ids in the same order, scores within ``1e-5``);
 3. the server's resident memory (``VmRSS`` of its process, from ``/proc``) is sampled every
    0.25 s: at the end of the warm-up (the first ``warmup`` seconds of the load phase, whose
-   requests are not counted in the latencies), its peak after that, and at the end.
+   requests are not counted in the latencies), its peak after that, at the end, and after
+   ``idle`` seconds without requests: memory taken by the load should be given back (the
+   target: within 10% of the post-warm-up figure, reported as ``returned_within_10pct``).
 
 Printed: requests/s overall and per kind, p50/p95/p99 latency per kind, errors (non-2xx,
 connection failures), mismatches against the sequential answers, and the RSS figures. The run is
@@ -51,7 +55,45 @@ TEXT_QUERIES = (
     "a square in the center of the city", "a school with a playground", "a viaduct crosses the road", "a meadow",
     "a commercial area with tall buildings", "a resort near the water",
 )
-KINDS = ("text", "image", "thumb")
+KINDS = ("text", "image", "thumb", "upload")
+DEFAULT_MIX = {"text": 0.7, "image": 0.1, "thumb": 0.2, "upload": 0.0}
+
+
+def parse_mix(text: str | None) -> dict[str, float]:
+    """``--mix``: ``KIND:WEIGHT,...`` over :data:`KINDS` (``text:0.5,upload:0.5``; kinds not named
+    weigh 0), or the older positional ``TEXT,IMAGE,THUMB`` weights. Default :data:`DEFAULT_MIX`."""
+    if not text:
+        return dict(DEFAULT_MIX)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    mix = {k: 0.0 for k in KINDS}
+    try:
+        if all(":" in p for p in parts):
+            for p in parts:
+                kind, w = p.split(":", 1)
+                if kind.strip() not in mix:
+                    raise RsitrError(f"--mix: unknown kind {kind.strip()!r} (kinds: {', '.join(KINDS)})")
+                mix[kind.strip()] = float(w)
+        elif len(parts) == 3:
+            mix.update(zip(("text", "image", "thumb"), (float(p) for p in parts)))
+        else:
+            raise ValueError(text)
+    except ValueError:
+        raise RsitrError(f"--mix: expected KIND:WEIGHT,... (kinds: {', '.join(KINDS)}) or TEXT,IMAGE,THUMB weights, got {text!r}") from None
+    if min(mix.values()) < 0 or not np.isfinite(list(mix.values())).all() or sum(mix.values()) <= 0:
+        raise RsitrError(f"--mix: weights must be non-negative with a positive sum, got {text!r}")
+    return mix
+
+
+def make_upload_tiff(path: str | Path, megabytes: float = 18.75, seed: int = 0) -> Path:
+    """An uncompressed RGB TIFF of about ``megabytes`` MB of noise (the default: just under the
+    server's 20 MB upload limit), for the ``upload`` kind of load."""
+    from PIL import Image
+
+    side = int((megabytes * 1024 * 1024 / 3) ** 0.5)
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    path = Path(path)
+    Image.fromarray(arr, "RGB").save(path, format="TIFF")
+    return path
 
 
 def _free_port() -> int:
@@ -114,9 +156,14 @@ def start_server(index: str | Path, *, port: int, engine: str = "auto", threads:
 
 
 def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 60.0, warmup: float = 5.0, k: int = 20,
-                    mix: Sequence[float] = (0.7, 0.1, 0.2), n_images: int = 8, engine: str = "auto", server_threads: int | None = None,
-                    seed: int = 0, timeout: float = 60.0) -> dict[str, Any]:
-    """Load the server of ``index`` (see the module doc); returns the figures as a dict."""
+                    mix: Sequence[float] | dict[str, float] = (0.7, 0.1, 0.2), n_images: int = 8, engine: str = "auto",
+                    server_threads: int | None = None, seed: int = 0, timeout: float = 60.0, upload: str | Path | None = None,
+                    idle: float = 5.0) -> dict[str, Any]:
+    """Load the server of ``index`` (see the module doc); returns the figures as a dict. ``mix``:
+    weights per kind (a dict over :data:`KINDS`, or text/image/thumb weights); ``upload``: the
+    file of the ``upload`` kind (default: :func:`make_upload_tiff` in a temporary folder);
+    ``idle``: seconds without requests before the last RSS reading."""
+    import tempfile
     import httpx
 
     from rsitr.search.manifest import IndexManifest
@@ -126,8 +173,21 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
     items = manifest.read_items(index)
     if not items:
         raise RsitrError(f"{index}: the index is empty")
-    if clients < 1 or duration <= 0 or warmup < 0 or len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-        raise RsitrError("bench serve: --clients >= 1, --duration > 0, --warmup >= 0, --mix of three non-negative weights")
+    if not isinstance(mix, dict):
+        if len(mix) != 3:
+            raise RsitrError("bench serve: --mix of three non-negative weights (text, image, thumb)")
+        mix = {**{kk: 0.0 for kk in KINDS}, **dict(zip(("text", "image", "thumb"), (float(w) for w in mix)))}
+    mix = {kk: float(mix.get(kk, 0.0)) for kk in KINDS}
+    if clients < 1 or duration <= 0 or warmup < 0 or idle < 0 or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise RsitrError("bench serve: --clients >= 1, --duration > 0, --warmup >= 0, --idle >= 0, --mix of non-negative weights")
+    tmpdir = tempfile.TemporaryDirectory(prefix="rsitr-bench-upload-")
+    big: tuple[str, bytes] | None = None
+    if mix["upload"] > 0:
+        up = Path(upload) if upload is not None else make_upload_tiff(Path(tmpdir.name) / "upload.tif", seed=seed)
+        try:
+            big = (up.name, up.read_bytes())
+        except OSError as exc:
+            raise RsitrError(f"--upload {up}: cannot read it ({exc.strerror})") from None
     rng = random.Random(seed)
     picks = rng.sample(items, min(n_images, len(items)))
     port = _free_port()
@@ -172,6 +232,13 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
                 if r.status_code != 200:
                     raise RsitrError(f"POST /search/image in sequence: HTTP {r.status_code} {r.text[:200]}")
                 reference[("image", i)] = _answer(r.json())
+            if big is not None:
+                t = time.perf_counter()
+                r = c.post("/search/image", params={"k": k}, files={"file": (big[0], big[1], "application/octet-stream")})
+                seq_lat["upload"] = [time.perf_counter() - t]
+                if r.status_code != 200:
+                    raise RsitrError(f"POST /search/image of {big[0]} ({len(big[1]) / 2**20:.1f} MB) in sequence: HTTP {r.status_code} {r.text[:200]}")
+                reference[("upload", 0)] = _answer(r.json())
         # 2. under load
         stats = Stats()
         sampler = threading.Thread(target=sample_rss, daemon=True)
@@ -179,7 +246,7 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
         t_load = time.perf_counter()
         t_warm_end = t_load + warmup
         t_end = t_warm_end + duration
-        weights = np.asarray(mix, dtype=float) / float(sum(mix))
+        weights = np.asarray([mix[kk] for kk in KINDS], dtype=float) / float(sum(mix.values()))
 
         def client(cid: int) -> None:
             r_local = random.Random(seed * 1000 + cid)
@@ -201,6 +268,9 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
                             key = ("image", i)
                             name, data = uploads[i]
                             resp = c.post("/search/image", params={"k": k}, files={"file": (name, data, "application/octet-stream")})
+                        elif kind == "upload":
+                            key = ("upload", 0)
+                            resp = c.post("/search/image", params={"k": k}, files={"file": (big[0], big[1], "application/octet-stream")})
                         else:
                             resp = c.get(f"/tiles/{r_local.randrange(len(items))}", params={"size": 128})
                         dt = time.perf_counter() - t
@@ -229,10 +299,14 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
         for th in threads:
             th.join(timeout=duration + warmup + timeout + 30)
         wall = time.perf_counter() - t_warm_end
+        rss_end = _rss_mb(proc.pid)
+        time.sleep(idle)  # no requests: what the server keeps of the load
+        rss_idle = _rss_mb(proc.pid)
         stop.set()
         sampler.join(5)
     finally:
         stop.set()
+        tmpdir.cleanup()
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -241,7 +315,7 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
                 proc.kill()
                 proc.wait(10)
     rows = []
-    for kind in KINDS:
+    for kind in (kk for kk in KINDS if mix[kk] > 0):  # the kinds of the mix only
         lat = np.asarray(stats.latencies[kind]) * 1000.0
         rows.append({"kind": kind, "requests": int(lat.size), "req_per_s": round(lat.size / wall, 2) if wall > 0 else 0.0,
                      "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "p99_ms": _pct(lat, 99), "errors": stats.errors[kind]})
@@ -260,7 +334,16 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
                    "end": round(rss[-1][1], 1) if rss else None,
                    "peak": round(max(v for _, v in rss), 1) if rss else None},
         "load_average": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
-    }
+        "idle_s": idle, "upload_mb": round(len(big[1]) / 2**20, 2) if big else None,
+    } | {"rss_after_load_mb": _rss_summary(rss_warm[-1] if rss_warm else None, rss_end, rss_idle)}
+
+
+def _rss_summary(warm: float | None, end: float | None, idle: float | None) -> dict[str, Any]:
+    """RSS after warm-up, at the end of the load and after the idle pause, and whether the idle
+    figure is back within 10% of the post-warm-up one (the target)."""
+    back = None if warm is None or idle is None else bool(idle <= warm * 1.10)
+    return {"after_warmup": round(warm, 1) if warm is not None else None, "at_end": round(end, 1) if end is not None else None,
+            "after_idle": round(idle, 1) if idle is not None else None, "returned_within_10pct": back}
 
 
 def _pct(a: np.ndarray, q: float) -> float | None:
@@ -288,6 +371,11 @@ def render(out: dict[str, Any]) -> str:
         f"server start-up {out['server_startup_s']} s; in sequence p50: text {out['sequential_p50_ms'].get('text')} ms, "
         f"image {out['sequential_p50_ms'].get('image')} ms; 1-min load average at the end {out['load_average']}",
     ]
+    a = out.get("rss_after_load_mb")
+    if a:
+        lines.append(f"server RSS MB after warm-up {a['after_warmup']}, at the end of the load {a['at_end']}, after {out['idle_s']:g} s idle "
+                     f"{a['after_idle']}: {'back within 10%' if a['returned_within_10pct'] else 'NOT back within 10%'} of the post-warm-up figure"
+                     + (f" (uploads of {out['upload_mb']} MB)" if out.get("upload_mb") else ""))
     if out["error_examples"]:
         lines.append("first errors: " + " | ".join(out["error_examples"]))
     return "\n".join(lines)

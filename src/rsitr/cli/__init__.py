@@ -90,6 +90,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = cfg.override(overrides)
     if not cfg.data.path and not cfg.data.sources:
         raise RsitrError("no dataset: give --data PATH, or data.path or data.sources in the config")
+    if args.resume:
+        from pathlib import Path
+
+        if not (Path(cfg.out_dir) / "checkpoint_last.pt").is_file():
+            raise RsitrError(f"--resume: {cfg.out_dir} holds no run to continue (no checkpoint_last.pt); "
+                             "drop --resume to start a new run there, or give the run folder with --out")
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(f"trained {result.trainable_params:,} / {result.total_params:,} parameters in {result.seconds:.1f}s; run folder {result.out_dir}")
     if result.budget_stopped:
@@ -114,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="debug log output (the default level is info; -q: warnings only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and ONNX Runtime (default: torch's, i.e. the cores)")
+    from rsitr.data.images import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse plain images (PNG/JPEG/non-georeferenced TIFF...) with more pixels than this, before decoding them "
+                        f"(default {DEFAULT_MAX_PIXELS:,}); with --skip-bad they are skipped and counted. Georeferenced rasters are "
+                        "read tile by tile and have no limit")
     sub = p.add_subparsers(dest="command", required=True)
 
     from rsitr.cli.bench import add_bench_cli
@@ -172,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_cli(sub)
     add_search_cli(sub)  # index build / index add / search / serve
     add_cache_cli(sub)
+    from rsitr.cli.common import check_numeric_options
+
+    check_numeric_options(p)
     return p
 
 
@@ -181,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
+    from rsitr.data.images import set_max_pixels
+
+    set_max_pixels(args.max_pixels)
     if args.threads:
         import torch
 
@@ -190,6 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     except RsitrError as exc:
         print(f"rsitr: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # a file the command writes (or reads) cannot be: --out on a read-only file system, a
+        # --geojson that is a folder... One line naming the path, whatever layer raised it
+        print(f"rsitr: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("rsitr: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` of an OSError (both paths of a rename), on one line; an
+    :class:`~rsitr.utils.io.OutputError` as its own message."""
+    from rsitr.utils.io import OutputError
+
+    if isinstance(exc, OutputError):
+        return str(exc)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    if not paths:
+        return f"{reason} ({type(exc).__name__})".replace("\n", " ")
+    return f"{' -> '.join(paths)}: {reason}".replace("\n", " ")

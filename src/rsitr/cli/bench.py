@@ -163,9 +163,10 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     from rsitr.bench.measurements import write_result
     from rsitr.bench.serve_load import render, run_serve_bench
 
-    mix = [float(x) for x in args.mix.split(",")] if args.mix else [0.7, 0.1, 0.2]
-    out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=mix,
-                          engine=args.engine, server_threads=args.server_threads, seed=args.seed)
+    from rsitr.bench.serve_load import parse_mix
+
+    out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=parse_mix(args.mix),
+                          engine=args.engine, server_threads=args.server_threads, seed=args.seed, upload=args.upload, idle=args.idle)
     if args.out:
         write_result(args.out, out)
     print(json.dumps(out, indent=2) if args.json else render(out))
@@ -180,8 +181,13 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of measured load after the warm-up (default 60)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
     p.add_argument("-k", type=int, default=20, help="results per query (default 20)")
-    p.add_argument("--mix", default=None, metavar="TEXT,IMAGE,THUMB",
-                   help="weights of text queries, image uploads and thumbnails (default 0.7,0.1,0.2)")
+    p.add_argument("--mix", default=None, metavar="KIND:W,...",
+                   help="weights of the request kinds text (GET /search), image (upload of a small tile), thumb (GET /tiles), upload "
+                        "(a large file, see --upload), e.g. text:0.5,upload:0.5; or TEXT,IMAGE,THUMB weights (default 0.7,0.1,0.2)")
+    p.add_argument("--upload", default=None, metavar="FILE",
+                   help="the file of the 'upload' kind (default: a generated 18.75 MB RGB TIFF, just under the 20 MB limit)")
+    p.add_argument("--idle", type=float, default=5.0,
+                   help="seconds without requests after the load before the last RSS reading (default 5)")
     p.add_argument("--server-threads", type=int, default=None, help="the server's --threads (torch / ONNX Runtime; default: its own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request sequence and of the uploaded tiles (default 0)")
     p.add_argument("--out", default=None, help="also write the figures as JSON to this file")

@@ -131,6 +131,17 @@ def format_results(results: list[dict], query: str) -> str:
     return "\n".join(lines)
 
 
+def _warn_truncated(eng, query: str) -> None:
+    """Warn when ``query`` fills the model's whole text context: the words past it are cut off."""
+    model = getattr(eng, "model", None)
+    if model is None:
+        return
+    ids = model.tokenize([query])
+    if ids.shape[-1] and int(ids[0, -1]) != 0:  # no padding left: the tokenizer cut the text at its context length
+        print(f"warning: the query is longer than the model's context of {ids.shape[-1]} tokens: only its beginning is used "
+              f"({len(query.split())} words given)", file=sys.stderr)
+
+
 def cmd_search(args) -> int:
     from rsitr.search.engine import SearchEngine
 
@@ -138,13 +149,22 @@ def cmd_search(args) -> int:
         raise RsitrError("give a text query or --image PATH")
     if args.k < 1:
         raise RsitrError(f"-k must be >= 1, got {args.k}")
+    if args.image is not None and args.query:
+        print(f"warning: --image given: the text query {args.query!r} is ignored (search with one or the other)", file=sys.stderr)
     box = None
     if args.bbox is not None:
         from rsitr.retrieval.bbox import parse_bbox
 
         box = parse_bbox(args.bbox)  # before loading anything: a bad box is one line
+        if box.crosses_antimeridian:
+            print(f"warning: --bbox {args.bbox}: west ({box.west:g}) > east ({box.east:g}) is read as a box crossing the antimeridian "
+                  f"(lon {box.west:g}..180 and -180..{box.east:g}); for the box between them pass "
+                  f"--bbox {box.east:g},{box.south:g},{box.west:g},{box.north:g}", file=sys.stderr)
     eng = SearchEngine(args.index, checkpoint=args.checkpoint, device=args.device, engine=args.engine, store_options=_store_options(args))
     try:
+        if box is not None and not eng.has_geo:
+            print(f"warning: --bbox: no item of {args.index} has a geographic footprint (only georeferenced rasters have one), "
+                  "so no result can match the box", file=sys.stderr)
         if args.image is not None:
             if args.rerank not in ("auto", "none"):
                 raise RsitrError("--rerank applies to text queries only")
@@ -152,6 +172,7 @@ def cmd_search(args) -> int:
             results = eng.search_image(args.image, k=args.k, bbox=box)
         else:
             query = args.query
+            _warn_truncated(eng, query)
             results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth, bbox=box)
     finally:
         eng.close()
@@ -186,17 +207,40 @@ def serve_token(args) -> str | None:
     return token
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before anything is loaded or announced, a port another process listens on (or that
+    this user may not bind)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise RsitrError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed socket in TIME_WAIT is not "busy"
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise RsitrError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server on that port? pick one with --port)") from None
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from rsitr.serve.app import create_app
 
     token = serve_token(args)
+    check_port_free(args.host, args.port)
     app = create_app(args.index, checkpoint=args.checkpoint, device=args.device, inference=args.engine, store_options=_store_options(args),
                      token=token)
     print(f"serving {args.index} on http://{args.host}:{args.port}/" + (" (token required; open /?token=... once in a browser)" if token else ""),
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info")
+    from rsitr.serve.app import MAX_REQUEST_LINE, limit_malloc_arenas
+
+    limit_malloc_arenas()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if getattr(args, "quiet", False) else "info",
+                h11_max_incomplete_event_size=MAX_REQUEST_LINE)
     return 0
 
 

@@ -31,7 +31,17 @@ eval/train transforms. What happens per source format:
 
 PIL cannot read TIFFs with more than 4 samples per pixel and reads 16-bit RGB TIFFs as 8 bits;
 those go through ``rasterio`` when it is installed. Otherwise a :class:`DataError` names the file.
-EXIF orientation is *not* applied (the reference CLIP preprocessing does not apply it either).
+
+EXIF orientation is applied (``ImageOps.exif_transpose``): a phone photo taken on its side is
+encoded as it is shown, upright. Remote-sensing tiles carry no orientation tag, so for them (and
+for the benchmarks) nothing changes.
+
+Pixel limit: an image with more than :func:`max_pixels` pixels (default
+:data:`DEFAULT_MAX_PIXELS`, ``rsitr --max-pixels N``) is refused from its header, before any
+decoding, with :class:`ImageTooLarge` naming the file, its size and the limit. It replaces PIL's
+own decompression-bomb check (switched off on import of this module: that check raised an
+exception no caller expected, at a fixed 179 megapixels). Georeferenced rasters are read tile by
+tile (:mod:`rsitr.search.sources`) and do not pass through here.
 
 Every failure (missing file, unidentifiable bytes, truncated data, unsupported layout) raises
 :class:`~rsitr.utils.errors.DataError` with the file name and the reason.
@@ -44,11 +54,39 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rsitr.utils.errors import DataError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 400_000_000  # 20000 x 20000: generous for remote-sensing scenes, 1.2 GB as RGB
+_limit = {"pixels": DEFAULT_MAX_PIXELS}
+Image.MAX_IMAGE_PIXELS = None  # rsitr's own limit, checked from the header on every decode path below
+
+
+class ImageTooLarge(DataError):
+    """An image with more pixels than :func:`max_pixels` (refused before decoding)."""
+
+
+def set_max_pixels(n: int) -> None:
+    """Set the pixel limit of every plain-image decode (``rsitr --max-pixels``)."""
+    if int(n) < 1:
+        raise ValueError(f"max pixels must be >= 1, got {n}")
+    _limit["pixels"] = int(n)
+
+
+def max_pixels() -> int:
+    """The current pixel limit (:func:`set_max_pixels`)."""
+    return _limit["pixels"]
+
+
+def check_pixels(path: str | os.PathLike, width: int, height: int) -> None:
+    """Raise :class:`ImageTooLarge` naming ``path`` when ``width x height`` is over the limit."""
+    limit = max_pixels()
+    if int(width) * int(height) > limit:
+        raise ImageTooLarge(f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), over the limit of "
+                            f"{limit / 1e6:g} megapixels (rsitr --max-pixels N raises it)")
 
 STRETCHES = ("dtype", "minmax", "p2-98")
 ALPHA_MODES = ("drop", "black")
@@ -93,6 +131,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             raise DataError(f"{path}: unreadable image (PIL: {_reason(exc)}; rasterio: {exc2})") from exc2
     if w <= 0 or h <= 0:
         raise DataError(f"{path}: empty image size {w}x{h}")
+    check_pixels(path, w, h)
     return int(w), int(h)
 
 
@@ -200,15 +239,27 @@ def load_image(
         hint = " (a multi-band TIFF? install rasterio to read it)" if path.suffix.lower() in _TIFF_SUFFIXES else ""
         raise DataError(f"{path}: unreadable image ({_reason(exc)}){hint}") from exc
     with im:
+        check_pixels(path, *im.size)
         try:
             if _wants_rasterio(im) and rasterio_or_none() is not None:
                 return _from_array(_read_rasterio(path, None), path, stretch, bands, alpha="drop")
             im.load()
-            return _from_pil(im, path, stretch, bands, alpha)
+            return _from_pil(_upright(im), path, stretch, bands, alpha)
         except DataError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise DataError(f"{path}: unreadable image ({_reason(exc)}; truncated or corrupt?)") from exc
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation tag says (itself when it has none)."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels as stored
+        return im
+    if orientation in (None, 1):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _wants_rasterio(im: Image.Image) -> bool:
@@ -231,7 +282,10 @@ def _read_rasterio(path: Path, pil_exc: BaseException | None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning for plain tiles
             with rio.open(path) as ds:
+                check_pixels(path, ds.width, ds.height)
                 arr = ds.read()
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any driver failure means unreadable
         pre = f"PIL: {_reason(pil_exc)}; " if pil_exc is not None else ""
         raise DataError(f"{path}: unreadable image ({pre}rasterio: {exc})") from exc

@@ -381,7 +381,9 @@ def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildO
             raise RsitrError(f"{out}: folder exists and is not an rsitr index; choose an empty or new --out")
         spec = store_class(opts.store).create_for_index(out, int(model.backbone.embed_dim), opts.index_kind, store_opts)
         manifest = _new_manifest(model.backbone, ident, opts, spec)
-        out.mkdir(parents=True, exist_ok=True)
+        from rsitr.utils.io import make_output_dir
+
+        make_output_dir(out)
         manifest.save(out)
     return out, manifest, model
 

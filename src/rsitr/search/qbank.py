@@ -40,7 +40,7 @@ def build_query_bank(index_dir: str | Path, captions: str | Path, *, split: str 
     if not beta > 0:
         raise RsitrError(f"--beta must be > 0, got {beta}")
     manifest = IndexManifest.load(index_dir)
-    data = load_dataset(captions)
+    data = load_dataset(captions, check_images=False)  # only the captions are encoded: the images need not be here
     part = data.split(split) if split != "all" else data
     texts, _ = part.texts()
     if not texts:

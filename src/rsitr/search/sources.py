@@ -99,7 +99,10 @@ def tile_offsets(length: int, tile: int, overlap: int) -> list[int]:
     return offs
 
 
-def _georeferenced(ds) -> bool:
+def _georeferenced(ds, path: Path | None = None) -> bool:
+    if ds.crs is None and not ds.transform.is_identity and path is not None:
+        log.warning("%s: has a geotransform but no CRS: indexed as a plain image, without map coordinates "
+                    "(assign a CRS, e.g. gdal_edit.py -a_srs EPSG:XXXX, to tile it in ground units)", path)
     return ds.crs is not None and not ds.transform.is_identity
 
 
@@ -111,7 +114,7 @@ def scan_file(path: Path, tile_size: int = 256, overlap: int = 0) -> list[Item]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # NotGeoreferencedWarning
                 with rio.open(path) as ds:
-                    if _georeferenced(ds):
+                    if _georeferenced(ds, path):
                         return _tiles(ds, path, tile_size, overlap)
         except rio.errors.RasterioIOError:
             pass  # not a raster GDAL reads: PIL gets its chance below
@@ -135,7 +138,22 @@ def _tiles(ds, path: Path, tile: int, overlap: int) -> list[Item]:
             b = window_bounds(Window(col, row, w, h), ds.transform)  # (left, bottom, right, top)
             bounds = [float(b[0]), float(b[1]), float(b[2]), float(b[3])]
             items.append(Item(key=item_key(path, win), path=str(path), window=win, bounds=bounds, crs=crs, wgs84=to_wgs84(bounds, ds.crs)))
+    _clamp_latitudes(items, path)
     return items
+
+
+def _clamp_latitudes(items: list[Item], path: Path) -> None:
+    """Footprints reaching beyond the poles (a wrong CRS or geotransform) are clamped to +-90
+    degrees, with one warning per file: they would otherwise be stored as impossible boxes."""
+    bad = [it for it in items if it.wgs84 and not (-90.0 <= it.wgs84[1] <= 90.0 and -90.0 <= it.wgs84[3] <= 90.0)]
+    if not bad:
+        return
+    lats = [v for it in bad for v in (it.wgs84[1], it.wgs84[3])]
+    log.warning("%s: footprint latitudes reach %.4g..%.4g, beyond +-90 degrees (wrong CRS or geotransform?): "
+                "%d tile footprint(s) clamped to the poles", path, min(lats), max(lats), len(bad))
+    for it in bad:
+        w, s, e, n = it.wgs84
+        it.wgs84 = [w, min(max(s, -90.0), 90.0), e, min(max(n, -90.0), 90.0)]
 
 
 def scan_source(source: str | os.PathLike, tile_size: int = 256, overlap: int = 0, *, skip_bad: bool = False) -> list[Item]:
@@ -144,15 +162,25 @@ def scan_source(source: str | os.PathLike, tile_size: int = 256, overlap: int = 
         raise RsitrError(f"--tile-size must be >= 1, got {tile_size}")
     if not 0 <= overlap < tile_size:
         raise RsitrError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
+    from rsitr.data.images import ImageTooLarge
+
     items: list[Item] = []
+    skipped = {"over the pixel limit": 0, "unreadable": 0}
     for path in iter_image_files(source):
         try:
             items.extend(scan_file(path, tile_size, overlap))
         except DataError as exc:
             if not skip_bad:
                 raise
+            skipped["over the pixel limit" if isinstance(exc, ImageTooLarge) else "unreadable"] += 1
             log.warning("skipped: %s", exc)
+    if any(skipped.values()):
+        log.warning("--skip-bad: skipped %d file(s) of %s: %s", sum(skipped.values()), source,
+                    ", ".join(f"{n} {why}" for why, n in skipped.items() if n))
     return items
+
+
+_warned_nodata: set[str] = set()  # files whose all-no-data tiles were reported (once per file)
 
 
 # -- pixels -------------------------------------------------------------------------------------
@@ -183,6 +211,12 @@ def read_item(item: Item) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - any driver failure means unreadable
         raise DataError(f"{path}: cannot read tile {item.window} ({exc})") from exc
     valid = ~np.ma.getmaskarray(arr).any(axis=0)  # [h, w]: a pixel is nodata if any band is
+    if np.issubdtype(arr.dtype, np.floating):  # NaN is no-data in float rasters even when not declared
+        valid &= np.isfinite(np.ma.getdata(arr)).all(axis=0)
+    if not valid.any() and str(path) not in _warned_nodata:
+        _warned_nodata.add(str(path))
+        log.warning("%s: tile %s is all no-data (NaN or the declared nodata value): indexed as a black tile "
+                    "(said once per file)", path, item.window)
     data = np.moveaxis(np.ma.getdata(arr), 0, -1)  # [h, w, c]
     if cmap is not None:
         lut = np.zeros((256, 3), np.uint8)

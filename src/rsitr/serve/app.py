@@ -6,8 +6,10 @@ Routes
 ``GET /search?q=TEXT&k=20&rerank=auto&bbox=W,S,E,N`` text search (JSON); ``q`` 1..500 chars,
                                        ``1 <= k <= 200``; ``bbox`` (optional, WGS84): only tiles whose
                                        footprint intersects it (a bad box is 422)
-``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB),
-                                       identified from its bytes (the declared Content-Type is ignored)
+``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB,
+                                       <= 100 megapixels), identified from its bytes (the declared
+                                       Content-Type is ignored), read as ``rsitr search --image`` reads
+                                       a file (float / many-band TIFFs too); see :func:`upload_to_file`
 ``GET /tiles/{id}?size=256``           JPEG thumbnail of an indexed item (ids only - a request never
                                        names a file; anything that is not an id in range is 404)
 ``GET /footprints``                    WGS84 boxes of indexed items (the map's context layer)
@@ -18,15 +20,18 @@ cookie ``rsitr_token`` that a request with ``?token=TOKEN`` sets (the page: open
 ``/?token=TOKEN`` once; it redirects to ``/`` so the token leaves the address bar). Anything
 else is 401.
 
-Validation errors are 422 (FastAPI's format); a bad upload is 400 (undecodable) / 413 (too
+Validation errors are 422 (FastAPI's format); a query string over 16 KB is 414 (up to a
+4 MB request line; beyond that the HTTP parser refuses it, ``rsitr serve`` sets its limit); a bad upload is 400 (undecodable) / 413 (too
 large) / 415 (its bytes are not an image of an accepted format); refused operations (``rerank=sar``, ``ftf`` without tokens, ``qbnorm`` without a query bank)
 are 400 with ``{"detail": message}``. Requests are served concurrently from FastAPI's thread
 pool; the engine serialises model/FAISS calls with its own lock.
 """
+import contextlib
 import hmac
-import io
 import logging
 import re
+import tempfile
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +46,11 @@ STATIC = Path(__file__).parent / "static"
 MAX_QUERY = 500
 MAX_K = 200
 MAX_UPLOAD = 20 * 1024 * 1024
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = 100_000_000  # an upload's pixel limit (the CLI's --max-pixels is for files the user chose)
+MAX_REQUEST_LINE = 4 * 1024 * 1024  # the HTTP parser's (h11) limit, set by `rsitr serve`: a request line up to this
+                                     # reaches the app, whose middleware answers a long query string with a JSON 414
+MAX_QUERY_STRING = 16 * 1024
+DECODE_SLOTS = 2  # uploads decoded at the same time (each may take a few hundred MB while decoding)
 # formats an upload may have, identified from its bytes (PIL), whatever its declared Content-Type
 UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")
 MAX_FOOTPRINTS = 20000
@@ -49,6 +58,89 @@ THUMB_SIZES = (64, 128, 256, 512)
 _ID = re.compile(r"[0-9]{1,12}")
 TOKEN_COOKIE = "rsitr_token"
 OPEN_PATHS = frozenset({"/healthz"})
+
+
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+@contextlib.contextmanager
+def upload_to_file(stream, limit: int = MAX_UPLOAD):
+    """Copy an upload to a temporary file in 1 MB chunks (at most ``limit`` bytes, else 413) and
+    yield its path, named with the suffix of the format its bytes show (the declared Content-Type
+    is not trusted); the file is removed afterwards. The image is then read from the file exactly
+    as ``rsitr search --image`` reads one, so both accept the same files (float and many-band
+    TIFFs through rasterio) and refuse the rest with the same messages. Errors: 400 empty or
+    undecodable, 413 too large (bytes or pixels), 415 not an accepted format."""
+    from rsitr.data.images import ImageTooLarge, image_size
+    from rsitr.utils.errors import DataError
+
+    with tempfile.TemporaryDirectory(prefix="rsitr-upload-") as d:
+        raw = Path(d) / "upload"
+        size = 0
+        with open(raw, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(413, f"upload larger than {limit // (1024 * 1024)} MB")
+                out.write(chunk)
+        if size == 0:
+            raise HTTPException(400, "empty upload")
+        fmt = upload_format(raw)
+        if fmt is None:
+            raise HTTPException(415, f"not an image rsitr reads (send one of: {', '.join(f.lower() for f in UPLOAD_FORMATS)})")
+        path = raw.rename(raw.with_suffix(_SUFFIX[fmt]))
+        try:
+            w, h = image_size(path)
+        except ImageTooLarge as exc:
+            raise HTTPException(413, str(exc).replace(str(path), "upload")) from None
+        except DataError as exc:
+            raise HTTPException(400, f"a {fmt} image that cannot be decoded: {str(exc).replace(str(path), 'upload')}") from None
+        if w * h > MAX_PIXELS:
+            raise HTTPException(413, f"image too large ({w}x{h} pixels; at most {MAX_PIXELS:,})")
+        try:
+            yield path
+        except DataError as exc:
+            raise HTTPException(400, f"a {fmt} image that cannot be decoded: {str(exc).replace(str(path), 'upload')}") from None
+
+
+_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp"}
+
+
+def upload_format(path: Path) -> str | None:
+    """The format of an uploaded file from its bytes: one of :data:`UPLOAD_FORMATS`, else None.
+    A TIFF PIL cannot parse (more than 4 bands, float RGB) still counts: rasterio reads those."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=UPLOAD_FORMATS) as im:
+            return im.format
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return "TIFF" if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") else None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas for this process (``mallopt(M_ARENA_MAX)``; the environment
+    variable ``MALLOC_ARENA_MAX`` is only read at start-up). Each server thread otherwise gets an
+    arena of its own, and memory freed after a large upload stays in it. No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(arenas))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Hand memory freed by a request back to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _same(given: str | None, token: str) -> bool:
@@ -90,6 +182,13 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
                                                                      "or open /?token=TOKEN once in the browser"},
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    @app.middleware("http")
+    async def _limit_query_string(request: Request, call_next):
+        # a request line up to MAX_REQUEST_LINE reaches here; a long query string is 414 with a detail
+        if len(request.scope.get("query_string", b"")) > MAX_QUERY_STRING:
+            return JSONResponse(status_code=414, content={"detail": f"query string longer than {MAX_QUERY_STRING} bytes"})
+        return await call_next(request)
+
     @app.exception_handler(RsitrError)
     async def _rsitr_error(request: Request, exc: RsitrError):
         return JSONResponse(status_code=400, content={"detail": str(exc)})
@@ -128,35 +227,18 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
     @app.post("/search/image")
     def search_image(request: Request, file: UploadFile = File(...), k: int = Query(20, ge=1, le=MAX_K),
                      bbox: str | None = Query(None, max_length=200)):
-        from PIL import Image, UnidentifiedImageError
-
         box = _box(bbox)
-
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_UPLOAD + 64 * 1024:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD // (1024 * 1024)} MB")
-        # the client's declared Content-Type is not trusted (curl sends application/octet-stream
-        # for a .tif): the image is identified from its bytes
-        data = file.file.read(MAX_UPLOAD + 1)
-        if len(data) > MAX_UPLOAD:
-            raise HTTPException(413, f"upload larger than {MAX_UPLOAD // (1024 * 1024)} MB")
-        if not data:
-            raise HTTPException(400, "empty upload")
-        try:
-            im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise HTTPException(415, f"not an image rsitr reads (send one of: {', '.join(f.lower() for f in UPLOAD_FORMATS)})") from exc
-        try:
-            with im:
-                if im.size[0] * im.size[1] > MAX_PIXELS:
-                    raise HTTPException(400, f"image too large ({im.size[0]}x{im.size[1]} pixels)")
-                im.load()
-                img = im.convert("RGB")
-        except HTTPException:
-            raise
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            raise HTTPException(400, f"a {im.format} image that cannot be decoded (truncated or corrupt)") from exc
-        return {"query": f"image:{file.filename or 'upload'}", "k": k, "results": _with_thumbs(eng.search_image(img, k=k, bbox=box))}
+        with _decode_slots:  # a bounded number of uploads decoded at once: bounded peak memory
+            try:
+                with upload_to_file(file.file) as path:
+                    results = eng.search_image(path, k=k, bbox=box)
+            finally:
+                file.file.close()
+                release_memory()
+        return {"query": f"image:{file.filename or 'upload'}", "k": k, "results": _with_thumbs(results)}
 
     @app.get("/tiles/{tile_id}")
     def tile(tile_id: str, size: int = Query(256, ge=16, le=1024)):

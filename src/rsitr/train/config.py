@@ -113,7 +113,31 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return from_mapping(cls, d, "config")
+        cfg = from_mapping(cls, d, "config")
+        cfg.check_ranges()
+        return cfg
+
+    def check_ranges(self) -> None:
+        """Refuse values outside their allowed range (one :class:`RsitrError` naming the key and
+        the range): ``batch_size=0`` used to end in a ZeroDivisionError, ``lr=-1`` in the
+        optimizer's ValueError, ``epochs=-1`` in a "trained" run without a checkpoint."""
+        import math
+
+        for key, (lo, hi, lo_open) in RANGES.items():
+            node: Any = self
+            for part in key.split("."):
+                node = getattr(node, part)
+            if node is None:
+                continue
+            values = node if isinstance(node, tuple) else (node,)
+            for v in values:
+                hi_open = lo_open == "hi_open"
+                low_open = lo_open is True
+                ok = (isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if low_open else v >= lo)
+                      and (hi is None or (v < hi if hi_open else v <= hi)))
+                if not ok:
+                    rng = f"{'>' if low_open else '>='} {lo:g}" + (f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "")
+                    raise RsitrError(f"{key}: must be {rng}, got {node!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -145,6 +169,21 @@ class TrainConfig:
                 raise RsitrError(f"unknown config key: {key}")
             node[parts[-1]] = value
         return TrainConfig.from_dict(d)
+
+
+# allowed values of the numeric keys: (low, high or None, True: low excluded | "hi_open": high
+# excluded | False: both included); None values (unset) pass
+RANGES: dict[str, tuple[float, float | None, bool | str]] = {
+    "epochs": (1, None, False), "batch_size": (1, None, False), "grad_accum": (1, None, False), "lr": (0, None, True),
+    "weight_decay": (0, None, False), "trunk_lr_scale": (0, None, False), "warmup_steps": (0, None, False),
+    "min_lr_ratio": (0, 1, False), "betas": (0, 1, "hi_open"), "eps": (0, None, True), "grad_clip": (0, None, True),
+    "seed": (0, None, False), "eval_every": (0, None, False), "save_every_steps": (0, None, False),
+    "cache_views": (1, None, False), "eval_batch_size": (1, None, False), "log_every": (1, None, False),
+    "max_steps": (1, None, False), "time_budget": (0, None, True), "cache_seed": (0, None, False),
+    "data.workers": (0, None, False), "data.subset": (1, None, False),
+    "augment.hflip": (0, 1, False), "augment.vflip": (0, 1, False), "augment.scale": (0, 1, True),
+    "model.embed_dim": (1, None, False),
+}
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -27,6 +27,37 @@ def _umask() -> int:
     return mask
 
 
+def output_error_message(path: str | os.PathLike, why: "OSError | str") -> str:
+    """``PATH: cannot write (reason)``, one line, for an output path that cannot be written."""
+    reason = why if isinstance(why, str) else (why.strerror or str(why) or type(why).__name__)
+    where = ""
+    if isinstance(why, OSError) and why.filename is not None and Path(str(why.filename)) != Path(path):
+        where = f" at {why.filename}"  # the part of the path that failed (a parent that is a file...)
+    return f"{path}: cannot write ({reason}{where})".replace("\n", " ")
+
+
+class OutputError(OSError):
+    """An output file or folder that cannot be written; its message is one line naming the path
+    (the CLI prints it as is, as it prints :class:`~rsitr.utils.errors.RsitrError`)."""
+
+    def __init__(self, path: str | os.PathLike, why: "OSError | str") -> None:
+        super().__init__(output_error_message(path, why))
+        self.path = Path(path)
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents); one :class:`OutputError` naming it when
+    it cannot be (an existing file, a read-only file system, a parent that is a file)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, "exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
@@ -34,9 +65,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(path, "is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
     # mkstemp creates 0600; the file gets the mode a plain open() would give it (0644 under the
     # usual umask 022), so that an index built by one user can be served by another
     os.fchmod(fd, 0o666 & ~_umask())
@@ -44,9 +80,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        try:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise OutputError(path, exc) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -126,8 +126,9 @@ def write_synth(
     if not 0.0 <= noise_frac <= 1.0:
         raise ValueError(f"noise_frac must be in [0, 1], got {noise_frac}")
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from rsitr.utils.io import make_output_dir
+
+    out = make_output_dir(out_dir)
     ann = out / "dataset_synth.json"
     if ann.exists():  # the old annotation must not outlive the images it describes
         ann.unlink()

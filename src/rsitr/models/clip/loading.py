@@ -276,6 +276,11 @@ def load_clip(path: str | Path, device: str = "cpu", *, quick_gelu: bool | None 
         if weights is None:
             weights = _find(path, ["model.safetensors", "pytorch_model.bin"])
             if weights is None or not hf_cfg.exists():
+                runs = [str(c.parent) for pattern in ("*/checkpoint_*.pt", "*/*/checkpoint_*.pt") for c in path.glob(pattern)]
+                if runs:
+                    inside = sorted(dict.fromkeys(runs))
+                    raise CheckpointError(f"{path}: not a model but a folder of rsitr runs; pass one run folder as --checkpoint: "
+                                          + ", ".join(inside[:5]) + (f" (and {len(inside) - 5} more)" if len(inside) > 5 else ""))
                 raise CheckpointError(f"{path}: a CLIP directory needs config.json + model.safetensors/pytorch_model.bin (Hugging Face) or open_clip_config.json + open_clip_model.safetensors")
             cfg = json.loads(hf_cfg.read_text())
             tc, vc = cfg.get("text_config", {}), cfg.get("vision_config", {})
