@@ -110,3 +110,20 @@ def test_the_shipped_default_matches_its_card():
         pytest.skip("no sydney9 row in the card or no ../shared/data/eval/sydney9 here")
     rows = evaluate_model(shipped.default_checkpoint(), [EvalSet("sydney9", str(data), bank=None, zero_shot=True)], ttas=(1,), progress=False)
     assert rows[0]["mR"] == pytest.approx(want[0]["mR"], abs=0.01)
+
+
+def test_untrained_heads_are_called_so_and_the_default_is_the_shipped_model(tmp_path, caplog, capsys, monkeypatch):
+    from rsitr.bench.search import write_sample_source
+    from rsitr.cli import main
+    from rsitr.models import shipped
+    from rsitr.models.registry import untrained_spec
+
+    assert untrained_spec("towers:efficientnet-lite0+minilm-l6") and untrained_spec("clip:tiny")
+    assert not untrained_spec("runs/x") and not untrained_spec("shipped:whatever") and not untrained_spec("/a/ViT-B-32.pt")
+    src = write_sample_source(tmp_path / "src", n_png=2, geotiff=False, tile=64)
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "index", "build", str(src), "--out", str(tmp_path / "i1"), "--checkpoint", "clip:tiny"]) == 0
+    assert "untrained" in caplog.text
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "empty")
+    assert main(["-q", "index", "build", str(src), "--out", str(tmp_path / "i2")]) != 0
+    assert "no shipped default model" in capsys.readouterr().err

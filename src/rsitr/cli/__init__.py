@@ -42,6 +42,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = data.split(args.split)
     if len(split) == 0:
         raise RsitrError(f"{args.data}: split '{args.split}' is empty (splits present: {data.splits})")
+    if args.checkpoint is None:
+        from rsitr.models.shipped import default_checkpoint
+
+        args.checkpoint = default_checkpoint()
+        print(f"eval: model {args.checkpoint} (the shipped default; --checkpoint picks another)", file=sys.stderr)
     model = load(args.checkpoint, device=args.device, quick_gelu=args.quick_gelu)
     if args.rerank != "none" and model.method is not None and model.method.capabilities.reranker == args.rerank:
         log.warning("the checkpoint's method already applies %s; --rerank %s applies it a second time", args.rerank.upper(), args.rerank)
@@ -141,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_cli(sub)
     e = sub.add_parser("eval", help="evaluate a model on a dataset split (the field's protocol)")
     _add_data_args(e)
-    e.add_argument("--checkpoint", required=True, help="CLIP checkpoint, HF CLIP folder, rsitr run/checkpoint, or towers:NAME")
+    e.add_argument("--checkpoint", default=None,
+                   help="shipped:NAME (default: the shipped default model), rsitr run/checkpoint, CLIP checkpoint, HF CLIP folder, or towers:NAME")
     e.add_argument("--split", default="test", help="split to evaluate; also the split of entries whose annotation has none")
     e.add_argument("--batch-size", type=int, default=128, help="images / captions per encode batch (default 128)")
     e.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0: in the main process)")

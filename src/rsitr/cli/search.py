@@ -89,8 +89,26 @@ def _opts(args, **kw):
                         progress=_progress(args), engine=args.engine, **kw)
 
 
+def _model_or_default(checkpoint: str | None, what: str) -> str:
+    """``--checkpoint``, or the shipped default model (said once); a spec with untrained heads
+    is said to be one (issue 27: a pretrained trunk with random heads is no search model)."""
+    from rsitr.models.registry import untrained_spec
+    from rsitr.models.shipped import default_checkpoint
+
+    if checkpoint is None:
+        checkpoint = default_checkpoint()
+        print(f"{what}: model {checkpoint} (the shipped default; `rsitr models` lists the shipped models, --checkpoint picks another)",
+              file=sys.stderr)
+    elif untrained_spec(checkpoint):
+        log.warning("%s names a backbone with untrained (randomly initialised) heads: its rankings are near chance, it is no "
+                    "search model. Use the shipped model (omit --checkpoint) or a trained run folder", checkpoint)
+    return checkpoint
+
+
 def cmd_index_build(args) -> int:
     from rsitr.search.build import build_index
+
+    args.checkpoint = _model_or_default(args.checkpoint, "index build")
 
     o = _opts(args, tile_size=args.tile_size, overlap=args.overlap, index_kind=args.index_kind, keep_tokens=args.keep_tokens,
               store=args.store, store_options=_store_options(args))
@@ -258,7 +276,9 @@ def add_cli(sub) -> None:
     ix = sub.add_parser("index", help="build / grow a search index over images or GeoTIFF scenes").add_subparsers(dest="index_command", required=True)
     b = ix.add_parser("build", help="encode a folder of images / GeoTIFF scenes into an index (re-run to resume)")
     b.add_argument("source", help="folder (recursive) or file: jpg/png/tif; georeferenced rasters are tiled")
-    b.add_argument("--checkpoint", required=True, help="model: rsitr run/checkpoint, CLIP checkpoint, towers:NAME, clip:NAME")
+    b.add_argument("--checkpoint", default=None,
+                   help="model: shipped:NAME (default: the shipped default model, see `rsitr models`), an rsitr run folder or "
+                        "checkpoint, a CLIP checkpoint; towers:NAME / clip:NAME have untrained heads (warned: no search model)")
     b.add_argument("--out", required=True, help="index folder")
     _add_build_opts(b, tiling=True)
     b.set_defaults(func=cmd_index_build)

@@ -123,6 +123,13 @@ def list_backbones() -> list[str]:
     return sorted(f"{f}:{n}" for f, fam in _FAMILIES.items() if f != PATH for n in fam.names())
 
 
+def untrained_spec(source) -> bool:
+    """Whether ``source`` names a backbone by family (``towers:NAME``, ``clip:CONFIG``): its heads
+    are freshly initialised (or all of it is random), so its rankings are near chance -- no search
+    model. Paths (CLIP checkpoints, rsitr runs) and shipped models are trained."""
+    return not parse_spec(source).is_path
+
+
 def build_backbone(source: str | BackboneSpec, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256,
                    seed: int | None = None) -> Backbone:
     """Build a backbone from its spec (never an rsitr training checkpoint; see the module doc).
