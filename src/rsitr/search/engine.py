@@ -202,7 +202,7 @@ class SearchEngine:
                 continue
             it = self.items[i]
             out.append({"rank": len(out) + 1, "id": int(i), "score": float(s), "path": it.path, "window": it.window,
-                        "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84})
+                        "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84, "scale_m": it.extra.get("scale_m")})
         return out
 
     def search_vector(self, q: np.ndarray, k: int, bbox=None) -> list[dict]:
