@@ -1,4 +1,4 @@
-"""Georeferenced rasters tiled in metres, no-data skipped, stretched per scene."""
+"""Georeferenced rasters tiled in metres, no-data skipped, stretched per scene; contact sheets."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,7 @@ from rasterio.windows import Window, bounds as window_bounds  # noqa: E402
 
 from rsitr.search import build as B  # noqa: E402
 from rsitr.search.engine import SearchEngine  # noqa: E402
+from rsitr.search.sheet import cell_origin, sheet_size, write_contact_sheet  # noqa: E402
 from rsitr.search.sources import Tiling, read_item, scan_scene, scan_source  # noqa: E402
 from rsitr.utils.errors import DataError, RsitrError  # noqa: E402
 
@@ -279,3 +280,42 @@ def test_cli_tiling_flags(tmp_path, capsys):
     with pytest.raises(RsitrError, match="--tile-meters"):
         run_search_cli(["index", "build", str(a), "--checkpoint", "clip:tiny", "--out", str(tmp_path / "i"), "--tile-meters", "80,x"],
                        capsys)
+
+
+# -- contact sheets --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, tiny):
+    src = tmp_path_factory.mktemp("src")
+    d = textured(192, 256, dtype=np.uint16, lo=300, hi=3000)
+    d[:, :, :100] = 0
+    write_scene(src / "s.tif", d, nodata=0)
+    out = tmp_path_factory.mktemp("idx") / "index"
+    B.build_index(src, "clip:tiny", out, B.BuildOptions(tile_meters=(64.0,), batch_size=8, progress=False, engine="torch"), model=tiny)
+    return out
+
+
+def test_contact_sheet_has_k_cells(index, tiny, tmp_path):
+    eng = SearchEngine(index, model=tiny)
+    res = eng.search("a river", k=5)
+    assert len(res) == 5
+    out = write_contact_sheet(tmp_path / "hits.png", res, eng.item, cell=96, cols=3)
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert (img.shape[1], img.shape[0]) == sheet_size(5, 96, 3)
+    for i in range(6):
+        x, y = cell_origin(i, 96, 3)
+        square = img[y : y + 96, x : x + 96]
+        text = img[y + 96 : y + 96 + 40, x : x + 96]
+        if i < 5:  # a tile and its caption
+            assert (square != 255).any(axis=-1).mean() > 0.5 and (text != 255).any()
+        else:  # the 6th slot of the 3 x 2 grid is empty
+            assert (square == 255).all() and (text == 255).all()
+
+
+def test_cli_contact_sheet_and_bad_path(index, tmp_path, capsys):
+    out = tmp_path / "sheet.png"
+    rc, _ = run_search_cli(["search", str(index), "a river", "-k", "4", "--contact-sheet", str(out)], capsys)
+    assert rc == 0 and Image.open(out).size == sheet_size(4, 192, 5)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RsitrError, match=r"cannot write the contact sheet") as exc:
+        run_search_cli(["search", str(index), "a river", "-k", "4", "--contact-sheet", str(tmp_path / "file" / "s.png")], capsys)
+    assert "\n" not in str(exc.value)

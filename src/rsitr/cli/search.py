@@ -232,6 +232,11 @@ def cmd_search(args) -> int:
             query = args.query
             _warn_truncated(eng, query)
             results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth, bbox=box)
+        if args.contact_sheet:
+            from rsitr.search.sheet import write_contact_sheet
+
+            write_contact_sheet(args.contact_sheet, results, eng.item)
+            log.info("wrote a contact sheet of %d hits to %s", len(results), args.contact_sheet)
     finally:
         eng.close()
     if args.geojson:
@@ -354,6 +359,9 @@ def add_cli(sub) -> None:
     s.add_argument("--image", default=None, help="query with an image file instead: tiles that look like it")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")
+    s.add_argument("--contact-sheet", default=None, metavar="OUT.png",
+                   help="write the hits' tiles as one PNG grid, each with its rank, score, file and place (lat/lon and tile size, "
+                        "or pixel window)")
     s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     s.add_argument("--bbox", default=None, metavar="W,S,E,N",
                    help="only tiles whose WGS84 footprint intersects this box (degrees; W > E crosses the antimeridian)")
