@@ -1,4 +1,4 @@
-"""Georeferenced rasters tiled in metres, no-data skipped, stretched per scene; contact sheets."""
+"""Georeferenced rasters tiled in metres, no-data skipped, stretched per scene; contact sheets; quicklooks."""
 from __future__ import annotations
 
 import json
@@ -247,7 +247,7 @@ def test_multiscale_index_records_scale_and_add_reuses_the_tiling(tmp_path, tiny
     assert {it.extra["scale_m"] for it in new} == {40.0, 80.0} and len(new) == 16 + 4
     eng = SearchEngine(idx, model=tiny)
     res = eng.search("a river", k=len(items))
-    assert {r["scale_m"] for r in res} == {40.0, 80.0}
+    assert {r["scale_m"] for r in res} == {40.0, 80.0} and all(r["scene"] in (0, 1) for r in res)
     rc, out = run_search_cli(["search", str(idx), "a river", "-k", "3", "--json"], capsys)
     assert all(r["scale_m"] in (40.0, 80.0) for r in json.loads(out)["results"])
     # the same --out with other tiling is refused
@@ -282,7 +282,7 @@ def test_cli_tiling_flags(tmp_path, capsys):
                        capsys)
 
 
-# -- contact sheets --------------------------------------------------------------------
+# -- contact sheets and quicklooks --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, tiny):
     src = tmp_path_factory.mktemp("src")
@@ -319,3 +319,82 @@ def test_cli_contact_sheet_and_bad_path(index, tmp_path, capsys):
     with pytest.raises(RsitrError, match=r"cannot write the contact sheet") as exc:
         run_search_cli(["search", str(index), "a river", "-k", "4", "--contact-sheet", str(tmp_path / "file" / "s.png")], capsys)
     assert "\n" not in str(exc.value)
+
+
+def test_quicklook_endpoint(index, tiny):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from rsitr.serve.app import create_app
+
+    client = TestClient(create_app(index, engine=SearchEngine(index, model=tiny)))
+    r = client.get("/search", params={"q": "a river", "k": 3})
+    hit = r.json()["results"][0]
+    assert hit["scene"] == 0 and hit["quicklook"] == "/scene/0/quicklook.png" and hit["scale_m"] == 64.0
+    assert client.get("/healthz").json()["tiling"] == "64 m tiles"
+    info = client.get("/scene/0").json()
+    assert (info["width"], info["height"], info["name"]) == (256, 192, "s.tif") and info["tiles"] > 0
+    r = client.get("/scene/0/quicklook.png", params={"size": 512})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    ql = np.asarray(Image.open(__import__("io").BytesIO(r.content)).convert("RGB"))
+    assert ql.shape == (192, 256, 3)  # never enlarged
+    assert (ql[:, :95] == 0).all() and ql[:, 110:].mean() > 30  # no-data black, the scene's own stretch elsewhere
+    for bad in ("/scene/7/quicklook.png", "/scene/x/quicklook.png", "/scene/-1", "/scene/99"):
+        assert client.get(bad).status_code == 404, bad
+
+
+# -- the other store and executor -----------------------------------------------------------------------
+def _items_json(index_dir):
+    return [it.to_json() for it in B.read_items(index_dir, B.read_manifest(index_dir))]
+
+
+def _metre_source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    d = textured(160, 200, dtype=np.uint16, lo=300, hi=3000)
+    d[:, :, :50] = 0  # no-data: the first column of 40 m tiles, 5/8 of the first column of 80 m tiles
+    write_scene(src / "s.tif", d, nodata=0)
+    return src
+
+
+def test_milvus_store_with_metre_tiles(tmp_path, tiny):
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    src = _metre_source(tmp_path)
+    o = dict(tile_meters=(40.0, 80.0), batch_size=8, progress=False, engine="torch")
+    f = B.build_index(src, "clip:tiny", tmp_path / "faiss", B.BuildOptions(**o), model=tiny)
+    m = B.build_index(src, "clip:tiny", tmp_path / "milvus", B.BuildOptions(store="milvus", store_options={"uri": str(tmp_path / "m.db")}, **o),
+                      model=tiny)
+    assert f.skipped_nodata == m.skipped_nodata == 4 + 2  # four 40 m tiles and two 80 m tiles are mostly no-data
+    assert _items_json(tmp_path / "faiss") == _items_json(tmp_path / "milvus")
+    eng = SearchEngine(tmp_path / "milvus", model=tiny)
+    try:
+        res = eng.search("a river", k=4)
+        assert {r["scale_m"] for r in res} <= {40.0, 80.0} and all(r["scene"] == 0 for r in res)
+        assert eng.quicklook(0, 512)[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        eng.close()
+
+
+@pytest.mark.slow  # a local Ray (child processes)
+def test_ray_build_with_metre_tiles_equals_local(tmp_path, tiny):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("ray")
+    from rsitr.search import raybuild as R
+
+    src = _metre_source(tmp_path)
+    more = tmp_path / "more"
+    more.mkdir()
+    write_scene(more / "t.tif", textured(80, 80, seed=3), transform=from_origin(600000.0, 5000000.0, 1.0, 1.0))
+    o = dict(tile_meters=(40.0, 80.0), batch_size=4, progress=False, engine="torch")
+    B.build_index(src, "clip:tiny", tmp_path / "local", B.BuildOptions(**o), model=tiny)
+    B.add_to_index(tmp_path / "local", more, B.BuildOptions(progress=False, engine="torch"), model=tiny)
+    with R.ray_session(num_cpus=2):
+        r = R.build_index_ray(src, "clip:tiny", tmp_path / "ray", B.BuildOptions(**o), R.RayOptions(workers=1, shard_size=5), model=tiny)
+        assert r.skipped_nodata == 6
+        R.add_to_index_ray(tmp_path / "ray", more, B.BuildOptions(progress=False, engine="torch"), R.RayOptions(workers=1), model=tiny)
+    got = _items_json(tmp_path / "ray")
+    assert got == _items_json(tmp_path / "local")
+    assert {d["extra"]["scale_m"] for d in got if d["path"].endswith("t.tif")} == {40.0, 80.0}
+    a, b = (B.read_embeddings(p, B.read_manifest(p)) for p in (tmp_path / "local", tmp_path / "ray"))
+    assert np.abs(a - b).max() < 1e-5
