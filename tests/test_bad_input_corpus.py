@@ -181,13 +181,14 @@ def _output_cases(c) -> list[tuple[str, list[str], str]]:
     return [
         ("index build --out", ["index", "build", good, "--checkpoint", "clip:tiny", "--out", "OUT"], "OUT"),
         ("search --geojson", ["search", idx, "ships", "--geojson", "OUT"], "OUT"),
+        ("search --contact-sheet", ["search", idx, "ships", "--contact-sheet", "OUT"], "OUT"),
         ("data synth --out", ["data", "synth", "--out", "OUT", "--images", "4", "--size", "32"], "OUT"),
         ("train --out", ["train", "--data", "DATA", "--backbone", "clip:tiny", "--set", "max_steps=1", "--out", "OUT"], "OUT"),
     ]
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder", "an-existing-file"])
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_output_paths(corpus, capsys, tmp_path, where, case):
     """An output path that cannot be written is one line naming it (tests may run as root, where
     chmod does not stop a write: a path under a regular file fails for everyone)."""

@@ -96,12 +96,10 @@ def render_sheet(results: Sequence[dict], item_of: Callable[[int], Item], cell: 
 
 def write_contact_sheet(path: str | os.PathLike, results: Sequence[dict], item_of: Callable[[int], Item], cell: int = 192,
                         cols: int = 5) -> Path:
-    """Render and write the sheet as PNG (atomically); an unwritable path is one line naming it."""
+    """Render and write the sheet as PNG (atomically); an unwritable path raises
+    :class:`rsitr.utils.io.OutputError` naming it (the CLI prints it as one line)."""
     img = render_sheet(results, item_of, cell, cols)
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
-    except OSError as exc:
-        raise RsitrError(f"{path}: cannot write the contact sheet ({exc.strerror or exc})") from None
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
