@@ -181,13 +181,14 @@ def _output_cases(c) -> list[tuple[str, list[str], str]]:
     return [
         ("index build --out", ["index", "build", good, "--checkpoint", "clip:tiny", "--out", "OUT"], "OUT"),
         ("search --geojson", ["search", idx, "ships", "--geojson", "OUT"], "OUT"),
+        ("search --contact-sheet", ["search", idx, "ships", "--contact-sheet", "OUT"], "OUT"),
         ("data synth --out", ["data", "synth", "--out", "OUT", "--images", "4", "--size", "32"], "OUT"),
         ("train --out", ["train", "--data", "DATA", "--backbone", "clip:tiny", "--set", "max_steps=1", "--out", "OUT"], "OUT"),
     ]
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder", "an-existing-file"])
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_output_paths(corpus, capsys, tmp_path, where, case):
     """An output path that cannot be written is one line naming it (tests may run as root, where
     chmod does not stop a write: a path under a regular file fails for everyone)."""
@@ -339,25 +340,28 @@ def _geotiff(path: Path, *, crs, transform, data: np.ndarray) -> Path:
 def test_raster_surprises_are_said(tmp_path, caplog):
     from rasterio.transform import from_origin
 
-    from rsitr.search.sources import Item, read_item, scan_file
+    from rsitr.search.sources import Item, Tiling, read_item, scan_file
+    from rsitr.utils.errors import DataError
 
     data = np.full((3, 32, 32), 100, np.uint8)
     nocrs = _geotiff(tmp_path / "nocrs.tif", crs=None, transform=from_origin(500000, 4000000, 10, 10), data=data)
     with caplog.at_level("WARNING"):
         items = scan_file(nocrs, 16)
-    assert len(items) == 1 and items[0].wgs84 is None
+    assert len(items) == 4 and all(it.wgs84 is None for it in items)  # pixel tiles without footprints (issue 27)
     assert any("no CRS" in r.getMessage() for r in caplog.records)
     caplog.clear()
     polar = _geotiff(tmp_path / "polar.tif", crs="EPSG:4326", transform=from_origin(10, 95, 0.1, 0.1), data=data)
-    with caplog.at_level("WARNING"):
-        items = scan_file(polar, 16)
-    assert all(-90 <= it.wgs84[1] <= it.wgs84[3] <= 90 for it in items)
-    assert any("beyond +-90" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match=r"polar\.tif.*latitude"):  # an error naming the file (issue 27)
+        scan_file(polar, 16)
     caplog.clear()
     nan = _geotiff(tmp_path / "nan.tif", crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10),
                    data=np.full((3, 32, 32), np.nan, np.float32))
     with caplog.at_level("WARNING"):
-        tiles = scan_file(nan, 16)
+        assert scan_file(nan, 16) == []  # an all-no-data raster is skipped, with a warning naming it
+    assert any(str(nan) in r.getMessage() and "every pixel is no-data" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tiles = scan_file(nan, tiling=Tiling(tile_size=16, max_nodata=None))  # kept when no tile is skipped
         for it in tiles:
             assert not np.asarray(read_item(it)).any()
     said = [r for r in caplog.records if "all no-data" in r.getMessage()]

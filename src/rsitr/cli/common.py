@@ -90,7 +90,7 @@ NUMERIC_RANGES: dict[str, in_range] = {
     "seed": nonneg_int, "seeds": nonneg_int, "overlap": nonneg_int, "queries": nonneg_int,
     "exhaustive_queries": nonneg_int, "flat_only_above": nonneg_int, "eval workers": nonneg_int,
     "port": port, "warmup": nonneg_float, "idle": nonneg_float, "unused_days": nonneg_float,
-    "noise_frac": fraction, "alpha": fraction, "balance": fraction,
+    "noise_frac": fraction, "alpha": fraction, "balance": fraction, "max_nodata": fraction,
 }
 
 

@@ -19,8 +19,18 @@ def _progress(args) -> bool:
 
 def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
     if tiling:
-        p.add_argument("--tile-size", type=int, default=256, help="tile size in pixels for georeferenced rasters (default 256)")
-        p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
+        p.add_argument("--tile-meters", default=None, metavar="M[,M...]",
+                       help="cut georeferenced rasters in tiles of M metres on the ground, each read resampled to the model's input "
+                            "size; several sizes (60,120,240) make one index over those scales. Default: the sizes the model's card "
+                            "gives (its training ground resolution; shipped models), else 256-pixel tiles")
+        p.add_argument("--tile-size", type=int, default=None,
+                       help="cut georeferenced rasters in tiles of this many pixels instead (given: pixel tiles; default 256 when "
+                            "the model has no card and no --tile-meters is given)")
+        p.add_argument("--overlap", type=float, default=None,
+                       help="shared by neighbouring tiles: metres with metre tiles (below the smallest size), whole pixels with "
+                            "pixel tiles (default 0)")
+        p.add_argument("--max-nodata", type=float, default=0.5,
+                       help="skip tiles whose no-data share (nodata value, alpha 0, NaN) exceeds this fraction (default 0.5)")
         p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw"), default="flat", help="vector index: exact (flat) or approximate")
         p.add_argument("--keep-tokens", action="store_true", help="also store image patch tokens (fp16) for --rerank ftf")
         _add_store_args(p, build=True)
@@ -105,13 +115,37 @@ def _model_or_default(checkpoint: str | None, what: str) -> str:
     return checkpoint
 
 
+def tiling_args(args) -> dict:
+    """``--tile-meters`` / ``--tile-size`` / ``--overlap`` / ``--max-nodata`` -> BuildOptions fields
+    (explicit --tile-size: pixel tiles; --tile-meters: metres; neither: the model's card decides)."""
+    if args.tile_meters is not None and args.tile_size is not None:
+        raise RsitrError("give --tile-meters (tiles in metres) or --tile-size (tiles in pixels), not both")
+    kw: dict = {"max_nodata": args.max_nodata}
+    if args.tile_meters is not None:
+        try:
+            meters = tuple(float(v) for v in args.tile_meters.split(",") if v.strip())
+        except ValueError:
+            raise RsitrError(f"--tile-meters takes sizes in metres separated by commas, e.g. 80,320; got {args.tile_meters!r}") from None
+        if not meters:
+            raise RsitrError("--tile-meters is empty")
+        return {**kw, "tile_meters": meters, "overlap_m": float(args.overlap or 0.0)}
+    overlap = args.overlap or 0.0
+    if overlap != int(overlap):
+        raise RsitrError(f"--overlap is in whole pixels with pixel tiles, got {args.overlap:g}")
+    if args.tile_size is not None:
+        return {**kw, "tile_size": args.tile_size, "overlap": int(overlap)}
+    # neither: metres from the model's card when it has one (else 256-pixel tiles); an --overlap
+    # then applies in the unit the tiling turns out to use
+    return {**kw, "auto_meters": True, "overlap": int(overlap), "overlap_m": float(overlap)}
+
+
 def cmd_index_build(args) -> int:
     from rsitr.search.build import build_index
 
     args.checkpoint = _model_or_default(args.checkpoint, "index build")
 
-    o = _opts(args, tile_size=args.tile_size, overlap=args.overlap, index_kind=args.index_kind, keep_tokens=args.keep_tokens,
-              store=args.store, store_options=_store_options(args))
+    o = _opts(args, index_kind=args.index_kind, keep_tokens=args.keep_tokens, store=args.store, store_options=_store_options(args),
+              **tiling_args(args))
     if args.executor == "ray":
         from rsitr.search.raybuild import build_index_ray
 
@@ -121,8 +155,12 @@ def cmd_index_build(args) -> int:
             raise RsitrError("--ray-address applies to --executor ray")
         r = build_index(args.source, args.checkpoint, args.out, o)
     print(f"index {r.index_dir}: {r.total} items ({r.encoded} encoded now, {r.skipped} already done) in {r.seconds:.1f}s"
-          + (f", {r.tiles_per_s:.1f} tiles/s encoding" if r.encoded else ""))
+          + (f", {r.tiles_per_s:.1f} tiles/s encoding" if r.encoded else "") + _nodata_note(r))
     return 0
+
+
+def _nodata_note(r) -> str:
+    return f"; skipped {r.skipped_nodata} tiles that are mostly no-data" if r.skipped_nodata else ""
 
 
 def cmd_index_add(args) -> int:
@@ -134,7 +172,7 @@ def cmd_index_add(args) -> int:
         r = add_to_index_ray(args.index, args.source, _opts(args), _ray_opts(args), checkpoint=args.checkpoint)
     else:
         r = add_to_index(args.index, args.source, _opts(args), checkpoint=args.checkpoint)
-    print(f"index {r.index_dir}: {r.total} items (+{r.added}; {r.skipped} of the source already indexed) in {r.seconds:.1f}s")
+    print(f"index {r.index_dir}: {r.total} items (+{r.added}; {r.skipped} of the source already indexed) in {r.seconds:.1f}s" + _nodata_note(r))
     return 0
 
 
@@ -145,6 +183,8 @@ def format_results(results: list[dict], query: str) -> str:
         if r.get("wgs84"):
             w, s, e, n = r["wgs84"]
             where += f"  lon {w:.5f}..{e:.5f} lat {s:.5f}..{n:.5f}"
+        if r.get("scale_m"):
+            where += f"  {r['scale_m']:g} m tile"
         lines.append(f"{r['rank']:>4}  {r['score']:8.4f}  {r['id']:>6}  {where}")
     return "\n".join(lines)
 
@@ -192,6 +232,11 @@ def cmd_search(args) -> int:
             query = args.query
             _warn_truncated(eng, query)
             results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth, bbox=box)
+        if args.contact_sheet:
+            from rsitr.search.sheet import write_contact_sheet
+
+            write_contact_sheet(args.contact_sheet, results, eng.item)
+            log.info("wrote a contact sheet of %d hits to %s", len(results), args.contact_sheet)
     finally:
         eng.close()
     if args.geojson:
@@ -314,6 +359,9 @@ def add_cli(sub) -> None:
     s.add_argument("--image", default=None, help="query with an image file instead: tiles that look like it")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--geojson", default=None, metavar="OUT", help="write the result footprints (WGS84) as a GeoJSON FeatureCollection")
+    s.add_argument("--contact-sheet", default=None, metavar="OUT.png",
+                   help="write the hits' tiles as one PNG grid, each with its rank, score, file and place (lat/lon and tile size, "
+                        "or pixel window)")
     s.add_argument("--checkpoint", default=None, help="the index's model at another path (default: as recorded)")
     s.add_argument("--bbox", default=None, metavar="W,S,E,N",
                    help="only tiles whose WGS84 footprint intersects this box (degrees; W > E crosses the antimeridian)")

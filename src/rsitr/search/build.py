@@ -50,7 +50,7 @@ import torch
 
 from rsitr.search.manifest import (MANIFEST, RANDOM_INIT_SEED, IndexManifest, ModelRef, load_model, model_identity,  # noqa: F401
                                    read_manifest, state_sha256)
-from rsitr.search.sources import STRETCH, Item, read_item, scan_source
+from rsitr.search.sources import MAX_NODATA, STRETCH, Item, Tiling, read_item, scan_source_report
 from rsitr.utils.errors import DataError, RsitrError
 from rsitr.utils.io import atomic_path, jsonable
 
@@ -80,8 +80,17 @@ def read_embeddings(index_dir: Path, manifest: IndexManifest, mmap: bool = False
 
 @dataclasses.dataclass
 class BuildOptions:
+    """What ``index build``/``add`` does. Tiling of georeferenced rasters (see :func:`resolve_tiling`):
+    ``tile_meters`` (ground sizes, metres) else, with ``auto_meters``, the sizes the model's card
+    gives (``ground_tiles_m``), else ``tile_size``/``overlap`` pixels; ``overlap_m``: metres shared
+    by neighbouring metre tiles; ``max_nodata``: the no-data share above which a tile is skipped."""
+
     tile_size: int = 256
     overlap: int = 0
+    tile_meters: tuple[float, ...] | None = None
+    overlap_m: float = 0.0
+    auto_meters: bool = False
+    max_nodata: float | None = MAX_NODATA
     batch_size: int = 32
     index_kind: str = "flat"
     keep_tokens: bool = False
@@ -104,6 +113,7 @@ class BuildResult:
     skipped: int  # items of SOURCE already indexed
     seconds: float
     encode_seconds: float
+    skipped_nodata: int = 0  # tiles of SOURCE not indexed because they are mostly no-data
 
     @property
     def tiles_per_s(self) -> float:
@@ -114,13 +124,64 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _new_manifest(model, ident: ModelRef, opts: BuildOptions, store: dict) -> IndexManifest:
+CARD_WHY = "the model's training ground resolution; --tile-meters to change, --tile-size for pixel tiles"
+FLAG_WHY = "--tile-meters"
+NO_CARD_WHY = "the model has no card giving the ground resolution it was trained at; --tile-meters M tiles in metres"
+WHY = {"card": CARD_WHY, "flag": FLAG_WHY, "default": NO_CARD_WHY}
+
+
+def card_ground_tiles(checkpoint: str) -> list[float] | None:
+    """The ground tile sizes (metres) a shipped model's card says it was trained at, else None
+    (any other model has no card)."""
+    from rsitr.models.shipped import read_card, resolve
+
+    found = resolve(checkpoint)
+    if found is None:
+        return None
+    sizes = read_card(*found)["card"].get("ground_tiles_m")
+    return [float(v) for v in sizes] if sizes else None
+
+
+def resolve_tiling(opts: BuildOptions, checkpoint: str, model) -> tuple[Tiling, str | None]:
+    """The :class:`Tiling` a new index gets, and where its sizes come from (``"flag"``: --tile-meters,
+    ``"card"``: the shipped model's card, ``"default"``: pixel tiles because the model has no card,
+    None: pixel tiles asked for). ``model``: the backbone (its input size is the metre tiles' read size)."""
+    meters, source = opts.tile_meters, None
+    if meters:
+        source = "flag"
+    elif opts.auto_meters:
+        meters = card_ground_tiles(checkpoint)
+        source = "card" if meters else "default"
+    tiling = Tiling(tile_size=int(opts.tile_size), overlap=int(opts.overlap), meters=tuple(float(m) for m in meters) if meters else None,
+                    overlap_m=float(opts.overlap_m) if meters else 0.0, out_px=int(model.preprocess.image_size) if meters else None,
+                    max_nodata=opts.max_nodata, why=WHY.get(source or "", ""))
+    return tiling.check(), source
+
+
+def manifest_tiling(manifest: IndexManifest, adding: bool = False) -> Tiling:
+    """The :class:`Tiling` an index records (``index add`` cuts new scenes the same way); indexes
+    written before the no-data rule skip no tile."""
+    t = manifest.tiling
+    tiling = Tiling.from_manifest(t, manifest.max_nodata)
+    tiling.why = "as the index records" if adding else WHY.get(t.get("source") or "", "")
+    return tiling
+
+
+def _new_manifest(model, ident: ModelRef, opts: BuildOptions, store: dict, tiling: Tiling | None = None,
+                  source: str | None = None) -> IndexManifest:
+    tiling = tiling or Tiling(int(opts.tile_size), int(opts.overlap), max_nodata=None)
+    record = tiling.to_manifest()
+    if source:
+        record["source"] = source
     return IndexManifest(
         model=ident, backbone=backbone_info(model),
         preprocess={**dataclasses.asdict(model.preprocess), "transform": "rsitr.data.transforms.EvalTransform",
-                    "stretch_over_8bit": STRETCH, "band_rule": "1 band grey, >3 bands first three, nodata black"},
-        tile_size=int(opts.tile_size), overlap=int(opts.overlap), embed_dim=int(model.embed_dim), index_kind=opts.index_kind,
-        tokens=bool(opts.keep_tokens), store=store, created=_now(), updated=_now())
+                    "stretch_over_8bit": STRETCH, "stretch_scope": "whole image; tiles: their scene (decimated read)",
+                    "band_rule": "1 band grey, >=3 bands the ones tagged R,G,B else the first three, nodata black"},
+        tile_size=int(tiling.tile_size), overlap=int(tiling.overlap), embed_dim=int(model.embed_dim), index_kind=opts.index_kind,
+        tokens=bool(opts.keep_tokens), store=store, created=_now(), updated=_now(),
+        tiling_extra={k: v for k, v in record.items() if k not in ("tile_size", "overlap")},
+        extra={"nodata": {"max_fraction": tiling.max_nodata}})
 
 
 # -- encoding ------------------------------------------------------------------------------------
@@ -365,13 +426,16 @@ def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildO
     out = Path(out)
     model = model if model is not None else load_model(checkpoint, opts.device)
     ident = model_identity(checkpoint, model)
+    tiling, source = resolve_tiling(opts, checkpoint, model.backbone)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         check_model(manifest, ident, out)
         m = manifest
-        if (m.tile_size, m.overlap) != (opts.tile_size, opts.overlap) or m.index_kind != opts.index_kind \
+        had = manifest_tiling(m)
+        other_nodata = "nodata" in m.extra and had.max_nodata != tiling.max_nodata  # older manifests: not recorded
+        if had.to_manifest() != tiling.to_manifest() or other_nodata or m.index_kind != opts.index_kind \
                 or m.tokens != bool(opts.keep_tokens) or m.store_kind != opts.store:
-            raise RsitrError(f"{out}: an index with other settings is already here (tile {m.tile_size}, overlap {m.overlap}, "
+            raise RsitrError(f"{out}: an index with other settings is already here ({had.describe()}, max no-data {had.max_nodata}, "
                              f"kind {m.index_kind}, tokens {m.tokens}, store {m.store_kind}); use `rsitr index add` "
                              f"to grow it or choose another --out")
         store_class(m.store_kind).check_continue(m.store, store_opts, out)
@@ -380,7 +444,7 @@ def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildO
         if out.exists() and any(out.iterdir()):
             raise RsitrError(f"{out}: folder exists and is not an rsitr index; choose an empty or new --out")
         spec = store_class(opts.store).create_for_index(out, int(model.backbone.embed_dim), opts.index_kind, store_opts)
-        manifest = _new_manifest(model.backbone, ident, opts, spec)
+        manifest = _new_manifest(model.backbone, ident, opts, spec, tiling, source)
         from rsitr.utils.io import make_output_dir
 
         make_output_dir(out)
@@ -397,7 +461,7 @@ def add_to_index(index_dir: str | os.PathLike, source: str | os.PathLike, opts: 
     spec = checkpoint or manifest.model.checkpoint
     model = model if model is not None else load_model(spec, opts.device)
     check_model(manifest, model_identity(spec, model), index_dir)
-    return _update(index_dir, manifest, model.backbone, source, opts)
+    return _update(index_dir, manifest, model.backbone, source, opts, adding=True)
 
 
 def for_manifest(opts: BuildOptions, manifest: IndexManifest) -> BuildOptions:
@@ -406,10 +470,11 @@ def for_manifest(opts: BuildOptions, manifest: IndexManifest) -> BuildOptions:
                                keep_tokens=manifest.tokens, store=manifest.store_kind)
 
 
-def _update(index_dir: Path, manifest: IndexManifest, model, source, opts: BuildOptions) -> BuildResult:
+def _update(index_dir: Path, manifest: IndexManifest, model, source, opts: BuildOptions, adding: bool = False) -> BuildResult:
     t0 = time.perf_counter()
     src = Path(source).resolve()
-    items = scan_source(src, opts.tile_size, opts.overlap, skip_bad=opts.skip_bad)
+    scan = scan_source_report(src, manifest_tiling(manifest, adding), skip_bad=opts.skip_bad)
+    items = scan.items
     done = {it.key for it in read_items(index_dir, manifest)}
     chunks = _chunk_files(index_dir)
     for p in chunks:
@@ -420,7 +485,14 @@ def _update(index_dir: Path, manifest: IndexManifest, model, source, opts: Build
     first = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
     log.info("%s: %d items in %s, %d already indexed, %d to encode", index_dir, len(items), src, skipped, len(pending))
     if not items:
-        raise RsitrError(f"{source}: no images found (looked for {', '.join(sorted({'.jpg', '.png', '.tif', '.tiff'}))} ...)")
+        raise RsitrError(no_items_message(source, scan.skipped_nodata))
     encoded, enc_s = _encode_pending(model, pending, index_dir, opts, first)
     added = _merge(index_dir, manifest, [str(src)])
-    return BuildResult(index_dir, read_manifest(index_dir).count, added, encoded, skipped, time.perf_counter() - t0, enc_s)
+    return BuildResult(index_dir, read_manifest(index_dir).count, added, encoded, skipped, time.perf_counter() - t0, enc_s,
+                       scan.skipped_nodata)
+
+
+def no_items_message(source, skipped_nodata: int) -> str:
+    if skipped_nodata:
+        return f"{source}: nothing to index: all {skipped_nodata} tiles are mostly no-data (see --max-nodata)"
+    return f"{source}: no images found (looked for {', '.join(sorted({'.jpg', '.png', '.tif', '.tiff'}))} ...)"

@@ -143,9 +143,11 @@ class SearchEngine:
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
+        from rsitr.search.build import manifest_tiling
+
         return {"items": len(self.items), "embed_dim": m.embed_dim, "index_kind": m.index_kind, "store": self.vectors.kind,
                 "model": m.model.checkpoint, "backbone": m.backbone_name, "tokens": m.tokens, "geo": self.has_geo,
-                "created": m.created, "updated": m.updated}
+                "tiling": manifest_tiling(m).describe(), "created": m.created, "updated": m.updated}
 
     def item(self, item_id: int) -> Item:
         if not 0 <= int(item_id) < len(self.items):
@@ -202,7 +204,8 @@ class SearchEngine:
                 continue
             it = self.items[i]
             out.append({"rank": len(out) + 1, "id": int(i), "score": float(s), "path": it.path, "window": it.window,
-                        "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84})
+                        "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84, "scale_m": it.extra.get("scale_m"),
+                        "scene": self.scene_of(int(i))})
         return out
 
     def search_vector(self, q: np.ndarray, k: int, bbox=None) -> list[dict]:
@@ -366,14 +369,22 @@ class SearchEngine:
     def thumbnail(self, item_id: int, size: int = 256, fmt: str = "JPEG") -> bytes:
         """The item rendered to at most ``size`` px (long side), encoded as JPEG/PNG (cached)."""
         it = self.item(item_id)
-        key = (int(item_id), int(size), fmt)
+
+        def render():
+            img = read_item(it)
+            img.thumbnail((size, size))
+            return img
+
+        return self._encoded((int(item_id), int(size), fmt), render, fmt)
+
+    def _encoded(self, key: tuple, render, fmt: str) -> bytes:
+        """``render()`` (a PIL image) encoded as ``fmt``, kept in the LRU image cache under ``key``."""
         with self._lock:
             hit = self._thumbs.get(key)
             if hit is not None:
                 self._thumbs.move_to_end(key)
                 return hit
-        img = read_item(it)
-        img.thumbnail((size, size))
+        img = render()
         buf = io.BytesIO()
         img.save(buf, format=fmt, quality=88) if fmt == "JPEG" else img.save(buf, format=fmt)
         data = buf.getvalue()
@@ -382,6 +393,54 @@ class SearchEngine:
             while len(self._thumbs) > self._thumb_cache:
                 self._thumbs.popitem(last=False)
         return data
+
+    # -- scenes ----------------------------------------------------------------------------------
+    def _scene_table(self) -> tuple[list[str], dict[str, int]]:
+        """Scenes = the distinct rasters that tiles were cut from, numbered in item order."""
+        items = self.items
+        if getattr(self, "_scenes_for", None) is not items:
+            paths: list[str] = []
+            ids: dict[str, int] = {}
+            for it in items:
+                if it.window is not None and it.path not in ids:
+                    ids[it.path] = len(paths)
+                    paths.append(it.path)
+            self._scenes, self._scene_ids, self._scenes_for = paths, ids, items
+        return self._scenes, self._scene_ids
+
+    def scene_of(self, item_id: int) -> int | None:
+        """The scene id of a tile (None: a whole-image item)."""
+        it = self.items[int(item_id)]
+        return self._scene_table()[1].get(it.path) if it.window is not None else None
+
+    def scene(self, scene_id: int) -> dict[str, Any]:
+        """``{"id", "path", "name", "width", "height", "tiles"}`` of scene ``scene_id`` (KeyError: none)."""
+        paths, _ = self._scene_table()
+        if not 0 <= int(scene_id) < len(paths):
+            raise KeyError(scene_id)
+        path = paths[int(scene_id)]
+        from rsitr.data.images import rasterio_or_none
+
+        rio = rasterio_or_none()
+        try:
+            with rio.open(path) as ds:
+                w, h = ds.width, ds.height
+        except Exception as exc:  # noqa: BLE001 - a scene moved or damaged since the build
+            raise RsitrError(f"{path}: cannot open the scene ({exc})") from exc
+        return {"id": int(scene_id), "path": path, "name": Path(path).name, "width": w, "height": h,
+                "tiles": sum(1 for it in self.items if it.path == path)}
+
+    def quicklook(self, scene_id: int, size: int = 1024) -> bytes:
+        """PNG of scene ``scene_id``: the whole raster downsampled to ``size`` px (long side), with
+        the scene's own stretch (:func:`rsitr.search.scenes.quicklook`; cached like thumbnails)."""
+        from rsitr.search.scenes import quicklook
+
+        paths, _ = self._scene_table()
+        if not 0 <= int(scene_id) < len(paths):
+            raise KeyError(scene_id)
+        path = paths[int(scene_id)]
+        # DataError (an RsitrError) names the file; keys of scenes are negative, of items not
+        return self._encoded((-1 - int(scene_id), int(size), "PNG"), lambda: quicklook(path, size)[0], "PNG")
 
 
 def _bbox(bbox):

@@ -116,6 +116,9 @@ class IndexManifest:
     sources: list[str] = dataclasses.field(default_factory=list)
     files: dict[str, str] = dataclasses.field(default_factory=dict)
     nlist: int | None = None  # IVF cells (index_kind ivf)
+    # tiling beyond tile_size/overlap: tiles in metres (unit "m", meters, overlap_m, out_px) and
+    # where the sizes came from (source: flag | card | default); rsitr.search.sources.Tiling reads it
+    tiling_extra: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
     index_dir: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -148,6 +151,7 @@ class IndexManifest:
                    overlap=m["tiling"]["overlap"], embed_dim=m["embed_dim"], index_kind=m["index"]["kind"], nlist=m["index"].get("nlist"),
                    tokens=m["tokens"], store=m["store"], count=m["count"], generation=m["generation"], created=m.get("created") or "",
                    updated=m.get("updated") or "", sources=[str(s) for s in m["sources"]], files=dict(m["files"]),
+                   tiling_extra={k: v for k, v in m["tiling"].items() if k not in ("tile_size", "overlap")},
                    extra={k: v for k, v in m.items() if k not in known})
 
     def to_dict(self) -> dict:
@@ -156,7 +160,7 @@ class IndexManifest:
         if self.nlist is not None:
             index["nlist"] = int(self.nlist)
         return {"format": FORMAT, "version": SCHEMA_VERSION, "model": self.model.to_dict(), "backbone": jsonable(self.backbone),
-                "preprocess": jsonable(self.preprocess), "tiling": {"tile_size": int(self.tile_size), "overlap": int(self.overlap)},
+                "preprocess": jsonable(self.preprocess), "tiling": self.tiling,
                 "embed_dim": int(self.embed_dim), "index": index, "tokens": bool(self.tokens), "store": dict(self.store),
                 "count": int(self.count), "generation": int(self.generation), "created": self.created, "updated": self.updated,
                 "sources": list(self.sources), "files": dict(self.files), **self.extra}
@@ -172,6 +176,17 @@ class IndexManifest:
         return p
 
     # -- what the index code asks ------------------------------------------------------------------
+    @property
+    def tiling(self) -> dict:
+        """The manifest's ``tiling`` object: ``tile_size``, ``overlap`` and, for tiles in metres,
+        ``unit``, ``meters``, ``overlap_m``, ``out_px`` (and ``source``)."""
+        return {"tile_size": int(self.tile_size), "overlap": int(self.overlap), **jsonable(self.tiling_extra)}
+
+    @property
+    def max_nodata(self) -> float | None:
+        """The no-data share above which a tile is skipped (None: an index from before the rule)."""
+        return (self.extra.get("nodata") or {}).get("max_fraction")
+
     @property
     def store_kind(self) -> str:
         return str(self.store.get("kind", "faiss"))
@@ -296,6 +311,15 @@ def _validate(m: dict, where) -> None:
         raise bad("tiling.tile_size", "must be an integer >= 1")
     if not is_int(t.get("overlap")) or t["overlap"] >= t["tile_size"]:
         raise bad("tiling.overlap", "must be an integer in [0, tile_size)")
+    if t.get("meters") is not None:
+        ms = t["meters"]
+        if not isinstance(ms, list) or not ms or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in ms) \
+                or not isinstance(t.get("overlap_m"), (int, float)) or not 0 <= t["overlap_m"] < min(ms) or not is_int(t.get("out_px"), 1):
+            raise bad("tiling.meters", "needs positive sizes, 0 <= overlap_m < the smallest, and out_px > 0")
+    nd = m.get("nodata")
+    if nd is not None and (not isinstance(nd, dict) or (nd.get("max_fraction") is not None and not (
+            isinstance(nd["max_fraction"], (int, float)) and not isinstance(nd["max_fraction"], bool) and 0 <= nd["max_fraction"] <= 1))):
+        raise bad("nodata.max_fraction", "must be a fraction in [0, 1] or null")
     if m.get("preprocess") is not None and not isinstance(m["preprocess"], dict):
         raise bad("preprocess", "must be an object")
     for key, name in m["files"].items():

@@ -6,8 +6,9 @@ pipeline so the encoding can use every core of a cluster:
 
 1. **list**: the image files under SOURCE (one directory walk on the driver) become a Ray
    dataset; tasks open each file and cut georeferenced rasters into windows
-   (:func:`rsitr.search.sources.scan_file`), returning item records that the driver sorts into
-   the single-process build's order (sorted paths, tiles row-major).
+   as the index's tiling says (:func:`rsitr.search.sources.scan_scene`: metres or pixels, mostly
+   no-data tiles skipped), returning item records that the driver sorts into the single-process
+   build's order (sorted paths, tiles row-major) and each scene's log lines, logged by the driver.
 2. **decode/tile**: tasks read each pending item's pixels (:func:`~rsitr.search.sources.read_item`)
    and apply the model's evaluation transform (``--batch-size`` items per task call).
 3. **encode**: an actor pool of ``--ray-workers`` encoders; each actor loads the model once
@@ -17,7 +18,8 @@ pipeline so the encoding can use every core of a cluster:
 4. **shards**: the driver collects the vectors per shard (``--shard-size`` items) and writes each
    finished shard atomically as Parquet, ``INDEX/shards/shard-NNNNNN.parquet`` with columns
    ``id`` (the item id it will get), ``key``, ``path``, ``window``, ``bounds``, ``crs``,
-   ``west/south/east/north`` (WGS84 footprint) and ``vector`` (float32, L2-normalised).
+   ``west/south/east/north`` (WGS84 footprint), ``extra`` (the item's extra fields as JSON: a metre
+   tile's ``scale_m``, read size ``px``...) and ``vector`` (float32, L2-normalised).
 5. **index**: when every pending item is in a shard, the shards are merged like the
    single-process chunks (:func:`rsitr.search.build.commit_generation`): items in listing order,
    a new generation of the item table, embeddings and vector store (any registered store), the manifest
@@ -110,23 +112,30 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
 
 # -- stage functions (run in Ray tasks / actors) --------------------------------------------------
-def _scan_batch(batch: dict, tile_size: int, overlap: int) -> dict:
-    """Files -> item records (one row per item; a file that cannot be read gives an error row)."""
-    from rsitr.search.sources import scan_file
+def _scan_batch(batch: dict, tiling: dict) -> dict:
+    """Files -> item records (one row per item; a file that cannot be read gives an error row; a
+    file's no-data count and log lines come in a row of their own, ``tile`` -1)."""
+    from rsitr.search.sources import Tiling, scan_scene
 
-    fidx, tidx, recs, errs = [], [], [], []
+    t = Tiling(**tiling)
+    fidx, tidx, recs, errs, notes, nodata = [], [], [], [], [], []
     for f, path in zip(batch["file"].tolist(), batch["path"].tolist()):
         try:
-            rows = [(t, json.dumps(it.to_json()), "") for t, it in enumerate(scan_file(Path(path), tile_size, overlap))]
+            scan = scan_scene(Path(path), t)
+            rows = [(t_, json.dumps(it.to_json()), "", "", 0) for t_, it in enumerate(scan.items)]
+            if scan.notes or scan.skipped_nodata:
+                rows.append((-1, "", "", json.dumps(scan.notes), scan.skipped_nodata))
         except DataError as exc:
-            rows = [(0, "", str(exc))]
-        for t, rec, err in rows:
+            rows = [(0, "", str(exc), "", 0)]
+        for t_, rec, err, note, nd in rows:
             fidx.append(f)
-            tidx.append(t)
+            tidx.append(t_)
             recs.append(rec)
             errs.append(err)
+            notes.append(note)
+            nodata.append(nd)
     return {"file": np.array(fidx, np.int64), "tile": np.array(tidx, np.int64), "item": np.array(recs, object),
-            "error": np.array(errs, object)}
+            "error": np.array(errs, object), "notes": np.array(notes, object), "nodata": np.array(nodata, np.int64)}
 
 
 def _decode_batch(batch: dict, preprocess) -> dict:
@@ -202,6 +211,7 @@ def write_shard(path: Path, items: list[Item], ids: list[int], vectors: np.ndarr
         "window": pa.array([it.window for it in items], pa.list_(pa.int64())),
         "bounds": pa.array([it.bounds for it in items], pa.list_(pa.float64())),
         "crs": pa.array([it.crs for it in items], pa.string()),
+        "extra": pa.array([json.dumps(it.extra) if it.extra else None for it in items], pa.string()),
     }
     for j, name in enumerate(("west", "south", "east", "north")):
         cols[name] = pa.array([g[j] if g else None for g in geo], pa.float64())
@@ -229,8 +239,9 @@ def read_shard(path: Path, state_sha256: str, columns: list[str] | None = None) 
         items = []
         for i in range(t.num_rows):
             wgs = [d[c][i] for c in ("west", "south", "east", "north")]
+            extra = d["extra"][i] if "extra" in d else None  # shards written before metre tiles have no extra column
             items.append(Item(key=d["key"][i], path=d["path"][i], window=d["window"][i], bounds=d["bounds"][i], crs=d["crs"][i],
-                              wgs84=wgs if wgs[0] is not None else None))
+                              wgs84=wgs if wgs[0] is not None else None, extra=json.loads(extra) if extra else {}))
         vec = t.column("vector").combine_chunks()
         dim = vec.type.list_size
         vectors = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
@@ -263,7 +274,7 @@ def add_to_index_ray(index_dir: str | os.PathLike, source: str | os.PathLike, op
     spec = checkpoint or manifest.model.checkpoint
     model = model if model is not None else load_model(spec, opts.device)
     manifest.check_model(model_identity(spec, model), index_dir)
-    return _update_ray(index_dir, manifest, model.backbone, spec, source, opts, ray_opts or RayOptions(), TileEncoder)
+    return _update_ray(index_dir, manifest, model.backbone, spec, source, opts, ray_opts or RayOptions(), TileEncoder, adding=True)
 
 
 def _check(opts: B.BuildOptions, ro: RayOptions) -> None:
@@ -274,32 +285,39 @@ def _check(opts: B.BuildOptions, ro: RayOptions) -> None:
                          f"shard size {ro.shard_size}, cpus/worker {ro.cpus_per_worker}, decode cpus {ro.decode_cpus})")
 
 
-def _list_items(ray, src: Path, opts: B.BuildOptions, ro: RayOptions) -> list[Item]:
-    """Every item under ``src``, listed by Ray tasks, in the single-process build's order."""
+def _list_items(ray, src: Path, tiling, opts: B.BuildOptions, ro: RayOptions) -> tuple[list[Item], int]:
+    """Every item under ``src``, listed by Ray tasks, in the single-process build's order, and the
+    number of tiles skipped as mostly no-data (each scene's notes are logged here, on the driver)."""
+    import dataclasses as dc
+    import logging as lg
+
     from rsitr.search.sources import iter_image_files
 
-    if opts.tile_size < 1 or not 0 <= opts.overlap < opts.tile_size:
-        raise RsitrError(f"--tile-size must be >= 1 and --overlap in [0, tile size), got {opts.tile_size}, {opts.overlap}")
+    tiling.check()
     files = [str(p) for p in iter_image_files(src)]
     if not files:
-        return []
+        return [], 0
     ds = ray.data.from_items([{"file": i, "path": p} for i, p in enumerate(files)], override_num_blocks=min(len(files), 64))
-    ds = ds.map_batches(_scan_batch, fn_kwargs={"tile_size": opts.tile_size, "overlap": opts.overlap}, batch_size=64,
-                        batch_format="numpy", num_cpus=ro.decode_cpus)
-    rows = sorted(ds.take_all(), key=lambda r: (int(r["file"]), int(r["tile"])))
-    items = []
+    ds = ds.map_batches(_scan_batch, fn_kwargs={"tiling": dc.asdict(tiling)}, batch_size=64, batch_format="numpy", num_cpus=ro.decode_cpus)
+    rows = sorted(ds.take_all(), key=lambda r: (int(r["file"]), int(r["tile"]) if int(r["tile"]) >= 0 else 1 << 62))
+    items, nodata = [], 0
     for r in rows:
         if r["error"]:
             if not opts.skip_bad:
                 raise DataError(r["error"])
             log.warning("skipped: %s", r["error"])
             continue
+        if int(r["tile"]) < 0:
+            nodata += int(r["nodata"])
+            for level, msg in json.loads(r["notes"] or "[]"):
+                lg.getLogger("rsitr.search.sources").log(int(level), "%s", msg)
+            continue
         items.append(Item.from_json(json.loads(r["item"])))
-    return items
+    return items, nodata
 
 
 def _update_ray(index_dir: Path, manifest: IndexManifest, model, checkpoint: str, source, opts: B.BuildOptions, ro: RayOptions,
-                encoder_cls: type) -> B.BuildResult:
+                encoder_cls: type, adding: bool = False) -> B.BuildResult:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -307,9 +325,9 @@ def _update_ray(index_dir: Path, manifest: IndexManifest, model, checkpoint: str
     sha = manifest.model.state_sha256
     local_cpus = ro.num_cpus or int(math.ceil(ro.workers * ro.cpus_per_worker + 1))
     with ray_session(ro.address, local_cpus) as ray:
-        items = _list_items(ray, src, opts, ro)
+        items, nodata = _list_items(ray, src, B.manifest_tiling(manifest, adding), opts, ro)
         if not items:
-            raise RsitrError(f"{source}: no images found (looked for .jpg, .png, .tif, .tiff ...)")
+            raise RsitrError(B.no_items_message(source, nodata))
         indexed = {it.key for it in manifest.read_items(index_dir)}
         todo = [it for it in items if it.key not in indexed]  # to be added by this build, in listing order
         planned = {it.key: manifest.count + i for i, it in enumerate(todo)}  # the ids they will get
@@ -328,7 +346,7 @@ def _update_ray(index_dir: Path, manifest: IndexManifest, model, checkpoint: str
             encoded, enc_s = _encode_on_ray(ray, model, checkpoint, sha, pending, planned, index_dir, opts, ro, first, encoder_cls, tqdm)
     added = _merge_shards(index_dir, manifest, items, sha, [str(src)])
     return B.BuildResult(index_dir, IndexManifest.load(index_dir).count, added, encoded, len(items) - len(todo),
-                         time.perf_counter() - t0, enc_s)
+                         time.perf_counter() - t0, enc_s, nodata)
 
 
 def _encode_on_ray(ray, model, checkpoint, sha, pending, planned, index_dir, opts, ro, first, encoder_cls, tqdm) -> tuple[int, float]:

@@ -13,6 +13,10 @@ Routes
 ``GET /tiles/{id}?size=256``           JPEG thumbnail of an indexed item (ids only - a request never
                                        names a file; anything that is not an id in range is 404)
 ``GET /footprints``                    WGS84 boxes of indexed items (the map's context layer)
+``GET /scene/{id}``                    a scene (a raster tiles were cut from): name, width, height, tiles
+``GET /scene/{id}/quicklook.png?size=1024`` the whole scene downsampled (long side 512, 1024 or 2048 px), with
+                                       its own stretch; the page draws the hits' windows on it
+                                       (each result names its ``scene`` id, None for whole images)
 ``GET /``                              the web page (static, no external resources)
 
 With ``token`` set, every route but ``/healthz`` needs it: ``Authorization: Bearer TOKEN``, or the
@@ -55,6 +59,7 @@ DECODE_SLOTS = 2  # uploads decoded at the same time (each may take a few hundre
 UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP")
 MAX_FOOTPRINTS = 20000
 THUMB_SIZES = (64, 128, 256, 512)
+QUICKLOOK_SIZES = (512, 1024, 2048)
 _ID = re.compile(r"[0-9]{1,12}")
 TOKEN_COOKIE = "rsitr_token"
 OPEN_PATHS = frozenset({"/healthz"})
@@ -197,6 +202,8 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
         for r in results:
             r["thumbnail"] = f"/tiles/{r['id']}"
             r["name"] = Path(r["path"]).name
+            if r.get("scene") is not None:
+                r["quicklook"] = f"/scene/{r['scene']}/quicklook.png"
         return results
 
     @app.get("/healthz")
@@ -258,6 +265,34 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
         """``[id, west, south, east, north]`` of indexed items with a footprint (map context)."""
         fp = [[it.id, *it.wgs84] for it in eng.items if it.wgs84][:limit]
         return {"count": len(fp), "footprints": fp}
+
+    def _scene_id(scene_id: str) -> int:
+        if not _ID.fullmatch(scene_id):
+            raise HTTPException(404, "no such scene")
+        return int(scene_id)
+
+    @app.get("/scene/{scene_id}")
+    def scene(scene_id: str):
+        # ids only, looked up in the index's own scene list: no user text reaches the filesystem
+        try:
+            return eng.scene(_scene_id(scene_id))
+        except KeyError:
+            raise HTTPException(404, "no such scene") from None
+        except RsitrError as exc:
+            log.warning("scene %s: %s", scene_id, exc)
+            raise HTTPException(404, "scene unavailable") from exc
+
+    @app.get("/scene/{scene_id}/quicklook.png")
+    def scene_quicklook(scene_id: str, size: int = Query(QUICKLOOK_SIZES[1], ge=64, le=QUICKLOOK_SIZES[-1])):
+        size = min(QUICKLOOK_SIZES, key=lambda s: (s < size, abs(s - size)))  # a few cached sizes only
+        try:
+            data = eng.quicklook(_scene_id(scene_id), size=size)
+        except KeyError:
+            raise HTTPException(404, "no such scene") from None
+        except RsitrError as exc:
+            log.warning("scene %s: %s", scene_id, exc)
+            raise HTTPException(404, "scene unavailable") from exc
+        return Response(content=data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/", response_class=HTMLResponse)
     def page():
