@@ -3,7 +3,9 @@
 * :func:`run_search_bench`: query latency p50/p95 (one query at a time, as a user's search) of
   exact (flat) vs IVF vs HNSW :class:`~rsitr.retrieval.index.VectorIndex` over ``n`` random unit
   vectors, and recall@k of the approximate kinds against exact search on the same queries
-  (|approx top-k ∩ exact top-k| / k, averaged). Also the index build time.
+  (|approx top-k ∩ exact top-k| / k, averaged; the exact top-k is computed once per size, so
+  recall is reported whichever kinds are timed). Kind ``auto``: the index ``--index-kind auto``
+  builds. Also the index build time.
 * :func:`run_build_bench`: index-build throughput (tiles/s, encoding only and end to end) of a
   model on a generated source folder (:func:`write_sample_source`).
 
@@ -72,9 +74,13 @@ def _vectors(n: int, dim: int, rng: np.random.Generator, data: str, centres: np.
 
 def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256, kinds: Sequence[str] = ("flat", "ivf", "hnsw"),
                      n_queries: int = 200, k: int = 10, data: str = "random", seed: int = 0, nprobe: int = 16, hnsw_m: int = 32,
-                     ef_search: int = 128, threads: int | None = 1, progress: bool = True) -> list[dict]:
+                     ef_search: int = 128, threads: int | None = 1, progress: bool = True, target_recall: float = 0.95) -> list[dict]:
     """One row per (n, kind): build seconds, p50/p95/mean query latency (ms, one query per call,
-    ``threads`` FAISS threads), recall@k vs exact."""
+    ``threads`` FAISS threads), recall@k vs exact search - always: the exact neighbours of the
+    query sample are computed once per size (FAISS flat), whichever kinds are timed. Kind
+    ``auto`` is what ``rsitr index build --index-kind auto`` builds
+    (:func:`rsitr.retrieval.autoindex.auto_index`, tuned to ``target_recall``)."""
+    from rsitr.retrieval.autoindex import auto_index, exact_neighbours, recall_at_k
     from rsitr.retrieval.index import VectorIndex, load_faiss
 
     faiss = load_faiss()
@@ -88,12 +94,18 @@ def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256,
             centres = rng.standard_normal((max(1, n // 100), dim), dtype=np.float32)
         xb = _vectors(n, dim, rng, data, centres)
         xq = _vectors(n_queries, dim, rng, data, centres)
-        exact = None
-        for kind in sorted(kinds, key=lambda s: s != "flat"):  # exact first: the recall reference
+        exact = exact_neighbours(xb, xq, k)  # the recall reference, once per size
+        for kind in kinds:
             faiss.omp_set_num_threads(build_threads)
             t0 = time.perf_counter()
-            vi = VectorIndex(dim, kind, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, normalize=False)
-            vi.add(xb)
+            if kind == "auto":
+                vi, record = auto_index(xb, target_recall, k=k)
+                params = f"{record['kind']} {' '.join(f'{a}={b}' for a, b in record['params'].items())} (tuned R@{k} {record[f'recall@{k}']:.3f})"
+            else:
+                vi = VectorIndex(dim, kind, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, normalize=False)
+                vi.add(xb)
+                params = {"flat": "", "ivf": f"nlist={vi.nlist} nprobe={min(nprobe, vi.nlist or nprobe)}",
+                          "hnsw": f"M={hnsw_m} efSearch={ef_search}"}[kind]
             build = time.perf_counter() - t0
             if threads:
                 faiss.omp_set_num_threads(int(threads))  # query threads (builds use all of FAISS's)
@@ -104,14 +116,10 @@ def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256,
                 _, I = vi.search(xq[i : i + 1], k)
                 lat.append((time.perf_counter() - t1) * 1e3)
                 ids.append(I[0])
-            ids = np.stack(ids)
-            if kind == "flat":
-                exact = ids
-            rec = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, exact)])) if exact is not None else float("nan")
+            rec = recall_at_k(np.stack(ids), exact, k)
             row = {"n": n, "dim": dim, "kind": kind, "data": data, "build_s": round(build, 2), "p50_ms": round(float(np.percentile(lat, 50)), 3),
                    "p95_ms": round(float(np.percentile(lat, 95)), 3), "mean_ms": round(float(np.mean(lat)), 3), f"recall@{k}": round(rec, 4),
-                   "params": {"flat": "", "ivf": f"nlist={vi.nlist} nprobe={min(nprobe, vi.nlist or nprobe)}",
-                              "hnsw": f"M={hnsw_m} efSearch={ef_search}"}[kind]}
+                   "params": params}
             rows.append(row)
             if progress:
                 log.info("search bench: %s", row)

@@ -151,7 +151,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not args.no_search:
         results["search"] = get_measurement("vector_search").run(sizes=args.sizes, dim=args.dim, kinds=args.kinds, n_queries=args.queries,
                                                                  k=args.k, data=args.data, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                                                                 ef_search=args.ef_search, threads=args.threads)
+                                                                 ef_search=args.ef_search, threads=args.threads,
+                                                                 target_recall=args.target_recall)
     if args.json:
         _print_json({k: v["rows"] for k, v in results.items()})
     else:
@@ -166,7 +167,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     from rsitr.bench.serve_load import parse_mix
 
     out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=parse_mix(args.mix),
-                          engine=args.engine, server_threads=args.server_threads, seed=args.seed, upload=args.upload, idle=args.idle)
+                          engine=args.engine, server_threads=args.server_threads, seed=args.seed, upload=args.upload, idle=args.idle,
+                          verbose=getattr(args, "verbose", 0) > 0, progress=not getattr(args, "quiet", False))
     if args.out:
         write_result(args.out, out)
     print(json.dumps(out, indent=2) if args.json else render(out))
@@ -247,7 +249,10 @@ def add_rdb_args(p: argparse.ArgumentParser) -> None:
 def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="archive sizes (vectors)")
     p.add_argument("--dim", type=int, default=256, help="vector dimension (default 256)")
-    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"], help="index kinds to time (default: all three)")
+    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw", "auto"],
+                   help="index kinds to time (default: flat ivf hnsw; auto: what `index build --index-kind auto` builds, tuned to "
+                        "--target-recall). Recall@k against exact search is measured for every kind")
+    p.add_argument("--target-recall", type=float, default=0.95, help="kind auto: the recall@k it is tuned to (default 0.95)")
     p.add_argument("--queries", type=int, default=200, help="queries timed per archive (default 200)")
     p.add_argument("-k", type=int, default=10, help="results per query; recall@k against exact search (default 10)")
     p.add_argument("--data", choices=("random", "clustered"), default="random", help="generated vectors: uniform random or clustered (default random)")
