@@ -147,7 +147,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     results: dict = {}
     if args.build:
         results["build"] = get_measurement("index_build").run(models=args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"),
-                                                              n_tiles=args.tiles)
+                                                              n_tiles=args.tiles, source=args.source, tta=args.tta,
+                                                              batch_size=args.batch_size)
     if not args.no_search:
         results["search"] = get_measurement("vector_search").run(sizes=args.sizes, dim=args.dim, kinds=args.kinds, n_queries=args.queries,
                                                                  k=args.k, data=args.data, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
@@ -264,6 +265,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build", action="store_true", help="also measure index-build throughput of --model on generated tiles")
     p.add_argument("--model", action="append", default=None, help="repeatable (default: clip:tiny and towers:efficientnet-lite0+minilm-l6)")
     p.add_argument("--tiles", type=int, default=200, help="--build: generated tiles encoded per model (default 200)")
+    p.add_argument("--source", default=None, help="--build: index the first --tiles images of this folder instead of generated tiles")
+    p.add_argument("--tta", type=int, choices=(1, 4, 8), default=1, help="--build: test-time views per tile (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="--build: images per encode batch (default 32)")
     p.add_argument("--no-search", action="store_true", help="skip the vector search part")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
 
