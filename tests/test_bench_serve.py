@@ -70,3 +70,17 @@ def test_parse_mix():
     for bad in ("text:-1", "bogus:1", "1,2", "text:x", "text:0"):
         with pytest.raises(RsitrError, match="--mix"):
             parse_mix(bad)
+
+
+def test_bench_serve_is_quiet_by_default(tmp_path, caplog):
+    """No log line per request (the HTTP client's INFO lines, the server's access log) unless -v."""
+    import logging
+
+    from rsitr.bench.serve_load import run_serve_bench
+
+    _small_index(tmp_path, 3)
+    caplog.set_level(logging.INFO)
+    got = run_serve_bench(tmp_path / "idx", clients=2, duration=2, warmup=0.5, k=3, idle=0.5)
+    assert got["total_requests"] > 0
+    per_request = [r for r in caplog.records if r.name.startswith(("httpx", "httpcore")) or "HTTP Request" in r.getMessage()]
+    assert per_request == []

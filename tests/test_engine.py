@@ -245,6 +245,74 @@ def test_onnx_equals_torch_at_a_top_mode_cut(lite0, shared_dir, tmp_path):
         lite0.set_mode("heads")
 
 
+class _TokenAdapter(torch.nn.Module):
+    """A method module in the image token slot (as RDB's VEA sits): changes the pooled embedding."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x, valid):
+        return x + torch.tanh(self.lin(x))
+
+
+def test_a_trained_top_model_is_one_onnx_graph_per_modality(lite0, shared_dir, tmp_path):
+    """A trained ``top:1,1`` checkpoint (top image stage, top MiniLM layer, heads and an adapter
+    all differing from the pretrained towers) encodes images and texts in one ONNX Runtime call
+    each, equal to torch within 1e-4; the whole graphs are keyed by every tensor of the model."""
+    from rsitr.models import engine as E
+
+    px, texts = _real_inputs(lite0, shared_dir)
+    ids = lite0.tokenize(texts)
+    saved = {k: v.clone() for k, v in lite0.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    try:
+        lite0.set_mode("top:1,1")
+        lite0.image_token_slot.adapter = _TokenAdapter(1280)
+        with torch.no_grad():  # "training": the blocks above the cut and the heads move
+            for m in [*lite0._image_top_modules(1), *lite0._text_top_modules(1), lite0.image_proj, lite0.text_proj]:
+                for p in m.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=g))
+        lite0.eval()
+        eng = engine_for(lite0, "onnx", cache_dir=tmp_path)
+        assert eng._graph("image_features") is not None and eng._graph("text_features") is not None  # exported
+        calls = []
+        real_call = E._Graph.__call__
+
+        def spy(self, *t):
+            calls.append(self)
+            return real_call(self, *t)
+
+        E._Graph.__call__ = spy
+        try:
+            with torch.no_grad():
+                img, txt = eng.image_features(px), eng.text_features(ids)
+                assert len(calls) == 2 and calls[0] is eng._graph("image_features") and calls[1] is eng._graph("text_features")
+                _close(img, lite0.image_features(px))
+                _close(txt, lite0.text_features(ids))
+                _close(eng.text_features(ids[2:5]), lite0.text_features(ids[2:5]))  # other batch and length
+        finally:
+            E._Graph.__call__ = real_call
+        key = eng.key("image_features")
+        with torch.no_grad():
+            lite0.image_token_slot.adapter.lin.bias.add_(0.1)  # a method module is part of the graph
+        assert eng.key("image_features") != key
+        again = engine_for(lite0, "onnx", cache_dir=tmp_path)
+        with torch.no_grad():
+            _close(again.image_features(px), lite0.image_features(px))
+    finally:
+        lite0.image_token_slot.adapter = None
+        lite0.set_mode("heads")
+        lite0.load_state_dict(saved)
+        lite0.eval()
+
+
+def test_whole_false_keeps_the_trunk_graphs_and_torch_heads(lite0, tmp_path):
+    eng = engine_for(lite0, "onnx", cache_dir=tmp_path, whole=False)
+    assert set(eng.describe()["parts"]) == {"image_trunk", "text_trunk"}
+    assert not list(tmp_path.glob("*_features-*.onnx"))
+
+
 # -- fallbacks -----------------------------------------------------------------------------------
 def test_engine_names():
     assert resolve_engine("torch") == "torch" and resolve_engine("ONNX") == "onnx"

@@ -163,11 +163,11 @@ def test_resume_after_interrupt_encodes_nothing_twice(tmp_path, source, tiny, mo
     calls = []
     real = B.encode_batch
 
-    def counting(model, px, keep):
+    def counting(model, px, keep, *views):
         calls.append(px.shape[0])
         if fail_after[0] is not None and len(calls) > fail_after[0]:
             raise KeyboardInterrupt  # the build is killed mid-way
-        return real(model, px, keep)
+        return real(model, px, keep, *views)
 
     monkeypatch.setattr(B, "encode_batch", counting)
     out = tmp_path / "idx"
@@ -200,7 +200,7 @@ def test_index_add_skips_indexed_paths(tmp_path, source, tiny, monkeypatch):
     write_sample_source(extra, n_png=2, geotiff=False, seed=5)
     calls = []
     real = B.encode_batch
-    monkeypatch.setattr(B, "encode_batch", lambda m, px, k: calls.append(px.shape[0]) or real(m, px, k))
+    monkeypatch.setattr(B, "encode_batch", lambda m, px, k, *views: calls.append(px.shape[0]) or real(m, px, k, *views))
     r = B.add_to_index(out, source, opts(), model=tiny)  # pngs already there + 6 geo tiles new
     assert sum(calls) == 6 and r.added == 6 and r.skipped == 3 and r.total == 9
     calls.clear()

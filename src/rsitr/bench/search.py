@@ -3,9 +3,12 @@
 * :func:`run_search_bench`: query latency p50/p95 (one query at a time, as a user's search) of
   exact (flat) vs IVF vs HNSW :class:`~rsitr.retrieval.index.VectorIndex` over ``n`` random unit
   vectors, and recall@k of the approximate kinds against exact search on the same queries
-  (|approx top-k ∩ exact top-k| / k, averaged). Also the index build time.
-* :func:`run_build_bench`: index-build throughput (tiles/s, encoding only and end to end) of a
-  model on a generated source folder (:func:`write_sample_source`).
+  (|approx top-k ∩ exact top-k| / k, averaged; the exact top-k is computed once per size, so
+  recall is reported whichever kinds are timed). Kind ``auto``: the index ``--index-kind auto``
+  builds. Also the index build time.
+* :func:`run_build_bench`: index-build throughput (tiles/s, encoding only and end to end, time per
+  stage) of a model on a generated source folder (:func:`write_sample_source`) or a folder of
+  images, against the eager torch encode of the same model on the same tiles.
 
 Data: ``"random"`` = i.i.d. Gaussian vectors, L2-normalised (the worst case for approximate
 search: no cluster structure); ``"clustered"`` = a Gaussian mixture (``n // 100`` centres, closer
@@ -72,9 +75,13 @@ def _vectors(n: int, dim: int, rng: np.random.Generator, data: str, centres: np.
 
 def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256, kinds: Sequence[str] = ("flat", "ivf", "hnsw"),
                      n_queries: int = 200, k: int = 10, data: str = "random", seed: int = 0, nprobe: int = 16, hnsw_m: int = 32,
-                     ef_search: int = 128, threads: int | None = 1, progress: bool = True) -> list[dict]:
+                     ef_search: int = 128, threads: int | None = 1, progress: bool = True, target_recall: float = 0.95) -> list[dict]:
     """One row per (n, kind): build seconds, p50/p95/mean query latency (ms, one query per call,
-    ``threads`` FAISS threads), recall@k vs exact."""
+    ``threads`` FAISS threads), recall@k vs exact search - always: the exact neighbours of the
+    query sample are computed once per size (FAISS flat), whichever kinds are timed. Kind
+    ``auto`` is what ``rsitr index build --index-kind auto`` builds
+    (:func:`rsitr.retrieval.autoindex.auto_index`, tuned to ``target_recall``)."""
+    from rsitr.retrieval.autoindex import auto_index, exact_neighbours, recall_at_k
     from rsitr.retrieval.index import VectorIndex, load_faiss
 
     faiss = load_faiss()
@@ -88,12 +95,18 @@ def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256,
             centres = rng.standard_normal((max(1, n // 100), dim), dtype=np.float32)
         xb = _vectors(n, dim, rng, data, centres)
         xq = _vectors(n_queries, dim, rng, data, centres)
-        exact = None
-        for kind in sorted(kinds, key=lambda s: s != "flat"):  # exact first: the recall reference
+        exact = exact_neighbours(xb, xq, k)  # the recall reference, once per size
+        for kind in kinds:
             faiss.omp_set_num_threads(build_threads)
             t0 = time.perf_counter()
-            vi = VectorIndex(dim, kind, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, normalize=False)
-            vi.add(xb)
+            if kind == "auto":
+                vi, record = auto_index(xb, target_recall, k=k)
+                params = f"{record['kind']} {' '.join(f'{a}={b}' for a, b in record['params'].items())} (tuned R@{k} {record[f'recall@{k}']:.3f})"
+            else:
+                vi = VectorIndex(dim, kind, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, normalize=False)
+                vi.add(xb)
+                params = {"flat": "", "ivf": f"nlist={vi.nlist} nprobe={min(nprobe, vi.nlist or nprobe)}",
+                          "hnsw": f"M={hnsw_m} efSearch={ef_search}"}[kind]
             build = time.perf_counter() - t0
             if threads:
                 faiss.omp_set_num_threads(int(threads))  # query threads (builds use all of FAISS's)
@@ -104,14 +117,10 @@ def run_search_bench(sizes: Sequence[int] = (10_000, 1_000_000), dim: int = 256,
                 _, I = vi.search(xq[i : i + 1], k)
                 lat.append((time.perf_counter() - t1) * 1e3)
                 ids.append(I[0])
-            ids = np.stack(ids)
-            if kind == "flat":
-                exact = ids
-            rec = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, exact)])) if exact is not None else float("nan")
+            rec = recall_at_k(np.stack(ids), exact, k)
             row = {"n": n, "dim": dim, "kind": kind, "data": data, "build_s": round(build, 2), "p50_ms": round(float(np.percentile(lat, 50)), 3),
                    "p95_ms": round(float(np.percentile(lat, 95)), 3), "mean_ms": round(float(np.mean(lat)), 3), f"recall@{k}": round(rec, 4),
-                   "params": {"flat": "", "ivf": f"nlist={vi.nlist} nprobe={min(nprobe, vi.nlist or nprobe)}",
-                              "hnsw": f"M={hnsw_m} efSearch={ef_search}"}[kind]}
+                   "params": params}
             rows.append(row)
             if progress:
                 log.info("search bench: %s", row)
@@ -131,33 +140,77 @@ def render_search(rows: list[dict], k: int = 10) -> str:
 
 # -- build throughput ------------------------------------------------------------------------------
 def run_build_bench(models: Sequence[str] = ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"), n_tiles: int = 200, tile: int = 128,
-                    batch_size: int = 32, workdir: str | Path | None = None, progress: bool = False) -> list[dict]:
+                    batch_size: int = 32, workdir: str | Path | None = None, progress: bool = False, source: str | Path | None = None,
+                    tta: int = 1, workers: int | None = None, reference: bool = True, reference_batches: int = 3) -> list[dict]:
     """Index-build throughput per model over ``n_tiles`` generated tiles (PNG tiles + GeoTIFF
-    tiles, about half each): encoding-only tiles/s (model forward) and end-to-end tiles/s
-    (read + preprocess + encode + write), model loading excluded."""
+    tiles, about half each) or the images of ``source`` (the first ``n_tiles``): encoding-only
+    tiles/s (model forward) and end-to-end tiles/s (read + preprocess + encode + write), model
+    loading and graph export excluded, the time per stage, and - with ``reference`` - the rate of
+    the reference: eager torch ``encode_image`` of the same model on batches of the same tiles
+    (already decoded, median of ``reference_batches``), with end to end as a multiple of it."""
+    import shutil
+    import statistics
+
+    import torch
+
+    from rsitr.data.transforms import EvalTransform
+    from rsitr.models.engine import engine_for
     from rsitr.search.build import BuildOptions, build_index, load_model
+    from rsitr.search.sources import read_item, scan_source
 
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rsitr-bench-"))
-    n_geo = n_tiles // 2
-    cols = 10
-    rows_ = max(1, n_geo // cols)
-    src = write_sample_source(tmp / "source", n_png=n_tiles - rows_ * cols, grid=(rows_, cols), tile=tile)
+    if source is None:
+        n_geo = n_tiles // 2
+        cols = 10
+        rows_ = max(1, n_geo // cols)
+        src = write_sample_source(tmp / "source", n_png=n_tiles - rows_ * cols, grid=(rows_, cols), tile=tile)
+    else:  # the first n_tiles images of a folder, linked into one of their own
+        src = tmp / "source"
+        src.mkdir(parents=True, exist_ok=True)
+        for it in scan_source(source, tile, 0)[:n_tiles]:
+            link = src / Path(it.path).name
+            if not link.exists():
+                link.symlink_to(it.path)
     out = []
     for m in models:
         model = load_model(m)
-        idx = tmp / ("index-" + m.replace(":", "_").replace("+", "_"))
-        r = build_index(src, m, idx, BuildOptions(tile_size=tile, batch_size=batch_size, progress=progress), model=model)
-        out.append({"model": m, "tiles": r.encoded, "image_size": model.preprocess.image_size, "embed_dim": int(model.backbone.embed_dim),
-                    "encode_tiles_per_s": round(r.tiles_per_s, 1), "end_to_end_tiles_per_s": round(r.encoded / r.seconds, 1),
-                    "seconds": round(r.seconds, 2)})
+        idx = tmp / ("index-" + m.replace(":", "_").replace("+", "_").replace("/", "_"))
+        shutil.rmtree(idx, ignore_errors=True)
+        engine_for(model.backbone, "auto").describe()  # export the graphs outside the timing
+        r = build_index(src, m, idx, BuildOptions(tile_size=tile, batch_size=batch_size, progress=progress, tta=tta, workers=workers),
+                        model=model)
+        row = {"model": m, "tiles": r.encoded, "image_size": model.preprocess.image_size, "embed_dim": int(model.backbone.embed_dim), "tta": tta,
+               "encode_tiles_per_s": round(r.tiles_per_s, 1), "end_to_end_tiles_per_s": round(r.encoded / r.seconds, 1),
+               "seconds": round(r.seconds, 2), "profile": r.profile}
+        if reference:
+            tf = EvalTransform(model.preprocess)
+            items = scan_source(src, tile, 0)[:batch_size]
+            px = torch.stack([tf(read_item(it)) for it in items])
+            times = []
+            with torch.no_grad():
+                model.backbone.encode_image(px)  # warm-up
+                for _ in range(max(1, reference_batches)):
+                    t0 = time.perf_counter()
+                    model.backbone.encode_image(px)
+                    times.append(time.perf_counter() - t0)
+            eager = len(px) / statistics.median(times)
+            row["eager_encode_tiles_per_s"] = round(eager, 1)
+            row["end_to_end_x_eager"] = round(row["end_to_end_tiles_per_s"] / eager, 2)
+        out.append(row)
     return out
 
 
 def render_build(rows: list[dict]) -> str:
-    lines = ["| model | tiles | input px | dim | encode tiles/s | end-to-end tiles/s | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    from rsitr.search.pipeline import format_profile
+
+    lines = ["| model | tiles | input px | dim | tta | encode tiles/s | end-to-end tiles/s | eager torch encode tiles/s | end to end / eager | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['tiles']} | {r['image_size']} | {r['embed_dim']} | {r['encode_tiles_per_s']} | "
-                     f"{r['end_to_end_tiles_per_s']} | {r['seconds']} |")
+        lines.append(f"| {r['model']} | {r['tiles']} | {r['image_size']} | {r['embed_dim']} | {r.get('tta', 1)} | {r['encode_tiles_per_s']} | "
+                     f"{r['end_to_end_tiles_per_s']} | {r.get('eager_encode_tiles_per_s', '-')} | {r.get('end_to_end_x_eager', '-')} | {r['seconds']} |")
+    for r in rows:
+        if r.get("profile"):
+            lines.append(f"\n{r['model']}: {format_profile(r['profile'])}")
     return "\n".join(lines)
 
 

@@ -133,17 +133,21 @@ def _same(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]], to
 
 
 def start_server(index: str | Path, *, port: int, engine: str = "auto", threads: int | None = None, extra_env: dict | None = None,
-                 timeout: float = 600.0) -> subprocess.Popen:
-    """``rsitr serve INDEX`` on 127.0.0.1:``port`` as a child process; returns once ``/healthz`` answers."""
+                 timeout: float = 600.0, verbose: bool = False) -> subprocess.Popen:
+    """``rsitr serve INDEX`` on 127.0.0.1:``port`` as a child process; returns once ``/healthz`` answers.
+    Quiet (``-q``: no access log line per request) unless ``verbose``, which lets its log through
+    to this process's stderr."""
     import httpx
 
-    cmd = [sys.executable, "-m", "rsitr.cli", "-q"] + (["--threads", str(threads)] if threads else []) + \
+    cmd = [sys.executable, "-m", "rsitr.cli", "-v" if verbose else "-q"] + (["--threads", str(threads)] if threads else []) + \
         ["serve", str(index), "--host", "127.0.0.1", "--port", str(port), "--engine", engine]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(extra_env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if verbose else subprocess.PIPE, text=True,
+                            env={**os.environ, **(extra_env or {})})
     t0 = time.monotonic()
     while True:
         if proc.poll() is not None:
-            raise RsitrError(f"the server exited with status {proc.returncode}: {(proc.stderr.read() or '').strip()[-500:]}")
+            said = (proc.stderr.read() or "").strip()[-500:] if proc.stderr is not None else "(its log is above)"
+            raise RsitrError(f"the server exited with status {proc.returncode}: {said}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2.0).status_code == 200:
                 return proc
@@ -158,11 +162,47 @@ def start_server(index: str | Path, *, port: int, engine: str = "auto", threads:
 def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 60.0, warmup: float = 5.0, k: int = 20,
                     mix: Sequence[float] | dict[str, float] = (0.7, 0.1, 0.2), n_images: int = 8, engine: str = "auto",
                     server_threads: int | None = None, seed: int = 0, timeout: float = 60.0, upload: str | Path | None = None,
-                    idle: float = 5.0) -> dict[str, Any]:
+                    idle: float = 5.0, verbose: bool = False, progress: bool = True) -> dict[str, Any]:
     """Load the server of ``index`` (see the module doc); returns the figures as a dict. ``mix``:
     weights per kind (a dict over :data:`KINDS`, or text/image/thumb weights); ``upload``: the
     file of the ``upload`` kind (default: :func:`make_upload_tiff` in a temporary folder);
-    ``idle``: seconds without requests before the last RSS reading."""
+    ``idle``: seconds without requests before the last RSS reading.
+
+    Quiet unless ``verbose``: the HTTP client's log line per request (httpx/httpcore at INFO) and
+    the server's access log are silenced for the run; ``progress`` shows one progress line over
+    the load phase (seconds done, requests answered) instead."""
+    with _quiet_http_client(not verbose):
+        return _run_serve_bench(index, clients=clients, duration=duration, warmup=warmup, k=k, mix=mix, n_images=n_images, engine=engine,
+                                server_threads=server_threads, seed=seed, timeout=timeout, upload=upload, idle=idle, verbose=verbose,
+                                progress=progress)
+
+
+class _quiet_http_client:
+    """Context: the httpx / httpcore loggers at WARNING (when ``on``), restored afterwards."""
+
+    NAMES = ("httpx", "httpcore")
+
+    def __init__(self, on: bool):
+        self.on, self.saved = on, {}
+
+    def __enter__(self):
+        if self.on:
+            for name in self.NAMES:
+                lg = logging.getLogger(name)
+                self.saved[name] = lg.level
+                lg.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc):
+        for name, level in self.saved.items():
+            logging.getLogger(name).setLevel(level)
+        return False
+
+
+def _run_serve_bench(index, *, clients, duration, warmup, k, mix, n_images, engine, server_threads, seed, timeout, upload, idle, verbose,
+                     progress) -> dict[str, Any]:
+    from rsitr.utils.progress import progress_bar
+
     import tempfile
     import httpx
 
@@ -192,19 +232,31 @@ def run_serve_bench(index: str | Path, *, clients: int = 32, duration: float = 6
     picks = rng.sample(items, min(n_images, len(items)))
     port = _free_port()
     t_start = time.perf_counter()
-    proc = start_server(index, port=port, engine=engine, threads=server_threads)
+    proc = start_server(index, port=port, engine=engine, threads=server_threads, verbose=verbose)
     startup_s = time.perf_counter() - t_start
     base = f"http://127.0.0.1:{port}"
     rss: list[tuple[float, float]] = []
     stop = threading.Event()
 
     def sample_rss():
+        # also drives the progress line: seconds of the load phase done, requests answered
         t0 = time.perf_counter()
-        while not stop.is_set():
-            v = _rss_mb(proc.pid)
-            if v is not None:
-                rss.append((time.perf_counter() - t0, v))
-            stop.wait(0.25)
+        bar = progress_bar(total=int(round(warmup + duration)), desc="bench serve: load", unit="s", disable=not progress)
+        shown = 0
+        try:
+            while not stop.is_set():
+                v = _rss_mb(proc.pid)
+                if v is not None:
+                    rss.append((time.perf_counter() - t0, v))
+                done = min(int(time.perf_counter() - t0), int(round(warmup + duration)))
+                if done > shown:
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(requests=sum(len(v) for v in stats.latencies.values()), errors=sum(stats.errors.values()))
+                    bar.update(done - shown)
+                    shown = done
+                stop.wait(0.25)
+        finally:
+            bar.close()
 
     try:
         # 1. the answers in sequence

@@ -147,11 +147,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     results: dict = {}
     if args.build:
         results["build"] = get_measurement("index_build").run(models=args.model or ("clip:tiny", "towers:efficientnet-lite0+minilm-l6"),
-                                                              n_tiles=args.tiles)
+                                                              n_tiles=args.tiles, source=args.source, tta=args.tta,
+                                                              batch_size=args.batch_size)
     if not args.no_search:
         results["search"] = get_measurement("vector_search").run(sizes=args.sizes, dim=args.dim, kinds=args.kinds, n_queries=args.queries,
                                                                  k=args.k, data=args.data, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                                                                 ef_search=args.ef_search, threads=args.threads)
+                                                                 ef_search=args.ef_search, threads=args.threads,
+                                                                 target_recall=args.target_recall)
     if args.json:
         _print_json({k: v["rows"] for k, v in results.items()})
     else:
@@ -166,7 +168,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     from rsitr.bench.serve_load import parse_mix
 
     out = run_serve_bench(args.index, clients=args.clients, duration=args.duration, warmup=args.warmup, k=args.k, mix=parse_mix(args.mix),
-                          engine=args.engine, server_threads=args.server_threads, seed=args.seed, upload=args.upload, idle=args.idle)
+                          engine=args.engine, server_threads=args.server_threads, seed=args.seed, upload=args.upload, idle=args.idle,
+                          verbose=getattr(args, "verbose", 0) > 0, progress=not getattr(args, "quiet", False))
     if args.out:
         write_result(args.out, out)
     print(json.dumps(out, indent=2) if args.json else render(out))
@@ -247,7 +250,10 @@ def add_rdb_args(p: argparse.ArgumentParser) -> None:
 def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="archive sizes (vectors)")
     p.add_argument("--dim", type=int, default=256, help="vector dimension (default 256)")
-    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"], help="index kinds to time (default: all three)")
+    p.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw", "auto"],
+                   help="index kinds to time (default: flat ivf hnsw; auto: what `index build --index-kind auto` builds, tuned to "
+                        "--target-recall). Recall@k against exact search is measured for every kind")
+    p.add_argument("--target-recall", type=float, default=0.95, help="kind auto: the recall@k it is tuned to (default 0.95)")
     p.add_argument("--queries", type=int, default=200, help="queries timed per archive (default 200)")
     p.add_argument("-k", type=int, default=10, help="results per query; recall@k against exact search (default 10)")
     p.add_argument("--data", choices=("random", "clustered"), default="random", help="generated vectors: uniform random or clustered (default random)")
@@ -259,6 +265,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build", action="store_true", help="also measure index-build throughput of --model on generated tiles")
     p.add_argument("--model", action="append", default=None, help="repeatable (default: clip:tiny and towers:efficientnet-lite0+minilm-l6)")
     p.add_argument("--tiles", type=int, default=200, help="--build: generated tiles encoded per model (default 200)")
+    p.add_argument("--source", default=None, help="--build: index the first --tiles images of this folder instead of generated tiles")
+    p.add_argument("--tta", type=int, choices=(1, 4, 8), default=1, help="--build: test-time views per tile (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="--build: images per encode batch (default 32)")
     p.add_argument("--no-search", action="store_true", help="skip the vector search part")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
 

@@ -31,12 +31,24 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
                             "pixel tiles (default 0)")
         p.add_argument("--max-nodata", type=float, default=0.5,
                        help="skip tiles whose no-data share (nodata value, alpha 0, NaN) exceeds this fraction (default 0.5)")
-        p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw"), default="flat", help="vector index: exact (flat) or approximate")
+        p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw", "auto"), default="flat",
+                       help="vector index: exact (flat), approximate (ivf, hnsw), or auto: flat below 50k vectors, else HNSW with "
+                            "efSearch tuned on jittered copies of the index's own vectors to --target-recall (kind, parameters and "
+                            "measured recall go into the manifest)")
+        p.add_argument("--target-recall", type=float, default=0.95,
+                       help="--index-kind auto: the recall@10 against exact search the tuned index must reach (default 0.95)")
+        p.add_argument("--tta", type=int, choices=(1, 4, 8), default=None,
+                       help="test-time views per tile: its embedding is the mean over 1, 4 (rotations) or 8 (and mirrors) dihedral views, "
+                            "encoded in the same model call; recorded in the manifest (index add uses it). Default: the model card's "
+                            "test_time_views_default for shipped:NAME models, else 1")
         p.add_argument("--keep-tokens", action="store_true", help="also store image patch tokens (fp16) for --rerank ftf")
         _add_store_args(p, build=True)
     p.add_argument("--batch-size", type=int, default=32, help="images per encode batch (default 32)")
     p.add_argument("--chunk-size", type=int, default=None, help="items per resumable chunk (default 4 batches)")
     p.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images instead of stopping")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode threads (default: the cores, 2..8); they decode and resize ahead while the model encodes")
+    p.add_argument("--profile", action="store_true", help="print where the time went: decode, resize, wait, encode, write (seconds, share)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_engine_arg(p)
     # -- executor (rsitr.search.raybuild) --
@@ -95,8 +107,27 @@ def _ray_opts(args):
 def _opts(args, **kw):
     from rsitr.search.build import BuildOptions
 
+    if args.workers is not None and args.workers < 1:
+        raise RsitrError(f"--workers must be >= 1, got {args.workers}")
     return BuildOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, skip_bad=args.skip_bad, device=args.device,
-                        progress=_progress(args), engine=args.engine, **kw)
+                        progress=_progress(args), engine=args.engine, workers=args.workers, **kw)
+
+
+def default_views(checkpoint: str) -> int:
+    """``--tta`` when not given: a shipped model's card ``test_time_views_default``, else 1."""
+    if str(checkpoint).startswith("shipped:"):
+        from rsitr.models.shipped import read_card
+
+        return int(read_card(str(checkpoint).split(":", 1)[1])["card"].get("test_time_views_default", 1))
+    return 1
+
+
+def _print_profile(args, r) -> None:
+    """--profile: where the build's time went (at -v the build logs the same line)."""
+    if getattr(args, "profile", False) and r.profile and r.encoded:
+        from rsitr.search.pipeline import format_profile
+
+        print("time: " + format_profile(r.profile))
 
 
 def _model_or_default(checkpoint: str | None, what: str) -> str:
@@ -145,6 +176,7 @@ def cmd_index_build(args) -> int:
     args.checkpoint = _model_or_default(args.checkpoint, "index build")
 
     o = _opts(args, index_kind=args.index_kind, keep_tokens=args.keep_tokens, store=args.store, store_options=_store_options(args),
+              target_recall=args.target_recall, tta=args.tta if args.tta is not None else default_views(args.checkpoint),
               **tiling_args(args))
     if args.executor == "ray":
         from rsitr.search.raybuild import build_index_ray
@@ -155,7 +187,9 @@ def cmd_index_build(args) -> int:
             raise RsitrError("--ray-address applies to --executor ray")
         r = build_index(args.source, args.checkpoint, args.out, o)
     print(f"index {r.index_dir}: {r.total} items ({r.encoded} encoded now, {r.skipped} already done) in {r.seconds:.1f}s"
-          + (f", {r.tiles_per_s:.1f} tiles/s encoding" if r.encoded else "") + _nodata_note(r))
+          + (f", {r.tiles_per_s:.1f} tiles/s encoding, {r.encoded / r.seconds:.1f} tiles/s end to end" if r.encoded else "")
+          + _nodata_note(r))
+    _print_profile(args, r)
     return 0
 
 
@@ -173,6 +207,7 @@ def cmd_index_add(args) -> int:
     else:
         r = add_to_index(args.index, args.source, _opts(args), checkpoint=args.checkpoint)
     print(f"index {r.index_dir}: {r.total} items (+{r.added}; {r.skipped} of the source already indexed) in {r.seconds:.1f}s" + _nodata_note(r))
+    _print_profile(args, r)
     return 0
 
 

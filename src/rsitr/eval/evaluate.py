@@ -54,7 +54,8 @@ def encode_dataset(
     """
     from rsitr.utils.progress import progress_bar
 
-    from rsitr.data.transforms import DIHEDRAL_VIEWS, EvalTransform, dihedral_views
+    from rsitr.data.transforms import DIHEDRAL_VIEWS, EvalTransform
+    from rsitr.models.tta import encode_views
     from rsitr.data.imagesets import ImageSet, iterate_images
 
     device = torch.device(device)
@@ -71,14 +72,7 @@ def encode_dataset(
         raise ValueError(f"tta must be one of {DIHEDRAL_VIEWS}, got {tta}")
 
     def encode_px(px: torch.Tensor) -> Features:
-        views = dihedral_views(px, tta)
-        first = run.image_features(views[0]) if keep_tokens else Features(run.encode_image(views[0]), px.new_zeros(0), px.new_zeros(0, dtype=torch.bool))
-        if tta == 1:
-            return keep(first)
-        pooled = F.normalize(first.pooled.float(), dim=-1)
-        for v in views[1:]:
-            pooled = pooled + F.normalize(run.encode_image(v).float(), dim=-1)
-        return keep(Features(pooled / len(views), first.tokens, first.mask))
+        return keep(encode_views(run, px, tta, tokens=keep_tokens))
 
     if trunk_cache is not None and trunk_cache.image is not None and tta == 1:
         feats = trunk_cache.image[0]

@@ -6,12 +6,17 @@ run by ONNX Runtime (graph optimisations on, ``intra_op`` threads = ``torch.get_
 the EfficientNet-Lite trunk runs several times faster than eager torch with the same outputs
 (within 1e-4, tested for every backbone family).
 
-What is exported: the *frozen* parts of a backbone, one graph per part.
+What is exported: one graph per part.
 
 * a backbone with a trunk/head split (the two-tower model: ``image_trunk`` / ``text_trunk``,
-  then ``image_head`` / ``text_head``): the two trunks. Heads (and any adapter that sits after
-  the trunk) are small and run in torch on the trunk outputs, so a checkpoint that trained only
-  heads reuses the ONNX files of the pretrained trunks;
+  then ``image_head`` / ``text_head``): the two trunks (what trunk caches hold, below the cut of
+  a top mode), *and* the whole model of each modality (``image_features`` / ``text_features``:
+  trunk, the trained blocks above a cut, adapters in their slots, the projection heads), keyed
+  by every tensor of the backbone, so an encode of a trained model is one ONNX Runtime call per
+  batch. If a whole graph cannot be exported or differs from torch, the engine says so and runs
+  that modality as the trunk's graph followed by the head (and trained blocks) in torch, the
+  equality check deciding as for every graph. ``whole=False`` keeps to the trunk graphs (the
+  training loop: its weights change with every run, an export per run would not pay);
 * any other backbone (CLIP): ``image_features`` and ``text_features`` whole (adapters included).
 
 Each graph is keyed by a hash of what determines its outputs: the backbone's class, name and
@@ -149,7 +154,7 @@ class InferenceEngine:
     """
 
     def __init__(self, backbone: Backbone, engine: str | None = "auto", *, cache_dir: str | os.PathLike | None = None,
-                 threads: int | None = None, tolerance: float = TOLERANCE):
+                 threads: int | None = None, tolerance: float = TOLERANCE, whole: bool = True):
         self.backbone = backbone
         self.requested = resolve_engine(engine)
         self.kind = self.requested
@@ -157,8 +162,12 @@ class InferenceEngine:
         self.threads = int(threads) if threads else torch.get_num_threads()
         self.tolerance = float(tolerance)
         self._graphs: dict[tuple, _Graph | None] = {}
-        # a declared trunk/head split (SplitBackbone): the engine runs the trunks, the heads stay in torch
+        # a declared trunk/head split (SplitBackbone): the engine runs the trunks; the whole model of a
+        # modality (trunk, trained blocks, heads, adapters) is one more graph each, unless whole=False
+        # (training: its weights change every run) or the backbone has no untrimmed text path
         self.split = backbone.capabilities.trunk_cache
+        self.whole = bool(whole) or not self.split
+        self.whole_text = self.whole and (not self.split or hasattr(backbone, "text_features_core"))
         self.export_seconds = 0.0
 
     def __repr__(self) -> str:
@@ -178,16 +187,19 @@ class InferenceEngine:
         elif name in ("text_trunk", "text_features"):
             # the two-tower text trunk is exported without its batch-dependent trimming of padding
             # columns (a data-dependent shape); the engine trims and pads around the graph instead
-            fn = bb.text_trunk_core if name == "text_trunk" else bb.text_features
+            # (the whole text model of a split backbone likewise: text_features_core)
+            fn = bb.text_trunk_core if name == "text_trunk" else (bb.text_features_core if self.split else bb.text_features)
             ids = bb.tokenize(_SAMPLE_TEXTS)
-            if name == "text_trunk":
+            if self.split:
                 ids = ids[:, : self._trim(ids)]
             example = (ids,)
             names, dyn = ["ids"], {"ids": {0: "batch", 1: "length"}}
         else:  # pragma: no cover - internal
             raise ValueError(name)
         image = name.startswith("image")
-        if self.split:
+        if self.split and name.endswith("_features"):
+            owners = [bb]  # the whole model of a modality: keyed by every tensor of the checkpoint
+        elif self.split:
             owners = list(bb.trunk_modules("image" if image else "text"))
         else:
             owners = [bb]
@@ -298,17 +310,33 @@ class InferenceEngine:
 
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> Features:
-        if self.split:
+        g = self._graph("image_features") if self.whole else None
+        if g is not None:
+            return g(pixels.float())
+        if self.split:  # no whole graph: the trunk's graph, then the head and trained blocks in torch
             return _cpu(self._head("image", self.image_trunk(pixels)))
-        g = self._graph("image_features")
-        return _cpu(self.backbone.image_features(pixels)) if g is None else g(pixels.float())
+        return _cpu(self.backbone.image_features(pixels))
 
     @torch.no_grad()
     def text_features(self, ids: torch.Tensor) -> Features:
+        g = self._graph("text_features") if self.whole_text else None
+        if g is not None:
+            return self._trimmed(g, ids.cpu()) if self.split else g(ids.cpu())
         if self.split:
             return _cpu(self._head("text", self.text_trunk(ids)))
-        g = self._graph("text_features")
-        return _cpu(self.backbone.text_features(ids)) if g is None else g(ids.cpu())
+        return _cpu(self.backbone.text_features(ids))
+
+    def _trimmed(self, g: _Graph, ids: torch.Tensor) -> Features:
+        """A split backbone's whole text graph on the columns that hold real tokens, its outputs
+        padded back to the width of ``ids`` as the torch model pads them."""
+        n = self._trim(ids)
+        f = g(ids[:, :n])
+        pad = ids.shape[1] - n
+        if pad <= 0:
+            return f
+        row = self.backbone.text_pad_token().detach().float().cpu()
+        tokens = torch.cat([f.tokens, row.expand(f.tokens.shape[0], pad, -1)], dim=1)
+        return Features(f.pooled, tokens, torch.nn.functional.pad(f.mask, (0, pad), value=False))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_features(pixels).pooled
@@ -323,7 +351,8 @@ class InferenceEngine:
 
     def describe(self) -> dict:
         """Which engine runs each part (exports what is needed)."""
-        parts = ("image_trunk", "text_trunk") if self.split else ("image_features", "text_features")
+        parts = (("image_trunk", "text_trunk") if self.split else ()) + (("image_features",) if self.whole else ()) \
+            + (("text_features",) if self.whole_text else ())
         return {"engine": self.kind, "requested": self.requested, "threads": self.threads,
                 "parts": {p: ("onnx" if self.uses_onnx(p) else "torch") for p in parts}}
 

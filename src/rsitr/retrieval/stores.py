@@ -96,6 +96,7 @@ class StoreContext:
     files: dict
     nlist: int | None = None
     footprints: Any = None  # callable -> [wgs84 | None per id]; for indexes written before footprints were stored
+    vector_index: Any = None  # a VectorIndex over all rows already built (and tuned) by the caller: FAISS stores it as it is
 
 
 @dataclasses.dataclass
@@ -345,8 +346,10 @@ class FaissStore(VectorStore):
     def write_generation(cls, spec: dict, ctx: StoreContext, emb: np.ndarray, records: Sequence[dict], n_old: int, gen: int) -> dict:
         if not len(emb):
             return {}
-        vi = VectorIndex(emb.shape[1], ctx.index_kind, nlist=ctx.nlist if ctx.index_kind == "ivf" else None)
-        vi.add(emb)
+        vi = ctx.vector_index
+        if vi is None:
+            vi = VectorIndex(emb.shape[1], ctx.index_kind, nlist=ctx.nlist if ctx.index_kind == "ivf" else None)
+            vi.add(emb)
         st = cls(vi, *footprint_array([r.get("wgs84") for r in records]))
         files = {"vectors": f"vectors.{gen:06d}.faiss", "footprints": f"footprints.{gen:06d}.npy"}
         st.save(ctx.index_dir / files["vectors"], ctx.index_dir / files["footprints"])

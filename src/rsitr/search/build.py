@@ -27,6 +27,17 @@ embeddings. A merge writes the new rows to the store (``write_generation``) *bef
 switches; a store outside the folder first drops any row past the previous count, so a merge
 killed half-way is simply redone.
 
+Encoding (:func:`_encode_pending`): decode threads fill preallocated uint8 batches ahead of the
+encoder (:mod:`rsitr.search.pipeline`); with ``tta`` 4 or 8 (``--tta``, recorded in the manifest as
+``test_time_views`` and used again by ``index add``) each tile's vector is the mean of its
+L2-normalised dihedral views, encoded in the same call (:func:`rsitr.models.tta.encode_views`,
+the same code as ``rsitr eval --tta``); queries are not averaged. ``BuildResult.profile`` says
+where the time went (decode, resize, wait, encode, write).
+
+Index kind ``auto`` (``IndexManifest.index_auto``; FAISS store): every merge picks the kind for the
+number of vectors and tunes it to the target recall (:func:`rsitr.retrieval.autoindex.auto_index`);
+the manifest records the kind, its parameters and the recall measured on the index's own vectors.
+
 Model identity: ``state_sha256`` hashes every tensor of the backbone (and of the trained method a
 checkpoint carries); an index is only ever used with a model whose hash matches (else
 :class:`RsitrError`). Random-init specs (``clip:tiny``..., and the untrained heads of
@@ -40,7 +51,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -102,6 +112,10 @@ class BuildOptions:
     onnx_cache: str | None = None  # exported graphs (default: rsitr.models.engine.default_cache_dir())
     store: str = "faiss"  # vector store kind (rsitr.retrieval.stores.store_kinds(); "faiss": files in the index folder)
     store_options: dict = dataclasses.field(default_factory=dict)  # the store's options {key: value} (its Options dataclass)
+    tta: int = 1  # test-time views per tile (1, 4 or 8): embedding = mean of the L2-normalised view embeddings
+    workers: int | None = None  # decode threads (default: rsitr.search.build.default_workers())
+    target_recall: float = 0.95  # index_kind "auto": the recall@10 the tuned index must reach on its own vectors
+    auto_flat_below: int = 50_000  # index_kind "auto": exact search below this many vectors
 
 
 @dataclasses.dataclass
@@ -114,6 +128,7 @@ class BuildResult:
     seconds: float
     encode_seconds: float
     skipped_nodata: int = 0  # tiles of SOURCE not indexed because they are mostly no-data
+    profile: dict | None = None  # rsitr.search.pipeline.StageTimes.as_dict(): seconds and share per stage
 
     @property
     def tiles_per_s(self) -> float:
@@ -178,7 +193,9 @@ def _new_manifest(model, ident: ModelRef, opts: BuildOptions, store: dict, tilin
         preprocess={**dataclasses.asdict(model.preprocess), "transform": "rsitr.data.transforms.EvalTransform",
                     "stretch_over_8bit": STRETCH, "stretch_scope": "whole image; tiles: their scene (decimated read)",
                     "band_rule": "1 band grey, >=3 bands the ones tagged R,G,B else the first three, nodata black"},
-        tile_size=int(tiling.tile_size), overlap=int(tiling.overlap), embed_dim=int(model.embed_dim), index_kind=opts.index_kind,
+        tile_size=int(tiling.tile_size), overlap=int(tiling.overlap), embed_dim=int(model.embed_dim), index_kind="flat" if opts.index_kind == "auto" else opts.index_kind,
+        index_auto={"target_recall": float(opts.target_recall), "flat_below": int(opts.auto_flat_below)} if opts.index_kind == "auto" else None,
+        test_time_views=int(opts.tta),
         tokens=bool(opts.keep_tokens), store=store, created=_now(), updated=_now(),
         tiling_extra={k: v for k, v in record.items() if k not in ("tile_size", "overlap")},
         extra={"nodata": {"max_fraction": tiling.max_nodata}})
@@ -186,16 +203,23 @@ def _new_manifest(model, ident: ModelRef, opts: BuildOptions, store: dict, tilin
 
 # -- encoding ------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_batch(model, pixels: torch.Tensor, keep_tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def encode_batch(model, pixels: torch.Tensor, keep_tokens: bool, tta: int = 1) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(embeddings float32 [B, D] L2-normalised, tokens fp16 [B, N, D] | None, mask | None)``;
-    ``model``: a backbone or its :class:`rsitr.models.engine.InferenceEngine`."""
+    ``model``: a backbone or its :class:`rsitr.models.engine.InferenceEngine`; ``tta`` views per
+    tile, encoded in the same call (:func:`rsitr.models.tta.encode_views`; tokens: the unrotated view)."""
+    from rsitr.models.tta import encode_views
+
+    f = encode_views(model, pixels, tta, tokens=keep_tokens)
+    emb = torch.nn.functional.normalize(f.pooled.float(), dim=-1).cpu().numpy()
     if keep_tokens:
-        f = model.image_features(pixels)
-        emb = torch.nn.functional.normalize(f.pooled.float(), dim=-1).cpu().numpy()
         tok = torch.nn.functional.normalize(f.tokens.float(), dim=-1)  # unit vectors: safe in fp16, the interaction uses cosines
         return emb, tok.cpu().numpy().astype(np.float16), f.mask.cpu().numpy()
-    emb = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1).cpu().numpy()
     return emb, None, None
+
+
+def default_workers() -> int:
+    """Decode threads: the machine's cores, at least 2 (one decodes while the model encodes), at most 8."""
+    return max(2, min(8, os.cpu_count() or 2))
 
 
 def _chunk_files(index_dir: Path) -> list[Path]:
@@ -230,48 +254,44 @@ def _write_chunk(index_dir: Path, n: int, items: list[Item], emb: np.ndarray, to
     return p
 
 
-def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOptions, first_chunk: int) -> tuple[int, float]:
-    """Encode ``pending`` in chunks written to ``index_dir/chunks``; returns (encoded, seconds)."""
+def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOptions, first_chunk: int,
+                    times: "StageTimes | None" = None) -> tuple[int, float]:
+    """Encode ``pending`` in chunks written to ``index_dir/chunks``; returns (encoded, seconds).
+    Decoding runs ahead on ``opts.workers`` threads (:mod:`rsitr.search.pipeline`); ``times``
+    collects the seconds per stage."""
     from rsitr.utils.progress import progress_bar
 
     from rsitr.data.transforms import EvalTransform
     from rsitr.models.engine import engine_for
+    from rsitr.search.pipeline import BatchDecoder, StageTimes
 
-    transform = EvalTransform(model.preprocess)
+    times = times if times is not None else StageTimes()
     encoder = engine_for(model, opts.engine, cache_dir=opts.onnx_cache) if pending else None
     bs = max(1, int(opts.batch_size))
     chunk = int(opts.chunk_size or bs * 4)
     encoded, secs, n_chunk = 0, 0.0, first_chunk
     bar = progress_bar(total=len(pending), desc="index: encode", unit="tile", disable=not opts.progress)
-
-    def load(items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
-        """Decode, tile and transform one batch (in a thread, overlapping the previous encode)."""
-        batch, px = [], []
-        for it in items:
-            try:
-                px.append(transform(read_item(it)))
-                batch.append(it)
-            except DataError as exc:
-                if not opts.skip_bad:
-                    raise
-                log.warning("skipped: %s", exc)
-        return batch, (torch.stack(px) if px else None)
-
-    # batches in order, each tagged with its chunk; the next batch is decoded while one encodes
+    # batches in order, each tagged with its chunk; the next batches decode while one encodes
     slices = [(c0, pending[b0 : min(b0 + bs, c0 + chunk)]) for c0 in range(0, len(pending), chunk) for b0 in range(c0, min(c0 + chunk, len(pending)), bs)]
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsitr-decode")
+    decoder = BatchDecoder(EvalTransform(model.preprocess), opts.workers or default_workers(), times, skip_bad=opts.skip_bad)
+    ahead: list = []
+    depth = 2  # batches decoding ahead of the encoder
     try:
-        ahead = pool.submit(load, slices[0][1]) if slices else None
+        ahead = [decoder.submit(items) for _, items in slices[:depth]]
         done: list[Item] = []
         embs: list[np.ndarray] = []
         toks: list | None = [] if opts.keep_tokens else None
         for i, (c0, items) in enumerate(slices):
-            batch, px = ahead.result()
-            ahead = pool.submit(load, slices[i + 1][1]) if i + 1 < len(slices) else None
+            current = ahead.pop(0)
+            if i + depth < len(slices):
+                ahead.append(decoder.submit(slices[i + depth][1]))
+            batch, px = decoder.result(current)
             if batch:
                 t0 = time.perf_counter()
-                e, t, m = encode_batch(encoder, px.to(opts.device), opts.keep_tokens)
-                secs += time.perf_counter() - t0
+                e, t, m = encode_batch(encoder, px.to(opts.device), opts.keep_tokens, opts.tta)
+                dt = time.perf_counter() - t0
+                secs += dt
+                times.add("encode", dt)
                 embs.append(e)
                 if toks is not None:
                     toks.append((t, m))
@@ -280,13 +300,15 @@ def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOpti
             bar.update(len(items))
             last_of_chunk = i + 1 == len(slices) or slices[i + 1][0] != c0
             if last_of_chunk and done:
+                t0 = time.perf_counter()
                 _write_chunk(index_dir, n_chunk, done, np.concatenate(embs), toks)
+                times.add("write", time.perf_counter() - t0)
                 n_chunk += 1
                 done, embs, toks = [], [], ([] if opts.keep_tokens else None)
     finally:
-        if ahead is not None:
-            ahead.cancel()
-        pool.shutdown(wait=True)
+        for p in ahead:
+            decoder.cancel(p)
+        decoder.close()
         bar.close()
     return encoded, secs
 
@@ -388,8 +410,19 @@ def _write_store(index_dir: Path, manifest: IndexManifest, emb: np.ndarray, item
     """Write the vectors of generation ``gen`` to the index's store; returns the files it added."""
     from rsitr.retrieval.stores import StoreContext, store_class
 
+    vi = None
+    if manifest.index_auto is not None and len(emb):
+        from rsitr.retrieval.autoindex import auto_index
+
+        auto = manifest.index_auto
+        vi, record = auto_index(emb, float(auto.get("target_recall", 0.95)), flat_below=int(auto.get("flat_below", 50_000)))
+        # the kind, its parameters and the measured recall go out with the manifest of this generation
+        manifest.index_kind, manifest.nlist = record.pop("kind"), None
+        auto.update(record)
+        log.info("index kind auto: %s %s, recall@10 %.4f on %d jittered copies of its vectors (%s)", manifest.index_kind,
+                 record["params"], record["recall@10"], record["queries"], record["why"])
     ctx = StoreContext(index_dir, manifest.embed_dim, manifest.index_kind, dict(manifest.files),
-                       nlist=_nlist_for(len(emb)) if manifest.index_kind == "ivf" else None)
+                       nlist=_nlist_for(len(emb)) if manifest.index_kind == "ivf" else None, vector_index=vi)
     return store_class(manifest.store_kind).write_generation(manifest.store, ctx, emb, [it.to_json() for it in items], n_old, gen)
 
 
@@ -418,10 +451,21 @@ def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildO
     from rsitr.retrieval.index import KINDS
     from rsitr.retrieval.stores import parse_store_options, store_class, store_kinds
 
-    if opts.index_kind not in KINDS:
-        raise RsitrError(f"--index-kind must be one of {KINDS}, got {opts.index_kind!r}")
+    from rsitr.models.tta import check_views
+    from rsitr.retrieval.autoindex import check_target
+
+    if opts.index_kind not in (*KINDS, "auto"):
+        raise RsitrError(f"--index-kind must be one of {(*KINDS, 'auto')}, got {opts.index_kind!r}")
     if opts.store not in store_kinds():
         raise RsitrError(f"--store must be one of {store_kinds()}, got {opts.store!r}")
+    if opts.index_kind == "auto":
+        check_target(opts.target_recall)
+        if opts.store != "faiss":
+            raise RsitrError(f"--index-kind auto tunes a FAISS index; with --store {opts.store} choose flat, ivf or hnsw")
+    try:
+        check_views(opts.tta)
+    except ValueError as exc:
+        raise RsitrError(f"--tta: {exc}") from None
     store_opts = parse_store_options(opts.store, opts.store_options)
     out = Path(out)
     model = model if model is not None else load_model(checkpoint, opts.device)
@@ -433,17 +477,19 @@ def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildO
         m = manifest
         had = manifest_tiling(m)
         other_nodata = "nodata" in m.extra and had.max_nodata != tiling.max_nodata  # older manifests: not recorded
-        if had.to_manifest() != tiling.to_manifest() or other_nodata or m.index_kind != opts.index_kind \
-                or m.tokens != bool(opts.keep_tokens) or m.store_kind != opts.store:
+        if had.to_manifest() != tiling.to_manifest() or other_nodata or m.kind_option != opts.index_kind \
+                or m.tokens != bool(opts.keep_tokens) or m.store_kind != opts.store \
+                or m.test_time_views != opts.tta:
             raise RsitrError(f"{out}: an index with other settings is already here ({had.describe()}, max no-data {had.max_nodata}, "
-                             f"kind {m.index_kind}, tokens {m.tokens}, store {m.store_kind}); use `rsitr index add` "
+                             f"kind {m.kind_option}, tokens {m.tokens}, store {m.store_kind}, tta {m.test_time_views}); use `rsitr index add` "
                              f"to grow it or choose another --out")
         store_class(m.store_kind).check_continue(m.store, store_opts, out)
         log.info("%s exists: continuing it (items already encoded are kept)", out)
     else:
         if out.exists() and any(out.iterdir()):
             raise RsitrError(f"{out}: folder exists and is not an rsitr index; choose an empty or new --out")
-        spec = store_class(opts.store).create_for_index(out, int(model.backbone.embed_dim), opts.index_kind, store_opts)
+        spec = store_class(opts.store).create_for_index(out, int(model.backbone.embed_dim),
+                                                        "flat" if opts.index_kind == "auto" else opts.index_kind, store_opts)
         manifest = _new_manifest(model.backbone, ident, opts, spec, tiling, source)
         from rsitr.utils.io import make_output_dir
 
@@ -465,9 +511,9 @@ def add_to_index(index_dir: str | os.PathLike, source: str | os.PathLike, opts: 
 
 
 def for_manifest(opts: BuildOptions, manifest: IndexManifest) -> BuildOptions:
-    """``opts`` with the settings an existing index fixes (tiling, index kind, tokens, store)."""
-    return dataclasses.replace(opts, tile_size=manifest.tile_size, overlap=manifest.overlap, index_kind=manifest.index_kind,
-                               keep_tokens=manifest.tokens, store=manifest.store_kind)
+    """``opts`` with the settings an existing index fixes (tiling, index kind, tokens, store, test-time views)."""
+    return dataclasses.replace(opts, tile_size=manifest.tile_size, overlap=manifest.overlap, index_kind=manifest.kind_option,
+                               keep_tokens=manifest.tokens, store=manifest.store_kind, tta=manifest.test_time_views)
 
 
 def _update(index_dir: Path, manifest: IndexManifest, model, source, opts: BuildOptions, adding: bool = False) -> BuildResult:
@@ -486,10 +532,17 @@ def _update(index_dir: Path, manifest: IndexManifest, model, source, opts: Build
     log.info("%s: %d items in %s, %d already indexed, %d to encode", index_dir, len(items), src, skipped, len(pending))
     if not items:
         raise RsitrError(no_items_message(source, scan.skipped_nodata))
-    encoded, enc_s = _encode_pending(model, pending, index_dir, opts, first)
+    from rsitr.search.pipeline import StageTimes
+
+    times = StageTimes()
+    encoded, enc_s = _encode_pending(model, pending, index_dir, opts, first, times)
+    t1 = time.perf_counter()
     added = _merge(index_dir, manifest, [str(src)])
-    return BuildResult(index_dir, read_manifest(index_dir).count, added, encoded, skipped, time.perf_counter() - t0, enc_s,
-                       scan.skipped_nodata)
+    times.add("write", time.perf_counter() - t1)
+    r = BuildResult(index_dir, read_manifest(index_dir).count, added, encoded, skipped, time.perf_counter() - t0, enc_s,
+                    skipped_nodata=scan.skipped_nodata, profile=times.as_dict())
+    log.debug("%s: %d tiles in %.1fs end to end; %s", index_dir, encoded, r.seconds, times.summary())
+    return r
 
 
 def no_items_message(source, skipped_nodata: int) -> str:

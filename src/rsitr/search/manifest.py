@@ -14,6 +14,9 @@ Schema versions (``version``):
   all is read as version 1.
 * 2 (:data:`SCHEMA_VERSION`): ``store``, ``sources`` and ``generation`` always present. A version 1
   manifest is migrated on load (:func:`migrate`) and written as version 2 by the next ``index add``.
+  Optional in version 2 (absent = the old behaviour): ``test_time_views`` (1, 4 or 8: the tiles'
+  vectors are means over that many dihedral views; absent = 1) and ``index.auto`` (the index kind is
+  chosen and tuned at every merge: the target and the last choice's parameters and measured recall).
 """
 from __future__ import annotations
 
@@ -119,6 +122,10 @@ class IndexManifest:
     # tiling beyond tile_size/overlap: tiles in metres (unit "m", meters, overlap_m, out_px) and
     # where the sizes came from (source: flag | card | default); rsitr.search.sources.Tiling reads it
     tiling_extra: dict = dataclasses.field(default_factory=dict)
+    # --index-kind auto: {"target_recall", "flat_below", then per generation "params", "recall@10", "queries", "why",
+    # "seconds"} (rsitr.retrieval.autoindex.auto_index); None: the kind was given
+    index_auto: dict | None = None
+    test_time_views: int = 1  # dihedral views averaged per tile (--tta 1|4|8)
     extra: dict = dataclasses.field(default_factory=dict)
     index_dir: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -144,11 +151,12 @@ class IndexManifest:
         m = migrate(copy.deepcopy(raw), where)
         _validate(m, where)
         known = {"format", "version", "model", "backbone", "preprocess", "tiling", "embed_dim", "index", "tokens", "store", "count",
-                 "generation", "created", "updated", "sources", "files"}
+                 "generation", "created", "updated", "sources", "files", "test_time_views"}
         return cls(model=ModelRef(checkpoint=m["model"]["checkpoint"], state_sha256=m["model"]["state_sha256"],
                                   checkpoint_sha256=m["model"].get("checkpoint_sha256"), method=m["model"].get("method")),
                    backbone=m["backbone"], preprocess=m.get("preprocess") or {}, tile_size=m["tiling"]["tile_size"],
                    overlap=m["tiling"]["overlap"], embed_dim=m["embed_dim"], index_kind=m["index"]["kind"], nlist=m["index"].get("nlist"),
+                   index_auto=m["index"].get("auto"), test_time_views=m.get("test_time_views", 1),
                    tokens=m["tokens"], store=m["store"], count=m["count"], generation=m["generation"], created=m.get("created") or "",
                    updated=m.get("updated") or "", sources=[str(s) for s in m["sources"]], files=dict(m["files"]),
                    tiling_extra={k: v for k, v in m["tiling"].items() if k not in ("tile_size", "overlap")},
@@ -159,11 +167,13 @@ class IndexManifest:
         index = {"kind": self.index_kind}
         if self.nlist is not None:
             index["nlist"] = int(self.nlist)
+        if self.index_auto is not None:
+            index["auto"] = jsonable(self.index_auto)
         return {"format": FORMAT, "version": SCHEMA_VERSION, "model": self.model.to_dict(), "backbone": jsonable(self.backbone),
                 "preprocess": jsonable(self.preprocess), "tiling": self.tiling,
                 "embed_dim": int(self.embed_dim), "index": index, "tokens": bool(self.tokens), "store": dict(self.store),
                 "count": int(self.count), "generation": int(self.generation), "created": self.created, "updated": self.updated,
-                "sources": list(self.sources), "files": dict(self.files), **self.extra}
+                "sources": list(self.sources), "files": dict(self.files), "test_time_views": int(self.test_time_views), **self.extra}
 
     def save(self, index_dir: str | os.PathLike | None = None) -> Path:
         """Write ``manifest.json`` atomically (the commit point of a build); returns its path."""
@@ -190,6 +200,11 @@ class IndexManifest:
     @property
     def store_kind(self) -> str:
         return str(self.store.get("kind", "faiss"))
+
+    @property
+    def kind_option(self) -> str:
+        """The ``--index-kind`` the index was built with: ``auto`` when it chooses its kind itself."""
+        return "auto" if self.index_auto is not None else self.index_kind
 
     @property
     def backbone_name(self) -> str:
@@ -306,6 +321,10 @@ def _validate(m: dict, where) -> None:
         raise bad("index.kind", f"is {m['index'].get('kind')!r}, not one of {INDEX_KINDS}")
     if m["index"].get("nlist") is not None and not is_int(m["index"]["nlist"], 1):
         raise bad("index.nlist", "must be a positive integer")
+    if m["index"].get("auto") is not None and not isinstance(m["index"]["auto"], dict):
+        raise bad("index.auto", "must be an object (the record of --index-kind auto)")
+    if m.get("test_time_views", 1) not in (1, 4, 8) or isinstance(m.get("test_time_views"), bool):
+        raise bad("test_time_views", f"must be 1, 4 or 8, got {m.get('test_time_views')!r}")
     t = m["tiling"]
     if not is_int(t.get("tile_size"), 1):
         raise bad("tiling.tile_size", "must be an integer >= 1")

@@ -280,6 +280,8 @@ def add_to_index_ray(index_dir: str | os.PathLike, source: str | os.PathLike, op
 def _check(opts: B.BuildOptions, ro: RayOptions) -> None:
     if opts.keep_tokens:
         raise RsitrError("--keep-tokens is not supported with --executor ray (the token store is built by the local executor only)")
+    if opts.tta != 1:
+        raise RsitrError(f"test-time views (tta {opts.tta}) are encoded by the local executor only; use --executor local")
     if ro.workers < 1 or ro.shard_size < 1 or ro.cpus_per_worker <= 0 or ro.decode_cpus <= 0:
         raise RsitrError(f"--ray-workers, --shard-size must be >= 1 and CPU shares > 0 (got workers {ro.workers}, "
                          f"shard size {ro.shard_size}, cpus/worker {ro.cpus_per_worker}, decode cpus {ro.decode_cpus})")

@@ -269,10 +269,12 @@ class Run:
 
 
 def _inference_engine(backbone: Backbone, cfg: TrainConfig):
-    """The no-grad engine (ONNX Runtime / torch) for the trunk caches and the test split."""
+    """The no-grad engine (ONNX Runtime / torch) for the trunk caches and the test split: the
+    trunks' graphs with the heads in torch (``whole=False``), since the trained weights change
+    with every run and one test evaluation does not repay exporting the whole model."""
     from rsitr.models.engine import engine_for
 
-    return engine_for(backbone, cfg.inference.engine, cache_dir=cfg.inference.onnx_cache)
+    return engine_for(backbone, cfg.inference.engine, cache_dir=cfg.inference.onnx_cache, whole=False)
 
 
 def train(

@@ -303,16 +303,20 @@ class TwoTower(SplitBackbone):
         words = valid & (ids != self.cls_id) & (ids != self.sep_id)
         return Features(pooled, hidden, words)
 
-    def _text_top(self, f: Features) -> Features:
+    def _text_top(self, f: Features, trim: bool = True) -> Features:
         """The trained MiniLM layers above the cut -> last-layer trunk features (mean pooled,
-        word mask: the real tokens without the first ([CLS]) and the last ([SEP]) of each row)."""
+        word mask: the real tokens without the first ([CLS]) and the last ([SEP]) of each row).
+        ``trim=False`` runs every column (no data-dependent shape: the exported graph's path)."""
         if f.tokens.shape[1] == 0:
             raise RsitrError("the text trunk ends at a cut (top mode) but the given trunk features have no tokens")
         valid = f.mask
-        n = pad_trim(valid.to(torch.long), 0)
-        hidden = self.text_tower.forward_top(f.tokens[:, :n], valid[:, :n], self._text_cut)
-        if n < f.tokens.shape[1]:
-            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, f.tokens.shape[1] - n))
+        if trim:
+            n = pad_trim(valid.to(torch.long), 0)
+            hidden = self.text_tower.forward_top(f.tokens[:, :n], valid[:, :n], self._text_cut)
+            if n < f.tokens.shape[1]:
+                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, f.tokens.shape[1] - n))
+        else:
+            hidden = self.text_tower.forward_top(f.tokens, valid, self._text_cut)
         pos = torch.arange(valid.shape[1], device=valid.device)
         last = valid.sum(dim=1, keepdim=True) - 1
         words = valid & (pos != 0) & (pos != last)
@@ -343,14 +347,26 @@ class TwoTower(SplitBackbone):
         """BERT's separate query/key/value Linears and the attention output dense layer."""
         return bert_attention_projections(block)
 
-    def text_head(self, f: Features) -> Features:
+    def text_head(self, f: Features, trim: bool = True) -> Features:
         if self._text_cut is not None:
-            f = self._text_top(f)
+            f = self._text_top(f, trim=trim)
         return Features(self.text_proj(f.pooled), self.text_proj(f.tokens), f.mask)
 
     def trunk_modules(self, modality: str) -> list[nn.Module]:
         """The whole tower of ``modality`` (its tensors key the engine's exported trunk graphs)."""
         return [self.image_tower] if check_modality(modality) == "image" else [self.text_tower]
+
+    def text_pad_token(self) -> torch.Tensor:
+        """The token feature :meth:`text_features` gives a padding column past the longest caption
+        of a batch (the trunk pads with zeros, the head projects them): ``[embed_dim]``."""
+        w = self.text_proj.norm.normalized_shape[0]
+        return self.text_proj(self.text_proj.norm.weight.new_zeros(w))
+
+    def text_features_core(self, ids: torch.Tensor) -> Features:
+        """:meth:`text_features` without the trimming of padding columns (no data-dependent
+        shapes): what the inference engine exports as the one text graph of a model; equal to
+        :meth:`text_features` on ids whose last column holds a real token."""
+        return self.text_head(self.text_trunk_core(ids), trim=False)
 
     def trunk_trainable(self, modality: str) -> bool:
         """True iff any parameter of that trunk (``"image"`` or ``"text"``; in top mode the part
