@@ -400,3 +400,22 @@ def test_ray_build_with_metre_tiles_equals_local(tmp_path, tiny):
     assert {d["extra"]["scale_m"] for d in got if d["path"].endswith("t.tif")} == {40.0, 80.0}
     a, b = (B.read_embeddings(p, B.read_manifest(p)) for p in (tmp_path / "local", tmp_path / "ray"))
     assert np.abs(a - b).max() < 1e-5
+
+
+def test_scales_too_coarse_for_a_raster_are_left_out():
+    """A 10 m scene cut at 80 m would give 8-pixel tiles: that scale is dropped for it (said), the
+    320 m scale (32 px) is kept; a scene too coarse for every scale gets one scale of MIN_TILE_PX."""
+    import tempfile
+    from pathlib import Path
+
+    from rsitr.search.sources import MIN_TILE_PX
+
+    with tempfile.TemporaryDirectory() as d:
+        p = write_scene(Path(d) / "s10.tif", textured(200, 200), transform=from_origin(500000.0, 5000000.0, 10.0, 10.0))
+        scan = scan_scene(p, Tiling(meters=(80.0, 320.0), out_px=32))
+        assert {it.extra["scale_m"] for it in scan.items} == {320.0}
+        assert any("80 m tiles would be 8 px" in msg for _, msg in scan.notes)
+        scan = scan_scene(p, Tiling(meters=(80.0, 160.0), out_px=32))
+        want = math.ceil(MIN_TILE_PX * 10.0 / 10.0) * 10.0
+        assert {it.extra["scale_m"] for it in scan.items} == {want}
+        assert all(it.window[2] >= MIN_TILE_PX or it.extra.get("whole_scene") for it in scan.items)

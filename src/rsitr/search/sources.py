@@ -110,6 +110,12 @@ def tile_offsets(length: int, tile: int, overlap: int) -> list[int]:
     return offs
 
 
+# a metre tile narrower than this many source pixels (a 80 m tile of a 10 m scene: 8 px) shows the model
+# nothing it can read: such a scale is left out for that raster, and a raster too coarse for every
+# requested scale gets one scale of this many pixels
+MIN_TILE_PX = 24
+
+
 @dataclass
 class Tiling:
     """How georeferenced rasters are cut (recorded in the index manifest, reused by ``index add``).
@@ -254,8 +260,22 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
     cut: list[tuple[list[int], dict]] = []
     if has_crs and tiling.meters is not None:
         scan.notes.append((logging.INFO, f"tiling {path.name} in {tiling.describe()}" + (f" ({tiling.why})" if tiling.why else "")))
+        scales, px_m = [], None
         for m in tiling.meters:
-            for mw in metre_windows(ds, m, tiling.overlap_m, int(tiling.out_px)):
+            wins = list(metre_windows(ds, m, tiling.overlap_m, int(tiling.out_px)))
+            across = sorted(mw.window[2] for mw in wins)[len(wins) // 2]
+            px_m = m / max(1, across)
+            if across < MIN_TILE_PX and not (wins and wins[0].clipped and len(wins) == 1):
+                scan.notes.append((logging.WARNING, f"{path.name}: {m:g} m tiles would be {across} px of this scene "
+                                                    f"({px_m:.2g} m/px), too coarse to show anything: that scale is left out here"))
+                continue
+            scales.append((m, wins))
+        if not scales:  # every scale too fine for this raster: one scale of MIN_TILE_PX source pixels
+            m = float(math.ceil(MIN_TILE_PX * px_m / 10.0) * 10.0)
+            scan.notes.append((logging.WARNING, f"{path.name}: tiled in {m:g} m tiles instead ({MIN_TILE_PX} px at {px_m:.2g} m/px)"))
+            scales.append((m, list(metre_windows(ds, m, tiling.overlap_m if tiling.overlap_m < m else 0.0, int(tiling.out_px)))))
+        for m, wins in scales:
+            for mw in wins:
                 extra: dict = {"scale_m": float(m), "px": list(mw.out)}
                 if mw.window == (0, 0, ds.width, ds.height) and mw.clipped:
                     extra["whole_scene"] = True  # the scene is smaller than one tile
