@@ -410,11 +410,13 @@ def test_ker_pool_uses_cached_trunk_features(tmp_path):
     from torch import nn
 
     from rsitr.data.types import CaptionDataset, ImageEntry
-    from rsitr.models.base import Features
+    from rsitr.models.base import BackboneCapabilities, Features, SplitBackbone
     from rsitr.models.clip import CLIP
 
-    class Split(CLIP):  # a CLIP with a trunk/head split on the text side (frozen trunk)
-        def text_trunk(self, ids):
+    class Split(CLIP, SplitBackbone):  # a CLIP that declares a trunk/head split on the text side (frozen trunk)
+        capabilities = BackboneCapabilities(trunk_cache=True, adapter_slots=dict(CLIP.capabilities.adapter_slots))
+
+        def text_trunk(self, ids, core=None):
             f = CLIP.text_features(self, ids)
             return Features(f.pooled, f.tokens, f.mask)
 
