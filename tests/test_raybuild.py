@@ -31,7 +31,15 @@ def cluster():
     """One local Ray for the module (3 logical CPUs: two encoders + decode tasks)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a loaded machine can miss Ray's start-up timeout for its GCS server: start it again
+        try:
+            ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+            break
+        except RuntimeError:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
