@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 @dataclass
 class EvalSet:
-    """One evaluation set of a release: ``label``, the annotation file or folder ``data`` (``$VAR``
+    """One evaluation set of a release: ``label``, the annotation file or folder ``data`` (``${VAR}``
     and ``${VAR:-default}`` expanded), the evaluated ``split``, the QB-Norm ``bank`` split (None: no
     QB-Norm row), ``format``/``image_root`` as for ``rsitr eval``, and ``zero_shot`` (a set the
     model never trained on, reported only)."""
@@ -80,14 +79,10 @@ class Release:
 
 
 def expand(text: str) -> str:
-    """``$VAR`` / ``${VAR}`` / ``${VAR:-default}`` from the environment."""
-    import re
+    """``${VAR}`` / ``${VAR:-default}`` as suite files expand them (:func:`rsitr.bench.suite._expand`)."""
+    from rsitr.bench.suite import _expand
 
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        return os.environ.get(name) or (default if default is not None else "")
-
-    return os.path.expandvars(re.sub(r"\$\{(\w+):-([^}]*)\}", sub, text))
+    return _expand(text)
 
 
 def git_commit(where: str | Path = ".") -> str | None:
@@ -208,8 +203,4 @@ def _shipped_source(folder: Path, name: str) -> str:
     return str(folder)
 
 
-def rows_json(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, indent=1)
-
-
-__all__ = ["EvalSet", "Release", "build_release", "evaluate_model", "export_run", "markdown_table", "rows_json"]
+__all__ = ["EvalSet", "Release", "build_release", "evaluate_model", "export_run", "markdown_table"]
