@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsitr.retrieval.metrics import format_table
 
     # entries whose annotation names no split (iEBAKER CSV rows...) are taken as the evaluated split
-    data = load_dataset(args.data, format=args.format, image_root=args.image_root, labels=args.labels, skip_bad=args.skip_bad, split=args.split)
+    data = load_dataset(args.data, format=args.format, image_root=args.image_root, labels=args.labels, skip_bad=args.skip_bad, split=args.split.partition(":")[0])
     split = data.split(args.split)
     if len(split) == 0:
         raise RsitrError(f"{args.data}: split '{args.split}' is empty (splits present: {data.splits})")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--checkpoint", default=None,
                    help="shipped:NAME (default: the shipped default model), rsitr run/checkpoint, CLIP checkpoint, HF CLIP folder, or towers:NAME")
-    e.add_argument("--split", default="test", help="split to evaluate; also the split of entries whose annotation has none")
+    e.add_argument("--split", default="test", help="split to evaluate (train+val joins; val:distinct>=2 keeps the images with >= 2 distinct captions, drawn like RSICD's test); also the split of entries whose annotation has none")
     e.add_argument("--batch-size", type=int, default=128, help="images / captions per encode batch (default 128)")
     e.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0: in the main process)")
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")

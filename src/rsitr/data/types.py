@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from rsitr.utils.errors import DataError
+
 KNOWN_SPLITS = ("train", "val", "test")
 
 
@@ -30,6 +32,24 @@ class ImageEntry:
     part: str | None = None  # the dataset it came from, in a training mix of several (see rsitr.data.mixed)
 
 
+def _caption_key(caption: str) -> str:
+    return " ".join(caption.casefold().split()).rstrip(" .!?;,")
+
+
+def distinct_captions(captions: list[str]) -> int:
+    """How many different sentences an image's captions are (case, spacing and end punctuation
+    ignored): 1 for RSICD's images whose five captions are one sentence repeated."""
+    return len({_caption_key(c) for c in captions})
+
+
+def parse_distinct_filter(text: str) -> int:
+    """N of a split filter ``distinct>=N`` (see :meth:`CaptionDataset.split`); DataError otherwise."""
+    key, op, value = text.strip().partition(">=")
+    if key.strip() != "distinct" or not op or not value.strip().isdigit() or int(value) < 1:
+        raise DataError(f"split filter {text.strip()!r}: the one filter is 'distinct>=N' (N >= 1), e.g. val:distinct>=2")
+    return int(value)
+
+
 @dataclass
 class CaptionDataset:
     entries: list[ImageEntry]
@@ -43,9 +63,20 @@ class CaptionDataset:
     # -- views ---------------------------------------------------------------------------
     def split(self, name: str) -> "CaptionDataset":
         """The entries of split ``name``; ``"train+val"`` joins splits (in entry order), ``"none"``
-        (or ``""``) is an empty split (e.g. ``data.val_split: none``: no validation)."""
+        (or ``""``) is an empty split (e.g. ``data.val_split: none``: no validation).
+
+        ``"SPLIT:distinct>=N"`` keeps the images of SPLIT with at least N distinct captions (compared
+        case-folded, spaces and end punctuation ignored). RSICD's test split was drawn that way (1,091
+        of its 1,093 images have >= 2 distinct captions; half of train's and val's images repeat one
+        sentence five times), so ``val:distinct>=2`` is a validation subset drawn like test
+        (docs/results.md, "A selection rule that tracks test")."""
+        name, _, filt = name.partition(":")
         names = {n.strip() for n in name.split("+")} - {"", "none"}
-        return CaptionDataset([e for e in self.entries if e.split in names], self.format, self.source, part_weights=dict(self.part_weights))
+        keep = [e for e in self.entries if e.split in names]
+        if filt.strip():
+            least = parse_distinct_filter(filt)
+            keep = [e for e in keep if distinct_captions(e.captions) >= least]
+        return CaptionDataset(keep, self.format, self.source, part_weights=dict(self.part_weights))
 
     def parts(self) -> list[tuple[str, int, int]]:
         """``[(name, start, stop)]``: the contiguous entry ranges of a mix's parts, in order

@@ -123,6 +123,12 @@ class TrainConfig:
         optimizer's ValueError, ``epochs=-1`` in a "trained" run without a checkpoint."""
         import math
 
+        from rsitr.data.types import parse_distinct_filter
+
+        for key in ("train_split", "val_split", "test_split"):
+            filt = getattr(self.data, key).partition(":")[2]
+            if filt.strip():
+                parse_distinct_filter(filt)  # a DataError (an RsitrError) naming the filter
         for key, (lo, hi, lo_open) in RANGES.items():
             node: Any = self
             for part in key.split("."):
