@@ -83,9 +83,12 @@ def _run_config(run: Path, data: str | None) -> dict[str, Any]:
     return raw
 
 
-def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False) -> Member:
-    """Load the best checkpoint of a run and embed the val and test splits and the bank (the
-    training split, eval view). Frozen-trunk activations come from the run's trunk cache
+def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False,
+                 checkpoint: Path | None = None, extra_splits: dict[str, str] | None = None) -> Member:
+    """Load the best checkpoint of a run (or ``checkpoint``, another checkpoint file of that run,
+    e.g. a copy of one epoch's ``checkpoint_last.pt``) and embed the val and test splits, the
+    ``extra_splits`` (``{name: split spec}``, e.g. ``{"val2": "val:distinct>=2"}``) and the bank
+    (the training split, eval view). Frozen-trunk activations come from the run's trunk cache
     (``cache_dir``) when its backbone allows one: the bank is then the training cache's view 0."""
     from rsitr.data.captions import load_dataset
     from rsitr.data.imagesets import TrunkCache, make_transforms
@@ -102,11 +105,12 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
     if cfg.data.val_split == "none":
         raise RsitrError(f"{run}: trained without a val split (data.val_split: none); beta is chosen on val")
     splits = {"val": ds.split(cfg.data.val_split), "test": ds.split(cfg.data.test_split), "bank": ds.split(cfg.data.train_split)}
-    for s in ("val", "test", "bank"):
+    splits.update({k: ds.split(v) for k, v in (extra_splits or {}).items()})
+    for s in splits:
         if len(splits[s]) == 0:
-            what = {"val": "a val split to choose beta on", "test": "a test split", "bank": "a training split (the query bank)"}[s]
+            what = {"val": "a val split to choose beta on", "test": "a test split", "bank": "a training split (the query bank)"}.get(s, f"a non-empty split {s}")
             raise RsitrError(f"{run}: fusion needs {what}; the data has splits {ds.splits}")
-    loaded = load(run / "checkpoint_best.pt")
+    loaded = load(Path(checkpoint) if checkpoint is not None else run / "checkpoint_best.pt")
     bb = loaded.backbone
     bb.apply_mode(cfg.model.mode)
     bb.eval()
@@ -117,7 +121,7 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
     common = dict(cache_dir=cache_dir, eval_transform=eval_tf, batch_size=cfg.eval_batch_size, progress=progress, engine=engine)
     images, texts, owner = {}, {}, {}
     bank = None
-    for s in ("val", "test", "bank"):
+    for s in splits:
         cache = None
         if cached and s == "bank":  # the training run's cache (its views), view 0 = eval transform
             c = build_trunk_cache(bb, splits[s], views=cfg.cache_views, train_transform=train_tf, keep_tokens=False,

@@ -400,6 +400,39 @@ def add_fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown tables")
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from rsitr.bench.measurements import write_result
+    from rsitr.bench.select import parse_group, render, score_candidates, summarise
+
+    groups = {}
+    for text in args.group:
+        name, run, files = parse_group(text)
+        if name in groups:
+            raise RsitrError(f"--group {name} is given twice")
+        groups[name] = (run, files)
+    cands = score_candidates(groups, data=args.data, rules=args.rules, beta=args.qbnorm_beta, progress=not args.quiet)
+    res = summarise(cands, args.rules)
+    md = render(res)
+    if args.out:
+        write_result(Path(args.out) / "select.json", res, md)
+    if args.json:
+        _print_json(res)
+    else:
+        print(md)
+    return 0
+
+
+def add_select_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group", action="append", required=True, metavar="NAME=RUN:GLOB",
+                   help="repeatable: one run (seed) and its candidate checkpoints, e.g. s1=runs/joint-s1:runs/epochs/s1-ep*.pt")
+    p.add_argument("--data", required=True, help="the dataset to score (e.g. ../shared/data/rsicd)")
+    p.add_argument("--rules", nargs="+", default=["val", "val:distinct>=2"],
+                   help="selection splits to compare (split specs; default: val and val:distinct>=2)")
+    p.add_argument("--qbnorm-beta", type=float, default=14.0, help="QB-Norm beta of the +qb variant (default 14)")
+    p.add_argument("--out", default=None, help="folder for select.json and select.md")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown tables")
+
+
 def add_bench_cli(sub) -> None:
     """``rsitr bench encode|run|report|iebaker|rdb|ftf|search`` on ``rsitr``'s subparsers."""
     b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
@@ -430,5 +463,7 @@ def add_bench_cli(sub) -> None:
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
     add_command(b, "fuse", "score fusion of trained runs (a late combination of methods) and QB-Norm, beta chosen on val, test once",
                 add_fuse_args, cmd_fuse)
+    add_command(b, "select", "which held-out split (selection rule) picks the checkpoints the test split would pick: Spearman with test, picks, oracle",
+                add_select_args, cmd_select)
     add_command(b, "scale", "past one machine: single-process vs Ray encode, Milvus Lite vs FAISS search, cost projection",
                 add_scale_args, cmd_scale)

@@ -1,0 +1,73 @@
+"""``rsitr bench select``: selection rules (held-out split specs) scored against the test split over
+a run's per-epoch checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from rsitr.bench.select import Candidate, parse_group, spearman, summarise
+from rsitr.utils.errors import RsitrError
+
+
+def test_spearman_matches_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get their mean rank: ranks (1.5, 1.5, 3, 4) vs (1, 2, 3, 4)
+    assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1, 2], [2, 1]))
+
+
+def _cand(group, label, val, val2, test):
+    m = lambda x: {"mR": x}  # noqa: E731
+    return Candidate(group, label, {"val": m(val), "val2": m(val2), "test": m(test),
+                                    "val+qb": m(val + 1), "val2+qb": m(val2 + 1), "test+qb": m(test + 1)})
+
+
+def test_summarise_picks_by_rule_and_compares_with_the_oracle():
+    cands = [_cand("a", "ep1", 30, 20, 20), _cand("a", "ep2", 32, 21, 21), _cand("a", "ep3", 31, 23, 23),
+             _cand("b", "ep1", 29, 22, 22), _cand("b", "ep2", 31, 20, 20), _cand("b", "ep3", 30, 21, 21)]
+    res = summarise(cands, ["val", "val2"])
+    rows = {r["rule"]: r for r in res["variants"]["plain"]["rows"]}
+    assert rows["val"]["picks"]["a"]["picked"] == "ep2" and rows["val"]["picks"]["a"]["test_mR"] == 21
+    assert rows["val2"]["picks"]["a"]["picked"] == "ep3" == rows["val2"]["picks"]["a"]["oracle"]
+    assert rows["val2"]["spearman_mean"] == pytest.approx(1.0)  # val2 tracks test exactly here
+    assert rows["val"]["spearman_mean"] < 0.6
+    assert rows["val"]["rule_minus_test_mean"] == pytest.approx((10 + 11 + 8 + 7 + 11 + 9) / 6)
+    assert res["variants"]["plain"]["oracle_test_mR_mean"] == pytest.approx((23 + 22) / 2)
+
+
+def test_parse_group_errors(tmp_path):
+    with pytest.raises(RsitrError, match="NAME=RUN_FOLDER:CHECKPOINT_GLOB"):
+        parse_group("no-equals-sign")
+    with pytest.raises(RsitrError, match="no checkpoint matches"):
+        parse_group(f"a={tmp_path}:{tmp_path}/none-*.pt")
+    for e in (10, 2, 1):
+        (tmp_path / f"s-ep{e}.pt").write_bytes(b"")
+    name, run, files = parse_group(f"a={tmp_path}:{tmp_path}/s-ep*.pt")
+    assert name == "a" and [f.name for f in files] == ["s-ep1.pt", "s-ep2.pt", "s-ep10.pt"]
+
+
+def test_bench_select_cli_scores_epoch_checkpoints(synth_dataset, tmp_path):
+    from rsitr.cli import main
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    data = synth_dataset(n_images=40, seed=3, image_size=64)
+    run = tmp_path / "run"
+    over = {"data.path": str(data), "out_dir": str(run), "model.backbone": "clip:tiny", "model.mode": "full",
+            "epochs": 1, "batch_size": 8, "eval_batch_size": 16, "seed": 0}
+    train(TrainConfig().override(over), progress=False)
+    shutil.copy(run / "checkpoint_last.pt", tmp_path / "x-ep1.pt")
+    train(TrainConfig().override({**over, "epochs": 2}), resume=True, progress=False)
+    shutil.copy(run / "checkpoint_last.pt", tmp_path / "x-ep2.pt")
+    rc = main(["-q", "bench", "select", "--group", f"s0={run}:{tmp_path}/x-ep*.pt", "--data", str(data),
+               "--rules", "val", "val:distinct>=2", "--out", str(tmp_path / "sel")])
+    assert rc == 0
+    res = json.loads((tmp_path / "sel" / "select.json").read_text())
+    assert [c["label"] for c in res["candidates"]] == ["ep1", "ep2"]
+    assert set(res["candidates"][0]["mR"]) == {"val", "val+qb", "val:distinct>=2", "val:distinct>=2+qb", "test", "test+qb"}
+    assert res["candidates"][0]["mR"]["test"] != res["candidates"][1]["mR"]["test"]  # two different checkpoints
+    assert "Spearman" in (tmp_path / "sel" / "select.md").read_text()
