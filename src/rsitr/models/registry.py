@@ -137,6 +137,19 @@ def untrained_spec(source) -> bool:
     return not parse_spec(source).is_path
 
 
+# what an untrained spec is, in every warning about one (issue 27: a pretrained trunk with random
+# heads must not pass for a search model)
+UNTRAINED = "a backbone with untrained (randomly initialised) heads: its rankings are near chance, it is no search model"
+
+
+def untrained_warning(source) -> str | None:
+    """The one-line warning for a model given as ``source`` (``--checkpoint``) when it is an
+    :func:`untrained_spec`, naming it and what to use instead; None for a trained model."""
+    if source is None or not untrained_spec(source):
+        return None
+    return f"{source} names {UNTRAINED}. Use the shipped model (omit --checkpoint) or a trained run folder"
+
+
 def build_backbone(source: str | BackboneSpec, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256,
                    seed: int | None = None) -> Backbone:
     """Build a backbone from its spec (never an rsitr training checkpoint; see the module doc).
