@@ -316,7 +316,8 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    help=f"vector stores measured in the search part, comma-separated, of {', '.join(kinds)} "
                         f"(default: each of them whose optional dependency is installed)")
     for kind in kinds[1:]:  # deprecated --no-KIND of the optional stores (before --stores): leave that store out
-        p.add_argument(f"--no-{kind}", dest="no_stores", action="append_const", const=kind, default=[], help=argparse.SUPPRESS)
+        p.add_argument(f"--no-{kind}", dest="no_stores", action="append_const", const=kind, default=[],
+                       help=f"deprecated (use --stores): leave the {kind} store out of the search part")
     p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temporary folder, removed)")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="re-render the output of an earlier run (measurements unchanged, projection recomputed); measures nothing")
