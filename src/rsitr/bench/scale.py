@@ -11,15 +11,17 @@ Three parts, one run, printed as JSON (``--json``) or markdown tables:
    starting the actors, which load the model), end-to-end tiles/s, tiles/s per core used, and the
    max abs difference of the Ray vectors from the single-process ones.
 2. **search**: ``--sizes`` random unit vectors (``--dim``), ``--queries`` random queries, one
-   query per call (as a user's search): FAISS (flat, hnsw; 1 thread) and Milvus Lite (FLAT, HNSW;
-   through :class:`rsitr.retrieval.stores.MilvusStore`, i.e. a local gRPC round trip) - build or
-   insert seconds, p50/p95 latency, recall@k against exact numpy search, bytes per vector on disk.
-   Sizes above ``--flat-only-above`` (default 200k) measure the exact kind only.
+   query per call (as a user's search), in each vector store of ``--stores`` (default: every
+   registered store with a benchmark whose optional dependency imports,
+   :func:`rsitr.retrieval.stores.bench_store_kinds`; FAISS with 1 search thread, the others
+   through their client, e.g. a local gRPC round trip) - build or insert seconds, p50/p95
+   latency, recall@k against exact numpy search, bytes per vector on disk. Sizes above
+   ``--flat-only-above`` (default 200k) measure the exact kind only.
 3. **projection** (not measured): tiles/s per core from part 1 and latency per million vectors
    from part 2, extrapolated to 10M and 100M tiles: encode core-hours and wall hours on a
    cluster, GB on disk per million tiles, exact-search latency when the archive is split into S
    shards searched in parallel (latency ~ per-million cost x N/S + the per-request overhead
-   measured between Milvus Lite and FAISS), HNSW latency taken as measured (grows ~log N).
+   measured for each store), HNSW latency taken as measured (grows ~log N).
 
 The machine is whatever runs the command (often shared); the JSON records cpu count and load.
 """
@@ -42,6 +44,7 @@ from rsitr.utils.errors import RsitrError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "towers:efficientnet-lite0+minilm-l6"
+REFERENCE_STORE = "faiss"  # the store the projection fits HNSW and sizes on (always measured first when chosen)
 
 
 # -- 1. encode -------------------------------------------------------------------------------------
@@ -138,18 +141,38 @@ def _latency(fn, xq: np.ndarray, k: int) -> tuple[list[float], np.ndarray]:
     return lat, np.stack(ids)
 
 
-def _dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+def bench_stores(stores: Sequence[str] | None = None) -> list[str]:
+    """The store kinds to measure: ``stores`` (each a registered store with a benchmark whose
+    optional dependency imports, else an error naming what is missing) or, when None, every such
+    store (:func:`rsitr.retrieval.stores.bench_store_kinds`)."""
+    from rsitr.retrieval.stores import bench_store_kinds, store_class
+
+    if stores is None:
+        return list(bench_store_kinds())
+    out = []
+    for kind in stores:
+        cls = store_class(kind)  # an unknown kind: an error naming the known ones
+        if kind not in bench_store_kinds(available_only=False):
+            raise RsitrError(f"--stores {kind}: this store has no benchmark (stores with one: {', '.join(bench_store_kinds(available_only=False))})")
+        if not cls.available():
+            raise RsitrError(f"--stores {kind}: its optional dependency is not installed (pip install 'rsitr[scale]')")
+        if kind not in out:
+            out.append(kind)
+    if not out:
+        raise RsitrError("--stores: name at least one store")
+    return out
 
 
 def run_search_bench(sizes: Sequence[int], dim: int, n_queries: int, k: int, work: Path, kinds: Sequence[str] = ("flat", "hnsw"),
-                     milvus: bool = True, seed: int = 0, flat_only_above: int | None = None) -> list[dict]:
-    """``flat_only_above``: sizes above it measure the exact kind only (building HNSW over a
-    million vectors takes tens of minutes on a loaded 2-core machine)."""
+                     stores: Sequence[str] | None = None, seed: int = 0, flat_only_above: int | None = None) -> list[dict]:
+    """One row per size x store (``stores``: see :func:`bench_stores`) x index kind.
+    ``flat_only_above``: sizes above it measure the exact kind only (building HNSW over a million
+    vectors takes tens of minutes on a loaded 2-core machine)."""
     import faiss
 
-    from rsitr.retrieval.index import VectorIndex
-    from rsitr.retrieval.stores import MilvusStore
+    from rsitr.retrieval.stores import store_class
+
+    classes = [store_class(kind) for kind in bench_stores(stores)]
 
     rows = []
     for n in sizes:
@@ -168,40 +191,21 @@ def run_search_bench(sizes: Sequence[int], dim: int, n_queries: int, k: int, wor
 
         threads = faiss.omp_get_max_threads()
         size_kinds = [kd for kd in kinds if flat_only_above is None or n <= flat_only_above or kd == "flat"]
-        for kind in size_kinds:
-            faiss.omp_set_num_threads(threads)
-            t0 = time.perf_counter()
-            vi = VectorIndex(dim, kind, normalize=False)
-            vi.add(xb)
-            build = time.perf_counter() - t0
-            faiss.omp_set_num_threads(1)
-            lat, ids = _latency(vi.search, xq, k)
-            p = work / f"faiss-{kind}-{n}.faiss"
-            vi.save(p)
-            row("faiss", kind, build, lat, ids, p.stat().st_size, {"flat": "", "hnsw": f"M={vi.hnsw_m} efSearch={vi.ef_search}",
-                                                                     "ivf": f"nlist={vi.nlist}"}[kind])
-            p.unlink()
-            del vi
-        faiss.omp_set_num_threads(threads)
-        if milvus:
+        for cls in classes:
             for kind in size_kinds:
-                db = work / f"milvus-{kind}-{n}.db"
-                st = MilvusStore(str(db), f"bench_{kind}", dim, kind)
+                faiss.omp_set_num_threads(threads)  # builds use every thread, searches one (as a user's search)
+                t0 = time.perf_counter()
+                st = cls.bench_build(work, f"{cls.kind}-{kind}-{n}", dim, kind, xb, recs)
                 try:
-                    t0 = time.perf_counter()
-                    st.create()
-                    for b0 in range(0, n, 50_000):
-                        st.add(xb[b0 : b0 + 50_000], recs[b0 : b0 + 50_000])
-                    st.client.flush(st.collection)
-                    st.search(xq[:1], k)  # the first search waits for the index
                     build = time.perf_counter() - t0
+                    faiss.omp_set_num_threads(1)
                     lat, ids = _latency(st.search, xq, k)
+                    params = st.bench_params()
                 finally:
-                    st.close()
-                spec = st.spec()
-                row("milvus-lite", kind, build, lat, ids, _dir_bytes(db),
-                    {"flat": "FLAT", "hnsw": f"HNSW M={spec['hnsw_m']} ef={spec['ef_search']}", "ivf": f"IVF_FLAT nlist={spec['nlist']}"}[kind])
-                shutil.rmtree(db, ignore_errors=True) if db.is_dir() else db.unlink(missing_ok=True)
+                    nbytes = st.bench_release()
+                row(cls.bench_name, kind, build, lat, ids, nbytes, params)
+                del st
+            faiss.omp_set_num_threads(threads)
         del xb
     return rows
 
@@ -217,29 +221,30 @@ def projection(encode: dict | None, search: list[dict], dim: int, targets: Seque
         out["encode"] = [{"tiles": t, "core_hours": round(t / per_core / 3600, 1),
                           **{f"wall_h_{c}_cores": round(t / per_core / c / 3600, 2) for c in cluster_cores}} for t in targets]
     vec_bytes = 4 * dim
-    meta = sorted((r for r in search if r["store"] == "faiss" and r["kind"] == "flat"), key=lambda r: r["n"])
-    hn = sorted((r for r in search if r["store"] == "faiss" and r["kind"] == "hnsw"), key=lambda r: r["n"])
-    mv = sorted((r for r in search if r["store"] == "milvus-lite" and r["kind"] == "flat"), key=lambda r: r["n"])
-    out["gb_per_million_tiles"] = {
-        "vectors_float32": round(vec_bytes * 1e6 / 1e9, 2),
-        "faiss_flat": round(meta[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) if meta else None,
-        "faiss_hnsw": round(hn[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) if hn else None,
-        "milvus_lite_flat_with_metadata": round(mv[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) if mv else None,
-        "index_folder_embeddings_npy": round(vec_bytes * 1e6 / 1e9, 2),
-    }
+
+    def flat_rows(store: str) -> list[dict]:
+        return sorted((r for r in search if r["store"] == store and r["kind"] == "flat"), key=lambda r: r["n"])
+
+    meta = flat_rows(REFERENCE_STORE)
+    hn = sorted((r for r in search if r["store"] == REFERENCE_STORE and r["kind"] == "hnsw"), key=lambda r: r["n"])
+    # the other stores measured (as named in the rows, so that an old run re-renders as it was)
+    others = {_key(name): rows for name in dict.fromkeys(r["store"] for r in search) if name != REFERENCE_STORE
+              if (rows := flat_rows(name))}
+    gb = {"vectors_float32": round(vec_bytes * 1e6 / 1e9, 2),
+          "faiss_flat": round(meta[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) if meta else None,
+          "faiss_hnsw": round(hn[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) if hn else None}
+    gb.update({f"{key}_flat_with_metadata": round(rows[-1]["bytes_per_vector"] * 1e6 / 1e9, 2) for key, rows in others.items()})
+    gb["index_folder_embeddings_npy"] = round(vec_bytes * 1e6 / 1e9, 2)
+    out["gb_per_million_tiles"] = gb
     if meta:
         # exact search is a scan: p50 ~ fixed + per_million * n/1e6, fitted over the measured sizes
-        f_fix, f_pm = _linear_fit(meta)
-        out["faiss_flat_fit"] = {"fixed_ms": round(f_fix, 3), "ms_per_million": round(f_pm, 2)}
-        if mv:
-            m_fix, m_pm = _linear_fit(mv)
-            out["milvus_lite_flat_fit"] = {"fixed_ms": round(m_fix, 3), "ms_per_million": round(m_pm, 2)}
+        fits = {"faiss": _linear_fit(meta), **{key: _linear_fit(rows) for key, rows in others.items()}}
+        for key, (fix, pm) in fits.items():
+            out[f"{key}_flat_fit"] = {"fixed_ms": round(fix, 3), "ms_per_million": round(pm, 2)}
         lat = []
         for t in targets:
             for sh in shards:
-                row = {"tiles": t, "shards": sh, "faiss_flat_ms": round(f_fix + f_pm * t / 1e6 / sh, 1)}
-                if mv:
-                    row["milvus_lite_flat_ms"] = round(m_fix + m_pm * t / 1e6 / sh, 1)
+                row = {"tiles": t, "shards": sh, **{f"{key}_flat_ms": round(fix + pm * t / 1e6 / sh, 1) for key, (fix, pm) in fits.items()}}
                 row["ram_gb_per_shard"] = round(vec_bytes * t / sh / 1e9, 1)
                 lat.append(row)
         out["query_latency_ms"] = lat
@@ -247,6 +252,18 @@ def projection(encode: dict | None, search: list[dict], dim: int, targets: Seque
         rk = next(k_ for k_ in hn[0] if k_.startswith("recall@"))
         out["hnsw_measured"] = [{"n": r["n"], "p50_ms": r["p50_ms"], rk: r[rk]} for r in hn]
     return out
+
+
+def _key(store: str) -> str:
+    """A store's benchmark name as a JSON key prefix (``"a-b"`` -> ``"a_b"``)."""
+    return store.replace("-", "_")
+
+
+def _title(store_key: str) -> str:
+    """The prose name of a store from its key prefix (its ``bench_title``, else the key)."""
+    from rsitr.retrieval.stores import bench_titles
+
+    return {_key(n): t for n, t in bench_titles().items()}.get(store_key, store_key.replace("_", " "))
 
 
 def _linear_fit(rows: list[dict]) -> tuple[float, float]:
@@ -297,18 +314,16 @@ def render(res: dict, k: int) -> str:
         g = p["gb_per_million_tiles"]
         lines += ["GB per million tiles: " + ", ".join(f"{k_.replace('_', ' ')} {v}" for k_, v in g.items() if v is not None), ""]
         if "query_latency_ms" in p:
-            ff, mf = p["faiss_flat_fit"], p.get("milvus_lite_flat_fit")
-            fits = f"FAISS {ff['fixed_ms']} ms + {ff['ms_per_million']} ms per million vectors (1 thread)"
-            if mf:
-                fits += f"; Milvus Lite {mf['fixed_ms']} ms + {mf['ms_per_million']} ms per million"
-            mcol = "milvus_lite_flat_ms" in p["query_latency_ms"][0]
+            keys = [c[: -len("_flat_ms")] for c in p["query_latency_ms"][0] if c.endswith("_flat_ms")]  # the reference store first
+            fits = "; ".join(f"{_title(key)} {p[f'{key}_flat_fit']['fixed_ms']} ms + {p[f'{key}_flat_fit']['ms_per_million']} ms per million"
+                             + (" vectors (1 thread)" if key == _key(REFERENCE_STORE) else "") for key in keys)
             lines += [f"Exact (flat) search p50, a scan fitted over the measured sizes ({fits}), each shard scanned in parallel "
                       f"by its own core (merging k results per shard not counted):", "",
-                      "| tiles | shards | FAISS flat ms | " + ("Milvus Lite flat ms | " if mcol else "") + "RAM GB per shard |",
-                      "|---:|---:|---:|" + ("---:|" if mcol else "") + "---:|"]
+                      "| tiles | shards | " + "".join(f"{_title(key)} flat ms | " for key in keys) + "RAM GB per shard |",
+                      "|---:|---:|" + "---:|" * len(keys) + "---:|"]
             for r in p["query_latency_ms"]:
-                lines.append(f"| {r['tiles']:,} | {r['shards']} | {r['faiss_flat_ms']:,} | "
-                             + (f"{r['milvus_lite_flat_ms']:,} | " if mcol else "") + f"{r['ram_gb_per_shard']} |")
+                lines.append(f"| {r['tiles']:,} | {r['shards']} | " + "".join(f"{r[f'{key}_flat_ms']:,} | " for key in keys)
+                             + f"{r['ram_gb_per_shard']} |")
             lines.append("")
         if p.get("hnsw_measured"):
             lines.append("FAISS HNSW as measured (latency grows ~log n per shard, so it stays in this range at 10M-100M per shard; "
@@ -342,10 +357,11 @@ def rerender(path: str | Path, dim: int = 256) -> dict:
 def run(*, images: str | Path | None = None, checkpoint: str = "towers:efficientnet-lite0+minilm-l6", limit: int | None = None,
         workers: Sequence[int] = (1, 2), batch_size: int = 32, engine: str = "auto", sizes: Sequence[int] = (100_000,),
         kinds: Sequence[str] = ("flat", "hnsw"), flat_only_above: int = 200_000, dim: int = 256, queries: int = 200, k: int = 10,
-        encode: bool = True, search: bool = True, milvus: bool = True, workdir: str | Path | None = None,
+        encode: bool = True, search: bool = True, stores: Sequence[str] | None = None, workdir: str | Path | None = None,
         progress: bool = True) -> dict:
     """The three parts of the module docstring, one result: ``machine``, ``encode`` (unless not
-    ``encode``), ``search`` (unless not ``search``; FAISS only without ``milvus``) and ``projection``.
+    ``encode``), ``search`` (unless not ``search``; in ``stores``, default every available store
+    with a benchmark, :func:`bench_stores`) and ``projection``.
     Intermediate files go to ``workdir`` (kept) or a temporary folder (removed).
 
     It writes no result file: ``rsitr bench scale`` prints the JSON (and the markdown after it) and
@@ -359,7 +375,7 @@ def run(*, images: str | Path | None = None, checkpoint: str = "towers:efficient
             res["encode"] = run_encode_bench(images, checkpoint, limit, list(workers), batch_size, work / "encode",
                                              engine=engine, progress=progress)
         if search:
-            res["search"] = run_search_bench(list(sizes), dim, queries, k, work, kinds=kinds, milvus=milvus,
+            res["search"] = run_search_bench(list(sizes), dim, queries, k, work, kinds=kinds, stores=stores,
                                              flat_only_above=flat_only_above)
         res["projection"] = projection(res.get("encode"), res.get("search") or [], dim)
     finally:

@@ -47,6 +47,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         args.checkpoint = default_checkpoint()
         print(f"eval: model {args.checkpoint} (the shipped default; --checkpoint picks another)", file=sys.stderr)
+    else:
+        from rsitr.models.registry import untrained_warning
+
+        if warning := untrained_warning(args.checkpoint):
+            log.warning("%s", warning)
     model = load(args.checkpoint, device=args.device, quick_gelu=args.quick_gelu)
     if args.rerank != "none" and model.method is not None and model.method.capabilities.reranker == args.rerank:
         log.warning("the checkpoint's method already applies %s; --rerank %s applies it a second time", args.rerank.upper(), args.rerank)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import yaml
 
 from rsitr.cli.common import add_command
 from rsitr.utils.errors import RsitrError
+
+log = logging.getLogger(__name__)
 
 
 def rdb_variants() -> list[str]:
@@ -306,15 +309,39 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="neighbours per query; recall@k is measured (default 10)")
     p.add_argument("--no-encode", action="store_true", help="skip the encode part")
     p.add_argument("--no-search", action="store_true", help="skip the search part")
-    p.add_argument("--no-milvus", action="store_true", help="FAISS only in the search part")
+    from rsitr.retrieval.stores import bench_store_kinds
+
+    kinds = bench_store_kinds(available_only=False)
+    p.add_argument("--stores", type=_store_list, default=None, metavar="KIND,...",
+                   help=f"vector stores measured in the search part, comma-separated, of {', '.join(kinds)} "
+                        f"(default: each of them whose optional dependency is installed)")
+    for kind in kinds[1:]:  # deprecated --no-KIND of the optional stores (before --stores): leave that store out
+        p.add_argument(f"--no-{kind}", dest="no_stores", action="append_const", const=kind, default=[],
+                       help=f"deprecated (use --stores): leave the {kind} store out of the search part")
     p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temporary folder, removed)")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="re-render the output of an earlier run (measurements unchanged, projection recomputed); measures nothing")
     p.add_argument("--json", action="store_true", help="print JSON only")
 
 
+def _store_list(text: str) -> list[str]:
+    """``--stores a,b``: the store kinds, in order."""
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _scale_stores(args: argparse.Namespace) -> list[str] | None:
+    """The ``--stores`` of ``bench scale`` (None: the default), less the stores of deprecated ``--no-KIND`` flags."""
+    dropped = list(getattr(args, "no_stores", None) or [])
+    if not dropped:
+        return args.stores
+    from rsitr.bench.scale import bench_stores
+
+    log.warning("%s: deprecated, use --stores (e.g. --stores faiss)", " ".join(f"--no-{k}" for k in dropped))
+    return [k for k in (args.stores or bench_stores()) if k not in dropped]
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
-    from rsitr.bench.scale import render, rerender, run
+    from rsitr.bench.scale import bench_stores, render, rerender, run
 
     if args.limit is not None and args.limit < 1:
         raise RsitrError(f"--limit must be >= 1, got {args.limit}")
@@ -323,9 +350,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.from_json:  # re-render a run: the measurements as they were, the projection recomputed
         res = rerender(args.from_json, dim=args.dim)
     else:
+        stores = None if args.no_search else bench_stores(_scale_stores(args))  # checked before the encode part runs
         res = run(images=args.images, checkpoint=args.checkpoint, limit=args.limit, workers=args.workers, batch_size=args.batch_size,
                   engine=args.engine, sizes=args.sizes, kinds=args.kinds, flat_only_above=args.flat_only_above, dim=args.dim,
-                  queries=args.queries, k=args.k, encode=not args.no_encode, search=not args.no_search, milvus=not args.no_milvus,
+                  queries=args.queries, k=args.k, encode=not args.no_encode, search=not args.no_search, stores=stores,
                   workdir=args.workdir, progress=not getattr(args, "quiet", False))
     print(json.dumps(res, indent=1))
     if not args.json:
@@ -465,5 +493,5 @@ def add_bench_cli(sub) -> None:
                 add_fuse_args, cmd_fuse)
     add_command(b, "select", "which held-out split (selection rule) picks the checkpoints the test split would pick: Spearman with test, picks, oracle",
                 add_select_args, cmd_select)
-    add_command(b, "scale", "past one machine: single-process vs Ray encode, Milvus Lite vs FAISS search, cost projection",
+    add_command(b, "scale", "past one machine: single-process vs Ray encode, search in each vector store, cost projection",
                 add_scale_args, cmd_scale)

@@ -133,16 +133,15 @@ def _print_profile(args, r) -> None:
 def _model_or_default(checkpoint: str | None, what: str) -> str:
     """``--checkpoint``, or the shipped default model (said once); a spec with untrained heads
     is said to be one (issue 27: a pretrained trunk with random heads is no search model)."""
-    from rsitr.models.registry import untrained_spec
+    from rsitr.models.registry import untrained_warning
     from rsitr.models.shipped import default_checkpoint
 
     if checkpoint is None:
         checkpoint = default_checkpoint()
         print(f"{what}: model {checkpoint} (the shipped default; `rsitr models` lists the shipped models, --checkpoint picks another)",
               file=sys.stderr)
-    elif untrained_spec(checkpoint):
-        log.warning("%s names a backbone with untrained (randomly initialised) heads: its rankings are near chance, it is no "
-                    "search model. Use the shipped model (omit --checkpoint) or a trained run folder", checkpoint)
+    elif warning := untrained_warning(checkpoint):
+        log.warning("%s", warning)
     return checkpoint
 
 

@@ -12,9 +12,11 @@ A backbone *spec* is a string:
 
 :func:`parse_spec` is the only place that reads those prefixes; a family registers its builder
 with :func:`register_backbone` (``@register_backbone("towers", names=...)``) in its own package
-(:mod:`rsitr.models.clip` registers ``clip`` and paths, :mod:`rsitr.models.towers` ``towers``;
-both are imported on first use of the registry) and :func:`list_backbones` lists every spec a
-registered family can build by name.
+(:mod:`rsitr.models.clip` registers ``clip`` and paths, :mod:`rsitr.models.towers` ``towers``)
+and :func:`list_backbones` lists every spec a registered family can build by name. This module
+imports no family: the packages listed in :data:`rsitr.models.BACKBONE_FAMILIES` are imported by
+name on first use of the registry (their import registers them), and :func:`rebuild_backbone`
+rebuilds a stored architecture through the ``from_config`` its family registered.
 """
 from __future__ import annotations
 
@@ -63,34 +65,39 @@ class _Family:
     build: Callable[..., Backbone]
     names: Callable[[], Iterable[str]]
     comparison_note: str | None = None
+    from_config: Callable[[dict], Backbone] | None = None
 
 
 _FAMILIES: dict[str, _Family] = {}
 _RANDOM_INIT: set[str] = set()
-# the packages of the families rsitr ships: each registers itself when imported
-BUILTIN_FAMILIES = ("rsitr.models.clip", "rsitr.models.towers")
 _builtins_loaded = False
 
 
 def _load_builtin_families() -> None:
-    """Import the built-in family packages once (their import registers them)."""
+    """Import the family packages rsitr ships once (their import registers them); the list is
+    :data:`rsitr.models.BACKBONE_FAMILIES`, so that this module names no family."""
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        for module in BUILTIN_FAMILIES:
+        from rsitr.models import BACKBONE_FAMILIES
+
+        for module in BACKBONE_FAMILIES:
             importlib.import_module(module)
 
 
 def register_backbone(family: str, *, names: Callable[[], Iterable[str]] = lambda: (), random_init: bool = False,
-                      comparison_note: str | None = None):
+                      comparison_note: str | None = None, from_config: Callable[[dict], Backbone] | None = None):
     """Register ``fn(name, device, *, quick_gelu, embed_dim, seed) -> Backbone`` as the builder
     of specs ``"<family>:<name>"`` (``family="path"``: specs without a prefix). ``names``: the
     names it builds; ``random_init``: its backbones have random weights; ``comparison_note``: how
     its results differ from the published CLIP rows, printed by benchmark reports (``{training}``
-    is replaced by what was trained on, e.g. "the 8,734 images of the training split")."""
+    is replaced by what was trained on, e.g. "the 8,734 images of the training split");
+    ``from_config``: builds the architecture from the ``config`` its backbones record in
+    :class:`~rsitr.models.base.BackboneInfo` (whose ``kind`` is this family's name), for
+    :func:`rebuild_backbone` of checkpoints that store the whole backbone."""
 
     def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        _FAMILIES[family] = _Family(fn, names, comparison_note)
+        _FAMILIES[family] = _Family(fn, names, comparison_note, from_config)
         if random_init:
             _RANDOM_INIT.add(family)
         return fn
@@ -130,6 +137,19 @@ def untrained_spec(source) -> bool:
     return not parse_spec(source).is_path
 
 
+# what an untrained spec is, in every warning about one (issue 27: a pretrained trunk with random
+# heads must not pass for a search model)
+UNTRAINED = "a backbone with untrained (randomly initialised) heads: its rankings are near chance, it is no search model"
+
+
+def untrained_warning(source) -> str | None:
+    """The one-line warning for a model given as ``source`` (``--checkpoint``) when it is an
+    :func:`untrained_spec`, naming it and what to use instead; None for a trained model."""
+    if source is None or not untrained_spec(source):
+        return None
+    return f"{source} names {UNTRAINED}. Use the shipped model (omit --checkpoint) or a trained run folder"
+
+
 def build_backbone(source: str | BackboneSpec, device: str = "cpu", *, quick_gelu: bool | None = None, embed_dim: int = 256,
                    seed: int | None = None) -> Backbone:
     """Build a backbone from its spec (never an rsitr training checkpoint; see the module doc).
@@ -141,16 +161,20 @@ def build_backbone(source: str | BackboneSpec, device: str = "cpu", *, quick_gel
 
 def rebuild_backbone(ckpt: "TrainCheckpoint", device: str = "cpu") -> Backbone:
     """The architecture of a training checkpoint's backbone, before its trained tensors are
-    applied: from the stored config when the checkpoint holds the whole backbone of a CLIP,
-    else from its source (whose weights must still hash to what the run was trained on)."""
+    applied: from the stored config (through the ``from_config`` of the family named by the
+    recorded ``kind``) when the spec has random weights or the checkpoint holds the whole
+    backbone of a family that can rebuild from its config, else from its source (whose weights
+    must still hash to what the run was trained on)."""
     spec = parse_spec(ckpt.backbone_source)
     info = ckpt.backbone_info
     cfg = ckpt.model_config
     where = ckpt.where
-    if (spec.family == "clip") or (ckpt.state_is_full and info.get("kind") == "clip"):
-        from rsitr.models.clip import CLIP
-
-        model = CLIP.from_config(dict(info["config"]))
+    family = _FAMILIES.get(str(info.get("kind")))
+    from_config = family.from_config if family is not None else None
+    if spec.random_init or (ckpt.state_is_full and from_config is not None):
+        if from_config is None:
+            raise CheckpointError(f"{where}: backbone family {info.get('kind')!r} cannot rebuild its architecture from a stored config")
+        model = from_config(dict(info["config"]))
     else:
         if spec.is_path and not Path(spec.name).exists():
             raise CheckpointError(f"{where}: its backbone weights {spec.name} are not at that path any more; the checkpoint stores only the trained tensors")

@@ -30,6 +30,11 @@ server and the CLI go through the registry and name no store. A store class brin
   options in ``open_options`` may override the recorded ones, e.g. another address).
 
 :func:`open_store` reopens a store from the ``spec()`` an index manifest records.
+
+For ``rsitr bench scale`` a store may also declare ``bench_name`` (its name in the tables; stores
+without one are not benchmarked), ``available`` (its optional dependency imports: the default
+stores of the benchmark are :func:`bench_store_kinds`) and ``bench_build`` / ``bench_params`` /
+``bench_release`` (a standalone store of random vectors in a work folder, outside any index).
 """
 from __future__ import annotations
 
@@ -132,6 +137,18 @@ def store_class(kind: str) -> type["VectorStore"]:
         raise RsitrError(f"unknown vector store {kind!r}; this rsitr knows {store_kinds()}") from None
 
 
+def bench_store_kinds(*, available_only: bool = True) -> tuple[str, ...]:
+    """The registered store kinds ``rsitr bench scale`` can measure (those declaring a
+    ``bench_name``), in registration order; ``available_only``: only those whose optional
+    dependency imports (the benchmark's default)."""
+    return tuple(k for k, c in _REGISTRY.items() if c.bench_name and (not available_only or c.available()))
+
+
+def bench_titles() -> dict[str, str]:
+    """``{bench_name: title}`` of the registered stores (e.g. ``{"faiss": "FAISS"}``), for report prose."""
+    return {c.bench_name: c.bench_title or c.bench_name for c in _REGISTRY.values() if c.bench_name}
+
+
 def store_flags() -> list[StoreFlag]:
     """Every spelled flag of every registered store (for the CLI)."""
     return [f for cls in _REGISTRY.values() for f in cls.cli_flags]
@@ -185,8 +202,31 @@ class VectorStore(abc.ABC):
     Options: ClassVar[type] = NoOptions
     open_options: ClassVar[frozenset[str]] = frozenset()  # options a reopen may override
     cli_flags: ClassVar[tuple[StoreFlag, ...]] = ()
+    bench_name: ClassVar[str | None] = None  # its name in `rsitr bench scale` tables (None: not benchmarked)
+    bench_title: ClassVar[str | None] = None  # its name in the benchmark's prose (default: bench_name)
     dim: int
     index_kind: str
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the store's optional dependencies import (so that it can be used here)."""
+        return True
+
+    # -- benchmarks (rsitr bench scale) ---------------------------------------------------------
+    @classmethod
+    def bench_build(cls, work: Path, name: str, dim: int, index_kind: str, vectors: np.ndarray, records: Sequence[dict]) -> "VectorStore":
+        """A standalone store of unit ``vectors`` (``records``: their ids and paths) with its
+        files under ``work`` named after ``name``, built and ready to answer ``search`` (the
+        benchmark times this call)."""
+        raise NotImplementedError(f"the {cls.kind} store has no benchmark")
+
+    def bench_params(self) -> str:
+        """Its index parameters as one cell of the benchmark table."""
+        return ""
+
+    def bench_release(self) -> int:
+        """Close the benchmark store, remove its files and return the bytes they took on disk."""
+        raise NotImplementedError(f"the {self.kind} store has no benchmark")
 
     # -- the life of an index's store (the registry's interface) --------------------------------
     @classmethod
@@ -259,6 +299,8 @@ class FaissStore(VectorStore):
     """Vectors and footprints as files in the index folder (the default store)."""
 
     kind = "faiss"
+    bench_name = "faiss"
+    bench_title = "FAISS"
 
     def __init__(self, index: VectorIndex, footprints: np.ndarray | None = None, has_geo: np.ndarray | None = None):
         self.index = index
@@ -343,6 +385,28 @@ class FaissStore(VectorStore):
         return {"kind": "faiss"}
 
     @classmethod
+    def bench_build(cls, work: Path, name: str, dim: int, index_kind: str, vectors: np.ndarray, records: Sequence[dict]) -> "FaissStore":
+        vi = VectorIndex(dim, index_kind, normalize=False)
+        vi.add(vectors)
+        st = cls(vi)
+        st._bench_file = Path(work) / f"{name}.faiss"
+        return st
+
+    def bench_params(self) -> str:
+        vi = self.index
+        return {"flat": "", "hnsw": f"M={vi.hnsw_m} efSearch={vi.ef_search}", "ivf": f"nlist={vi.nlist}"}[vi.kind]
+
+    def bench_release(self) -> int:
+        """Saves the FAISS file (its size is the store's size on disk), then removes it and its
+        parameter sidecar."""
+        p = self._bench_file
+        self.index.save(p)
+        size = p.stat().st_size
+        p.unlink()
+        p.with_name(p.name + ".json").unlink(missing_ok=True)
+        return size
+
+    @classmethod
     def write_generation(cls, spec: dict, ctx: StoreContext, emb: np.ndarray, records: Sequence[dict], n_old: int, gen: int) -> dict:
         if not len(emb):
             return {}
@@ -425,6 +489,8 @@ class MilvusStore(VectorStore):
     """One Milvus collection (Milvus Lite file or server) holding vectors and tile metadata."""
 
     kind = "milvus"
+    bench_name = "milvus-lite"  # the benchmark measures a local Milvus Lite file
+    bench_title = "Milvus Lite"
     Options = MilvusOptions
     open_options = frozenset({"uri"})
     cli_flags = (
@@ -608,6 +674,44 @@ class MilvusStore(VectorStore):
         return f"Milvus collection {self.collection} at {self.uri}"
 
     @classmethod
+    def available(cls) -> bool:
+        """pymilvus and milvus-lite (the benchmark and a ``*.db`` URI use Milvus Lite) import."""
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
+
+    @classmethod
+    def bench_build(cls, work: Path, name: str, dim: int, index_kind: str, vectors: np.ndarray, records: Sequence[dict]) -> "MilvusStore":
+        """A Milvus Lite file ``work/NAME.db``: created, filled in blocks of 50,000, flushed, and
+        searched once (the first search waits for the vector index)."""
+        st = cls(str(Path(work) / f"{name}.db"), f"bench_{index_kind}", dim, index_kind)
+        try:
+            st.create()
+            for b0 in range(0, len(vectors), 50_000):
+                st.add(vectors[b0 : b0 + 50_000], records[b0 : b0 + 50_000])
+            st.client.flush(st.collection)
+            st.search(vectors[:1], 1)
+        except BaseException:
+            st.close()
+            raise
+        return st
+
+    def bench_params(self) -> str:
+        return {"flat": "FLAT", "hnsw": f"HNSW M={self.hnsw_m} ef={self.ef_search}", "ivf": f"IVF_FLAT nlist={self.nlist}"}[self.index_kind]
+
+    def bench_release(self) -> int:
+        self.close()
+        db = Path(self.uri)
+        size = sum(f.stat().st_size for f in db.rglob("*") if f.is_file()) if db.is_dir() else db.stat().st_size
+        if db.is_dir():
+            import shutil
+
+            shutil.rmtree(db, ignore_errors=True)
+        else:
+            db.unlink(missing_ok=True)
+        return size
+
+    @classmethod
     def check_spec(cls, spec: dict) -> str | None:
         if not all(isinstance(spec.get(k), str) and spec[k] for k in ("uri", "collection")):
             return "a milvus store needs 'uri' and 'collection' strings"
@@ -662,5 +766,5 @@ def open_store(spec: dict | None, ctx: StoreContext, options: dict | None = None
 
 
 __all__ = ["FaissStore", "MILVUS_INDEX", "MilvusOptions", "MilvusStore", "NoOptions", "StoreContext", "StoreFlag", "VectorStore",
-           "default_collection", "milvus_expr", "normalize_uri", "open_store", "parse_store_opt_args", "parse_store_options", "register_store",
+           "bench_store_kinds", "bench_titles", "default_collection", "milvus_expr", "normalize_uri", "open_store", "parse_store_opt_args", "parse_store_options", "register_store",
            "store_class", "store_flags", "store_kinds", "unregister_store"]

@@ -101,6 +101,8 @@ class SearchEngine:
             spec = checkpoint or self.manifest.model.checkpoint
             m = model if model is not None else _load_model(spec, device)
             self.manifest.check_model(model_identity(spec, m), self.index_dir)
+            if warning := self.manifest.untrained_warning():
+                log.warning("%s: %s", self.index_dir, warning)
             m.eval()
             self.model, self.method = m.backbone, m.method
             # query encodes (no grad) through ONNX Runtime where available: same vectors within 1e-4
@@ -142,12 +144,15 @@ class SearchEngine:
         self.vectors.close()
 
     def info(self) -> dict[str, Any]:
+        """The index in a few fields (``/healthz``, the page header); ``model_warning``: the line
+        :meth:`IndexManifest.untrained_warning` says when its model has untrained heads, else None."""
         m = self.manifest
         from rsitr.search.build import manifest_tiling
 
         return {"items": len(self.items), "embed_dim": m.embed_dim, "index_kind": m.index_kind, "store": self.vectors.kind,
                 "model": m.model.checkpoint, "backbone": m.backbone_name, "tokens": m.tokens, "geo": self.has_geo,
-                "tiling": manifest_tiling(m).describe(), "created": m.created, "updated": m.updated}
+                "tiling": manifest_tiling(m).describe(), "created": m.created, "updated": m.updated,
+                "model_warning": m.untrained_warning()}
 
     def item(self, item_id: int) -> Item:
         if not 0 <= int(item_id) < len(self.items):

@@ -210,6 +210,18 @@ class IndexManifest:
     def backbone_name(self) -> str:
         return f"{self.backbone.get('kind')}:{self.backbone.get('name')}"
 
+    def untrained_warning(self) -> str | None:
+        """One line when the model the index was built with (``model.checkpoint``) is a spec with
+        untrained heads (:func:`rsitr.models.registry.untrained_spec`), naming it and what to use
+        instead; None for a trained model. Said by search, serve (log, /healthz, page header)."""
+        from rsitr.models.registry import UNTRAINED, untrained_spec
+
+        spec = self.model.checkpoint
+        if not untrained_spec(spec):
+            return None
+        return (f"index built with {spec}, {UNTRAINED}. Rebuild it with the shipped model "
+                f"(`rsitr index build` without --checkpoint) or a trained run folder")
+
     def _dir(self, index_dir) -> Path:
         d = Path(index_dir) if index_dir is not None else self.index_dir
         if d is None:

@@ -1,7 +1,7 @@
 """rsitr's CLIP: model, checkpoint loaders and BPE tokenizer (no open_clip / torchvision).
 
 Importing this package registers the ``clip:CONFIG`` backbone family (random initialisation of a
-named config) and the builder of specs that are paths (CLIP weights: OpenAI, open_clip, Hugging
+named config; rebuilds from a stored config) and the builder of specs that are paths (CLIP weights: OpenAI, open_clip, Hugging
 Face) with :mod:`rsitr.models.registry`."""
 from typing import Iterable
 
@@ -18,7 +18,12 @@ def _clip_names() -> Iterable[str]:
     return CONFIGS
 
 
-@register_backbone("clip", names=_clip_names, random_init=True)
+def _clip_from_stored_config(config: dict) -> Backbone:
+    """The architecture of a CLIP from the config it recorded in its ``BackboneInfo``."""
+    return CLIP.from_config(dict(config))
+
+
+@register_backbone("clip", names=_clip_names, random_init=True, from_config=_clip_from_stored_config)
 def _clip_config(name: str, device: str, *, quick_gelu: bool | None = None, seed: int | None = None, **_) -> Backbone:
     """``clip:NAME``: a randomly initialised CLIP of a named config (``seed`` seeds it)."""
     if seed is not None:
