@@ -97,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ("method", "method.name"), ("epochs", "epochs"), ("seed", "seed"), ("image_root", "data.image_root"), ("format", "data.format")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if args.teacher:
+        overrides["distill.teachers"] = list(args.teacher)
     cfg = cfg.override(overrides)
     if not cfg.data.path and not cfg.data.sources:
         raise RsitrError("no dataset: give --data PATH, or data.path or data.sources in the config")
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default=None, help="baseline | rdb | iebaker | ftf | combo | adapter | lora ... (= method.name)")
     t.add_argument("--epochs", type=int, default=None, help="training epochs (= epochs)")
     t.add_argument("--seed", type=int, default=None, help="random seed (= seed)")
+    t.add_argument("--teacher", action="append", default=None, metavar="RUN",
+                   help="distil this trained run folder (or checkpoint) into the student, repeatable (= distill.teachers; "
+                        "it must share the student's backbone and model.mode cut; see docs/training.md, Distillation)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.set_defaults(func=cmd_train)
 

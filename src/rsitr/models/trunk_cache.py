@@ -37,6 +37,16 @@ def trunk_cut(backbone: Backbone, modality: str) -> str | None:
     return backbone.trunk_cut(modality)
 
 
+def trunk_identity(backbone: Backbone, modality: str) -> dict:
+    """What makes two backbones' trunk outputs for ``modality`` the same (what a trunk cache of one
+    is valid for the other, as far as the backbone goes): its name, the digests of its pretrained
+    weights, the cut and (images) the preprocessing -- the backbone part of a cache key."""
+    ident = {"backbone": backbone.info.name, "weights": _weights_identity(backbone.info.weights), "cut": trunk_cut(backbone, modality)}
+    if modality == "image":
+        ident["pre"] = repr(backbone.preprocess)
+    return ident
+
+
 def _weights_identity(weights: dict) -> dict:
     """What names the pretrained weights in a cache key: their digests (``*sha256*`` entries) and
     format, not where the files are. A key with the file paths changed with every virtualenv,
@@ -189,4 +199,4 @@ def build_trunk_cache(
     return TrunkCache(image_views, text)
 
 
-__all__ = ["build_trunk_cache", "supports_trunk_cache", "trunk_cut"]
+__all__ = ["build_trunk_cache", "supports_trunk_cache", "trunk_cut", "trunk_identity"]

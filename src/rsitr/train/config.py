@@ -74,12 +74,37 @@ class InferenceConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation of trained teacher runs into the student (:mod:`rsitr.train.distill`; off
+    while ``teachers`` is empty). An added loss term, ``weight * KL(teacher || student)`` of the
+    in-batch image->text / text->image softmax rows (TinyCLIP's affinity mimicking,
+    :mod:`rsitr.losses.distill`), whatever the method."""
+
+    teachers: tuple = ()  # rsitr run folders (their best, else last checkpoint) or checkpoint files
+    weight: float = 1.0  # of the distillation term, added to the method's loss
+    temperature: float | None = None  # None: each model's own logit scale (teachers' and student's); a float: 1/tau for all
+    directions: str = "both"  # "both" (mean of the two), "i2t" or "t2i"
+    average: str = "probs"  # several teachers: "probs" (mean of their distributions) or "logits" (softmax of their mean similarity)
+    # sha256 of each teacher's checkpoint file: filled in by the run (config.json, checkpoints) and
+    # checked on --resume; given in a config, it pins the teacher files
+    sha256: tuple = ()
+
+    def __post_init__(self) -> None:
+        # `--set distill.teachers=runs/a` gives one path, not a list
+        if isinstance(self.teachers, str):
+            self.teachers = (self.teachers,)
+        if isinstance(self.sha256, str):
+            self.sha256 = (self.sha256,)
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     out_dir: str = "runs/default"
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
@@ -144,6 +169,17 @@ class TrainConfig:
                 if not ok:
                     rng = f"{'>' if low_open else '>='} {lo:g}" + (f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "")
                     raise RsitrError(f"{key}: must be {rng}, got {node!r}")
+        for key, allowed in CHOICES.items():
+            node = self
+            for part in key.split("."):
+                node = getattr(node, part)
+            if node not in allowed:
+                raise RsitrError(f"{key}: must be one of {allowed}, got {node!r}")
+        d = self.distill
+        if any(not isinstance(t, str) or not t for t in d.teachers):
+            raise RsitrError(f"distill.teachers: must be a list of run folders or checkpoint files, got {list(d.teachers)!r}")
+        if d.sha256 and len(d.sha256) != len(d.teachers):
+            raise RsitrError(f"distill.sha256: one digest per teacher, got {len(d.sha256)} for {len(d.teachers)} teachers")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -189,6 +225,12 @@ RANGES: dict[str, tuple[float, float | None, bool | str]] = {
     "data.workers": (0, None, False), "data.subset": (1, None, False),
     "augment.hflip": (0, 1, False), "augment.vflip": (0, 1, False), "augment.scale": (0, 1, True),
     "model.embed_dim": (1, None, False),
+    "distill.weight": (0, None, True), "distill.temperature": (0, None, True),
+}
+
+# allowed values of string keys
+CHOICES: dict[str, tuple[str, ...]] = {
+    "distill.directions": ("both", "i2t", "t2i"), "distill.average": ("probs", "logits"),
 }
 
 

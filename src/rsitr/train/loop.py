@@ -36,6 +36,7 @@ from rsitr.models.base import Backbone, Features
 from rsitr.models.registry import parse_spec
 from rsitr.train.config import TrainConfig
 from rsitr.train.data import load_training_data
+from rsitr.train.distill import Teachers, build_teachers, pin_teachers
 from rsitr.train.epochs import epoch_order, steps_per_epoch
 from rsitr.utils.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_with_grad, init_distributed, resolve_device
 from rsitr.utils.errors import RsitrError
@@ -52,13 +53,15 @@ def seed_everything(seed: int) -> None:
 
 
 class TrainStep(nn.Module):
-    """Backbone + method as one module, so DDP sees every trainable parameter."""
+    """Backbone + method as one module, so DDP sees every trainable parameter. ``distill`` (set
+    after the trunk caches exist): the teachers whose term is added to the method's loss."""
 
     def __init__(self, backbone: Backbone, method: Method, dist_info: DistInfo):
         super().__init__()
         self.backbone = backbone
         self.method = method
         self.dist_info = dist_info
+        self.distill: Teachers | None = None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         bb = self.backbone
@@ -67,7 +70,12 @@ class TrainStep(nn.Module):
         if self.dist_info.enabled:
             img = _gather_features(img, self.dist_info, self.method.needs_tokens)
             txt = _gather_features(txt, self.dist_info, self.method.needs_tokens)
-        return self.method.loss(bb, img, txt, batch)
+        loss, logs = self.method.loss(bb, img, txt, batch)
+        if self.distill is not None:
+            term = self.distill.loss(img.pooled, txt.pooled, self.method.temperature(bb), batch)
+            loss = loss + self.distill.weight * term
+            logs = {**logs, "task": logs.get("loss", float("nan")), "distill": float(term.detach()), "loss": float(loss.detach())}
+        return loss, logs
 
 
 def _gather_features(f: Features, info: DistInfo, tokens: bool) -> Features:
@@ -304,6 +312,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     dist_info = init_distributed(device)
     out = Path(cfg.out_dir)
     last_path = out / "checkpoint_last.pt"
+    prior = ckpt.TrainCheckpoint.load(last_path) if resume and last_path.exists() else None
+    # the teachers' files pinned by their sha256 (config.json, checkpoints); a resumed run keeps them
+    cfg = pin_teachers(cfg, prior.config if prior is not None else None)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and last_path.exists():
@@ -331,11 +342,11 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
         log.info(msg)
 
     eval_tf, train_tf = make_transforms(backbone, cfg.augment)
-    prior = ckpt.TrainCheckpoint.load(last_path) if resume and last_path.exists() else None
     elapsed_before = float(prior.progress.get("seconds", 0.0)) if prior is not None else 0.0  # earlier invocations, for time_budget
     cache, val_cache = _build_caches(cfg, backbone, method, train_ds, val_ds, out, device, progress and dist_info.is_main, eval_tf, train_tf,
                                      deadline=t_start + cfg.time_budget - elapsed_before if cfg.time_budget is not None else None)
     images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None) if cache is None or cache.image is None else None
+    module.distill = build_teachers(cfg, backbone, cache, device)  # each teacher once over the trunk cache
     label_ids = train_ds.label_indices()  # -1: no scene label (skipped by losses that use labels)
 
     ddp_module: nn.Module = module
@@ -444,6 +455,7 @@ def _batch(run: Run, pairs: np.ndarray, pos: np.ndarray, view_of: np.ndarray, au
         batch["labels"] = run.labels_all[img_idx].to(device)
     if cache is not None and cache.image is not None:
         vsel = view_of[pos]
+        batch["image_view"] = torch.as_tensor(vsel if run.views > 1 else np.zeros(len(pos), dtype=np.int64)).to(device)
         if run.views == 1:
             batch["image_trunk"] = select(cache.image[0], img_idx, device)
         else:
