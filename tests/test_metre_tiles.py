@@ -185,6 +185,32 @@ def test_all_nodata_raster_is_skipped_with_a_warning(tmp_path, caplog):
     assert f"{p}: every pixel is no-data" in caplog.text
 
 
+@pytest.mark.parametrize("metres", [True, False])
+def test_black_fill_without_declared_nodata_is_warned_about(tmp_path, metres, caplog):
+    """A raster whose footprint is padded with pure black but that declares no no-data (as the Manila
+    drone scene in eval/geo): its black tiles are indexed (nothing says they are fill) and a warning
+    names the file, counts them and says how to declare the no-data; declared, they are skipped."""
+    d = textured(400, 400)
+    d[:, :, :130] = 0
+    tiling = Tiling(meters=(100.0,), out_px=32) if metres else Tiling(tile_size=100)
+    p = write_scene(tmp_path / "black.tif", d)
+    with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):
+        scan = scan_scene(p, tiling)
+        scan.log_notes()
+    assert len(scan.items) == 16 and scan.skipped_nodata == 0
+    assert f"{p}: 4 of 16 tiles are mostly pure black" in caplog.text and "gdal_edit.py -a_nodata 0" in caplog.text
+    caplog.clear()
+    q = write_scene(tmp_path / "declared.tif", d, nodata=0)
+    with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):
+        scan = scan_scene(q, tiling)
+        scan.log_notes()
+    assert scan.skipped_nodata == 4 and "pure black" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):  # dark but not black: no warning
+        scan_scene(write_scene(tmp_path / "dark.tif", textured(400, 400, lo=1, hi=20)), tiling).log_notes()
+    assert "pure black" not in caplog.text
+
+
 def test_transform_without_crs_gives_pixel_tiles_and_a_warning(tmp_path, caplog):
     p = tmp_path / "nocrs.tif"
     with rasterio.open(p, "w", driver="GTiff", width=128, height=64, count=3, dtype="uint8",
