@@ -281,6 +281,28 @@ def test_multiscale_index_records_scale_and_add_reuses_the_tiling(tmp_path, tiny
         B.build_index(a, "clip:tiny", idx, B.BuildOptions(tile_meters=(50.0,), progress=False), model=tiny)
 
 
+def test_a_whole_scene_tile_is_labelled_as_such_not_as_a_full_scale_tile(tmp_path, tiny, capsys):
+    """A scene smaller than a scale's tile (the 200 m Manila drone scene in 320 m tiles) gives one tile
+    of the whole scene: hits, contact sheet captions and the CLI say so instead of "320 m"."""
+    from rsitr.cli.search import format_results
+    from rsitr.search.sheet import place_text
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_scene(src / "s.tif", textured(300, 300))  # 300 m x 300 m at 1 m
+    idx = tmp_path / "idx"
+    run_search_cli(["-q", "index", "build", str(src), "--checkpoint", "clip:tiny", "--out", str(idx), "--tile-meters", "100,500",
+                    "--batch-size", "8", "--engine", "torch"], capsys)
+    res = SearchEngine(idx, model=tiny).search("a river", k=10)
+    whole = [r for r in res if r["scale_m"] == 500.0]
+    assert len(res) == 10 and len(whole) == 1 and whole[0]["whole_scene"] is True and whole[0]["window"] == [0, 0, 300, 300]
+    assert not any(r["whole_scene"] for r in res if r["scale_m"] == 100.0)
+    assert place_text(whole[0]).endswith(" · whole scene < 500 m")
+    assert all(place_text(r).endswith(" · 100 m") for r in res if r["scale_m"] == 100.0)
+    text = format_results(res, "a river")
+    assert text.count("whole scene < 500 m tile") == 1 and text.count("  100 m tile") == 9
+
+
 def test_default_tiling_comes_from_the_model_card(tmp_path, tiny):
     card = tmp_path / "mymodel"
     card.mkdir()
