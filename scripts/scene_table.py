@@ -104,6 +104,8 @@ def first_footprint(hits: dict) -> str:
         return "(no hits)"
     r = hits["results"][0]
     size = f"{r['scale_m']:g} m" if r.get("scale_m") else f"{r['window'][2]} px"
+    if r.get("whole_scene"):
+        size = f"whole scene < {size}"
     if r.get("wgs84"):
         w, s, e, n = r["wgs84"]
         return f"{(s + n) / 2:.5f},{(w + e) / 2:.5f} ({size})"
