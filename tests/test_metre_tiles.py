@@ -185,6 +185,32 @@ def test_all_nodata_raster_is_skipped_with_a_warning(tmp_path, caplog):
     assert f"{p}: every pixel is no-data" in caplog.text
 
 
+@pytest.mark.parametrize("metres", [True, False])
+def test_black_fill_without_declared_nodata_is_warned_about(tmp_path, metres, caplog):
+    """A raster whose footprint is padded with pure black but that declares no no-data (as the Manila
+    drone scene in eval/geo): its black tiles are indexed (nothing says they are fill) and a warning
+    names the file, counts them and says how to declare the no-data; declared, they are skipped."""
+    d = textured(400, 400)
+    d[:, :, :130] = 0
+    tiling = Tiling(meters=(100.0,), out_px=32) if metres else Tiling(tile_size=100)
+    p = write_scene(tmp_path / "black.tif", d)
+    with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):
+        scan = scan_scene(p, tiling)
+        scan.log_notes()
+    assert len(scan.items) == 16 and scan.skipped_nodata == 0
+    assert f"{p}: 4 of 16 tiles are mostly pure black" in caplog.text and "gdal_edit.py -a_nodata 0" in caplog.text
+    caplog.clear()
+    q = write_scene(tmp_path / "declared.tif", d, nodata=0)
+    with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):
+        scan = scan_scene(q, tiling)
+        scan.log_notes()
+    assert scan.skipped_nodata == 4 and "pure black" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):  # dark but not black: no warning
+        scan_scene(write_scene(tmp_path / "dark.tif", textured(400, 400, lo=1, hi=20)), tiling).log_notes()
+    assert "pure black" not in caplog.text
+
+
 def test_transform_without_crs_gives_pixel_tiles_and_a_warning(tmp_path, caplog):
     p = tmp_path / "nocrs.tif"
     with rasterio.open(p, "w", driver="GTiff", width=128, height=64, count=3, dtype="uint8",
@@ -253,6 +279,28 @@ def test_multiscale_index_records_scale_and_add_reuses_the_tiling(tmp_path, tiny
     # the same --out with other tiling is refused
     with pytest.raises(RsitrError, match="other settings"):
         B.build_index(a, "clip:tiny", idx, B.BuildOptions(tile_meters=(50.0,), progress=False), model=tiny)
+
+
+def test_a_whole_scene_tile_is_labelled_as_such_not_as_a_full_scale_tile(tmp_path, tiny, capsys):
+    """A scene smaller than a scale's tile (the 200 m Manila drone scene in 320 m tiles) gives one tile
+    of the whole scene: hits, contact sheet captions and the CLI say so instead of "320 m"."""
+    from rsitr.cli.search import format_results
+    from rsitr.search.sheet import place_text
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_scene(src / "s.tif", textured(300, 300))  # 300 m x 300 m at 1 m
+    idx = tmp_path / "idx"
+    run_search_cli(["-q", "index", "build", str(src), "--checkpoint", "clip:tiny", "--out", str(idx), "--tile-meters", "100,500",
+                    "--batch-size", "8", "--engine", "torch"], capsys)
+    res = SearchEngine(idx, model=tiny).search("a river", k=10)
+    whole = [r for r in res if r["scale_m"] == 500.0]
+    assert len(res) == 10 and len(whole) == 1 and whole[0]["whole_scene"] is True and whole[0]["window"] == [0, 0, 300, 300]
+    assert not any(r["whole_scene"] for r in res if r["scale_m"] == 100.0)
+    assert place_text(whole[0]).endswith(" · whole scene < 500 m")
+    assert all(place_text(r).endswith(" · 100 m") for r in res if r["scale_m"] == 100.0)
+    text = format_results(res, "a river")
+    assert text.count("whole scene < 500 m tile") == 1 and text.count("  100 m tile") == 9
 
 
 def test_default_tiling_comes_from_the_model_card(tmp_path, tiny):

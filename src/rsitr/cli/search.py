@@ -211,6 +211,8 @@ def cmd_index_add(args) -> int:
 
 
 def format_results(results: list[dict], query: str) -> str:
+    from rsitr.search.sheet import scale_text
+
     lines = [f"{len(results)} results for {query!r}", f"{'rank':>4}  {'score':>8}  {'id':>6}  path"]
     for r in results:
         where = r["path"] + (f" [x={r['window'][0]} y={r['window'][1]} {r['window'][2]}x{r['window'][3]}]" if r.get("window") else "")
@@ -218,7 +220,7 @@ def format_results(results: list[dict], query: str) -> str:
             w, s, e, n = r["wgs84"]
             where += f"  lon {w:.5f}..{e:.5f} lat {s:.5f}..{n:.5f}"
         if r.get("scale_m"):
-            where += f"  {r['scale_m']:g} m tile"
+            where += f"  {scale_text(r)} tile"
         lines.append(f"{r['rank']:>4}  {r['score']:8.4f}  {r['id']:>6}  {where}")
     return "\n".join(lines)
 

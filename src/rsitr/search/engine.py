@@ -210,7 +210,7 @@ class SearchEngine:
             it = self.items[i]
             out.append({"rank": len(out) + 1, "id": int(i), "score": float(s), "path": it.path, "window": it.window,
                         "bounds": it.bounds, "crs": it.crs, "wgs84": it.wgs84, "scale_m": it.extra.get("scale_m"),
-                        "scene": self.scene_of(int(i))})
+                        "whole_scene": bool(it.extra.get("whole_scene")), "scene": self.scene_of(int(i))})
         return out
 
     def search_vector(self, q: np.ndarray, k: int, bbox=None) -> list[dict]:

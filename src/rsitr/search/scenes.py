@@ -248,14 +248,29 @@ class ValidityGrid:
     height: int
     width: int
     grid: np.ndarray  # bool [gh, gw]
+    # bool [gh, gw]: valid cells that are exactly 0 in every used band (None: not measured). A raster
+    # that declares no no-data can still have black fill around its footprint; this lets the
+    # tiler say so instead of indexing the fill as imagery in silence
+    black: np.ndarray | None = None
+    declared: bool = True  # the raster declares no-data somehow (nodata value, alpha, mask, float NaN)
+
+    def _cells(self, grid: np.ndarray, window) -> np.ndarray:
+        col, row, w, h = window
+        gh, gw = grid.shape
+        r0, r1 = int(row * gh // self.height), int(math.ceil((row + h) * gh / self.height))
+        c0, c1 = int(col * gw // self.width), int(math.ceil((col + w) * gw / self.width))
+        return grid[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]
 
     def fraction(self, window) -> float:
         """Valid share of the pixel window ``[col, row, width, height]`` (cells it touches)."""
-        col, row, w, h = window
-        gh, gw = self.grid.shape
-        r0, r1 = int(row * gh // self.height), int(math.ceil((row + h) * gh / self.height))
-        c0, c1 = int(col * gw // self.width), int(math.ceil((col + w) * gw / self.width))
-        cells = self.grid[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]
+        cells = self._cells(self.grid, window)
+        return float(cells.mean()) if cells.size else 0.0
+
+    def black_fraction(self, window) -> float:
+        """Share of the window's cells that are valid but pure black (0 in every used band)."""
+        if self.black is None:
+            return 0.0
+        cells = self._cells(self.black, window)
         return float(cells.mean()) if cells.size else 0.0
 
 
@@ -268,7 +283,7 @@ def validity_grid(ds, min_tile_px: int) -> ValidityGrid:
 @functools.lru_cache(maxsize=16)
 def _validity_grid(path: str, _mtime: int, _size: int, min_tile_px: int) -> ValidityGrid:
     import rasterio
-    from rasterio.enums import Resampling
+    from rasterio.enums import MaskFlags, Resampling
 
     with rasterio.open(path) as ds:
         f = max(1.0, min_tile_px / CELLS_PER_TILE)
@@ -277,10 +292,12 @@ def _validity_grid(path: str, _mtime: int, _size: int, min_tile_px: int) -> Vali
         bands = rgb_bands(ds)
         masks = ds.read_masks(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
         valid = (masks > 0).all(axis=0)
-        if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands):
-            data = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
+        data = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
+        floating = any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands)
+        if floating:
             valid &= np.isfinite(data).all(axis=0)
-        return ValidityGrid(ds.height, ds.width, valid)
+        declared = floating or any(flag != MaskFlags.all_valid for b in bands for flag in ds.mask_flag_enums[b - 1])
+        return ValidityGrid(ds.height, ds.width, valid, black=valid & (data == 0).all(axis=0), declared=declared)
 
 
 def quicklook(path: str | os.PathLike, long_side: int = 1024):

@@ -3,7 +3,7 @@
 Each cell holds the hit's tile (rendered as it was indexed, :func:`rsitr.search.sources.read_item`,
 scaled to fit a ``cell`` x ``cell`` square) and three lines of text under it: rank and score, the
 file name, and the place - the footprint's centre (lat, lon) and the tile's ground size for a
-georeferenced tile, else its pixel window (``x,y wxh``), or "whole image". Cells run left to right,
+georeferenced tile ("whole scene < 320 m" when the scene is smaller than one tile of that scale), else its pixel window (``x,y wxh``), or "whole image". Cells run left to right,
 ``cols`` per row, in rank order. PIL only: DejaVu Sans when the system has it, else PIL's own font.
 """
 from __future__ import annotations
@@ -52,12 +52,18 @@ def _font(size: int):
     return ImageFont.load_default(size)
 
 
+def scale_text(r: dict) -> str:
+    """A metre hit's tile size: ``80 m``, or ``whole scene < 320 m`` for a scene smaller than one tile
+    of that scale (its footprint is the scene's, not ``scale_m`` across)."""
+    return f"whole scene < {r['scale_m']:g} m" if r.get("whole_scene") else f"{r['scale_m']:g} m"
+
+
 def place_text(r: dict) -> str:
     """Where a hit is, in a few characters (see the module doc)."""
     wb = r.get("wgs84")
     if wb and all(math.isfinite(v) for v in wb):
         text = f"{(wb[1] + wb[3]) / 2:.5f}, {(wb[0] + wb[2]) / 2:.5f}"
-        return text + (f" · {r['scale_m']:g} m" if r.get("scale_m") else "")
+        return text + (f" · {scale_text(r)}" if r.get("scale_m") else "")
     w = r.get("window")
     return f"x{w[0]} y{w[1]} {w[2]}x{w[3]}" if w else "whole image"
 

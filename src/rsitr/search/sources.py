@@ -293,6 +293,7 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
         scan.notes.append((logging.WARNING, f"{path}: every pixel is no-data (nodata value, alpha 0 or NaN): skipped"))
         return scan
     seen: set[str] = set()
+    black = 0
     for win, extra in cut:
         key = item_key(path, win)
         if key in seen:  # the same window at two scales (a scene smaller than both tiles)
@@ -301,6 +302,8 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
         if grid is not None and 1.0 - grid.fraction(win) > tiling.max_nodata:
             scan.skipped_nodata += 1
             continue
+        if grid is not None and not grid.declared and grid.black_fraction(win) > tiling.max_nodata:
+            black += 1
         bounds = wgs = None
         if has_crs:
             b = window_bounds(Window(*win), ds.transform)  # (left, bottom, right, top)
@@ -310,6 +313,11 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
     if scan.skipped_nodata:
         scan.notes.append((logging.INFO, f"{path.name}: skipped {scan.skipped_nodata} tiles that are mostly no-data "
                                          f"(more than {tiling.max_nodata:.0%} of their pixels)"))
+    if black:
+        scan.notes.append((logging.WARNING, f"{path}: {black} of {len(scan.items)} tiles are mostly pure black (0 in every band; more "
+                                            f"than {tiling.max_nodata:.0%} of their pixels) but the raster declares no no-data value, "
+                                            f"alpha band or mask, so they are indexed as imagery and can rank among the hits; if black "
+                                            f"is fill here, declare it (gdal_edit.py -a_nodata 0 FILE) and rebuild"))
     return scan
 
 
