@@ -53,7 +53,8 @@ def test_missing_images_counted_and_named(rsitmd_test, tmp_path):
 
     r = check_dataset(ann, image_root=root / "images")
     assert r["missing_images"] == 0 and r["unreadable_images"] == 0 and exit_code(r) == 0
-    assert r["splits"] == {"test": {"images": 452, "captions": 2260}}
+    assert {k: v for k, v in r["splits"]["test"].items() if k in ("images", "captions")} == {"images": 452, "captions": 2260}
+    assert set(r["splits"]) == {"test"} and r["splits"]["test"]["class_tv_to_test"] == 0.0
     assert r["captions_per_image"] == {"5": 452}
     assert r["classes"] is not None and sum(r["classes"].values()) == 452 and r["classes"]["boat"] == 1
     json.dumps(r)  # JSON-able
@@ -69,7 +70,8 @@ def test_some_missing_some_unreadable(tmp_path):
     assert r["missing_examples"][0]["image"] == "d_4.png"
     assert r["unreadable_examples"][0]["image"] == "c_3.png"
     assert r["captions_per_image"] == {"1": 3, "2": 1}
-    assert r["splits"]["test"] == {"images": 2, "captions": 3}
+    assert r["splits"]["test"] == {"images": 2, "captions": 3, "distinct_per_image": {"1": 1, "2": 1}, "class_tv_to_test": 0.0}
+    assert r["splits"]["train"]["distinct_per_image"] == {"1": 1}
     assert r["resolution"]["as-written"] == 3 and r["resolution"]["unresolved"] == 1  # found in images/
     assert exit_code(r) == 1
     text = render_check(r)
@@ -123,3 +125,20 @@ def test_cli_entry(tmp_path, capsys):
     (tmp_path / "ok.csv").write_text("filename,title\n/far/away/a_1.png,x\n")
     assert run_data_check(p.parse_args([str(tmp_path / "ok.csv"), "--split", "train"])) == 0
     assert "status: OK" in capsys.readouterr().out
+
+
+def test_distinct_captions_and_class_mix_per_split(tmp_path):
+    """The split statistics that show how RSICD's test split was drawn: distinct sentences per image
+    (five copies of one sentence count 1) and each split's class-mix distance to test."""
+    write_placeholders(tmp_path / "images", ["a_1.png", "a_2.png", "b_3.png", "a_4.png"])
+    ann = tmp_path / "pairs.csv"
+    ann.write_text("image,caption,split\n"
+                   "a_1.png,A plane .,train\na_1.png,a plane,train\n"
+                   "a_2.png,x,train\na_2.png,y,train\n"
+                   "b_3.png,p,test\nb_3.png,q,test\n"
+                   "a_4.png,r,test\na_4.png,s,test\n")
+    r = check_dataset(ann)  # classes from the file names: a, a | b, a
+    tr, te = r["splits"]["train"], r["splits"]["test"]
+    assert tr["distinct_per_image"] == {"1": 1, "2": 1} and te["distinct_per_image"] == {"2": 2}
+    assert te["class_tv_to_test"] == 0.0 and tr["class_tv_to_test"] == 0.5
+    assert "distinct captions per image: 1: 1, 2: 1" in render_check(r)

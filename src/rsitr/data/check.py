@@ -1,7 +1,9 @@
 """``rsitr data check PATH``: what a caption dataset holds and what is wrong with it.
 
 The report (a JSON-able dict) has: format, files, images, captions, splits
-({name: {"images", "captions"}}), captions_per_image ({n_captions: n_images}, string keys),
+({name: {"images", "captions", "distinct_per_image": {n distinct sentences: n images},
+"class_tv_to_test": total variation distance of the split's class histogram to test's, when both
+have labels}}), captions_per_image ({n_captions: n_images}, string keys),
 classes ({name: n_images} or null when any image lacks a label), label_source,
 duplicate_captions ({"within_image", "across_images"}), missing_images / missing_examples,
 unreadable_images / unreadable_examples, resolution (images found by each path rule, see
@@ -26,7 +28,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from rsitr.data.captions import load_with_info
-from rsitr.data.types import CaptionDataset
+from rsitr.data.types import CaptionDataset, distinct_captions
 
 N_EXAMPLES = 5
 
@@ -63,9 +65,13 @@ def check_dataset(
                      skip_entries=True, images="keep", check_images=True, workers=workers)
     splits: dict[str, dict[str, int]] = {}
     for e in ds.entries:
-        s = splits.setdefault(e.split, {"images": 0, "captions": 0})
+        s = splits.setdefault(e.split, {"images": 0, "captions": 0, "distinct_per_image": Counter()})
         s["images"] += 1
         s["captions"] += len(e.captions)
+        s["distinct_per_image"][distinct_captions(e.captions)] += 1
+    for s in splits.values():
+        s["distinct_per_image"] = {str(k): v for k, v in sorted(s["distinct_per_image"].items())}
+    _class_mix(ds, splits)
     hist = Counter(len(e.captions) for e in ds.entries)
     classes = None
     if ds.classes is not None:
@@ -101,6 +107,20 @@ def check_dataset(
     }
 
 
+def _class_mix(ds: CaptionDataset, splits: dict[str, dict[str, Any]]) -> None:
+    """Each split's total variation distance to the test split's class histogram (labelled images;
+    the unlabelled ones count as one class), when there is a test split and labels."""
+    if "test" not in splits or ds.classes is None:
+        return
+    hist: dict[str, Counter] = defaultdict(Counter)
+    for e in ds.entries:
+        hist[e.split][e.label] += 1
+    test, nt = hist["test"], sum(hist["test"].values())
+    for name, h in hist.items():
+        n = sum(h.values())
+        splits[name]["class_tv_to_test"] = round(0.5 * sum(abs(h[c] / n - test[c] / nt) for c in set(h) | set(test)), 4)
+
+
 def exit_code(report: dict[str, Any]) -> int:
     """1 when an image is missing or unreadable (or an annotation entry is bad), else 0."""
     return 1 if report["missing_images"] or report["unreadable_images"] or report.get("problems") else 0
@@ -112,7 +132,9 @@ def render_check(report: dict[str, Any]) -> str:
     lines = [f"{r['path']}: {r['format']} format ({', '.join(r['files'])})",
              f"  images {r['images']:,}   captions {r['captions']:,}   ({r['seconds']:.2f}s)"]
     for name, s in r["splits"].items():
-        lines.append(f"  {name:<6} {s['images']:>7,} images {s['captions']:>8,} captions")
+        lines.append(f"  {name:<6} {s['images']:>7,} images {s['captions']:>8,} captions   distinct captions per image: "
+                     + ", ".join(f"{k}: {v:,}" for k, v in s["distinct_per_image"].items())
+                     + (f"   class mix vs test: TV {s['class_tv_to_test']:.3f}" if "class_tv_to_test" in s else ""))
     lines.append("  captions per image: " + ", ".join(f"{k}: {v:,}" for k, v in r["captions_per_image"].items()))
     if r["classes"]:
         lines.append(f"  classes ({len(r['classes'])}, from {r['label_source']}): "
