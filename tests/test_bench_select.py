@@ -65,9 +65,19 @@ def test_bench_select_cli_scores_epoch_checkpoints(synth_dataset, tmp_path):
     shutil.copy(run / "checkpoint_last.pt", tmp_path / "x-ep2.pt")
     rc = main(["-q", "bench", "select", "--group", f"s0={run}:{tmp_path}/x-ep*.pt", "--data", str(data),
                "--rules", "val", "val:distinct>=2", "--out", str(tmp_path / "sel")])
+    assert main(["-q", "bench", "select", "--group", f"s0={run}:{tmp_path}/x-ep*.pt", "--data", str(data),
+                 "--no-qbnorm", "--out", str(tmp_path / "sel-plain")]) == 0
+    plain = json.loads((tmp_path / "sel-plain" / "select.json").read_text())
+    assert list(plain["variants"]) == ["plain"] and set(plain["candidates"][0]["mR"]) == {"val", "val:distinct>=2", "test"}
     assert rc == 0
     res = json.loads((tmp_path / "sel" / "select.json").read_text())
     assert [c["label"] for c in res["candidates"]] == ["ep1", "ep2"]
     assert set(res["candidates"][0]["mR"]) == {"val", "val+qb", "val:distinct>=2", "val:distinct>=2+qb", "test", "test+qb"}
     assert res["candidates"][0]["mR"]["test"] != res["candidates"][1]["mR"]["test"]  # two different checkpoints
     assert "Spearman" in (tmp_path / "sel" / "select.md").read_text()
+
+
+def test_summarise_without_qbnorm_has_the_plain_variant_only():
+    cands = [Candidate("a", f"ep{i}", {"val": {"mR": v}, "test": {"mR": t}}) for i, (v, t) in enumerate([(1, 2), (2, 3), (3, 1)])]
+    res = summarise(cands, ["val"])
+    assert list(res["variants"]) == ["plain"] and res["variants"]["plain"]["rows"][0]["picks"]["a"]["picked"] == "ep2"

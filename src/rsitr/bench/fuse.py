@@ -84,11 +84,11 @@ def _run_config(run: Path, data: str | None) -> dict[str, Any]:
 
 
 def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False,
-                 checkpoint: Path | None = None, extra_splits: dict[str, str] | None = None) -> Member:
+                 checkpoint: Path | None = None, extra_splits: dict[str, str] | None = None, with_bank: bool = True) -> Member:
     """Load the best checkpoint of a run (or ``checkpoint``, another checkpoint file of that run,
     e.g. a copy of one epoch's ``checkpoint_last.pt``) and embed the val and test splits, the
     ``extra_splits`` (``{name: split spec}``, e.g. ``{"val2": "val:distinct>=2"}``) and the bank
-    (the training split, eval view). Frozen-trunk activations come from the run's trunk cache
+    (the training split, eval view; ``with_bank=False`` skips it: no QB-Norm then). Frozen-trunk activations come from the run's trunk cache
     (``cache_dir``) when its backbone allows one: the bank is then the training cache's view 0."""
     from rsitr.data.captions import load_dataset
     from rsitr.data.imagesets import TrunkCache, make_transforms
@@ -106,6 +106,8 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
         raise RsitrError(f"{run}: trained without a val split (data.val_split: none); beta is chosen on val")
     splits = {"val": ds.split(cfg.data.val_split), "test": ds.split(cfg.data.test_split), "bank": ds.split(cfg.data.train_split)}
     splits.update({k: ds.split(v) for k, v in (extra_splits or {}).items()})
+    if not with_bank:
+        del splits["bank"]
     for s in splits:
         if len(splits[s]) == 0:
             what = {"val": "a val split to choose beta on", "test": "a test split", "bank": "a training split (the query bank)"}.get(s, f"a non-empty split {s}")
@@ -135,7 +137,8 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
         else:
             images[s], texts[s], owner[s] = enc.images, enc.texts, list(enc.text_to_image)
     name = name or (run.parent.parent.name if run.name == "run" else run.name)
-    return Member(name, run, images, texts, owner, bank.images, bank.texts)
+    empty = torch.zeros(0, images["val"].shape[1])
+    return Member(name, run, images, texts, owner, bank.images if bank is not None else empty, bank.texts if bank is not None else empty)
 
 
 def _scores(members: list[Member], split: str, beta: float | None, dynamic: bool):

@@ -70,10 +70,11 @@ def epoch_label(path: Path) -> str:
     return f"ep{int(m.group(1))}" if m else path.stem
 
 
-def score_candidates(groups: dict[str, tuple[Path, list[Path]]], *, data: str, rules: list[str], beta: float = 14.0,
+def score_candidates(groups: dict[str, tuple[Path, list[Path]]], *, data: str, rules: list[str], beta: float | None = 14.0,
                      progress: bool = False) -> list[Candidate]:
     """Embed and score every checkpoint of ``groups`` (``{group: (run folder, [checkpoint files])}``)
-    on the ``rules`` (split specs), the run's test split, each plain and with QB-Norm at ``beta``."""
+    on the ``rules`` (split specs), the run's test split, each plain and (``beta`` not None) with
+    QB-Norm at ``beta``."""
     from rsitr.bench.fuse import embed_member
     from rsitr.eval.evaluate import pair_metrics
 
@@ -81,11 +82,12 @@ def score_candidates(groups: dict[str, tuple[Path, list[Path]]], *, data: str, r
     out = []
     for group, (run, ckpts) in groups.items():
         for ck in ckpts:
-            m = embed_member(run, data=data, checkpoint=ck, extra_splits=names, progress=progress)
+            m = embed_member(run, data=data, checkpoint=ck, extra_splits=names, progress=progress, with_bank=beta is not None)
             scores = {}
             for key, spec in [*names.items(), ("test", "test")]:
                 scores[spec] = pair_metrics(m.sim(key), m.owner[key])
-                scores[f"{spec}+qb"] = pair_metrics(m.qb(key, beta, False), m.owner[key])
+                if beta is not None:
+                    scores[f"{spec}+qb"] = pair_metrics(m.qb(key, beta, False), m.owner[key])
             out.append(Candidate(group, epoch_label(ck), scores))
             log.info("%s %s: %s", group, epoch_label(ck), ", ".join(f"{k} {v['mR']:.2f}" for k, v in scores.items()))
     return out
@@ -96,7 +98,8 @@ def summarise(cands: list[Candidate], rules: list[str]) -> dict[str, Any]:
     Spearman with test per group, its mean, and pooled over all candidates."""
     groups = sorted({c.group for c in cands})
     res: dict[str, Any] = {"groups": groups, "rules": rules, "variants": {}}
-    for suffix, variant in (("", "plain"), ("+qb", "qbnorm")):
+    variants = [("", "plain")] + ([("+qb", "qbnorm")] if all("test+qb" in c.scores for c in cands) else [])
+    for suffix, variant in variants:
         test_key = "test" + suffix
         rows = []
         for rule in rules:

@@ -438,7 +438,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         if name in groups:
             raise RsitrError(f"--group {name} is given twice")
         groups[name] = (run, files)
-    cands = score_candidates(groups, data=args.data, rules=args.rules, beta=args.qbnorm_beta, progress=not args.quiet)
+    cands = score_candidates(groups, data=args.data, rules=args.rules, beta=None if args.no_qbnorm else args.qbnorm_beta, progress=not args.quiet)
     res = summarise(cands, args.rules)
     md = render(res)
     if args.out:
@@ -457,6 +457,7 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", nargs="+", default=["val", "val:distinct>=2"],
                    help="selection splits to compare (split specs; default: val and val:distinct>=2)")
     p.add_argument("--qbnorm-beta", type=float, default=14.0, help="QB-Norm beta of the +qb variant (default 14)")
+    p.add_argument("--no-qbnorm", action="store_true", help="plain scores only: no query bank is encoded (much faster per checkpoint)")
     p.add_argument("--out", default=None, help="folder for select.json and select.md")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown tables")
 
