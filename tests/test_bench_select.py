@@ -48,6 +48,7 @@ def test_parse_group_errors(tmp_path):
         (tmp_path / f"s-ep{e}.pt").write_bytes(b"")
     name, run, files = parse_group(f"a={tmp_path}:{tmp_path}/s-ep*.pt")
     assert name == "a" and [f.name for f in files] == ["s-ep1.pt", "s-ep2.pt", "s-ep10.pt"]
+    assert [f.name for f in parse_group(f"a={tmp_path}:{tmp_path}/s-ep1.pt,{tmp_path}/s-ep1*.pt")[2]] == ["s-ep1.pt", "s-ep10.pt"]
 
 
 def test_bench_select_cli_scores_epoch_checkpoints(synth_dataset, tmp_path):

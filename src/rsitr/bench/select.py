@@ -146,13 +146,15 @@ def render(res: dict[str, Any]) -> str:
 
 
 def parse_group(text: str) -> tuple[str, Path, list[Path]]:
-    """``NAME=RUN:GLOB`` (checkpoints of the run folder RUN matching GLOB) -> (name, run, files)."""
+    """``NAME=RUN:GLOB[,GLOB...]`` (checkpoints of the run folder RUN matching any GLOB) -> (name, run, files)."""
     name, eq, rest = text.partition("=")
     run, colon, pattern = rest.rpartition(":")
     if not eq or not colon or not name or not run or not pattern:
         raise RsitrError(f"--group {text!r}: expected NAME=RUN_FOLDER:CHECKPOINT_GLOB, e.g. s1=runs/joint-s1:runs/epochs/s1-ep*.pt")
-    files = sorted(Path().glob(pattern) if not Path(pattern).is_absolute() else Path("/").glob(pattern.lstrip("/")),
-                   key=lambda p: (len(p.stem), p.stem))
+    found = set()
+    for pat in pattern.split(","):  # several globs: RUN:a-ep[68].pt,a-ep1[02].pt
+        found.update(Path().glob(pat) if not Path(pat).is_absolute() else Path("/").glob(pat.lstrip("/")))
+    files = sorted(found, key=lambda p: (len(p.stem), p.stem))
     if not files:
         raise RsitrError(f"--group {name}: no checkpoint matches {pattern}")
     return name, Path(run), files
