@@ -4,6 +4,7 @@ log.jsonl, resume with the same teachers, one-line refusals)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_training_with_a_teacher_run(synth, teacher_run, tmp_path, monkeypatch):
     recorded = json.loads((out / "config.json").read_text())["distill"]
     teacher_file = teacher_run / "checkpoint_best.pt"
     assert recorded["teachers"] == [str(teacher_run)]
-    assert recorded["sha256"] == [distill._sha256(teacher_file)]
+    assert recorded["sha256"] == [hashlib.sha256(teacher_file.read_bytes()).hexdigest()]
     from rsitr.models.checkpoint import TrainCheckpoint
 
     assert list(TrainCheckpoint.load(out / "checkpoint_last.pt").config["distill"]["sha256"]) == recorded["sha256"]

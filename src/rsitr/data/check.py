@@ -28,13 +28,9 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from rsitr.data.captions import load_with_info
-from rsitr.data.types import CaptionDataset, distinct_captions
+from rsitr.data.types import CaptionDataset, distinct_captions, normalise_caption
 
 N_EXAMPLES = 5
-
-
-def normalise_caption(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def duplicate_captions(ds: CaptionDataset) -> dict[str, int]:

@@ -32,8 +32,14 @@ class ImageEntry:
     part: str | None = None  # the dataset it came from, in a training mix of several (see rsitr.data.mixed)
 
 
+def normalise_caption(text: str) -> str:
+    """A caption compared as text: lower case, runs of whitespace one space, trimmed (duplicate
+    captions in ``rsitr data check``, same-sentence pairs of ``method.false_negatives: mask``)."""
+    return " ".join(text.lower().split())
+
+
 def _caption_key(caption: str) -> str:
-    return " ".join(caption.casefold().split()).rstrip(" .!?;,")
+    return normalise_caption(caption.casefold()).rstrip(" .!?;,")
 
 
 def distinct_captions(captions: list[str]) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsitr.data.types import CaptionDataset
+from rsitr.data.types import CaptionDataset, normalise_caption
 from rsitr.losses.contrastive import info_nce
 from rsitr.models.base import Backbone, Features
 from rsitr.retrieval.twostage import TwoStageParams
@@ -189,7 +189,7 @@ class Method(nn.Module):
         (lower case, single spaces), every image the ids of its captions."""
         texts, owner = train_data.texts()
         ids: dict[str, int] = {}
-        tid = [ids.setdefault(" ".join(t.lower().split()), len(ids)) for t in texts]
+        tid = [ids.setdefault(normalise_caption(t), len(ids)) for t in texts]
         per_image: list[list[int]] = [[] for _ in range(len(train_data))]
         for j, i in enumerate(owner):
             per_image[i].append(tid[j])

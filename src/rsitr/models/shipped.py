@@ -23,7 +23,6 @@ file of that name exists); :data:`DEFAULT` is what commands use when ``--checkpo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rsitr.utils.errors import CheckpointError, RsitrError
-from rsitr.utils.io import atomic_path
+from rsitr.utils.io import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     from rsitr.models.checkpoint import TrainCheckpoint
@@ -107,14 +106,6 @@ def read_card(name: str, root: str | Path | None = None) -> dict[str, Any]:
     if card["format"] != FORMAT:
         raise CheckpointError(f"{path}: model card format {card['format']} (this rsitr reads format {FORMAT}); upgrade rsitr")
     return card
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shipped_checkpoint(name: str, root: str | Path | None = None) -> "TrainCheckpoint":

@@ -21,7 +21,6 @@ every checkpoint); a resumed run must name the same teachers, whose files must s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +38,12 @@ from rsitr.models.checkpoint import TrainCheckpoint
 from rsitr.models.trunk_cache import trunk_identity
 from rsitr.utils.distributed import gather_rows
 from rsitr.utils.errors import CheckpointError, RsitrError
+from rsitr.utils.io import sha256_file
 
 log = logging.getLogger(__name__)
 
 
 # -- which files ---------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_teachers(teachers: tuple, recorded: tuple = ()) -> list[tuple[str, Path, str]]:
     """``(as given, checkpoint file, sha256)`` of each teacher; with ``recorded`` digests, a file
     that hashes differently is an error (the teacher changed since the run started)."""
@@ -61,7 +53,7 @@ def resolve_teachers(teachers: tuple, recorded: tuple = ()) -> list[tuple[str, P
             path = TrainCheckpoint.resolve(given)
         except CheckpointError as exc:
             raise RsitrError(f"distill.teachers: {exc}") from None
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if recorded and recorded[k] != digest:
             raise RsitrError(f"distill.teachers: {path} changed since the run recorded it (sha256 {digest[:12]}... != {str(recorded[k])[:12]}...); "
                              f"restore that teacher or start a new run")
