@@ -84,11 +84,13 @@ def _run_config(run: Path, data: str | None) -> dict[str, Any]:
 
 
 def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False,
-                 checkpoint: Path | None = None, extra_splits: dict[str, str] | None = None, with_bank: bool = True) -> Member:
+                 checkpoint: Path | None = None, extra_splits: dict[str, str] | None = None, with_bank: bool = True,
+                 dataset=None) -> Member:
     """Load the best checkpoint of a run (or ``checkpoint``, another checkpoint file of that run,
     e.g. a copy of one epoch's ``checkpoint_last.pt``) and embed the val and test splits, the
     ``extra_splits`` (``{name: split spec}``, e.g. ``{"val2": "val:distinct>=2"}``) and the bank
-    (the training split, eval view; ``with_bank=False`` skips it: no QB-Norm then). Frozen-trunk activations come from the run's trunk cache
+    (the training split, eval view; ``with_bank=False`` skips it: no QB-Norm then). ``dataset``: ``data``
+    already loaded (a caller scoring several checkpoints loads it once). Frozen-trunk activations come from the run's trunk cache
     (``cache_dir``) when its backbone allows one: the bank is then the training cache's view 0."""
     from rsitr.data.captions import load_dataset
     from rsitr.data.imagesets import TrunkCache, make_transforms
@@ -101,7 +103,7 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
 
     run = run_folder(path)
     cfg = TrainConfig.from_dict(_run_config(run, data))
-    ds = load_dataset(data) if data is not None else load_training_data(cfg.data)
+    ds = dataset if dataset is not None else load_dataset(data) if data is not None else load_training_data(cfg.data)
     if cfg.data.val_split == "none":
         raise RsitrError(f"{run}: trained without a val split (data.val_split: none); beta is chosen on val")
     splits = {"val": ds.split(cfg.data.val_split), "test": ds.split(cfg.data.test_split), "bank": ds.split(cfg.data.train_split)}

@@ -18,6 +18,7 @@ over all candidates pooled. Written by the benchmarks' one writer
 """
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import statistics
@@ -76,13 +77,15 @@ def score_candidates(groups: dict[str, tuple[Path, list[Path]]], *, data: str, r
     on the ``rules`` (split specs), the run's test split, each plain and (``beta`` not None) with
     QB-Norm at ``beta``."""
     from rsitr.bench.fuse import embed_member
+    from rsitr.data.captions import load_dataset
     from rsitr.eval.evaluate import pair_metrics
 
     names = {f"rule{i}": spec for i, spec in enumerate(rules)}
+    ds = load_dataset(data)  # once for every checkpoint
     out = []
     for group, (run, ckpts) in groups.items():
         for ck in ckpts:
-            m = embed_member(run, data=data, checkpoint=ck, extra_splits=names, progress=progress, with_bank=beta is not None)
+            m = embed_member(run, data=data, dataset=ds, checkpoint=ck, extra_splits=names, progress=progress, with_bank=beta is not None)
             scores = {}
             for key, spec in [*names.items(), ("test", "test")]:
                 scores[spec] = pair_metrics(m.sim(key), m.owner[key])
@@ -151,9 +154,7 @@ def parse_group(text: str) -> tuple[str, Path, list[Path]]:
     run, colon, pattern = rest.rpartition(":")
     if not eq or not colon or not name or not run or not pattern:
         raise RsitrError(f"--group {text!r}: expected NAME=RUN_FOLDER:CHECKPOINT_GLOB, e.g. s1=runs/joint-s1:runs/epochs/s1-ep*.pt")
-    found = set()
-    for pat in pattern.split(","):  # several globs: RUN:a-ep[68].pt,a-ep1[02].pt
-        found.update(Path().glob(pat) if not Path(pat).is_absolute() else Path("/").glob(pat.lstrip("/")))
+    found = {Path(f) for pat in pattern.split(",") for f in glob.glob(pat)}  # several globs: RUN:a-ep[68].pt,a-ep1[02].pt
     files = sorted(found, key=lambda p: (len(p.stem), p.stem))
     if not files:
         raise RsitrError(f"--group {name}: no checkpoint matches {pattern}")
