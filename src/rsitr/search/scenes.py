@@ -292,12 +292,14 @@ def _validity_grid(path: str, _mtime: int, _size: int, min_tile_px: int) -> Vali
         bands = rgb_bands(ds)
         masks = ds.read_masks(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
         valid = (masks > 0).all(axis=0)
-        data = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
         floating = any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands)
+        declared = floating or any(flag != MaskFlags.all_valid for b in bands for flag in ds.mask_flag_enums[b - 1])
+        if declared and not floating:  # the pixels are needed only for NaNs or undeclared black fill
+            return ValidityGrid(ds.height, ds.width, valid, declared=True)
+        data = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
         if floating:
             valid &= np.isfinite(data).all(axis=0)
-        declared = floating or any(flag != MaskFlags.all_valid for b in bands for flag in ds.mask_flag_enums[b - 1])
-        return ValidityGrid(ds.height, ds.width, valid, black=valid & (data == 0).all(axis=0), declared=declared)
+        return ValidityGrid(ds.height, ds.width, valid, black=None if declared else valid & (data == 0).all(axis=0), declared=declared)
 
 
 def quicklook(path: str | os.PathLike, long_side: int = 1024):
