@@ -169,7 +169,7 @@ class TrainConfig:
                 if not ok:
                     rng = f"{'>' if low_open else '>='} {lo:g}" + (f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "")
                     raise RsitrError(f"{key}: must be {rng}, got {node!r}")
-        for key, allowed in CHOICES.items():
+        for key, allowed in choices().items():
             node = self
             for part in key.split("."):
                 node = getattr(node, part)
@@ -228,10 +228,11 @@ RANGES: dict[str, tuple[float, float | None, bool | str]] = {
     "distill.weight": (0, None, True), "distill.temperature": (0, None, True),
 }
 
-# allowed values of string keys
-CHOICES: dict[str, tuple[str, ...]] = {
-    "distill.directions": ("both", "i2t", "t2i"), "distill.average": ("probs", "logits"),
-}
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of string keys, from the modules that implement them."""
+    from rsitr.losses.distill import AVERAGES, DIRECTIONS
+
+    return {"distill.directions": DIRECTIONS, "distill.average": AVERAGES}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
