@@ -54,10 +54,11 @@ def encode_dataset(
     """
     from rsitr.utils.progress import progress_bar
 
-    from rsitr.data.transforms import DIHEDRAL_VIEWS, EvalTransform
-    from rsitr.models.tta import encode_views
+    from rsitr.data.transforms import EvalTransform
+    from rsitr.models.tta import check_views, encode_views
     from rsitr.data.imagesets import ImageSet, iterate_images
 
+    tta = check_views(tta)  # before the backbone's mode is touched
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
@@ -67,9 +68,6 @@ def encode_dataset(
         if keep_tokens:
             return Features(f.pooled.float().cpu(), f.tokens.float().cpu(), f.mask.cpu())
         return Features(f.pooled.float().cpu(), f.pooled.new_zeros(0), f.mask.new_zeros(0))
-
-    if tta not in DIHEDRAL_VIEWS:
-        raise ValueError(f"tta must be one of {DIHEDRAL_VIEWS}, got {tta}")
 
     def encode_px(px: torch.Tensor) -> Features:
         return keep(encode_views(run, px, tta, tokens=keep_tokens))
