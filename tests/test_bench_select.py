@@ -82,3 +82,48 @@ def test_summarise_without_qbnorm_has_the_plain_variant_only():
     cands = [Candidate("a", f"ep{i}", {"val": {"mR": v}, "test": {"mR": t}}) for i, (v, t) in enumerate([(1, 2), (2, 3), (3, 1)])]
     res = summarise(cands, ["val"])
     assert list(res["variants"]) == ["plain"] and res["variants"]["plain"]["rows"][0]["picks"]["a"]["picked"] == "ep2"
+
+
+def test_select_reads_each_trunk_cache_once_for_all_checkpoints(synth_dataset, tmp_path, monkeypatch):
+    """Checkpoints of one trunk share its cached activations: ``score_candidates`` builds (reads) the
+    trunk cache of each split once, not once per checkpoint, and scores as if it had not shared."""
+    import dataclasses
+
+    import torch
+
+    from _tiny_backbone import TinyBackbone
+    from rsitr.bench.select import score_candidates
+    from rsitr.models import registry, trunk_cache
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    def build_fixed(name, device, **_):  # a pretrained trunk: the same weights in every build
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = TinyBackbone()
+        model.info = dataclasses.replace(model.info, kind="selecttest", name=name)
+        return model.to(device)
+
+    registry.list_backbones()
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    registry.register_backbone("selecttest", names=lambda: ("mini",))(build_fixed)
+    data = synth_dataset(n_images=24, seed=5, image_size=32)
+    run = tmp_path / "run"
+    over = {"data.path": str(data), "out_dir": str(run), "model.backbone": "selecttest:mini", "model.mode": "heads",
+            "epochs": 1, "batch_size": 8, "eval_batch_size": 16, "seed": 0, "warmup_steps": 0, "cache_dir": str(tmp_path / "cache")}
+    train(TrainConfig().override(over), progress=False, evaluate_test=False)
+    shutil.copy(run / "checkpoint_last.pt", tmp_path / "x-ep1.pt")
+    train(TrainConfig().override({**over, "epochs": 2}), resume=True, progress=False, evaluate_test=False)
+    shutil.copy(run / "checkpoint_last.pt", tmp_path / "x-ep2.pt")
+
+    calls = []
+    real = trunk_cache.build_trunk_cache
+    monkeypatch.setattr(trunk_cache, "build_trunk_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    groups = {"s0": (run, [tmp_path / "x-ep1.pt", tmp_path / "x-ep2.pt"])}
+    shared = score_candidates(groups, data=str(data), rules=["val"], beta=14.0)
+    assert len(calls) == 3  # val (and the rule "val", the same images), test, the bank: once each for both checkpoints
+
+    alone = [score_candidates({"s0": (run, [ck])}, data=str(data), rules=["val"], beta=14.0)[0] for ck in groups["s0"][1]]
+    assert len(calls) == 3 + 6  # without sharing across checkpoints: each of the three once per checkpoint
+    for a, b in zip(shared, alone):
+        assert a.scores == b.scores

@@ -85,16 +85,18 @@ def _run_config(run: Path, data: str | None) -> dict[str, Any]:
 
 def embed_member(path: Path, *, name: str | None = None, data: str | None = None, progress: bool = False,
                  checkpoint: Path | None = None, extra_splits: dict[str, str] | None = None, with_bank: bool = True,
-                 dataset=None) -> Member:
+                 dataset=None, trunk_memo: dict | None = None) -> Member:
     """Load the best checkpoint of a run (or ``checkpoint``, another checkpoint file of that run,
     e.g. a copy of one epoch's ``checkpoint_last.pt``) and embed the val and test splits, the
     ``extra_splits`` (``{name: split spec}``, e.g. ``{"val2": "val:distinct>=2"}``) and the bank
     (the training split, eval view; ``with_bank=False`` skips it: no QB-Norm then). ``dataset``: ``data``
-    already loaded (a caller scoring several checkpoints loads it once). Frozen-trunk activations come from the run's trunk cache
+    already loaded (a caller scoring several checkpoints loads it once); ``trunk_memo``: a dict the
+    caller keeps across checkpoints, holding the trunk caches already loaded (keyed by trunk identity,
+    split and views), so checkpoints of one trunk read each cache file once. Frozen-trunk activations come from the run's trunk cache
     (``cache_dir``) when its backbone allows one: the bank is then the training cache's view 0."""
     from rsitr.data.captions import load_dataset
     from rsitr.data.imagesets import TrunkCache, make_transforms
-    from rsitr.models.trunk_cache import build_trunk_cache, supports_trunk_cache
+    from rsitr.models.trunk_cache import build_trunk_cache, supports_trunk_cache, trunk_identity
     from rsitr.eval.evaluate import encode_dataset
     from rsitr.methods.factory import load
     from rsitr.models.engine import engine_for
@@ -125,14 +127,22 @@ def embed_member(path: Path, *, name: str | None = None, data: str | None = None
     common = dict(cache_dir=cache_dir, eval_transform=eval_tf, batch_size=cfg.eval_batch_size, progress=progress, engine=engine)
     images, texts, owner = {}, {}, {}
     bank = None
+    trunk = json.dumps([trunk_identity(bb, "image"), trunk_identity(bb, "text"), str(cache_dir)], sort_keys=True, default=str) if cached else ""
     for s in splits:
         cache = None
-        if cached and s == "bank":  # the training run's cache (its views), view 0 = eval transform
+        # what the cache depends on besides the trunk: the split's entries, the views and their seed
+        key = (trunk, s == "bank", tuple((e.image_id, tuple(e.captions)) for e in splits[s].entries), cfg.cache_views if s == "bank" else 1,
+               (cfg.seed if cfg.cache_seed is None else cfg.cache_seed) if s == "bank" else cfg.seed)
+        if cached and trunk_memo is not None and key in trunk_memo:
+            cache = trunk_memo[key]
+        elif cached and s == "bank":  # the training run's cache (its views), view 0 = eval transform
             c = build_trunk_cache(bb, splits[s], views=cfg.cache_views, train_transform=train_tf, keep_tokens=False,
                                   seed=cfg.seed if cfg.cache_seed is None else cfg.cache_seed, **common)
             cache = TrunkCache([c.image[0]] if c.image is not None else None, c.text)
         elif cached:
             cache = build_trunk_cache(bb, splits[s], views=1, keep_tokens=False, seed=cfg.seed, **common)
+        if cached and trunk_memo is not None:
+            trunk_memo[key] = cache
         enc = encode_dataset(bb, splits[s], batch_size=cfg.eval_batch_size, trunk_cache=cache, progress=progress, engine=engine)
         if s == "bank":
             bank = enc

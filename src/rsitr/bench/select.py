@@ -82,10 +82,11 @@ def score_candidates(groups: dict[str, tuple[Path, list[Path]]], *, data: str, r
 
     names = {f"rule{i}": spec for i, spec in enumerate(rules)}
     ds = load_dataset(data)  # once for every checkpoint
+    memo: dict = {}  # trunk caches read once for all checkpoints of one trunk
     out = []
     for group, (run, ckpts) in groups.items():
         for ck in ckpts:
-            m = embed_member(run, data=data, dataset=ds, checkpoint=ck, extra_splits=names, progress=progress, with_bank=beta is not None)
+            m = embed_member(run, data=data, dataset=ds, checkpoint=ck, extra_splits=names, progress=progress, with_bank=beta is not None, trunk_memo=memo)
             scores = {}
             for key, spec in [*names.items(), ("test", "test")]:
                 scores[spec] = pair_metrics(m.sim(key), m.owner[key])
