@@ -1,6 +1,7 @@
 """Shipped models (issue 27): a training run's trained parts exported as fp16 safetensors with a
 card, loaded by name with its sha256 checked, equal to the run's model up to fp16; the release
-build (train + export + evaluate the export + card) on a tiny synthetic release; and the model
+build (train + export + evaluate the export + card, and the QB-Norm query bank) on a tiny synthetic
+release; the shipped bank used by search / eval and measured by `rsitr bench qbank`; and the model
 that ships in the package matches its own card."""
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def release(synth, tmp_path_factory):
     rel.write_text("name: tiny-rel\nconfig: train.yaml\nseed: 2\nttas: [1, 4]\nqbnorm_beta: 10\n"
                    f"eval_sets:\n  - {{label: synth, data: {synth}, split: test, bank: train}}\n"
                    f"  - {{label: zs, data: {synth}, split: val, bank: null, zero_shot: true}}\n"
+                   "qbank: {sources: [synth], split: train, size: 30, seed: 1}\n"
                    "card:\n  summary: tiny\n  ground_tiles_m: [80, 320]\n")
     assert main(["-q", "models", "build", str(rel), "--out", str(tmp / "zoo"), "--run", str(tmp / "r")]) == 0
     return rel, tmp / "zoo" / "tiny-rel", tmp / "r"
@@ -127,3 +129,165 @@ def test_untrained_heads_are_called_so_and_the_default_is_the_shipped_model(tmp_
     monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "empty")
     assert main(["-q", "index", "build", str(src), "--out", str(tmp_path / "i2")]) != 0
     assert "no shipped default model" in capsys.readouterr().err
+
+
+# -- the shipped QB-Norm query bank ------------------------------------------------------------------
+def _train_captions(synth):
+    from rsitr.data.captions import load_dataset
+
+    return load_dataset(str(synth), check_images=False).split("train").texts()[0]
+
+
+def test_release_build_writes_the_query_bank_as_search_encodes(release, synth, capsys):
+    """The bank is `size` of the training captions drawn by the seed, each row the exported
+    model's fp16 encode of its caption exactly as a search query is encoded (1e-3); the card
+    describes it (sha256, weights, measured mR) and `rsitr models qbank` remakes the same file."""
+    import numpy as np
+
+    from rsitr.bench.qbank import subsample
+    from rsitr.cli import main
+    from rsitr.methods.factory import load
+    from rsitr.models import shipped
+    from rsitr.models.engine import engine_for
+
+    rel, folder, _ = release
+    card = json.loads((folder / "card.json").read_text())
+    q = card["qbank"]
+    bank = np.load(folder / "qbank.npy")
+    caps = _train_captions(synth)
+    assert bank.dtype == np.float16 and bank.shape == (30, 32) and q["count"] == 30 and q["full_count"] == len(caps) > 30
+    assert q["sha256"] == shipped.sha256_file(folder / "qbank.npy") and q["weights_sha256"] == card["weights"]["sha256"]
+    assert q["seed"] == 1 and q["beta"] == 10 and q["sources"][0]["label"] == "synth" and q["sources"][0]["captions"] == len(caps)
+    assert {"none", "shipped", "full", "t2i_none", "t2i_shipped", "t2i_full"} <= set(q["measured"][0])
+    model = load(str(folder))
+    enc = engine_for(model.backbone, "auto")
+    with torch.no_grad():
+        for row, i in enumerate(subsample(len(caps), 30, 1)):  # one query at a time, as SearchEngine.encode_text
+            want = torch.nn.functional.normalize(enc.encode_text(model.backbone.tokenize([caps[i]])).float(), dim=-1)[0]
+            assert np.abs(bank[row].astype(np.float32) - want.numpy()).max() < 1e-3
+    assert "QB-Norm query bank" in (folder / "card.md").read_text() and "| synth |" in (folder / "card.md").read_text()
+    (folder / "qbank.npy").unlink()
+    capsys.readouterr()
+    assert main(["-q", "models", "qbank", str(rel), "--out", str(folder.parent)]) == 0
+    assert "30 captions" in capsys.readouterr().out
+    assert np.array_equal(np.load(folder / "qbank.npy"), bank) and shipped.read_card("tiny-rel", folder.parent)["qbank"]["sha256"] == q["sha256"]
+
+
+def test_a_damaged_or_foreign_query_bank_is_refused_in_one_line(release, tmp_path):
+    import shutil
+
+    from rsitr.models import shipped
+
+    folder = tmp_path / "zoo" / "tiny-rel"
+    shutil.copytree(release[1], folder)
+    bank, meta = shipped.shipped_query_bank("tiny-rel", tmp_path / "zoo")
+    assert bank.shape == (30, 32) and bank.dtype == torch.float32 and meta["count"] == 30
+    data = bytearray((folder / "qbank.npy").read_bytes())
+    data[-2] ^= 0xFF
+    (folder / "qbank.npy").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="query bank qbank.npy has sha256 .*remake it with `rsitr models qbank`") as exc:
+        shipped.shipped_query_bank("tiny-rel", tmp_path / "zoo")
+    assert "\n" not in str(exc.value)
+    shutil.copy(release[1] / "qbank.npy", folder / "qbank.npy")
+    card = json.loads((folder / "card.json").read_text())
+    card["weights"]["sha256"] = "0" * 64  # weights re-exported: the bank was encoded by other weights
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="encoded by other weights") as exc:
+        shipped.shipped_query_bank("tiny-rel", tmp_path / "zoo")
+    assert "\n" not in str(exc.value)
+
+
+def test_search_qbnorm_uses_the_shipped_bank_and_demotes_a_hub(release, synth, tmp_path, capsys):
+    """An index of a shipped model without a bank of its own: --rerank qbnorm ranks by cosine - z
+    over the model's shipped bank, says so, and a tile the bank makes a hub falls from first place;
+    the index's own bank (`rsitr index qbank`) then wins."""
+    import shutil
+
+    import numpy as np
+
+    from rsitr.cli import main
+    from rsitr.models import shipped
+    from rsitr.retrieval.qbnorm import bank_normalizers
+    from rsitr.search import build as B
+    from rsitr.search.engine import SearchEngine
+
+    folder = tmp_path / "zoo" / "tiny-rel"
+    shutil.copytree(release[1], folder)
+    idx = tmp_path / "idx"
+    B.build_index(synth.parent / "images", str(folder), idx, B.BuildOptions(tile_size=64, batch_size=8, progress=False))
+    emb = B.read_embeddings(idx, B.read_manifest(idx))
+    query = "a large field next to a road"
+    eng = SearchEngine(idx)
+    plain = eng.search(query, k=5, rerank="none")
+    bank = shipped.shipped_query_bank("tiny-rel", tmp_path / "zoo")[0]
+    z = bank_normalizers(torch.from_numpy(emb), bank, 10.0).numpy()
+    want = emb @ eng.encode_text(query)[0] - z
+    got = eng.search(query, k=5, rerank="qbnorm", rerank_depth=len(emb))
+    assert [r["id"] for r in got] == np.argsort(-want, kind="stable")[:5].tolist()
+    assert eng.query_bank()[1]["origin"] == "shipped"
+    eng.close()
+
+    hub = plain[0]["id"]  # a bank of captions all near this tile makes it a hub: QB-Norm must demote it
+    hub_bank = np.repeat(emb[hub][None], 40, axis=0)
+    shipped.write_query_bank(folder, hub_bank, {"beta": 10.0, "seed": 0, "sources": []})
+    capsys.readouterr()
+    assert main(["-q", "search", str(idx), query, "-k", "5", "--rerank", "qbnorm", "--rerank-depth", "50", "--json"]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    assert "shipped model tiny-rel's query bank" in out.err and "tiny-rel" in res["qbank"]
+    assert plain[0]["id"] == hub and res["results"][0]["id"] != hub
+
+    assert main(["-q", "index", "qbank", str(idx), str(synth), "--beta", "10"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "search", str(idx), query, "--rerank", "qbnorm"]) == 0
+    assert "the index's own query bank" in capsys.readouterr().err
+
+
+def test_eval_with_the_shipped_bank_normalises_text_to_image_only(release, synth, capsys):
+    from rsitr.bench.qbank import bank_metrics
+    from rsitr.cli import main
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import encode_dataset
+    from rsitr.methods.factory import load
+    from rsitr.models import shipped
+    from rsitr.models.engine import engine_for
+
+    folder = release[1]
+    capsys.readouterr()
+    assert main(["-q", "eval", "--data", str(synth), "--split", "test", "--checkpoint", str(folder), "--rerank", "qbnorm",
+                 "--qbnorm-bank", "shipped", "--qbnorm-beta", "10", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    backbone = load(str(folder)).backbone
+    enc = encode_dataset(backbone, load_dataset(str(synth)).split("test"), batch_size=16, progress=False, engine=engine_for(backbone))
+    bank = shipped.shipped_query_bank("tiny-rel", folder.parent)[0]
+    want, plain = bank_metrics(enc, bank, None, 10.0), bank_metrics(enc, None, None, 10.0)
+    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6)
+        if key.startswith("i2t"):
+            assert want[key] == pytest.approx(plain[key], abs=1e-9)
+    assert main(["-q", "eval", "--data", str(synth), "--split", "test", "--checkpoint", str(release[2]),
+                 "--rerank", "qbnorm", "--qbnorm-bank", "shipped"]) != 0
+    assert "ships no query bank" in capsys.readouterr().err
+
+
+def test_bench_qbank_on_the_synthetic_set(release, synth, capsys):
+    """`rsitr bench qbank`: every bank row; the own-split row is the release evaluation's QB-Norm row
+    (the same computation), the full caption bank leaves image->text as none, subsamples are drawn."""
+    from rsitr.cli import main
+
+    rel, folder, _ = release
+    capsys.readouterr()
+    assert main(["-q", "bench", "qbank", "--checkpoint", str(folder), "--data", f"syn={synth}", "--sizes", "100", "20", "5",
+                 "--draws", "2", "--beta", "10", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["bank"]: r for r in res["rows"]}
+    assert list(rows) == ["none", "own split, captions+images", "full, captions+images", "full, captions", "100 captions",
+                          "20 captions", "5 captions"]
+    card = json.loads((folder / "card.json").read_text())["card"]["metrics"]
+    evaluated = next(r for r in card if r["dataset"] == "synth" and r["tta"] == 1 and r["rerank"].startswith("qbnorm"))
+    assert rows["own split, captions+images"]["syn:mR"] == pytest.approx(evaluated["mR"], abs=1e-6)
+    assert rows["full, captions"]["syn:i2t_mR"] == pytest.approx(rows["none"]["syn:i2t_mR"], abs=1e-9)
+    assert rows["5 captions"]["draws"] == 2 and "syn:mR_std" in rows["5 captions"] and rows["5 captions"]["bytes_fp16"] == 5 * 32 * 2
+    assert res["choice"]["size"] in (5, 20, 100, res["bank_captions"])
+    assert main(["-q", "bench", "qbank", "--checkpoint", str(folder), "--data", str(synth), "--sizes", "5", "--no-bank-images"]) == 0
+    assert "| 5 captions |" in capsys.readouterr().out

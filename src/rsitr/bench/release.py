@@ -1,5 +1,6 @@
 """Building a shipped model (:mod:`rsitr.models.shipped`): train, export the trained parts,
-evaluate, write the card -- one command, ``rsitr models build RELEASE.yaml``.
+evaluate, write the card -- one command, ``rsitr models build RELEASE.yaml``; and the model's
+QB-Norm query bank (``rsitr models qbank RELEASE.yaml`` remakes only the bank).
 
 A *release file* (``src/rsitr/configs/releases/NAME.yaml``) names the model, its training config
 and seed, the evaluation sets and options, and the card's text (data, licences, intended use,
@@ -9,6 +10,13 @@ safetensors with a card, then evaluates *the exported model itself* (so the card
 shipped weights', fp16 included) on every set, with and without test-time views and QB-Norm, and
 writes the metrics into the card. The evaluation sets marked ``zero_shot`` are never used for a
 choice: they are reported only.
+
+A release with a ``qbank:`` entry (:class:`QBankSpec`) also ships a QB-Norm query bank:
+:func:`build_query_bank` draws ``size`` of the training captions of the named evaluation sets
+(seed ``seed``; :func:`rsitr.bench.qbank.subsample`), encodes them with the exported model as
+search encodes a query, measures test mR with that bank, with the full caption bank and with none
+(text->image normalised only: a caption bank), and stores it with the shipped model
+(:func:`rsitr.models.shipped.write_query_bank`).
 """
 from __future__ import annotations
 
@@ -46,6 +54,19 @@ class EvalSet:
 
 
 @dataclass
+class QBankSpec:
+    """A release's query bank: the ``split`` captions of the evaluation sets labelled in
+    ``sources``, ``size`` of them drawn with ``seed`` (None: all), QB-Norm ``beta`` (None: the
+    release's ``qbnorm_beta``)."""
+
+    sources: list[str]
+    split: str = "train"
+    size: int | None = None
+    seed: int = 0
+    beta: float | None = None
+
+
+@dataclass
 class Release:
     name: str
     config: str  # the training config (YAML), relative to the release file or absolute
@@ -55,6 +76,7 @@ class Release:
     ttas: tuple[int, ...] = (1, 8)
     qbnorm_beta: float = 14.0
     card: dict[str, Any] = field(default_factory=dict)
+    qbank: QBankSpec | None = None
     path: Path | None = None
 
     @classmethod
@@ -68,8 +90,20 @@ class Release:
             raise RsitrError(f"{p}: a release file needs at least 'name' and 'config'")
         sets = [EvalSet(**s) for s in raw.get("eval_sets", [])]
         ttas = tuple(int(t) for t in raw.get("ttas", (1, 8)))
+        qbank = None
+        if raw.get("qbank") is not None:
+            try:
+                qbank = QBankSpec(**raw["qbank"])
+            except TypeError as exc:
+                raise RsitrError(f"{p}: bad qbank entry ({exc}); keys: sources, split, size, seed, beta") from exc
+            unknown = [x for x in qbank.sources if x not in {s.label for s in sets}]
+            if not qbank.sources or unknown:
+                raise RsitrError(f"{p}: qbank.sources must name evaluation sets (labels {[s.label for s in sets]}), got {qbank.sources}")
+            if qbank.size is not None and int(qbank.size) < 1:
+                raise RsitrError(f"{p}: qbank.size must be >= 1, got {qbank.size}")
         return cls(name=str(raw["name"]), config=str(raw["config"]), seed=int(raw.get("seed", 0)), overrides=dict(raw.get("overrides", {})),
-                   eval_sets=sets, ttas=ttas, qbnorm_beta=float(raw.get("qbnorm_beta", 14.0)), card=dict(raw.get("card", {})), path=p)
+                   eval_sets=sets, ttas=ttas, qbnorm_beta=float(raw.get("qbnorm_beta", 14.0)), card=dict(raw.get("card", {})), qbank=qbank,
+                   path=p)
 
     def config_path(self) -> Path:
         c = Path(self.config)
@@ -189,9 +223,66 @@ def build_release(release: Release, out_dir: str | Path, run_dir: str | Path, *,
                           ttas=release.ttas, qbnorm_beta=release.qbnorm_beta, engine=engine, progress=progress)
     doc = read_card(release.name, out.parent)
     doc["card"]["metrics"] = rows
+    write_card(out, doc)
+    if release.qbank is not None:
+        build_query_bank(release, out, engine=engine, progress=progress)
+    doc = read_card(release.name, out.parent)
     doc["card"]["build_seconds"] = {"train_and_cache": round(train_s, 1), "total": round(time.perf_counter() - t0, 1)}
     write_card(out, doc)
     return doc
+
+
+def build_query_bank(release: Release, folder: str | Path, *, engine: str = "auto", batch_size: int = 256,
+                     progress: bool = True) -> dict[str, Any]:
+    """(Re)make the QB-Norm query bank of the release's model exported in ``folder`` (see the
+    module doc) without retraining; returns its card entry."""
+    from rsitr.bench.qbank import bank_metrics, subsample
+    from rsitr.data.captions import load_dataset
+    from rsitr.eval.evaluate import encode_dataset
+    from rsitr.methods.factory import load
+    from rsitr.models.engine import encode_texts, engine_for
+    from rsitr.models.shipped import write_query_bank
+    import torch
+
+    spec = release.qbank
+    if spec is None:
+        raise RsitrError(f"{release.path}: the release has no 'qbank:' entry (sources, split, size, seed)")
+    folder = Path(folder)
+    beta = float(spec.beta if spec.beta is not None else release.qbnorm_beta)
+    model = load(_shipped_source(folder, release.name))
+    model.eval()
+    eng = engine_for(model.backbone, engine)
+    by_label = {s.label: s for s in release.eval_sets}
+    texts: list[str] = []
+    sources, tests = [], []
+    for label in spec.sources:
+        s = by_label[label]
+        path = expand(s.data)
+        root = expand(s.image_root) if s.image_root else None
+        if not Path(path).exists():
+            raise RsitrError(f"qbank source {label}: {path} not found (set the variable in its path)")
+        data = load_dataset(path, format=s.format, image_root=root, split=s.split)
+        caps = data.split(spec.split).texts()[0]
+        if not caps:
+            raise RsitrError(f"qbank source {label}: split '{spec.split}' of {path} has no captions (splits present: {data.splits})")
+        texts += caps
+        sources.append({"label": label, "data": s.data, "split": spec.split, "captions": len(caps)})
+        tests.append((label, data.split(s.split)))
+    full = encode_texts(model.backbone, texts, eng, batch_size=batch_size, progress=progress, desc="encode training captions")
+    pick = subsample(len(texts), int(spec.size) if spec.size else len(texts), spec.seed)
+    bank = full[torch.from_numpy(pick)].half()
+    measured = []
+    for label, split in tests:  # the test mR each bank gives (tta 1): what the card reports next to the bank
+        enc = encode_dataset(model.backbone, split, batch_size=batch_size, progress=progress, engine=eng)
+        m = {name: bank_metrics(enc, b, None, beta) for name, b in (("none", None), ("shipped", bank.float()), ("full", full))}
+        measured.append({"dataset": label, "split": by_label[label].split, **{k: v["mR"] for k, v in m.items()},
+                         **{f"t2i_{k}": v["t2i_mR"] for k, v in m.items()}})
+        log.info("query bank, %s test mR: none %.2f, shipped bank (%d) %.2f, full bank (%d) %.2f", label, m["none"]["mR"], len(pick),
+                 m["shipped"]["mR"], len(texts), m["full"]["mR"])
+    meta = {"sources": sources, "seed": spec.seed, "beta": beta, "full_count": len(texts), "measured": measured,
+            "encoded_as": "search queries: the shipped model's tokenizer + text encoder, L2-normalised, fp16",
+            "built_at_commit": git_commit()}
+    return write_query_bank(folder, bank.numpy(), meta)
 
 
 def _shipped_source(folder: Path, name: str) -> str:
@@ -203,4 +294,4 @@ def _shipped_source(folder: Path, name: str) -> str:
     return str(folder)
 
 
-__all__ = ["EvalSet", "Release", "build_release", "evaluate_model", "export_run", "markdown_table"]
+__all__ = ["EvalSet", "QBankSpec", "Release", "build_query_bank", "build_release", "evaluate_model", "export_run", "markdown_table"]

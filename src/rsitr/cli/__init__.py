@@ -62,17 +62,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.rerank == "qbnorm":
         from rsitr.eval.evaluate import QBNormBank
 
-        bank = data.split(args.qbnorm_bank)
-        if len(bank) == 0:
-            raise RsitrError(f"{args.data}: the QB-Norm bank split '{args.qbnorm_bank}' is empty (splits present: {data.splits}); "
-                             f"--qbnorm-bank names the split whose captions and images form the query bank")
-        if args.qbnorm_bank == args.split:
-            raise RsitrError(f"--qbnorm-bank {args.qbnorm_bank} is the evaluated split: QB-Norm's bank must be other queries "
-                             f"(the model's training split)")
+        if args.qbnorm_bank == "shipped":
+            from rsitr.models.shipped import query_bank_of
+
+            got = query_bank_of(args.checkpoint)
+            if got is None:
+                raise RsitrError(f"--qbnorm-bank shipped: the model {args.checkpoint} ships no query bank (a shipped model's "
+                                 f"card lists it: `rsitr models show NAME`); name a split of --data instead")
+            log.info("QB-Norm over the shipped query bank of %s: %d training captions (text->image only)", got[0], got[2]["count"])
+            qb = QBNormBank(None, beta=args.qbnorm_beta, dynamic=args.qbnorm_dynamic, texts=got[1])
+        else:
+            bank = data.split(args.qbnorm_bank)
+            if len(bank) == 0:
+                raise RsitrError(f"{args.data}: the QB-Norm bank split '{args.qbnorm_bank}' is empty (splits present: {data.splits}); "
+                                 f"--qbnorm-bank names the split whose captions and images form the query bank "
+                                 f"(or 'shipped': a shipped model's own bank)")
+            if args.qbnorm_bank == args.split:
+                raise RsitrError(f"--qbnorm-bank {args.qbnorm_bank} is the evaluated split: QB-Norm's bank must be other queries "
+                                 f"(the model's training split)")
+            qb = QBNormBank(bank, beta=args.qbnorm_beta, dynamic=args.qbnorm_dynamic)
         caps = model.method.capabilities if model.method is not None else None
         if caps is not None and (caps.score_tokens or caps.two_stage or caps.reranker):
             log.warning("--rerank qbnorm ranks the pooled cosine; the checkpoint method's own scoring is not applied")
-        rerank_options = {"qbnorm": QBNormBank(bank, beta=args.qbnorm_beta, dynamic=args.qbnorm_dynamic)}
+        rerank_options = {"qbnorm": qb}
     metrics = evaluate(model.backbone, split, method=model.method, batch_size=args.batch_size, workers=args.workers, device=args.device,
                        progress=not args.quiet, ties=args.ties, rerank=args.rerank, rerank_options=rerank_options, engine=engine,
                        tta=args.tta)
@@ -166,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model); qbnorm = QB-Norm "
                         "(Bogolin et al. 2022) over the --qbnorm-bank split's captions and images (any model; pooled cosine)")
     e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
-    e.add_argument("--qbnorm-bank", default="train", help="the split whose captions/images are QB-Norm's query bank (default train)")
+    e.add_argument("--qbnorm-bank", default="train",
+                   help="the split whose captions/images are QB-Norm's query bank (default train), or 'shipped': the query bank "
+                        "a shipped model brings (a sample of its training captions; normalises text->image only)")
     e.add_argument("--qbnorm-beta", type=float, default=14.0,
                    help="QB-Norm inverse temperature (default 14: the beta RSICD's val chose for 13 of 15 runs)")
     e.add_argument("--qbnorm-dynamic", action="store_true", help="QB-Norm's dynamic inverted softmax (their Eq. 4)")

@@ -462,6 +462,46 @@ def add_select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown tables")
 
 
+def cmd_qbank(args: argparse.Namespace) -> int:
+    from rsitr.bench.qbank import bench_qbank, markdown
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from rsitr.models.shipped import default_checkpoint
+
+        checkpoint = default_checkpoint()
+    res = bench_qbank(checkpoint, args.data, sizes=args.sizes, draws=args.draws, seed=args.seed, beta=args.beta, split=args.split,
+                      bank_split=args.bank_split, bank_images=not args.no_bank_images, tolerance=args.tolerance, engine=args.engine,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"{checkpoint}: QB-Norm bank sizes (beta {res['beta']:g}) on the '{res['split']}' splits, bank: the "
+              f"'{res['bank_split']}' splits ({res['bank_captions']} captions)\n")
+        print(markdown(res))
+    return 0
+
+
+def add_qbank_args(p: argparse.ArgumentParser) -> None:
+    from rsitr.cli.common import add_engine_arg
+
+    p.add_argument("--checkpoint", default=None, help="the model (default: the shipped default model)")
+    p.add_argument("--data", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="repeatable: a caption dataset; its --split is evaluated, its --bank-split joins the bank")
+    p.add_argument("--sizes", type=int, nargs="+", default=[50000, 20000, 10000, 5000, 2000, 1000],
+                   help="caption-bank sizes to draw (default 50000 20000 10000 5000 2000 1000; sizes >= the full bank are skipped)")
+    p.add_argument("--draws", type=int, default=3, help="random draws per size (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first draw (default 0)")
+    p.add_argument("--beta", type=float, default=14.0, help="QB-Norm beta (default 14)")
+    p.add_argument("--split", default="test", help="evaluated split (default test)")
+    p.add_argument("--bank-split", default="train", help="the bank's split (default train)")
+    p.add_argument("--no-bank-images", action="store_true", help="encode the bank's captions only (no captions+images rows)")
+    p.add_argument("--tolerance", type=float, default=0.1, help="mR a chosen bank may lose against the full caption bank (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=128, help="encode batch size (default 128)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    add_engine_arg(p)
+
+
 def add_bench_cli(sub) -> None:
     """``rsitr bench encode|run|report|iebaker|rdb|ftf|search`` on ``rsitr``'s subparsers."""
     b = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(dest="bench_command", required=True)
@@ -494,5 +534,7 @@ def add_bench_cli(sub) -> None:
                 add_fuse_args, cmd_fuse)
     add_command(b, "select", "which held-out split (selection rule) picks the checkpoints the test split would pick: Spearman with test, picks, oracle",
                 add_select_args, cmd_select)
+    add_command(b, "qbank", "QB-Norm query bank size: test mR with the full training-caption bank, random subsamples of it, and none",
+                add_qbank_args, cmd_qbank)
     add_command(b, "scale", "past one machine: single-process vs Ray encode, search in each vector store, cost projection",
                 add_scale_args, cmd_scale)

@@ -1,5 +1,6 @@
 """``rsitr models``: the models that ship with rsitr (list, show), and building one
-(``export`` a run, ``evaluate`` a model on the release's sets, ``build`` = train + export + evaluate)."""
+(``export`` a run, ``evaluate`` a model on the release's sets, ``build`` = train + export + evaluate,
+``qbank`` = (re)make only a model's QB-Norm query bank)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             if row.get("rerank") == "none":
                 print(f"  {row['dataset']:>8} {row['split']} tta={row['tta']}: mR {row['mR']:.2f}"
                       + (" (zero-shot)" if row.get("zero_shot") else ""))
+        if c.get("qbank"):
+            q = c["qbank"]
+            print(f"  QB-Norm query bank: {q['count']:,} training captions, {q['bytes'] / 1e6:.1f} MB (search --rerank qbnorm)")
         print(f"  card: rsitr models show {n}")
     return 0
 
@@ -88,6 +92,22 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qbank(args: argparse.Namespace) -> int:
+    from rsitr.bench.release import build_query_bank
+    from rsitr.models.shipped import SHIPPED_DIR
+
+    rel = _release(args.release)
+    folder = Path(args.out) / rel.name if args.out else SHIPPED_DIR / rel.name
+    if not (folder / "card.json").is_file():
+        raise RsitrError(f"{folder}: no exported model {rel.name} there (`rsitr models build` makes it)")
+    q = build_query_bank(rel, folder, engine=args.engine, batch_size=args.batch_size, progress=not args.quiet)
+    for m in q["measured"]:
+        print(f"{m['dataset']} {m['split']}: mR {m['none']:.2f} without a bank, {m['shipped']:.2f} with this bank, "
+              f"{m['full']:.2f} with all {q['full_count']:,} captions")
+    print(f"{folder / q['file']}: {q['count']:,} captions, {q['bytes']:,} bytes, sha256 {q['sha256'][:16]}...")
+    return 0
+
+
 def add_models_cli(sub) -> None:
     p = sub.add_parser("models", help="the trained models that ship with rsitr (the default --checkpoint), and building one")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -119,3 +139,9 @@ def add_models_cli(sub) -> None:
     b.add_argument("--no-train", action="store_true", help="export and evaluate the run folder as it is")
     add_engine_arg(b)
     b.set_defaults(func=cmd_build)
+    q = ms.add_parser("qbank", help="(re)make a shipped model's QB-Norm query bank from its release's 'qbank:' entry, without retraining")
+    q.add_argument("release", help="release file (src/rsitr/configs/releases/NAME.yaml) with a 'qbank:' entry")
+    q.add_argument("--out", default=None, help="folder holding NAME/ (default: the package's shipped_models/)")
+    q.add_argument("--batch-size", type=int, default=256, help="captions per encode batch (default 256)")
+    add_engine_arg(q)
+    q.set_defaults(func=cmd_qbank)

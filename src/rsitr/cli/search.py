@@ -245,7 +245,7 @@ def cmd_search(args) -> int:
         raise RsitrError(f"-k must be >= 1, got {args.k}")
     if args.image is not None and args.query:
         print(f"warning: --image given: the text query {args.query!r} is ignored (search with one or the other)", file=sys.stderr)
-    box = None
+    box, bank_note = None, None
     if args.bbox is not None:
         from rsitr.retrieval.bbox import parse_bbox
 
@@ -268,6 +268,9 @@ def cmd_search(args) -> int:
             query = args.query
             _warn_truncated(eng, query)
             results = eng.search(args.query, k=args.k, rerank=args.rerank, rerank_depth=args.rerank_depth, bbox=box)
+            if args.rerank == "qbnorm":
+                bank_note = eng.query_bank()[1]["bank"]
+                print(f"QB-Norm over {bank_note}", file=sys.stderr)
         if args.contact_sheet:
             from rsitr.search.sheet import write_contact_sheet
 
@@ -283,8 +286,8 @@ def cmd_search(args) -> int:
         if n == 0:
             print(f"note: no result has a geographic footprint; {args.geojson} has an empty FeatureCollection", file=sys.stderr)
     if args.json:
-        print(json.dumps({"query": query, "k": args.k, "rerank": args.rerank, "bbox": box.as_list() if box else None, "results": results},
-                         indent=1))
+        print(json.dumps({"query": query, "k": args.k, "rerank": args.rerank, "bbox": box.as_list() if box else None,
+                          **({"qbank": bank_note} if bank_note else {}), "results": results}, indent=1))
     else:
         print(format_results(results, query) + (f"\n(only tiles whose footprint intersects {box})" if box else ""))
     return 0
@@ -387,7 +390,8 @@ def add_cli(sub) -> None:
                         "iEBAKER's local mix need an index built with --keep-tokens; what cannot be applied is warned about once); "
                         "none: the pooled-cosine order; "
                         "ftf: re-score the top candidates with FTF's word x patch interaction (index built with --keep-tokens); "
-                        "qbnorm: re-rank them by QB-Norm over the index's query bank (`rsitr index qbank`). "
+                        "qbnorm: re-rank them by QB-Norm over the index's query bank (`rsitr index qbank`), else over the query bank "
+                        "a shipped model brings (`rsitr models show NAME`); which bank is said on stderr. "
                         "SAR is not offered: it re-ranks with the reverse direction over a set of queries, which one free-text "
                         "search does not have (use `rsitr eval --rerank sar`)")
     s.add_argument("--rerank-depth", type=int, default=100,

@@ -138,20 +138,33 @@ def similarity(backbone: Backbone, dataset: CaptionDataset, method=None, per_dir
 class QBNormBank:
     """QB-Norm at evaluation (:mod:`rsitr.retrieval.qbnorm`): ``bank``, a split that is not the
     evaluated one (the model's own training split), encoded like the evaluated split; ``beta``
-    the inverse temperature of their Eq. 2; ``dynamic``: their Eq. 4."""
+    the inverse temperature of their Eq. 2; ``dynamic``: their Eq. 4. Or, instead of a split,
+    ``texts``: caption embeddings already encoded by the model (``[B, D]``, L2-normalised: a
+    shipped model's query bank), which normalise the text->image direction only (image->text
+    keeps the plain cosine: a caption bank has no images)."""
 
-    bank: CaptionDataset
+    bank: CaptionDataset | None
     beta: float = 14.0
     dynamic: bool = False
+    texts: torch.Tensor | None = None
 
 
 def qbnorm_similarity(backbone: Backbone, dataset: CaptionDataset, qb: QBNormBank, **kwargs):
     """The ``(t2i, i2t)`` pair of the split's pooled-cosine matrix normalised by the bank: images by
     the bank's captions (text->image), captions by the bank's images (image->text); and the
     caption owners. ``kwargs`` go to :func:`encode_dataset` for both (``tta`` included)."""
-    if len(qb.bank) == 0:
-        raise ValueError("QB-Norm needs a non-empty bank split")
     kwargs.pop("keep_tokens", None)
+    if qb.texts is not None:  # a caption bank, encoded already: text->image only
+        from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
+
+        enc = encode_dataset(backbone, dataset, **kwargs)
+        with torch.no_grad():
+            image_norm = bank_normalizers(enc.images, qb.texts, qb.beta)
+            active = activation_set(enc.images, qb.texts) if qb.dynamic else None
+            sim = enc.images @ enc.texts.t()
+            return qb_norm(sim, image_norm, torch.zeros(sim.shape[1]), active), enc.text_to_image
+    if qb.bank is None or len(qb.bank) == 0:
+        raise ValueError("QB-Norm needs a non-empty bank split")
     # the bank's images are queries (of the image->text direction), not gallery items: test-time
     # views are a gallery-side average, so the bank is encoded in one view (and costs 1/tta)
     bank_kwargs = {**{k: v for k, v in kwargs.items() if k != "trunk_cache"}, "tta": 1}

@@ -378,4 +378,24 @@ def engine_for(backbone: Backbone, engine: str | None = "auto", **kwargs) -> Inf
     return eng
 
 
-__all__ = ["ENGINES", "InferenceEngine", "default_cache_dir", "engine_for", "onnxruntime_available", "resolve_engine", "state_hash"]
+@torch.no_grad()
+def encode_texts(backbone: Backbone, texts: list[str], engine: InferenceEngine | None = None, *, batch_size: int = 256,
+                 progress: bool = False, desc: str = "encode texts") -> torch.Tensor:
+    """``[N, D]`` float32 L2-normalised embeddings of ``texts``: tokenised by ``backbone`` and
+    encoded by ``engine`` (default: the backbone in torch) in batches of ``batch_size``, as a free
+    text query is encoded at search time. What QB-Norm query banks are made of."""
+    import math
+
+    from rsitr.utils.progress import progress_bar
+
+    run = engine if engine is not None else backbone
+    parts = []
+    for i in progress_bar(range(0, len(texts), batch_size), total=math.ceil(len(texts) / batch_size), desc=desc, disable=not progress):
+        e = run.encode_text(backbone.tokenize(texts[i : i + batch_size]).to(_device(backbone))).float().cpu()
+        parts.append(torch.nn.functional.normalize(e, dim=-1))
+    if not parts:
+        raise ValueError("encode_texts needs at least one text")
+    return torch.cat(parts)
+
+
+__all__ = ["ENGINES", "InferenceEngine", "default_cache_dir", "encode_texts", "engine_for", "onnxruntime_available", "resolve_engine", "state_hash"]

@@ -16,7 +16,14 @@ A shipped model lives in ``rsitr/models/shipped_models/<name>/``:
   ground resolution, licences, intended use, limits, test-time defaults).
 * ``card.md``: the card for people.
 * optionally ``qbank.npy`` (+ its description in ``card.json`` under ``qbank``): a QB-Norm query
-  bank of caption embeddings of the training captions.
+  bank (:mod:`rsitr.retrieval.qbnorm`), fp16 L2-normalised embeddings of a random subsample of
+  the model's training captions encoded by the shipped weights as search encodes a query
+  (``rsitr models qbank RELEASE`` (re)makes it; its size was chosen with ``rsitr bench qbank``).
+  ``card.json["qbank"]``: ``file``, ``count``, ``dim``, ``dtype``, ``bytes``, ``sha256``,
+  ``weights_sha256`` (the weights file it was encoded by), ``beta``, ``seed``, ``sources`` and the
+  measured test mR with it, with the full caption bank and with none. :func:`shipped_query_bank`
+  is its reader: it refuses a file whose sha256 or weights differ from the card's. Search
+  (``--rerank qbnorm``) and ``rsitr eval --qbnorm-bank shipped`` use it.
 
 Specs: ``shipped:NAME`` anywhere a command takes ``--checkpoint`` (a bare ``NAME`` works too when no
 file of that name exists); :data:`DEFAULT` is what commands use when ``--checkpoint`` is omitted.
@@ -44,6 +51,7 @@ FORMAT = 1
 DEFAULT = "rsitr-lite0-minilm-rs1"  # the model commands use without --checkpoint
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
+QBANK = "qbank.npy"
 
 
 def _root(root: str | Path | None) -> Path:
@@ -130,6 +138,67 @@ def shipped_checkpoint(name: str, root: str | Path | None = None) -> "TrainCheck
     return TrainCheckpoint.from_dict({**ck, "state": state, "state_is_full": False}, PREFIX + name)
 
 
+def shipped_query_bank(name: str, root: str | Path | None = None) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """The shipped model ``name``'s QB-Norm query bank (``[B, D]`` float32) and its card entry, or
+    None when it ships none. Refused (one line): a file whose sha256 differs from the card's, or a
+    bank encoded by other weights than the model's."""
+    import numpy as np
+
+    card = read_card(name, root)
+    meta = card.get("qbank")
+    if not meta:
+        return None
+    path = _root(root) / name / meta.get("file", QBANK)
+    if not path.is_file():
+        raise CheckpointError(f"shipped model {name}: its query bank {path} is missing (a broken install?)")
+    digest = sha256_file(path)
+    if digest != meta.get("sha256"):
+        raise CheckpointError(f"shipped model {name}: query bank {path.name} has sha256 {digest[:16]}..., its card says "
+                              f"{str(meta.get('sha256'))[:16]}...; the file is damaged or was replaced: remake it with `rsitr models qbank`")
+    if meta.get("weights_sha256") != card["weights"]["sha256"]:
+        raise CheckpointError(f"shipped model {name}: its query bank was encoded by other weights (sha256 "
+                              f"{str(meta.get('weights_sha256'))[:16]}...) than the model's ({card['weights']['sha256'][:16]}...); "
+                              f"remake it with `rsitr models qbank`")
+    try:
+        bank = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"shipped model {name}: query bank {path} is unreadable ({exc})") from exc
+    if bank.ndim != 2 or bank.shape[0] != meta.get("count"):
+        raise CheckpointError(f"shipped model {name}: query bank has shape {bank.shape}, its card says {meta.get('count')} rows")
+    return torch.from_numpy(bank.astype(np.float32)), meta
+
+
+def query_bank_of(source: Any) -> tuple[str, torch.Tensor, dict[str, Any]] | None:
+    """``(name, bank, card entry)`` of the query bank the model ``source`` ships (a spec
+    :func:`resolve` reads), or None when ``source`` is no shipped model or it ships no bank."""
+    where = resolve(source)
+    got = shipped_query_bank(*where) if where is not None else None
+    return (where[0], *got) if got is not None else None
+
+
+def write_query_bank(folder: str | Path, bank, meta: dict[str, Any]) -> dict[str, Any]:
+    """Store ``bank`` (``[B, D]`` embeddings, L2-normalised; written as fp16) as the query bank of
+    the shipped model in ``folder`` and describe it in its card (``meta``: sources, seed, beta,
+    measured metrics...; file, shape, bytes, sha256 and the weights' sha256 are added here).
+    Returns the card entry."""
+    import numpy as np
+
+    folder = Path(folder)
+    doc = json.loads((folder / CARD).read_text())
+    arr = np.ascontiguousarray(np.asarray(bank, dtype=np.float16))
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise RsitrError(f"a query bank must be a non-empty [B, D] matrix, got shape {arr.shape}")
+    with atomic_path(folder / QBANK) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+    entry = {"file": QBANK, "count": int(arr.shape[0]), "dim": int(arr.shape[1]), "dtype": "float16",
+             "bytes": (folder / QBANK).stat().st_size, "sha256": sha256_file(folder / QBANK),
+             "weights_sha256": doc["weights"]["sha256"], **{k: v for k, v in meta.items() if k not in ("file", "sha256", "bytes")}}
+    doc["qbank"] = _jsonable(entry)
+    write_card(folder, doc)
+    return doc["qbank"]
+
+
 def export_checkpoint(checkpoint: "TrainCheckpoint", out_dir: str | Path, name: str, card: dict[str, Any] | None = None) -> Path:
     """Write the trained tensors of a training ``checkpoint`` (as loaded by
     :meth:`rsitr.models.checkpoint.TrainCheckpoint.load`) as a shipped model in ``out_dir`` (fp16
@@ -145,6 +214,7 @@ def export_checkpoint(checkpoint: "TrainCheckpoint", out_dir: str | Path, name: 
     tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in checkpoint.state.items()}
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"rsitr_model": name})
+    (out / QBANK).unlink(missing_ok=True)  # a query bank of earlier weights: stale (``rsitr models qbank`` makes a new one)
     on_disk = checkpoint.to_dict()
     meta = {k: on_disk[k] for k in ("rsitr", "backbone", "config", "method")}
     doc = {"format": FORMAT, "name": name,
@@ -192,6 +262,21 @@ def card_markdown(doc: dict[str, Any]) -> str:
         if key in ("summary", "metrics"):
             continue
         lines.append(f"- {key.replace('_', ' ')}: {val if not isinstance(val, (dict, list)) else json.dumps(val)}")
+    qb = doc.get("qbank")
+    if qb:
+        srcs = ", ".join(f"{s.get('label')} {s.get('split')} ({s.get('captions')} captions)" for s in qb.get("sources", []))
+        lines.append(f"- QB-Norm query bank: `{qb['file']}`, {qb['count']:,} captions drawn at random (seed {qb.get('seed')}) from "
+                     f"{srcs or 'the training captions'}, {qb['bytes']:,} bytes fp16, beta {qb.get('beta')}, sha256 `{qb['sha256']}`; "
+                     f"used by `rsitr search --rerank qbnorm` on an index of this model without a bank of its own and by "
+                     f"`rsitr eval --rerank qbnorm --qbnorm-bank shipped` (text->image only: a caption bank)")
+        measured = qb.get("measured") or []
+        if measured:
+            lines += ["", "QB-Norm bank, test mR (tta 1, expected ties; the shipped bank normalises text->image only):", "",
+                      "| dataset | no bank | shipped bank | full caption bank | t2i mR no bank | t2i mR shipped | t2i mR full |",
+                      "|---|---|---|---|---|---|---|"]
+            for m in measured:
+                lines.append(f"| {m['dataset']} | {m['none']:.2f} | {m['shipped']:.2f} | {m['full']:.2f} | {m['t2i_none']:.2f} | "
+                             f"{m['t2i_shipped']:.2f} | {m['t2i_full']:.2f} |")
     metrics = c.get("metrics") or []
     if metrics:
         cols = ["dataset", "split", "tta", "rerank", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"]
@@ -201,5 +286,6 @@ def card_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT", "PREFIX", "SHIPPED_DIR", "default_checkpoint", "export_checkpoint", "list_shipped", "read_card", "resolve",
-           "sha256_file", "shipped_checkpoint", "shipped_name", "write_card"]
+__all__ = ["DEFAULT", "PREFIX", "QBANK", "SHIPPED_DIR", "default_checkpoint", "export_checkpoint", "list_shipped", "query_bank_of", "read_card", "resolve",
+           "sha256_file", "shipped_checkpoint", "shipped_name", "shipped_query_bank", "write_card",
+           "write_query_bank"]

@@ -94,11 +94,12 @@ class SearchEngine:
         self._thumbs: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
         self._thumb_cache = int(thumb_cache)
         self.model = self.encoder = None  # the backbone, and its no-grad encoder
+        self._spec = checkpoint or self.manifest.model.checkpoint  # the model's spec (a shipped model brings its query bank)
         self.method = None  # the method it was trained with (None: a plain backbone)
         if model is not None or load_model:
             from rsitr.models.engine import engine_for
 
-            spec = checkpoint or self.manifest.model.checkpoint
+            spec = self._spec
             m = model if model is not None else _load_model(spec, device)
             self.manifest.check_model(model_identity(spec, m), self.index_dir)
             if warning := self.manifest.untrained_warning():
@@ -332,17 +333,40 @@ class SearchEngine:
         return self._results(scores, np.concatenate([head[order], ids[len(head):]])[:k])
 
     # -- QB-Norm ---------------------------------------------------------------------------------
+    # (the index's own bank, else the shipped model's: see query_bank)
     def query_bank(self):
-        """The index's query bank (:mod:`rsitr.search.qbank`): ``(bank [B, D], metadata)``."""
+        """The query bank QB-Norm uses (:mod:`rsitr.search.qbank`): ``(bank [B, D], metadata)``; the
+        metadata's ``bank`` says which one in words. The index's own bank (``rsitr index qbank``)
+        wins; an index built with a shipped model that has none uses the model's shipped bank
+        (:func:`rsitr.models.shipped.shipped_query_bank`)."""
         if self._qbank is None:
             from rsitr.search.qbank import load_query_bank
 
             got = load_query_bank(self.index_dir, self.manifest)
-            if got is None:
-                raise RsitrError(f"{self.index_dir}: --rerank qbnorm needs the index's query bank; make it with "
-                                 f"`rsitr index qbank {self.index_dir} CAPTIONS` (e.g. the model's training captions)")
-            self._qbank = got
+            if got is not None:
+                bank, meta = got
+                meta = {**meta, "origin": "index",
+                        "bank": f"the index's own query bank ({meta['count']} captions of {meta['source']} [{meta['split']}])"}
+            else:
+                bank, meta = self._shipped_bank()
+            self._qbank = (bank, meta)
         return self._qbank
+
+    def _shipped_bank(self):
+        """The shipped query bank of the index's model (a shipped model), or the error saying how to make one."""
+        from rsitr.models.shipped import query_bank_of
+
+        got = query_bank_of(self._spec)
+        if got is None:
+            raise RsitrError(f"{self.index_dir}: --rerank qbnorm needs a query bank: the index has none and its model "
+                             f"({self._spec}) ships none; make one with `rsitr index qbank {self.index_dir} CAPTIONS` "
+                             f"(e.g. the model's training captions)")
+        name, bank, meta = got
+        if bank.shape[1] != self.manifest.embed_dim:
+            raise RsitrError(f"{self.index_dir}: the shipped query bank of {self._spec} has {bank.shape[1]} dimensions, the index "
+                             f"{self.manifest.embed_dim}: the index was built with another model; make a bank with `rsitr index qbank`")
+        return bank, {**meta, "origin": "shipped", "source": f"shipped:{name}",
+                      "bank": f"the shipped model {name}'s query bank ({meta['count']} of its training captions)"}
 
     @torch.no_grad()
     def _search_qbnorm(self, query: str, k: int, depth: int, box=None) -> list[dict]:

@@ -12,7 +12,6 @@ bank (computed for the candidates only: ``depth x bank`` dot products per query)
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ def build_query_bank(index_dir: str | Path, captions: str | Path, *, split: str 
     """Encode the captions of ``split`` of the caption dataset ``captions`` with the index's model
     and store them as the index's query bank (replacing any earlier one)."""
     from rsitr.data.captions import load_dataset
-    from rsitr.models.engine import engine_for
+    from rsitr.models.engine import encode_texts, engine_for
     from rsitr.search.manifest import IndexManifest, load_model, model_identity
     from rsitr.utils.io import atomic_path, atomic_write_json
-    from rsitr.utils.progress import progress_bar
 
     index_dir = Path(index_dir)
     if not beta > 0:
@@ -49,13 +47,8 @@ def build_query_bank(index_dir: str | Path, captions: str | Path, *, split: str 
     model = load_model(spec)
     manifest.check_model(model_identity(spec, model), index_dir)
     model.eval()
-    enc = engine_for(model.backbone, engine)
-    out = []
-    with torch.no_grad():
-        for i in progress_bar(range(0, len(texts), batch_size), total=math.ceil(len(texts) / batch_size), desc="encode bank", disable=not progress):
-            e = enc.encode_text(model.backbone.tokenize(texts[i : i + batch_size])).float()
-            out.append(torch.nn.functional.normalize(e, dim=-1).numpy().astype(np.float16))
-    bank = np.concatenate(out)
+    bank = encode_texts(model.backbone, texts, engine_for(model.backbone, engine), batch_size=batch_size, progress=progress,
+                        desc="encode bank").numpy().astype(np.float16)
     with atomic_path(index_dir / BANK) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, bank)

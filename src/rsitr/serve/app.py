@@ -5,7 +5,9 @@ Routes
 ``GET /healthz``                       liveness + index summary
 ``GET /search?q=TEXT&k=20&rerank=auto&bbox=W,S,E,N`` text search (JSON); ``q`` 1..500 chars,
                                        ``1 <= k <= 200``; ``bbox`` (optional, WGS84): only tiles whose
-                                       footprint intersects it (a bad box is 422)
+                                       footprint intersects it (a bad box is 422); with ``rerank=qbnorm``
+                                       the answer's ``qbank`` says which query bank was used (the
+                                       index's own, else the shipped model's)
 ``POST /search/image?k=20&bbox=``      multipart ``file``: an image (png/jpeg/tiff/webp/bmp, <= 20 MB,
                                        <= 100 megapixels), identified from its bytes (the declared
                                        Content-Type is ignored), read as ``rsitr search --image`` reads
@@ -227,6 +229,8 @@ def create_app(index_dir, *, checkpoint: str | None = None, device: str = "cpu",
             raise HTTPException(422, "query is blank")
         box = _box(bbox)
         out = {"query": q, "k": k, "rerank": rerank, "results": _with_thumbs(eng.search(q, k=k, rerank=rerank, bbox=box))}
+        if rerank == "qbnorm":
+            out["qbank"] = eng.query_bank()[1]["bank"]  # which bank QB-Norm used: the index's own or the shipped model's
         if box is not None:
             out["bbox"] = box.as_list()
         return out
