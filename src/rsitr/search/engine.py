@@ -3,7 +3,10 @@
 :class:`SearchEngine` loads an index folder (its manifest: :class:`rsitr.search.manifest.IndexManifest`), its model (refused
 unless its weights hash to the manifest's), and answers queries. It is safe to share between
 threads: model forward passes and FAISS searches run under one lock (a 2-core CPU gains nothing
-from running them concurrently), everything else is read-only.
+from running them concurrently), everything else is read-only. Text queries that arrive while the
+model is busy are encoded together in one call when it is free (:mod:`rsitr.search.coalesce`: a
+server under many clients encodes batches instead of one caption at a time; a vector may differ by
+float rounding, about 1e-6, from its encode alone).
 
 Scoring and re-ranking (``rerank=``):
 
@@ -60,6 +63,9 @@ SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sor
                    "Use `rsitr eval` on a caption dataset for SAR, or --rerank ftf with an index built with --keep-tokens.")
 
 
+TEXT_BATCH = 32  # most text queries encoded in one call (rsitr.search.coalesce)
+
+
 class SearchEngine:
     def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
                  load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None,
@@ -107,6 +113,9 @@ class SearchEngine:
             self.model, self.method = m.backbone, m.method
             # query encodes (no grad) through ONNX Runtime where available: same vectors within 1e-4
             self.encoder = engine_for(self.model, engine, cache_dir=onnx_cache)
+        from rsitr.search.coalesce import Coalescer
+
+        self._texts = Coalescer(self._encode_texts, max_batch=TEXT_BATCH)
 
     # -- info ------------------------------------------------------------------------------------
     def _open_generation(self) -> None:
@@ -171,11 +180,16 @@ class SearchEngine:
         ids = model.tokenize([query]).to(self.device)
         return self.encoder.text_features(ids), ids
 
-    @torch.no_grad()
     def encode_text(self, query: str) -> np.ndarray:
+        """The L2-normalised embedding ``[1, D]`` of ``query`` (concurrent calls are batched)."""
+        self._need_model()
+        return self._texts.encode(query)
+
+    @torch.no_grad()
+    def _encode_texts(self, queries: list[str]) -> np.ndarray:
         model = self._need_model()
         with self._lock:
-            e = self.encoder.encode_text(model.tokenize([query]).to(self.device)).float()
+            e = self.encoder.encode_text(model.tokenize(list(queries)).to(self.device)).float()
         return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
 
     @torch.no_grad()
