@@ -94,17 +94,24 @@ def test_max_batch_must_be_positive():
         Coalescer(_rows, max_batch=0)
 
 
-def test_concurrent_search_engine_text_queries_equal_their_encodes_alone(tmp_path):
-    """A SearchEngine under concurrent text queries: batched encodes (more than one query a call)
-    give every query its own vector, equal to its encode alone within 1e-5."""
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory):
     pytest.importorskip("faiss")
     from rsitr.bench.search import write_sample_source
     from rsitr.search import build as B
+
+    root = tmp_path_factory.mktemp("coalesce")
+    src = write_sample_source(root / "src", n_png=4, grid=(1, 2), tile=64)
+    B.build_index(src, "clip:tiny", root / "idx", B.BuildOptions(tile_size=64, engine="torch", progress=False))
+    return root / "idx"
+
+
+def test_concurrent_search_engine_text_queries_equal_their_encodes_alone(index_dir):
+    """A SearchEngine under concurrent text queries: batched encodes (more than one query a call)
+    give every query its own vector, equal to its encode alone within 1e-5."""
     from rsitr.search.engine import SearchEngine
 
-    src = write_sample_source(tmp_path / "src", n_png=4, grid=(1, 2), tile=64)
-    B.build_index(src, "clip:tiny", tmp_path / "idx", B.BuildOptions(tile_size=64, engine="torch", progress=False))
-    eng = SearchEngine(tmp_path / "idx", engine="torch")
+    eng = SearchEngine(index_dir, engine="torch")
     queries = [f"{n} storage tanks next to a harbour and a road" for n in range(12)] + ["a river", "planes"]
     alone = {q: eng._encode_texts([q]) for q in queries}
     sizes = []
@@ -126,3 +133,24 @@ def test_concurrent_search_engine_text_queries_equal_their_encodes_alone(tmp_pat
     for q in queries:
         assert got[q].shape == alone[q].shape
         np.testing.assert_allclose(got[q], alone[q], atol=1e-5, rtol=0)
+
+
+def test_searches_and_thumbnails_do_not_wait_for_the_model(index_dir):
+    """While a forward pass holds the model lock, a vector search and a cached thumbnail answer."""
+    from rsitr.search.engine import SearchEngine
+
+    eng = SearchEngine(index_dir, engine="torch")
+    q = eng.encode_text("a river")
+    thumb = eng.thumbnail(0, size=64)
+    done: dict[str, object] = {}
+
+    def other_work():
+        done["search"] = eng.search_vector(q, 3)
+        done["thumb"] = eng.thumbnail(0, size=64)
+
+    with eng._lock:  # as if an encode were running
+        t = threading.Thread(target=other_work, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "a search or a thumbnail waited for the model"
+    assert len(done["search"]) == 3 and done["thumb"] == thumb
