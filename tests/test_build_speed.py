@@ -194,3 +194,33 @@ def test_bench_search_reports_recall_without_flat():
     assert rows[1]["recall@10"] > 0.5
     auto = run_search_bench(sizes=(3000,), dim=32, kinds=("auto",), n_queries=30, data="clustered", progress=False)[0]
     assert auto["params"].startswith("flat") and auto["recall@10"] == 1.0  # 3000 < 50k vectors: exact
+
+
+def test_decode_workers_normalise_bit_identically_to_eval_transform(model, source, monkeypatch):
+    """The decode threads write normalised float32 rows (not uint8 for the encoder's thread to
+    normalise); the batch equals EvalTransform's per-image pixels exactly, in the items' order."""
+    import threading
+
+    from rsitr.data.transforms import EvalTransform
+    from rsitr.search.pipeline import BatchDecoder, StageTimes
+    from rsitr.search.sources import Tiling, read_item, scan_source_report
+
+    items = scan_source_report(source, Tiling(64, 0, max_nodata=None)).items
+    tf = EvalTransform(model.backbone.preprocess)
+    threads = set()
+    real = BatchDecoder.normalize_into
+
+    def spy(self, rgb, out):
+        threads.add(threading.current_thread().name)
+        return real(self, rgb, out)
+
+    monkeypatch.setattr(BatchDecoder, "normalize_into", spy)
+    decoder = BatchDecoder(tf, 3, StageTimes())
+    try:
+        got_items, px = decoder.result(decoder.submit(items))
+    finally:
+        decoder.close()
+    assert [it.key for it in got_items] == [it.key for it in items]
+    assert px.dtype == torch.float32 and px.is_contiguous()
+    assert torch.equal(px, torch.stack([tf(read_item(it)) for it in items]))
+    assert threads and all(t.startswith("rsitr-decode") for t in threads)

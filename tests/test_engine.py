@@ -472,3 +472,69 @@ def test_index_top10_is_the_same_with_either_engine(tmp_path):
         results[kind] = [[r["id"] for r in eng.search(q, k=10)] for q in ("a harbour with ships", "green fields", "a runway")]
         assert eng.encoder.kind == kind
     assert results["torch"] == results["onnx"]
+
+
+# -- the saved graph is optimised: explicit zero pads folded into their convolutions -------------
+def _onnx_ops(path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_lite0_image_graphs_have_their_pads_folded_and_equal_torch(lite0, shared_dir, tmp_path):
+    """The Lite trunk's "same" pads (17 Pad nodes in the raw export) are gone from the saved
+    graphs (each one cost two layout conversions in ONNX Runtime) and the outputs still equal torch."""
+    eng = _check_model(lite0, shared_dir, tmp_path)
+    for part in ("image_trunk", "image_features"):
+        ops = _onnx_ops(tmp_path / f"{part}-{eng.key(part)}.onnx")
+        assert "Conv" in ops and "Pad" not in ops, part
+
+
+class _Padded(torch.nn.Module):
+    """A zero pad (asymmetric, "same" for a stride-2 conv) then a conv; a reflect pad then a conv; a
+    non-zero constant pad then a conv; a zero pad whose output is also used by another node."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 4, 3, stride=2, padding=(1, 0))
+        self.b = torch.nn.Conv2d(4, 4, 3)
+        self.c = torch.nn.Conv2d(4, 4, 3)
+        self.d = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.a(torch.nn.functional.pad(x, (0, 1, 2, 1)))
+        x = self.b(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"))
+        x = self.c(torch.nn.functional.pad(x, (1, 1, 1, 1), value=0.5))
+        p = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        return self.d(p) + p.mean()
+
+
+def test_fold_pads_folds_zero_pads_only_and_keeps_the_outputs(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from rsitr.models.engine import optimise_graph
+
+    path = tmp_path / "padded.onnx"
+    module = _Padded().eval()
+    x = torch.randn(2, 3, 17, 18)
+    torch.onnx.export(module, (x,), str(path), input_names=["x"], dynamic_axes={"x": {0: "b"}}, opset_version=17, dynamo=False)
+    assert _onnx_ops(path).count("Pad") == 4
+    assert optimise_graph(path) == 1  # only the zero pad that feeds nothing but a conv
+    assert _onnx_ops(path).count("Pad") == 3
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x[:1].numpy()})[0]
+    with torch.no_grad():
+        ref = module(x[:1]).numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5
+
+
+def test_a_failed_optimisation_keeps_the_exported_file(tmp_path, caplog):
+    from rsitr.models.engine import optimise_graph
+
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx graph")
+    with caplog.at_level(logging.INFO, logger="rsitr.models.engine"):
+        assert optimise_graph(path) == 0
+    assert path.read_bytes() == b"not an onnx graph" and "kept as exported" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.onnx"]

@@ -26,6 +26,15 @@ torch / opset versions. Files are written atomically as ``<cache_dir>/<part>-<ke
 reused by later runs; ``cache_dir`` defaults to ``$RSITR_ONNX_CACHE`` (``~/.cache/rsitr/onnx``).
 Batch size and text length are dynamic; image graphs are exported per input resolution.
 
+Each exported file is optimised once before it is saved (:func:`optimise_graph`): ONNX Runtime's
+hardware-independent (basic) rewrites, constant folding first, and then every constant zero ``Pad``
+in front of a ``Conv`` is folded into the convolution's own ``pads``. Why: the EfficientNet-Lite
+trunks pad "same" explicitly before each strided or depthwise convolution; ONNX Runtime does not
+fuse those pads, and each one forced two layout conversions (its blocked NCHWc layout to NCHW and
+back) - 44% of the image trunk's time (ORT profile, batch 32); folded, the same outputs come
+1.6x faster. The saved graph is plain ONNX (no hardware-specific ops), so it is as portable as
+the raw export, and a session on it starts faster.
+
 After an export the ONNX outputs are compared with torch on the export batch; a graph that
 differs by more than ``tolerance`` (1e-4 max abs) is not used. Whenever ONNX Runtime is missing,
 an export fails or that check fails, the engine says so in one log line and runs torch: results
@@ -53,7 +62,9 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "onnx", "torch")
 OPSET = 17
-FORMAT_VERSION = 1  # bump when what a graph computes for the same key changes
+# bump when what a graph computes for the same key changes, or how its file is written (2: constants
+# folded and zero pads folded into their convolutions, see optimise_graph)
+FORMAT_VERSION = 2
 TOLERANCE = 1e-4
 
 _SAMPLE_TEXTS = [
@@ -92,6 +103,86 @@ def state_hash(modules: list[nn.Module], extra: dict) -> str:
     for i, m in enumerate(modules):
         digest_state(h, m, str(i))
     return h.hexdigest()[:24]
+
+
+def fold_pads(model) -> int:
+    """Fold every constant zero ``Pad`` that feeds only a ``Conv`` into that convolution's ``pads``
+    (in place, on an ``onnx.ModelProto`` whose pad widths are initializers); returns how many.
+
+    Left alone: other pad modes, a non-zero pad value, pads on the batch or channel axes, negative
+    pads, a ``Conv`` with ``auto_pad`` set, a ``Pad`` whose output is also used elsewhere.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    outputs = {o.name for o in g.output}
+    folded = []
+    for n in g.node:
+        if n.op_type != "Pad" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("mode", b"constant") not in (b"constant", "constant"):
+            continue
+        value = n.input[2] if len(n.input) > 2 else ""
+        if value and (value not in inits or np.any(numpy_helper.to_array(inits[value]) != 0)):
+            continue
+        if len(n.input) > 3 and n.input[3]:  # an axes input (opset 18+): not the full-rank form
+            continue
+        after = users.get(n.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Conv" or n.output[0] in outputs:
+            continue
+        conv = after[0]
+        pads = [int(v) for v in numpy_helper.to_array(inits[n.input[1]]).reshape(-1)]
+        rank = len(pads) // 2
+        if rank < 3 or any(v < 0 for v in pads) or any(pads[i] or pads[rank + i] for i in range(2)):
+            continue
+        cattrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in cattrs and helper.get_attribute_value(cattrs["auto_pad"]) not in (b"NOTSET", b"", "NOTSET"):
+            continue
+        spatial = rank - 2
+        old = list(helper.get_attribute_value(cattrs["pads"])) if "pads" in cattrs else [0] * (2 * spatial)
+        new = [old[i] + pads[2 + i] for i in range(spatial)] + [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+        if "pads" in cattrs:
+            conv.attribute.remove(cattrs["pads"])
+        conv.attribute.append(helper.make_attribute("pads", new))
+        conv.input[0] = n.input[0]
+        folded.append(n)
+    for n in folded:
+        g.node.remove(n)
+    return len(folded)
+
+
+def optimise_graph(path: Path) -> int:
+    """Rewrite the ONNX file ``path`` in place for faster inference with the same outputs: ONNX
+    Runtime's basic (hardware-independent: constant folding, redundant nodes) rewrites, then
+    :func:`fold_pads`. Returns the pads folded. Any failure leaves ``path`` as it was (logged):
+    the raw export computes the same outputs, only slower."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        with tempfile.TemporaryDirectory(prefix=".optimise-", dir=path.parent) as work:
+            basic, folded = Path(work) / "basic.onnx", Path(work) / "folded.onnx"
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            opts.optimized_model_filepath = str(basic)
+            opts.log_severity_level = 3
+            ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            model = onnx.load(str(basic))
+            n = fold_pads(model)
+            onnx.save(model, str(folded))
+            os.replace(folded, path)
+        return n
+    except Exception as exc:  # noqa: BLE001 - an optimisation that fails costs speed, never results
+        log.info("inference engine: %s kept as exported (optimisation failed: %s: %s)", path, type(exc).__name__, exc)
+        return 0
 
 
 class _FeaturesOut(nn.Module):
@@ -268,6 +359,7 @@ class InferenceEngine:
                     warnings.simplefilter("ignore")  # tracer warnings about the shape checks of forward()
                     torch.onnx.export(module, example, str(tmp), input_names=in_names, output_names=["pooled", "tokens", "mask"],
                                       dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+                folded = optimise_graph(Path(tmp))
                 graph = _Graph(tmp, self.threads)
                 ref = module(*example)
                 got = graph(*example)
@@ -282,7 +374,8 @@ class InferenceEngine:
         if not exact:
             log.warning("inference engine: ONNX %s of %s differs from torch by %.2e (> %.0e); using torch for it", name, self.backbone.info.name, diff, self.tolerance)
             return None
-        log.info("inference engine: exported %s of %s to %s in %.1fs (max abs diff %.1e)", name, self.backbone.info.name, path, time.perf_counter() - t0, diff)
+        log.info("inference engine: exported %s of %s to %s in %.1fs (%d pads folded; max abs diff %.1e)", name, self.backbone.info.name, path,
+                 time.perf_counter() - t0, folded, diff)
         return _Graph(path, self.threads)
 
     def uses_onnx(self, name: str) -> bool:
@@ -398,4 +491,5 @@ def encode_texts(backbone: Backbone, texts: list[str], engine: InferenceEngine |
     return torch.cat(parts)
 
 
-__all__ = ["ENGINES", "InferenceEngine", "default_cache_dir", "encode_texts", "engine_for", "onnxruntime_available", "resolve_engine", "state_hash"]
+__all__ = ["ENGINES", "InferenceEngine", "default_cache_dir", "encode_texts", "engine_for", "fold_pads", "onnxruntime_available", "optimise_graph",
+           "resolve_engine", "state_hash"]

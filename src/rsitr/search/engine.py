@@ -2,8 +2,12 @@
 
 :class:`SearchEngine` loads an index folder (its manifest: :class:`rsitr.search.manifest.IndexManifest`), its model (refused
 unless its weights hash to the manifest's), and answers queries. It is safe to share between
-threads: model forward passes and FAISS searches run under one lock (a 2-core CPU gains nothing
-from running them concurrently), everything else is read-only.
+threads: model forward passes run under one lock (a 2-core CPU gains nothing from running them
+concurrently), vector-store searches under another (a search need not wait for an encode), the
+thumbnail cache under a third; everything else is read-only. Text queries that arrive while the
+model is busy are encoded together in one call when it is free (:mod:`rsitr.search.coalesce`: a
+server under many clients encodes batches instead of one caption at a time; a vector may differ by
+float rounding, about 1e-6, from its encode alone).
 
 Scoring and re-ranking (``rerank=``):
 
@@ -60,6 +64,9 @@ SAR_UNAVAILABLE = ("--rerank sar is not available for a single query: SAR re-sor
                    "Use `rsitr eval` on a caption dataset for SAR, or --rerank ftf with an index built with --keep-tokens.")
 
 
+TEXT_BATCH = 32  # most text queries encoded in one call (rsitr.search.coalesce)
+
+
 class SearchEngine:
     def __init__(self, index_dir: str | Path, *, checkpoint: str | None = None, model=None, device: str = "cpu",
                  load_model: bool = True, thumb_cache: int = 256, engine: str = "auto", onnx_cache: str | None = None,
@@ -90,7 +97,12 @@ class SearchEngine:
                     raise RsitrError(f"{self.index_dir}: the index changed under every attempt to open it ({exc.filename})") from exc
                 time.sleep(0.2)
         self.device = device
+        # three locks, never taken in another order than model -> store: the model's forward passes,
+        # the vector store's searches (FAISS is fast; its searches need not wait for an encode), and the
+        # thumbnail cache (a cache lookup must not wait for either)
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()
+        self._thumb_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[int, int, str], bytes] = OrderedDict()
         self._thumb_cache = int(thumb_cache)
         self.model = self.encoder = None  # the backbone, and its no-grad encoder
@@ -108,6 +120,9 @@ class SearchEngine:
             self.model, self.method = m.backbone, m.method
             # query encodes (no grad) through ONNX Runtime where available: same vectors within 1e-4
             self.encoder = engine_for(self.model, engine, cache_dir=onnx_cache)
+        from rsitr.search.coalesce import Coalescer
+
+        self._texts = Coalescer(self._encode_texts, max_batch=TEXT_BATCH)
 
     # -- info ------------------------------------------------------------------------------------
     def _open_generation(self) -> None:
@@ -172,11 +187,16 @@ class SearchEngine:
         ids = model.tokenize([query]).to(self.device)
         return self.encoder.text_features(ids), ids
 
-    @torch.no_grad()
     def encode_text(self, query: str) -> np.ndarray:
+        """The L2-normalised embedding ``[1, D]`` of ``query`` (concurrent calls are batched)."""
+        self._need_model()
+        return self._texts.encode(query)
+
+    @torch.no_grad()
+    def _encode_texts(self, queries: list[str]) -> np.ndarray:
         model = self._need_model()
         with self._lock:
-            e = self.encoder.encode_text(model.tokenize([query]).to(self.device)).float()
+            e = self.encoder.encode_text(model.tokenize(list(queries)).to(self.device)).float()
         return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
 
     @torch.no_grad()
@@ -224,7 +244,7 @@ class SearchEngine:
         k = int(k)
         if k < 1:
             raise RsitrError(f"k must be >= 1, got {k}")
-        with self._lock:
+        with self._store_lock:
             scores, ids = self.vectors.search(q, k, box) if box is not None else self.vectors.search(q, k)
         return scores[0], ids[0]
 
@@ -315,7 +335,8 @@ class SearchEngine:
             tf, _ = self._text_features(query)
             q = torch.nn.functional.normalize(tf.pooled.float(), dim=-1).cpu().numpy()
             recall = self.vectors if box is None else _Filtered(self.vectors, box)
-            coarse, ids = recall.search(q, max(k, depth))
+            with self._store_lock:
+                coarse, ids = recall.search(q, max(k, depth))
             coarse, ids = coarse[0], ids[0]
             keep = ids >= 0
             coarse, ids = coarse[keep].astype(np.float32), ids[keep]
@@ -408,7 +429,7 @@ class SearchEngine:
 
     def _encoded(self, key: tuple, render, fmt: str) -> bytes:
         """``render()`` (a PIL image) encoded as ``fmt``, kept in the LRU image cache under ``key``."""
-        with self._lock:
+        with self._thumb_lock:
             hit = self._thumbs.get(key)
             if hit is not None:
                 self._thumbs.move_to_end(key)
@@ -417,7 +438,7 @@ class SearchEngine:
         buf = io.BytesIO()
         img.save(buf, format=fmt, quality=88) if fmt == "JPEG" else img.save(buf, format=fmt)
         data = buf.getvalue()
-        with self._lock:
+        with self._thumb_lock:
             self._thumbs[key] = data
             while len(self._thumbs) > self._thumb_cache:
                 self._thumbs.popitem(last=False)

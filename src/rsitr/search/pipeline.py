@@ -1,15 +1,17 @@
 """The index build's decode pipeline: keep the cores on the model.
 
-Items are decoded and resized by a pool of ``workers`` threads (PIL's decode and resize and
-rasterio's reads release the GIL, so threads run them in parallel without the pickling and start-up
-cost of processes), each writing its tile straight into its row of a preallocated ``uint8``
-batch ``[B, S, S, 3]``; the batch is then normalised in one vectorised step (``/255``, ``-mean``,
-``/std``: the same float32 operations as :class:`rsitr.data.transforms.EvalTransform`, so the
-pixels are bit-identical to the per-image path). The build submits the next batches' items before
-it encodes the current one, so decoding overlaps encoding.
+Items are decoded, resized and normalised by a pool of ``workers`` threads (PIL's decode and
+resize, rasterio's reads and numpy's arithmetic release the GIL, so threads run them in parallel
+without the pickling and start-up cost of processes), each writing its tile straight into its row
+of a preallocated ``float32`` batch ``[B, 3, S, S]`` (``/255``, ``-mean``, ``/std``: the same
+correctly rounded float32 operations as :class:`rsitr.data.transforms.EvalTransform`, so the
+pixels are bit-identical to the per-image path). Normalising in the workers rather than on the
+encoder's thread leaves that thread nothing to do between two encodes but wait for a batch that is
+already done. The build submits the next batches' items before it encodes the current one, so
+decoding overlaps encoding.
 
 :class:`StageTimes` records where a build's time goes: ``decode`` (reading and decoding, summed
-over the workers), ``resize`` (resize, crop and the copy into the batch, summed over the workers),
+over the workers), ``resize`` (resize, crop and the normalised copy into the batch, summed over the workers),
 ``wait`` (the encoder waiting for a batch that is not decoded yet), ``encode`` (the model, test-time
 views included) and ``write`` (chunks and the final merge: item table, embeddings, vector index).
 """
@@ -62,7 +64,7 @@ def format_profile(profile: dict[str, dict[str, float]]) -> str:
 
 @dataclass
 class PendingBatch:
-    """A batch being decoded: its items, the uint8 buffer their rows go into, one future per item."""
+    """A batch being decoded: its items, the float32 buffer their rows go into, one future per item."""
 
     items: list[Item]
     buffer: np.ndarray
@@ -76,8 +78,8 @@ class BatchDecoder:
                  read: Callable[[Item], object] = read_item):
         self.transform, self.times, self.skip_bad, self.read = transform, times, bool(skip_bad), read
         self.size = int(transform.size)
-        self.mean = transform.mean.view(1, -1, 1, 1)
-        self.std = transform.std.view(1, -1, 1, 1)
+        self.mean = transform.mean.numpy().astype(np.float32).reshape(-1, 1, 1)
+        self.std = transform.std.numpy().astype(np.float32).reshape(-1, 1, 1)
         self.pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="rsitr-decode")
 
     def _one(self, item: Item, buffer: np.ndarray, row: int) -> None:
@@ -87,13 +89,13 @@ class BatchDecoder:
         img = self.transform.resize_crop(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        buffer[row] = np.asarray(img, dtype=np.uint8)
+        self.normalize_into(np.asarray(img, dtype=np.uint8), buffer[row])
         self.times.add("decode", t1 - t0)
         self.times.add("resize", time.perf_counter() - t1)
 
     def submit(self, items: Sequence[Item]) -> PendingBatch:
         """Start decoding ``items`` (returns at once)."""
-        buf = np.empty((len(items), self.size, self.size, 3), np.uint8)
+        buf = np.empty((len(items), 3, self.size, self.size), np.float32)
         return PendingBatch(list(items), buf, [self.pool.submit(self._one, it, buf, j) for j, it in enumerate(items)])
 
     def result(self, pending: PendingBatch) -> tuple[list[Item], torch.Tensor | None]:
@@ -114,13 +116,15 @@ class BatchDecoder:
         if not ok:
             return [], None
         buf = pending.buffer if len(ok) == len(pending.items) else pending.buffer[ok]
-        return [pending.items[j] for j in ok], self.normalize(buf)
+        return [pending.items[j] for j in ok], torch.from_numpy(buf)
 
-    def normalize(self, buf: np.ndarray) -> torch.Tensor:
-        """``uint8 [n, S, S, 3]`` -> ``float32 [n, 3, S, S]``: ``/255``, ``-mean``, ``/std``."""
-        x = torch.empty((buf.shape[0], 3, buf.shape[1], buf.shape[2]), dtype=torch.float32)
-        x.copy_(torch.from_numpy(buf).permute(0, 3, 1, 2))
-        return x.div_(255).sub_(self.mean).div_(self.std)
+    def normalize_into(self, rgb: np.ndarray, out: np.ndarray) -> None:
+        """``uint8 [S, S, 3]`` -> ``out`` ``float32 [3, S, S]``: ``/255``, ``-mean``, ``/std``, in
+        place (each step one correctly rounded float32 operation, as in ``to_tensor_normalized``)."""
+        np.copyto(out, rgb.transpose(2, 0, 1), casting="unsafe")
+        np.divide(out, np.float32(255), out=out)
+        np.subtract(out, self.mean, out=out)
+        np.divide(out, self.std, out=out)
 
     @staticmethod
     def cancel(pending: PendingBatch) -> None:
