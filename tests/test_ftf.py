@@ -209,6 +209,20 @@ def test_bench_synthetic_archive_latency_only(tmp_path, capsys):
     assert all(r["mR_t2i"] is None and r["p50_ms"] > 0 for r in res["rows"])
 
 
+def test_bench_ftf_recall_index_auto_is_what_index_build_auto_picks(tmp_path, capsys):
+    from rsitr.cli import main
+
+    out = tmp_path / "auto.json"
+    assert main(["-q", "bench", "ftf", "--synthetic-archive", "300", "--tokens", "5", "--dim", "16", "--queries", "3", "--exhaustive-queries", "0",
+                 "--ks", "10", "--index", "auto", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    auto = res["setup"]["index_auto"]
+    assert res["setup"]["index"] == "auto" and auto["kind"] == "flat" and "< 50000" in auto["why"]  # 300 vectors: exact search
+    assert "index auto = flat" in capsys.readouterr().out and [r["stage"] for r in res["rows"]] == ["coarse", "two-stage K=10"]
+
+
 def test_plain_scores_fast_path_matches_the_definition():
     """``renorm=False`` goes through one big cosine matrix; same values as the per-pair block."""
     from rsitr.retrieval.interaction import fine_scores, interaction_scores

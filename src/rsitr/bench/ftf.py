@@ -178,7 +178,10 @@ def dataset_inputs(checkpoint: str, data: str, split: str, *, batch_size: int = 
 # -- report ----------------------------------------------------------------------------------------
 def format_markdown(result: dict[str, Any]) -> str:
     s = result["setup"]
-    lines = [f"FTF text->image: {s['source']}, {s['images']:,} images, {s['queries']} queries, index {s['index']} "
+    auto = s.get("index_auto")
+    index = s["index"] if not auto else (f"auto = {auto['kind']} {' '.join(f'{a}={b}' for a, b in auto['params'].items())} "
+                                         f"(tuned R@10 {auto['recall@10']:.3f})")
+    lines = [f"FTF text->image: {s['source']}, {s['images']:,} images, {s['queries']} queries, index {index} "
              f"(built in {s['index_build_s']:.1f}s), alpha {s['alpha']}, tau {s['tau']}, balance {s['balance']}, "
              f"{s['threads']} threads", ""]
     if not s["recall_meaningful"]:
@@ -240,15 +243,22 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
     alpha = alpha if alpha is not None else params.alpha
     tau = tau if tau is not None else params.tau
     balance = balance if balance is not None else params.balance
-    kw = {"nlist": nlist, "nprobe": nprobe} if index == "ivf" else {}
-    vindex, build_s = build_index(pooled, index, **kw)
+    auto = None
+    if index == "auto":  # what `rsitr index build --index-kind auto` would build over these vectors
+        from rsitr.retrieval.autoindex import auto_index
+
+        vindex, auto = auto_index(l2_normalize(np.asarray(pooled, np.float32)))
+        vindex.normalize, build_s = True, auto["seconds"]
+    else:
+        kw = {"nlist": nlist, "nprobe": nprobe} if index == "ivf" else {}
+        vindex, build_s = build_index(pooled, index, **kw)
     rows = run(vindex, store, qp, qt, qm, truth=truth, ks=ks, alpha=alpha, tau=tau, balance=balance, exhaustive_queries=exq,
                image_pooled=pooled)
     result = {
         "setup": {"source": source, "images": len(store), "queries": int(qp.shape[0]), "index": index, "index_build_s": build_s,
                   "prepare_s": prep, "alpha": alpha, "tau": tau, "balance": balance, "threads": torch.get_num_threads(),
                   "tokens_per_image": int(store.tokens.shape[1]), "dim": int(store.tokens.shape[2]),
-                  "recall_meaningful": truth is not None, "machine": platform.machine(), "python": platform.python_version()},
+                  "recall_meaningful": truth is not None, "index_auto": auto, "machine": platform.machine(), "python": platform.python_version()},
         "rows": rows,
     }
     if out:

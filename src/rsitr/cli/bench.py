@@ -217,7 +217,9 @@ def add_ftf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exhaustive-queries", type=int, default=None,
                    help="queries for the exhaustive row (default: all for a dataset, 5 for a synthetic archive; 0 = skip)")
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="two-stage candidate counts, comma separated")
-    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="recall index: exact (flat) or approximate (default flat)")
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "auto"],
+                   help="recall index: exact (flat), approximate (ivf, hnsw), or auto: what `index build --index-kind auto` builds "
+                        "(default flat)")
     p.add_argument("--nlist", type=int, default=None, help="ivf: number of clusters (default: about 4*sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16, help="ivf: clusters visited per query (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="final = (1-alpha) coarse + alpha fine (default: checkpoint's, else 0.5)")
