@@ -170,6 +170,21 @@ def test_auto_index_falls_back_to_exact_search_only_when_no_candidate_reaches_th
     assert all("build budget" in c["skipped"] for c in rec["candidates"])
 
 
+def test_auto_index_abandons_a_candidate_whose_build_would_end_past_the_budget(monkeypatch):
+    import types
+
+    from rsitr.retrieval import autoindex
+
+    clock = iter(range(5, 10**6, 5))  # every reading of the clock is 5 s later: the build rate projects far past 12 s
+    monkeypatch.setattr(autoindex, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(autoindex, "ADD_CHUNK", 500)
+    x = _clustered(3000)
+    vi, rec = autoindex.auto_index(x, 0.5, flat_below=1000, n_queries=50, budget_s=12.0, progress=False,
+                                   candidates=(("hnsw", {"M": 8, "efConstruction": 16}),))
+    (h,) = rec["candidates"]
+    assert vi.kind == rec["kind"] == "flat" and h["skipped"].startswith("abandoned after") and "past the build budget 12 s" in h["skipped"]
+
+
 def test_build_with_index_kind_auto_records_kind_params_and_recall(model, source, tmp_path, monkeypatch):
     from rsitr.retrieval.index import VectorIndex
     from rsitr.search import build as B

@@ -216,8 +216,9 @@ def auto_index(emb: np.ndarray, target: float = TARGET_RECALL, *, k: int = 10, f
         try:
             vi, built = _build(kind, params, emb, seed, progress, None if budget_s is None else t0 + budget_s)
         except _OverBudget as over:
-            tried.append({"kind": kind, "params": dict(params), "skipped": f"abandoned after {time.perf_counter() - tb:.0f} s: its build "
-                          f"was projected to take {over.args[0]:.0f} s, past the build budget {budget_s:.0f} s"})
+            tried.append({"kind": kind, "params": dict(params), "skipped": f"abandoned after {time.perf_counter() - tb:.0f} s: at its rate "
+                          f"so far its build would take {over.args[0]:.0f} s and end {tb - t0 + over.args[0]:.0f} s into auto's build, "
+                          f"past the build budget {budget_s:.0f} s"})
             log.info("auto index: %s %s %s", kind, params, tried[-1]["skipped"])
             continue
         knob, value, rec, reached = _tune(vi, xq, exact, k, target)
