@@ -190,8 +190,8 @@ def auto_index(emb: np.ndarray, target: float = TARGET_RECALL, *, k: int = 10, f
     ``{"kind", "params", "recall@k", "query_ms": {"p50", "p95"}, "queries", "target_recall", "why",
     "seconds", "candidates": [{"kind", "params", "recall@k", "reached", "query_ms", "build_s"} or
     {"kind", "params", "skipped"}]}`` (module doc). ``budget_s``: the build budget in seconds, no
-    candidate is started or continued past it (None: no limit; module doc); ``candidates``: ``(kind, build parameters)`` in the order
-    they are tried."""
+    candidate is started or continued past it (None: no limit; module doc); ``candidates``:
+    ``(kind, build parameters)`` in the order they are tried."""
     target = check_target(target)
     t0 = time.perf_counter()
     n, dim = emb.shape

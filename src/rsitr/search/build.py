@@ -35,8 +35,10 @@ the same code as ``rsitr eval --tta``); queries are not averaged. ``BuildResult.
 where the time went (decode, resize, wait, encode, write).
 
 Index kind ``auto`` (``IndexManifest.index_auto``; FAISS store): every merge picks the kind for the
-number of vectors and tunes it to the target recall (:func:`rsitr.retrieval.autoindex.auto_index`);
-the manifest records the kind, its parameters and the recall measured on the index's own vectors.
+number of vectors - exact below 50k, else the fastest of the IVF and HNSW candidates tuned to the
+target recall, exact only when none reaches it (:func:`rsitr.retrieval.autoindex.auto_index`); the
+manifest records the kind, its parameters, the recall and query time measured on the index's own
+vectors and every candidate tried.
 
 Model identity: ``state_sha256`` hashes every tensor of the backbone (and of the trained method a
 checkpoint carries); an index is only ever used with a model whose hash matches (else
