@@ -119,40 +119,106 @@ def _clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def test_auto_index_is_flat_when_small_and_tuned_hnsw_when_large():
-    from rsitr.retrieval.autoindex import auto_index, exact_neighbours, recall_at_k
+def _timed(monkeypatch, ms: dict[str, float]) -> None:
+    """Make auto_index's query timing deterministic: ``ms[kind]`` for every candidate of that kind."""
+    from rsitr.retrieval import autoindex
+
+    monkeypatch.setattr(autoindex, "query_ms", lambda vi, xq, k: (ms[vi.kind], ms[vi.kind] * 1.5))
+
+
+def test_auto_index_keeps_the_fastest_candidate_that_reaches_the_target(monkeypatch):
+    from rsitr.retrieval.autoindex import auto_index, exact_neighbours, jittered_queries, recall_at_k
 
     x = _clustered(4000)
     vi, rec = auto_index(x[:500], 0.95, flat_below=1000)
-    assert vi.kind == "flat" and rec["kind"] == "flat" and rec["recall@10"] == 1.0
-    vi, rec = auto_index(x, 0.95, flat_below=1000, n_queries=200)
+    assert vi.kind == "flat" and rec["kind"] == "flat" and rec["recall@10"] == 1.0 and rec["candidates"] == []
+    _timed(monkeypatch, {"ivf": 2.0, "hnsw": 1.0})
+    vi, rec = auto_index(x, 0.95, flat_below=1000, n_queries=200, progress=False)
     assert vi.kind == rec["kind"] == "hnsw" and rec["params"]["efSearch"] == vi.ef_search == vi.faiss_index.hnsw.efSearch
-    assert rec["recall@10"] >= 0.95 and rec["queries"] == 200
+    assert rec["params"]["M"] == vi.hnsw_m == 32 and rec["recall@10"] >= 0.95 and rec["queries"] == 200
+    assert rec["query_ms"] == {"p50": 1.0, "p95": 1.5}
+    # what it tried: IVF (reached, slower), HNSW M 32 (kept), HNSW M 48 not built since M 32 reached the target
+    ivf, h32, h48 = rec["candidates"]
+    assert ivf["kind"] == "ivf" and ivf["reached"] and ivf["recall@10"] >= 0.95 and ivf["query_ms"]["p50"] == 2.0
+    assert set(ivf["params"]) == {"nlist", "nprobe"} and h32["params"] == rec["params"] and h32["reached"]
+    assert h48["params"]["M"] == 48 and "skipped" in h48 and "reached" not in h48
+    # the other way round the IVF is kept, with its tuned nprobe in the index
+    _timed(monkeypatch, {"ivf": 0.5, "hnsw": 1.0})
+    vi, rec = auto_index(x, 0.95, flat_below=1000, n_queries=200, progress=False)
+    assert vi.kind == rec["kind"] == "ivf" and rec["params"] == {"nlist": vi.nlist, "nprobe": vi.nprobe}
+    assert vi.faiss_index.nprobe == vi.nprobe and rec["params"] == rec["candidates"][0]["params"]
     # the recorded recall is what the index does on other queries of the same kind
-    from rsitr.retrieval.autoindex import jittered_queries
-
     q = jittered_queries(x, 200, seed=7)
     assert recall_at_k(vi.search(q, 10)[1], exact_neighbours(x, q, 10), 10) >= 0.93
 
 
-def test_build_with_index_kind_auto_records_kind_params_and_recall(model, source, tmp_path):
+def test_auto_index_falls_back_to_exact_search_only_when_no_candidate_reaches_the_target():
+    from rsitr.retrieval.autoindex import auto_index
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    # no cluster structure: an IVF probing at most an eighth of its cells cannot find every exact neighbour
+    vi, rec = auto_index(x, 1.0, flat_below=1000, n_queries=100, candidates=(("ivf", {}),), progress=False)
+    assert vi.kind == rec["kind"] == "flat" and len(vi) == 3000 and rec["recall@10"] == 1.0
+    (ivf,) = rec["candidates"]
+    assert ivf["kind"] == "ivf" and not ivf["reached"] and ivf["recall@10"] < 1.0 and ivf["params"]["nprobe"] == ivf["params"]["nlist"] // 8
+    assert "no candidate reached" in rec["why"]
+    # a spent build budget starts no candidate (each says why) and falls back the same way
+    vi, rec = auto_index(x, 0.5, flat_below=1000, n_queries=100, budget_s=0.0, progress=False)
+    assert vi.kind == "flat" and [c["kind"] for c in rec["candidates"]] == ["ivf", "hnsw", "hnsw"]
+    assert all("build budget" in c["skipped"] for c in rec["candidates"])
+
+
+def test_auto_index_abandons_a_candidate_whose_build_would_end_past_the_budget(monkeypatch):
+    import types
+
+    from rsitr.retrieval import autoindex
+
+    clock = iter(range(5, 10**6, 5))  # every reading of the clock is 5 s later: the build rate projects far past 12 s
+    monkeypatch.setattr(autoindex, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(autoindex, "ADD_CHUNK", 500)
+    x = _clustered(3000)
+    vi, rec = autoindex.auto_index(x, 0.5, flat_below=1000, n_queries=50, budget_s=12.0, progress=False,
+                                   candidates=(("hnsw", {"M": 8, "efConstruction": 16}),))
+    (h,) = rec["candidates"]
+    assert vi.kind == rec["kind"] == "flat" and h["skipped"].startswith("abandoned after") and "past the build budget 12 s" in h["skipped"]
+
+
+def test_build_with_index_kind_auto_records_kind_params_and_recall(model, source, tmp_path, monkeypatch):
     from rsitr.retrieval.index import VectorIndex
     from rsitr.search import build as B
     from rsitr.search.engine import SearchEngine
+    from rsitr.search.manifest import IndexManifest
 
     out = tmp_path / "idx"
+    _timed(monkeypatch, {"ivf": 0.5, "hnsw": 1.0})
     B.build_index(source, "clip:tiny", out, B.BuildOptions(tile_size=64, index_kind="auto", auto_flat_below=5, progress=False), model=model)
     m = B.read_manifest(out)
-    raw = json.loads((out / "manifest.json").read_text())["index"]
+    full = json.loads((out / "manifest.json").read_text())
+    raw = full["index"]
     auto = raw["auto"]
-    assert raw["kind"] == m.index_kind == "hnsw" and m.kind_option == "auto" and auto["target_recall"] == 0.95
-    assert auto["recall@10"] >= 0.95 and auto["queries"] == 14 and set(auto["params"]) == {"M", "efSearch"}
+    assert raw["kind"] == m.index_kind == "ivf" and m.kind_option == "auto" and auto["target_recall"] == 0.95
+    assert auto["recall@10"] >= 0.95 and auto["queries"] == 14 and set(auto["params"]) == {"nlist", "nprobe"}
+    assert raw["nlist"] == m.nlist == auto["params"]["nlist"] and auto["query_ms"]["p50"] == 0.5
+    assert [c["kind"] for c in auto["candidates"]] == ["ivf", "hnsw", "hnsw"] and auto["candidates"][1]["reached"]
+    # the record round-trips through the manifest's one reader and writer
+    assert IndexManifest.from_dict(full).to_dict() == full
     vi = VectorIndex.load(out / m.files["vectors"])
-    assert vi.kind == "hnsw" and vi.ef_search == auto["params"]["efSearch"]
+    assert vi.kind == "ivf" and vi.nlist == auto["params"]["nlist"] and vi.nprobe == auto["params"]["nprobe"]
     assert SearchEngine(out, model=model).search("a harbour", k=3)
     # index add keeps choosing: the manifest's auto flag and target are used
-    B.add_to_index(out, source, B.BuildOptions(progress=False), model=model)
-    assert B.read_manifest(out).kind_option == "auto"
+    import shutil
+
+    more = tmp_path / "more"
+    more.mkdir()
+    for p in sorted((source / "png").glob("*.png"))[:3]:
+        shutil.copy(p, more / f"copy_{p.name}")
+    _timed(monkeypatch, {"ivf": 2.0, "hnsw": 1.0})
+    B.add_to_index(out, more, B.BuildOptions(progress=False), model=model)
+    m = B.read_manifest(out)
+    assert m.kind_option == "auto" and m.index_kind == "hnsw" and m.nlist is None and m.count == 17
+    assert VectorIndex.load(out / m.files["vectors"]).ef_search == m.index_auto["params"]["efSearch"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -209,6 +209,36 @@ def test_bench_synthetic_archive_latency_only(tmp_path, capsys):
     assert all(r["mR_t2i"] is None and r["p50_ms"] > 0 for r in res["rows"])
 
 
+def test_bench_ftf_recall_index_auto_is_what_index_build_auto_picks(tmp_path, capsys):
+    from rsitr.cli import main
+
+    out = tmp_path / "auto.json"
+    assert main(["-q", "bench", "ftf", "--synthetic-archive", "300", "--tokens", "5", "--dim", "16", "--queries", "3", "--exhaustive-queries", "0",
+                 "--ks", "10", "--index", "auto", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    auto = res["setup"]["index_auto"]
+    assert res["setup"]["index"] == "auto" and auto["kind"] == "flat" and "< 50000" in auto["why"]  # 300 vectors: exact search
+    assert "index auto = flat" in capsys.readouterr().out and [r["stage"] for r in res["rows"]] == ["coarse", "two-stage K=10"]
+
+
+def test_synthetic_archive_clustered_puts_images_and_queries_in_groups():
+    from rsitr.bench.ftf import synthetic_archive_inputs
+    from rsitr.utils.errors import RsitrError
+
+    def nearest(pooled, q):  # mean cosine of each query to its nearest image
+        return float((q @ pooled.T).max(1).mean())
+
+    _, rp, rq, rt, _ = synthetic_archive_inputs(1000, 49, 32, queries=20)
+    store, cp, cq, ct, _ = synthetic_archive_inputs(1000, 49, 32, queries=20, data="clustered")
+    assert store.tokens.shape == (1000, 49, 32) and cp.shape == (1000, 32) and ct.shape == (20, 16, 32)
+    # grouped: every query has images close to it (noise 0.35 around a shared centre); random: none has
+    assert nearest(cp, cq) > 0.8 and nearest(rp, rq) < 0.65
+    with pytest.raises(RsitrError, match="clustered"):
+        synthetic_archive_inputs(10, 2, 8, data="grid")
+
+
 def test_plain_scores_fast_path_matches_the_definition():
     """``renorm=False`` goes through one big cosine matrix; same values as the per-pair block."""
     from rsitr.retrieval.interaction import fine_scores, interaction_scores

@@ -16,9 +16,11 @@ p50. Exhaustive scoring can be slow on a large archive: ``--exhaustive-queries``
 the first queries only (the table says how many).
 
 Inputs: a checkpoint (or backbone spec) + a caption dataset split (``--checkpoint``, ``--data``,
-``--split``), or ``--synthetic-archive N``: N random images (``--tokens`` fp16 tokens of
-``--dim`` dims each, pooled = normalised token mean) and random queries - latency only, recall is
-meaningless there (shown as "-").
+``--split``), or ``--synthetic-archive N``: N synthetic images (``--tokens`` fp16 tokens of
+``--dim`` dims each, pooled = normalised token mean) and queries, random or in groups
+(``--synthetic-data clustered``, :func:`synthetic_archive_inputs`) - latency only, recall is
+meaningless there (shown as "-"). ``--index auto``: the recall index ``index build --index-kind
+auto`` would build over the pooled vectors, its record in the result.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ from rsitr.utils.errors import RsitrError
 log = logging.getLogger(__name__)
 
 DEFAULT_KS = (50, 100, 200)
+SYNTHETIC_DATA = ("random", "clustered")
+CLUSTER_TOKEN_NOISE = 2.45  # per-dimension token noise of a clustered archive: the mean of 49 tokens has noise ~0.35
 TOP = 10  # deepest rank the recalls need
 
 
@@ -129,19 +133,35 @@ def run(index: VectorIndex, store: TokenStore, q_pooled: np.ndarray, q_tokens: t
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def synthetic_archive_inputs(n: int, tokens: int, dim: int, *, queries: int = 50, words: int = 16, seed: int = 0, block: int = 8192):
-    """Random archive: fp16 unit tokens ``[n, tokens, dim]``, pooled = normalised token mean;
-    random queries. Returns ``(store, image_pooled, q_pooled, q_tokens, q_mask)``."""
+def synthetic_archive_inputs(n: int, tokens: int, dim: int, *, queries: int = 50, words: int = 16, seed: int = 0, block: int = 8192,
+                             data: str = "random"):
+    """Synthetic archive: fp16 unit tokens ``[n, tokens, dim]``, pooled = normalised token mean,
+    and queries. ``data="random"``: i.i.d. Gaussian tokens and queries (no structure: the worst
+    case for an approximate recall index). ``"clustered"``: the images fall in ``n // 100``
+    groups (Gaussian centres, as ``rsitr bench search --data clustered``); every token of an image
+    and every word of a query is its group's centre plus Gaussian noise of
+    :data:`CLUSTER_TOKEN_NOISE` per dimension, so a pooled vector sits at the noise level of that
+    benchmark's vectors (0.35) and a query's words come from one random group. Returns
+    ``(store, image_pooled, q_pooled, q_tokens, q_mask)``."""
+    if data not in SYNTHETIC_DATA:
+        raise RsitrError(f"synthetic archive data must be one of {SYNTHETIC_DATA}, got {data!r}")
     rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 100), dim), dtype=np.float32) if data == "clustered" else None
     toks = np.empty((n, tokens, dim), np.float16)
     pooled = np.empty((n, dim), np.float32)
     for s in range(0, n, block):
-        x = rng.standard_normal((min(block, n - s), tokens, dim), dtype=np.float32)
+        m = min(block, n - s)
+        x = rng.standard_normal((m, tokens, dim), dtype=np.float32)
+        if centres is not None:
+            x = centres[rng.integers(0, len(centres), m)][:, None, :] + CLUSTER_TOKEN_NOISE * x
         x /= np.linalg.norm(x, axis=-1, keepdims=True)
-        toks[s : s + x.shape[0]] = x
-        pooled[s : s + x.shape[0]] = l2_normalize(x.mean(1))
+        toks[s : s + m] = x
+        pooled[s : s + m] = l2_normalize(x.mean(1))
     store = TokenStore.from_arrays(toks, np.ones((n, tokens), bool))
-    qt = F.normalize(torch.from_numpy(rng.standard_normal((queries, words, dim), dtype=np.float32)), dim=-1)
+    q = rng.standard_normal((queries, words, dim), dtype=np.float32)
+    if centres is not None:
+        q = centres[rng.integers(0, len(centres), queries)][:, None, :] + CLUSTER_TOKEN_NOISE * q
+    qt = F.normalize(torch.from_numpy(q), dim=-1)
     qm = torch.ones(queries, words, dtype=torch.bool)
     qp = l2_normalize(qt.mean(1).numpy())
     return store, pooled, qp, qt, qm
@@ -178,11 +198,14 @@ def dataset_inputs(checkpoint: str, data: str, split: str, *, batch_size: int = 
 # -- report ----------------------------------------------------------------------------------------
 def format_markdown(result: dict[str, Any]) -> str:
     s = result["setup"]
-    lines = [f"FTF text->image: {s['source']}, {s['images']:,} images, {s['queries']} queries, index {s['index']} "
+    auto = s.get("index_auto")
+    index = s["index"] if not auto else (f"auto = {auto['kind']} {' '.join(f'{a}={b}' for a, b in auto['params'].items())} "
+                                         f"(tuned R@10 {auto['recall@10']:.3f})")
+    lines = [f"FTF text->image: {s['source']}, {s['images']:,} images, {s['queries']} queries, index {index} "
              f"(built in {s['index_build_s']:.1f}s), alpha {s['alpha']}, tau {s['tau']}, balance {s['balance']}, "
              f"{s['threads']} threads", ""]
     if not s["recall_meaningful"]:
-        lines += ["Synthetic random archive: latency only, recall is not meaningful (shown as -).", ""]
+        lines += ["Synthetic archive: latency only, recall is not meaningful (shown as -).", ""]
     lines += ["| stage | K | queries | R@1 | R@5 | R@10 | mR(t2i) | p50 ms | p95 ms | speed-up vs exhaustive |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -204,7 +227,7 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
             tokens: int = 49, dim: int = 256, words: int = 16, queries: int = 50, exhaustive_queries: int | None = None,
             ks: Sequence[int] = DEFAULT_KS, index: str = "flat", nlist: int | None = None, nprobe: int = 16,
             alpha: float | None = None, tau: float | None = None, balance: float | None = None, top_n: int | None = None,
-            threads: int | None = None, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+            threads: int | None = None, seed: int = 0, out: str | Path | None = None, synthetic_data: str = "random") -> dict[str, Any]:
     """The whole measurement of ``rsitr bench ftf``: inputs (a checkpoint on a caption split, or a
     synthetic random archive), the recall index, every stage; ``alpha``/``tau``/``balance``
     default to the checkpoint method's two-stage parameters. Returns ``{"setup", "rows"}`` (also
@@ -225,8 +248,8 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
     t0 = time.perf_counter()
     if synthetic_archive:
         store, pooled, qp, qt, qm = synthetic_archive_inputs(int(synthetic_archive), tokens, dim, queries=max(1, queries or 50),
-                                                            words=words, seed=seed)
-        source = f"synthetic random archive ({tokens} fp16 tokens x {dim} dims per image)"
+                                                            words=words, seed=seed, data=synthetic_data)
+        source = f"synthetic {synthetic_data} archive ({tokens} fp16 tokens x {dim} dims per image)"
         exq = 5 if exhaustive_queries is None else exhaustive_queries
     else:
         if not checkpoint or not data:
@@ -240,15 +263,22 @@ def measure(*, checkpoint: str | None = None, data: str | None = None, split: st
     alpha = alpha if alpha is not None else params.alpha
     tau = tau if tau is not None else params.tau
     balance = balance if balance is not None else params.balance
-    kw = {"nlist": nlist, "nprobe": nprobe} if index == "ivf" else {}
-    vindex, build_s = build_index(pooled, index, **kw)
+    auto = None
+    if index == "auto":  # what `rsitr index build --index-kind auto` would build over these vectors
+        from rsitr.retrieval.autoindex import auto_index
+
+        vindex, auto = auto_index(l2_normalize(np.asarray(pooled, np.float32)))
+        vindex.normalize, build_s = True, auto["seconds"]
+    else:
+        kw = {"nlist": nlist, "nprobe": nprobe} if index == "ivf" else {}
+        vindex, build_s = build_index(pooled, index, **kw)
     rows = run(vindex, store, qp, qt, qm, truth=truth, ks=ks, alpha=alpha, tau=tau, balance=balance, exhaustive_queries=exq,
                image_pooled=pooled)
     result = {
         "setup": {"source": source, "images": len(store), "queries": int(qp.shape[0]), "index": index, "index_build_s": build_s,
                   "prepare_s": prep, "alpha": alpha, "tau": tau, "balance": balance, "threads": torch.get_num_threads(),
                   "tokens_per_image": int(store.tokens.shape[1]), "dim": int(store.tokens.shape[2]),
-                  "recall_meaningful": truth is not None, "machine": platform.machine(), "python": platform.python_version()},
+                  "recall_meaningful": truth is not None, "index_auto": auto, "machine": platform.machine(), "python": platform.python_version()},
         "rows": rows,
     }
     if out:

@@ -139,7 +139,8 @@ def cmd_ftf(args: argparse.Namespace) -> int:
     result = m.run(checkpoint=args.checkpoint, data=args.data, split=args.split, synthetic_archive=args.synthetic_archive,
                    tokens=args.tokens, dim=args.dim, words=args.words, queries=args.queries, exhaustive_queries=args.exhaustive_queries,
                    ks=ks, index=args.index, nlist=args.nlist, nprobe=args.nprobe, alpha=args.alpha, tau=args.tau, balance=args.balance,
-                   top_n=args.top_n, threads=args.threads, seed=args.seed, out=args.out)
+                   top_n=args.top_n, threads=args.threads, seed=args.seed, out=args.out,
+                   synthetic_data=args.synthetic_data)
     _print_json(result) if args.json else print(m.render_one(result))
     return 0
 
@@ -210,6 +211,9 @@ def add_ftf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split of --data to query (default test)")
     p.add_argument("--synthetic-archive", type=int, default=None, metavar="N",
                    help="random archive of N images instead of a dataset (latency only)")
+    p.add_argument("--synthetic-data", choices=("random", "clustered"), default="random",
+                   help="synthetic: i.i.d. random tokens (default; the worst case for an approximate recall index) or images in "
+                        "N/100 groups, tokens and query words around their group's centre (as bench search --data clustered)")
     p.add_argument("--tokens", type=int, default=49, help="synthetic: tokens per image")
     p.add_argument("--dim", type=int, default=256, help="synthetic: token/embedding dimension")
     p.add_argument("--words", type=int, default=16, help="synthetic: words per query")
@@ -217,7 +221,9 @@ def add_ftf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exhaustive-queries", type=int, default=None,
                    help="queries for the exhaustive row (default: all for a dataset, 5 for a synthetic archive; 0 = skip)")
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="two-stage candidate counts, comma separated")
-    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="recall index: exact (flat) or approximate (default flat)")
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "auto"],
+                   help="recall index: exact (flat), approximate (ivf, hnsw), or auto: what `index build --index-kind auto` builds "
+                        "(default flat)")
     p.add_argument("--nlist", type=int, default=None, help="ivf: number of clusters (default: about 4*sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16, help="ivf: clusters visited per query (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="final = (1-alpha) coarse + alpha fine (default: checkpoint's, else 0.5)")

@@ -66,6 +66,12 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32, copy=False)
 
 
+def ivf_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: 4 sqrt(n) (the usual rule), but at least 39 training points per
+    cell (FAISS's k-means minimum) - so a small archive gets few cells (1 cell = exact search)."""
+    return max(1, min(int(round(4 * math.sqrt(max(n, 1)))), n // 39))
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -75,13 +81,14 @@ class VectorIndex:
 
     ``kind``: ``"flat"`` exact search; ``"ivf"`` IVF-Flat with ``nlist`` cells (default
     ``round(4 * sqrt(n))`` of the first ``add``, at least 1) searched with ``nprobe``; ``"hnsw"``
-    HNSW-Flat with ``hnsw_m`` links per node and ``ef_search``. ``normalize`` (default True)
+    HNSW-Flat with ``hnsw_m`` links per node, ``ef_construction`` (FAISS's default 40) and
+    ``ef_search``. ``normalize`` (default True)
     L2-normalises vectors on ``add`` and queries on ``search``; pass False when they already are
     (then what you give is what is stored).
     """
 
     def __init__(self, dim: int, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16,
-                 hnsw_m: int = 32, ef_search: int = 128, normalize: bool = True):
+                 hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 40, normalize: bool = True):
         if kind not in KINDS:
             raise RsitrError(f"unknown index kind {kind!r}; choose one of {KINDS}")
         if int(dim) < 1:
@@ -89,6 +96,7 @@ class VectorIndex:
         self.dim, self.kind = int(dim), kind
         self.nlist = None if nlist is None else int(nlist)
         self.nprobe, self.hnsw_m, self.ef_search = int(nprobe), int(hnsw_m), int(ef_search)
+        self.ef_construction = int(ef_construction)
         self.normalize = bool(normalize)
         if self.nlist is not None and self.nlist < 1:
             raise RsitrError(f"nlist must be >= 1, got {nlist}")
@@ -102,6 +110,7 @@ class VectorIndex:
         if self.kind == "hnsw":
             idx = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             idx.hnsw.efSearch = self.ef_search
+            idx.hnsw.efConstruction = self.ef_construction
             return idx
         if self.nlist is None:
             self.nlist = max(1, int(round(4 * math.sqrt(n_first or 1))))
@@ -112,7 +121,7 @@ class VectorIndex:
 
     def params(self) -> dict[str, Any]:
         return {"format": INDEX_FORMAT, "dim": self.dim, "kind": self.kind, "nlist": self.nlist, "nprobe": self.nprobe,
-                "hnsw_m": self.hnsw_m, "ef_search": self.ef_search, "normalize": self.normalize, "ntotal": len(self)}
+                "hnsw_m": self.hnsw_m, "ef_search": self.ef_search, "ef_construction": self.ef_construction, "normalize": self.normalize, "ntotal": len(self)}
 
     @property
     def faiss_index(self):
@@ -128,13 +137,27 @@ class VectorIndex:
         if self.normalize:
             x = l2_normalize(x)
         if self._index is None:  # ivf: built (and trained) on the first add
-            nlist = self.nlist if self.nlist is not None else max(1, int(round(4 * math.sqrt(x.shape[0]))))
-            if x.shape[0] < nlist:
-                raise RsitrError(f"an IVF index with nlist={nlist} needs at least {nlist} vectors on its first add "
-                                 f"(got {x.shape[0]}); lower nlist or use kind='flat'")
-            self._index = self._build(x.shape[0])
-            self._index.train(x)
+            self._train(x)
         self._index.add(x)
+
+    def train(self, sample: Any) -> None:
+        """IVF only: build the index and train its cells on ``sample`` (e.g. a subset of what will
+        be added, to bound the k-means cost); the next ``add`` then only assigns. Without it the
+        first ``add`` trains on everything it is given."""
+        if self.kind != "ivf":
+            raise RsitrError(f"only an IVF index is trained; this one is {self.kind!r}")
+        if self._index is not None:
+            raise RsitrError("this IVF index is already trained")
+        x = _as_matrix(sample, self.dim, "VectorIndex.train")
+        self._train(l2_normalize(x) if self.normalize else x)
+
+    def _train(self, x: np.ndarray) -> None:
+        nlist = self.nlist if self.nlist is not None else max(1, int(round(4 * math.sqrt(x.shape[0]))))
+        if x.shape[0] < nlist:
+            raise RsitrError(f"an IVF index with nlist={nlist} needs at least {nlist} vectors on its first add "
+                             f"(got {x.shape[0]}); lower nlist or use kind='flat'")
+        self._index = self._build(x.shape[0])
+        self._index.train(x)
 
     def search(self, q: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (clipped to ``len(self)``) by inner product: ``(scores float32 [b, k], ids int64
@@ -191,7 +214,7 @@ class VectorIndex:
         if p.get("format") != INDEX_FORMAT or p.get("kind") not in KINDS:
             raise RsitrError(f"{side}: unsupported index parameters (format {p.get('format')}, kind {p.get('kind')})")
         obj = cls(int(p["dim"]), p["kind"], nlist=p.get("nlist"), nprobe=int(p["nprobe"]), hnsw_m=int(p["hnsw_m"]),
-                  ef_search=int(p["ef_search"]), normalize=bool(p.get("normalize", True)))
+                  ef_search=int(p["ef_search"]), ef_construction=int(p.get("ef_construction", 40)), normalize=bool(p.get("normalize", True)))
         try:
             idx = faiss.read_index(str(path))
         except RuntimeError as exc:

@@ -35,8 +35,10 @@ the same code as ``rsitr eval --tta``); queries are not averaged. ``BuildResult.
 where the time went (decode, resize, wait, encode, write).
 
 Index kind ``auto`` (``IndexManifest.index_auto``; FAISS store): every merge picks the kind for the
-number of vectors and tunes it to the target recall (:func:`rsitr.retrieval.autoindex.auto_index`);
-the manifest records the kind, its parameters and the recall measured on the index's own vectors.
+number of vectors - exact below 50k, else the fastest of the IVF and HNSW candidates tuned to the
+target recall, exact only when none reaches it (:func:`rsitr.retrieval.autoindex.auto_index`); the
+manifest records the kind, its parameters, the recall and query time measured on the index's own
+vectors and every candidate tried.
 
 Model identity: ``state_sha256`` hashes every tensor of the backbone (and of the trained method a
 checkpoint carries); an index is only ever used with a model whose hash matches (else
@@ -48,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from datetime import datetime, timezone
@@ -58,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rsitr.retrieval.index import ivf_nlist
 from rsitr.search.manifest import (MANIFEST, RANDOM_INIT_SEED, IndexManifest, ModelRef, load_model, model_identity,  # noqa: F401
                                    read_manifest, state_sha256)
 from rsitr.search.sources import MAX_NODATA, STRETCH, Item, Tiling, read_item, scan_source_report
@@ -314,12 +316,6 @@ def _encode_pending(model, pending: list[Item], index_dir: Path, opts: BuildOpti
 
 
 # -- merge ---------------------------------------------------------------------------------------
-def _nlist_for(n: int) -> int:
-    """IVF cells: 4 sqrt(n) (the usual rule), but at least 39 training points per cell (FAISS's
-    k-means minimum) - so a small archive gets few cells (1 cell = exact search)."""
-    return max(1, min(int(round(4 * math.sqrt(max(n, 1)))), n // 39))
-
-
 def _merge(index_dir: Path, manifest: IndexManifest, sources: Sequence[str]) -> int:
     """Merge the chunks into a new generation; returns the number of items added."""
     old_items = read_items(index_dir, manifest)
@@ -391,7 +387,7 @@ def commit_generation(index_dir: Path, manifest: IndexManifest, old_items: list[
     manifest.files, manifest.generation, manifest.count, manifest.updated = files, gen, int(len(emb)), _now()
     manifest.sources = sorted(set(manifest.sources) | {str(s) for s in sources})
     if manifest.index_kind == "ivf" and len(emb):
-        manifest.nlist = _nlist_for(len(emb))
+        manifest.nlist = ivf_nlist(len(emb))
     manifest.save(index_dir)  # the commit point
     for name in old_files.values():
         _remove(index_dir / name)
@@ -417,12 +413,13 @@ def _write_store(index_dir: Path, manifest: IndexManifest, emb: np.ndarray, item
         auto = manifest.index_auto
         vi, record = auto_index(emb, float(auto.get("target_recall", 0.95)), flat_below=int(auto.get("flat_below", 50_000)))
         # the kind, its parameters and the measured recall go out with the manifest of this generation
-        manifest.index_kind, manifest.nlist = record.pop("kind"), None
+        manifest.index_kind = record.pop("kind")
+        manifest.nlist = vi.nlist if manifest.index_kind == "ivf" else None
         auto.update(record)
         log.info("index kind auto: %s %s, recall@10 %.4f on %d jittered copies of its vectors (%s)", manifest.index_kind,
                  record["params"], record["recall@10"], record["queries"], record["why"])
     ctx = StoreContext(index_dir, manifest.embed_dim, manifest.index_kind, dict(manifest.files),
-                       nlist=_nlist_for(len(emb)) if manifest.index_kind == "ivf" else None, vector_index=vi)
+                       nlist=ivf_nlist(len(emb)) if manifest.index_kind == "ivf" else None, vector_index=vi)
     return store_class(manifest.store_kind).write_generation(manifest.store, ctx, emb, [it.to_json() for it in items], n_old, gen)
 
 

@@ -122,8 +122,8 @@ class IndexManifest:
     # tiling beyond tile_size/overlap: tiles in metres (unit "m", meters, overlap_m, out_px) and
     # where the sizes came from (source: flag | card | default); rsitr.search.sources.Tiling reads it
     tiling_extra: dict = dataclasses.field(default_factory=dict)
-    # --index-kind auto: {"target_recall", "flat_below", then per generation "params", "recall@10", "queries", "why",
-    # "seconds"} (rsitr.retrieval.autoindex.auto_index); None: the kind was given
+    # --index-kind auto: {"target_recall", "flat_below", then per generation "params", "recall@10", "query_ms", "queries", "why",
+    # "seconds", "candidates"} (rsitr.retrieval.autoindex.auto_index); None: the kind was given
     index_auto: dict | None = None
     test_time_views: int = 1  # dihedral views averaged per tile (--tta 1|4|8)
     extra: dict = dataclasses.field(default_factory=dict)
