@@ -101,16 +101,12 @@ def bank_metrics(test, texts: torch.Tensor | None, images: torch.Tensor | None, 
     """The protocol's metrics of an encoded test split with QB-Norm over a bank: images normalised
     by the bank ``texts`` (text->image), captions by the bank ``images`` (image->text); a side
     without a bank keeps the plain cosine. Also ``t2i_mR`` / ``i2t_mR``."""
-    from rsitr.eval.evaluate import pair_metrics
-    from rsitr.retrieval.qbnorm import bank_normalizers, qb_norm
+    from rsitr.eval.evaluate import pair_metrics, qbnorm_pair
 
-    sim = test.images @ test.texts.t()
     if texts is None and images is None:
-        m = pair_metrics(sim, test.text_to_image)
+        m = pair_metrics(test.images @ test.texts.t(), test.text_to_image)
     else:
-        img_z = bank_normalizers(test.images, texts, beta) if texts is not None else torch.zeros(sim.shape[0])
-        txt_z = bank_normalizers(test.texts, images, beta) if images is not None else torch.zeros(sim.shape[1])
-        m = pair_metrics(qb_norm(sim, img_z, txt_z), test.text_to_image)
+        m = pair_metrics(qbnorm_pair(test, texts, images, beta), test.text_to_image)
     for key, parts in DIRECTIONS.items():
         m[key] = sum(m[p] for p in parts) / len(parts)
     return m

@@ -155,14 +155,8 @@ def qbnorm_similarity(backbone: Backbone, dataset: CaptionDataset, qb: QBNormBan
     caption owners. ``kwargs`` go to :func:`encode_dataset` for both (``tta`` included)."""
     kwargs.pop("keep_tokens", None)
     if qb.texts is not None:  # a caption bank, encoded already: text->image only
-        from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
-
         enc = encode_dataset(backbone, dataset, **kwargs)
-        with torch.no_grad():
-            image_norm = bank_normalizers(enc.images, qb.texts, qb.beta)
-            active = activation_set(enc.images, qb.texts) if qb.dynamic else None
-            sim = enc.images @ enc.texts.t()
-            return qb_norm(sim, image_norm, torch.zeros(sim.shape[1]), active), enc.text_to_image
+        return qbnorm_pair(enc, qb.texts, None, qb.beta, qb.dynamic), enc.text_to_image
     if qb.bank is None or len(qb.bank) == 0:
         raise ValueError("QB-Norm needs a non-empty bank split")
     # the bank's images are queries (of the image->text direction), not gallery items: test-time
@@ -175,13 +169,24 @@ def qbnorm_similarity(backbone: Backbone, dataset: CaptionDataset, qb: QBNormBan
 
 def qbnorm_scores(enc: Encoded, bank: Encoded, beta: float, dynamic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """QB-Norm's ``(t2i, i2t)`` pair of an encoded split's cosine matrix over an encoded bank."""
+    return qbnorm_pair(enc, bank.texts, bank.images, beta, dynamic)
+
+
+def qbnorm_pair(enc: Encoded, bank_texts: torch.Tensor | None, bank_images: torch.Tensor | None, beta: float,
+                dynamic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """QB-Norm's ``(t2i, i2t)`` pair of an encoded split's cosine matrix: its images normalised by
+    the bank captions ``bank_texts`` (text->image), its captions by the bank images ``bank_images``
+    (image->text); a side whose bank is None keeps the plain cosine (a caption-only bank)."""
     from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
 
+    def side(gallery: torch.Tensor, bank: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if bank is None:
+            return torch.zeros(gallery.shape[0]), None
+        return bank_normalizers(gallery, bank, beta), activation_set(gallery, bank) if dynamic else None
+
     with torch.no_grad():
-        image_norm = bank_normalizers(enc.images, bank.texts, beta)
-        text_norm = bank_normalizers(enc.texts, bank.images, beta)
-        active = (activation_set(enc.images, bank.texts), activation_set(enc.texts, bank.images)) if dynamic else (None, None)
-        return qb_norm(enc.images @ enc.texts.t(), image_norm, text_norm, *active)
+        (image_norm, image_active), (text_norm, text_active) = side(enc.images, bank_texts), side(enc.texts, bank_images)
+        return qb_norm(enc.images @ enc.texts.t(), image_norm, text_norm, image_active, text_active)
 
 
 def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected",
