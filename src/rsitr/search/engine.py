@@ -192,12 +192,12 @@ class SearchEngine:
         self._need_model()
         return self._texts.encode(query)
 
-    @torch.no_grad()
     def _encode_texts(self, queries: list[str]) -> np.ndarray:
+        from rsitr.models.engine import encode_texts
+
         model = self._need_model()
         with self._lock:
-            e = self.encoder.encode_text(model.tokenize(list(queries)).to(self.device)).float()
-        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+            return encode_texts(model, list(queries), self.encoder, batch_size=max(1, len(queries))).numpy()
 
     @torch.no_grad()
     def encode_image(self, image) -> np.ndarray:
