@@ -151,11 +151,19 @@ def test_training_with_a_teacher_run(synth, teacher_run, tmp_path, monkeypatch):
         return real_pass(*a, **k)
 
     monkeypatch.setattr(distill, "teacher_pass", counting)
+    from rsitr.utils import io
+
+    hashed: list[Path] = []
+    real_sha = io.sha256_file
+    monkeypatch.setattr(io, "_SHA_CACHE", {})
+    monkeypatch.setattr(io, "sha256_file", lambda p, *a, **k: (hashed.append(Path(p)), real_sha(p, *a, **k))[1])
     out = tmp_path / "student"
     steps: list[int] = []
     res = train(cfg_for(synth, out, epochs=2, **{"distill.teachers": [str(teacher_run)], "distill.weight": 2.0}), progress=False,
                 evaluate_test=False, on_step=steps.append)
     assert res.steps == len(steps) > 4 and len(calls) == 1  # one teacher pass, not one per step
+    # the teacher file is read for hashing once (pinned, then loaded), not once per resolve
+    assert hashed.count((teacher_run / "checkpoint_best.pt").resolve()) == 1
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(records) == 2
     for r in records:

@@ -38,7 +38,7 @@ from rsitr.models.checkpoint import TrainCheckpoint
 from rsitr.models.trunk_cache import trunk_identity
 from rsitr.utils.distributed import gather_rows
 from rsitr.utils.errors import CheckpointError, RsitrError
-from rsitr.utils.io import sha256_file
+from rsitr.utils.io import cached_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def resolve_teachers(teachers: tuple, recorded: tuple = ()) -> list[tuple[str, P
             path = TrainCheckpoint.resolve(given)
         except CheckpointError as exc:
             raise RsitrError(f"distill.teachers: {exc}") from None
-        digest = sha256_file(path)
+        # hashed once per process and file state: pin_teachers and build_teachers both resolve
+        digest = cached_sha256(path)
         if recorded and recorded[k] != digest:
             raise RsitrError(f"distill.teachers: {path} changed since the run recorded it (sha256 {digest[:12]}... != {str(recorded[k])[:12]}...); "
                              f"restore that teacher or start a new run")

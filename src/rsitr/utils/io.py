@@ -141,6 +141,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, computed once per process for a given (resolved path, size, mtime): a
+    file pinned by its digest and then loaded (a distillation teacher, a tower's weights) is read
+    for hashing once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(p)
+    return _SHA_CACHE[key]
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; an unreadable or invalid file is an ``RsitrError`` naming it and ``what``
     it should have been."""

@@ -23,8 +23,9 @@ from rsitr.models.towers.efficientnet_lite import EfficientNetLite, LiteConfig
 from rsitr.models.towers.minilm import DEFAULT_MAX_LENGTH, BertConfig, MiniLM, WordPieceTokenizer, load_bert_weights, load_minilm, mean_pool
 from rsitr.models.base import Backbone
 from rsitr.models.registry import register_backbone
-from rsitr.models.towers.model import MODES, Projection, TwoTower, cached_sha256
+from rsitr.models.towers.model import MODES, Projection, TwoTower
 from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import cached_sha256
 
 IMAGE_TOWERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 TEXT_TOWERS = ("minilm-l6",)

@@ -52,9 +52,7 @@ There is no temperature here; the method adds its own.
 from __future__ import annotations
 
 import math
-import os
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -83,21 +81,6 @@ def parse_top_mode(mode: str, n_layers: int) -> tuple[int, int, bool] | None:
     if i == 0 and t == 0:
         raise RsitrError(f"model.mode {mode!r} trains no trunk block: use model.mode heads")
     return i, t, m.group(3) is not None
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def cached_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, computed once per process for a given (path, size, mtime)."""
-    from rsitr.utils.io import sha256_file
-
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(p)
-    return _SHA_CACHE[key]
-
 
 class Projection(nn.Module):
     """``LayerNorm(width) -> Linear(width, dim)``, applied to the last axis."""
