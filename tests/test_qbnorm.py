@@ -78,6 +78,24 @@ def _member(name, images, texts, owner, bank_images, bank_texts):
     return Member(name, None, images, texts, owner, bank_images, bank_texts)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_fused_members_qbnorm_is_the_evaluations(dynamic):
+    """bench fuse's per-member QB-Norm (normalisers kept per split and beta) gives the pair that
+    rsitr eval's qbnorm_pair gives on the same embeddings, at every beta, asked in any order."""
+    from rsitr.eval.evaluate import Encoded, qbnorm_pair
+
+    owner = {"test": [i // 2 for i in range(10)]}
+    imgs = {"test": _unit(5, 16, seed=1)}
+    txts = {"test": F.normalize(imgs["test"][torch.tensor(owner["test"])] + 0.8 * _unit(10, 16, seed=2), dim=-1)}
+    m = _member("m", imgs, txts, owner, _unit(30, 16, seed=3), _unit(40, 16, seed=4))
+    enc = Encoded(imgs["test"], txts["test"], owner["test"])
+    for beta in (3.0, 10.0, 3.0):
+        got, want = m.qb("test", beta, dynamic), qbnorm_pair(enc, m.bank_texts, m.bank_images, beta, dynamic)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    assert not torch.equal(m.qb("test", 3.0, dynamic)[0], m.qb("test", 10.0, dynamic)[0])
+
+
 def test_score_group_chooses_beta_on_val_and_fuses():
     from rsitr.bench.fuse import score_group
 

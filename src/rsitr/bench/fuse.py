@@ -52,15 +52,17 @@ class Member:
         return self.images[split] @ self.texts[split].t()
 
     def qb(self, split: str, beta: float, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
+        """QB-Norm's ``(t2i, i2t)`` pair of ``split`` over this member's bank; each side's
+        normalisers are kept per ``(split, beta, dynamic)``, as fusion scores many member subsets."""
+        from rsitr.eval.evaluate import qbnorm_side
+        from rsitr.retrieval.qbnorm import qb_norm
 
-        key = (split, beta)
+        key = (split, beta, dynamic)
         if key not in self._norms:
-            self._norms[key] = (bank_normalizers(self.images[split], self.bank_texts, beta), bank_normalizers(self.texts[split], self.bank_images, beta))
-        if dynamic and (split, "active") not in self._norms:
-            self._norms[(split, "active")] = (activation_set(self.images[split], self.bank_texts), activation_set(self.texts[split], self.bank_images))
-        zi, zt = self._norms[key]
-        ai, at = self._norms[(split, "active")] if dynamic else (None, None)
+            with torch.no_grad():
+                self._norms[key] = (qbnorm_side(self.images[split], self.bank_texts, beta, dynamic),
+                                    qbnorm_side(self.texts[split], self.bank_images, beta, dynamic))
+        (zi, ai), (zt, at) = self._norms[key]
         return qb_norm(self.sim(split), zi, zt, ai, at)
 
 

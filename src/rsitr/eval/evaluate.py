@@ -177,16 +177,24 @@ def qbnorm_pair(enc: Encoded, bank_texts: torch.Tensor | None, bank_images: torc
     """QB-Norm's ``(t2i, i2t)`` pair of an encoded split's cosine matrix: its images normalised by
     the bank captions ``bank_texts`` (text->image), its captions by the bank images ``bank_images``
     (image->text); a side whose bank is None keeps the plain cosine (a caption-only bank)."""
-    from rsitr.retrieval.qbnorm import activation_set, bank_normalizers, qb_norm
-
-    def side(gallery: torch.Tensor, bank: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if bank is None:
-            return torch.zeros(gallery.shape[0]), None
-        return bank_normalizers(gallery, bank, beta), activation_set(gallery, bank) if dynamic else None
+    from rsitr.retrieval.qbnorm import qb_norm
 
     with torch.no_grad():
-        (image_norm, image_active), (text_norm, text_active) = side(enc.images, bank_texts), side(enc.texts, bank_images)
+        (image_norm, image_active) = qbnorm_side(enc.images, bank_texts, beta, dynamic)
+        (text_norm, text_active) = qbnorm_side(enc.texts, bank_images, beta, dynamic)
         return qb_norm(enc.images @ enc.texts.t(), image_norm, text_norm, image_active, text_active)
+
+
+def qbnorm_side(gallery: torch.Tensor, bank: torch.Tensor | None, beta: float,
+                dynamic: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One side of a QB-Norm pair: the normalisers of ``gallery``'s items by the bank queries
+    ``bank`` (and, with ``dynamic``, which items the bank activates); with no bank, zeros (the plain
+    cosine) and no activation set."""
+    from rsitr.retrieval.qbnorm import activation_set, bank_normalizers
+
+    if bank is None:
+        return torch.zeros(gallery.shape[0]), None
+    return bank_normalizers(gallery, bank, beta), activation_set(gallery, bank) if dynamic else None
 
 
 def evaluate(backbone: Backbone, dataset: CaptionDataset, method=None, ties: str = "expected",
