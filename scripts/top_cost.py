@@ -16,7 +16,8 @@ import time
 
 
 def measure(modes: list[str], texts: list[str], batch: int, rounds: int, threads: int) -> dict[str, dict[str, float]]:
-    """``{mode: {"image": s, "text": s, "step": s}}``: min over ``rounds`` of forward + backward."""
+    """``{mode: {"image": s, "text": s, "step": s, "image_trained": n, "text_trained": n}}``: min over
+    ``rounds`` of forward + backward of each tower's trained top, and its trainable parameters."""
     import torch
 
     from rsitr.models.registry import build_backbone
@@ -32,6 +33,7 @@ def measure(modes: list[str], texts: list[str], batch: int, rounds: int, threads
         bb.eval()
         with torch.no_grad():
             cached[m] = (bb.image_trunk(pixels), bb.text_trunk(ids))
+    trained: dict[str, dict[str, int]] = {}
     times: dict[str, dict[str, list[float]]] = {m: {"image": [], "text": []} for m in modes}
     for _ in range(rounds):
         for m in modes:
@@ -42,10 +44,14 @@ def measure(modes: list[str], texts: list[str], batch: int, rounds: int, threads
                 head(feats).pooled.float().pow(2).sum().backward()
                 times[m][what].append(time.perf_counter() - t)
             bb.zero_grad(set_to_none=True)
+            trained[m] = {what: sum(p.numel() for n, p in bb.named_parameters() if p.requires_grad and n.startswith(what))
+                          for what in ("image", "text")}  # image_tower + image_proj, text_tower + text_proj
     out = {}
     for m in modes:
-        img, txt = min(times[m]["image"]), min(times[m]["text"])
-        out[m] = {"image": round(img, 4), "text": round(txt, 4), "step": round(img + txt, 4)}
+        # the step is the sum of the two rounded parts, so the three columns add up as printed
+        img, txt = round(min(times[m]["image"]), 4), round(min(times[m]["text"]), 4)
+        out[m] = {"image": img, "text": txt, "step": round(img + txt, 4),
+                  "image_trained": trained[m]["image"], "text_trained": trained[m]["text"]}
     return out
 
 
