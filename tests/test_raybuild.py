@@ -152,3 +152,54 @@ def test_errors_raised_inside_ray_become_one_line():
         raise RuntimeError("outer") from RsitrError("inner\nlast line")
     except RuntimeError as exc:
         assert str(R._user_error(exc)) == "last line"
+
+
+class _FakeRay:
+    """A stand-in for the ray module whose local start fails ``fails`` times (as Ray's start-up
+    timeout does on a loaded machine), then starts."""
+
+    def __init__(self, fails: int, exc: Exception):
+        self.fails, self.exc, self.inits, self.shutdowns, self.up = fails, exc, [], 0, False
+        ctx = type("Ctx", (), {"enable_progress_bars": True})()
+        self.data = type("Data", (), {"DataContext": type("DC", (), {"get_current": staticmethod(lambda: ctx)})})
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        if len(self.inits) <= self.fails:
+            raise self.exc
+        self.up = True
+
+    def shutdown(self):
+        self.shutdowns += 1
+        self.up = False
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+
+@pytest.mark.parametrize("fails,address,exc,ok", [
+    (0, None, RuntimeError("x"), True),
+    (2, None, RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y"), True),  # third start works
+    (3, None, RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y"), False),  # every start fails
+    (1, "10.0.0.1:6379", RuntimeError("no cluster"), False),  # joining a cluster is not retried
+    (1, None, ValueError("bad num_cpus"), False),  # not a start-up timeout: not retried
+])
+def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, caplog, fails, address, exc, ok):
+    fake = _FakeRay(fails, exc)
+    monkeypatch.setattr(R, "_ray", lambda: fake)
+    monkeypatch.setattr(R, "LOCAL_RETRY_WAIT_S", 0.0)
+    if ok:
+        with R.ray_session(address=address, num_cpus=2) as got:
+            assert got is fake and fake.up
+        assert len(fake.inits) == fails + 1 and not fake.up
+        assert sum("starting again" in r.getMessage() for r in caplog.records) == fails
+    else:
+        with pytest.raises(RsitrError, match="cannot start or join Ray") as info:
+            with R.ray_session(address=address, num_cpus=2):
+                pass
+        assert "\n" not in str(info.value).split(": ", 1)[0]
+        retried = address is None and isinstance(exc, RuntimeError)
+        assert len(fake.inits) == (R.LOCAL_START_ATTEMPTS if retried else 1)

@@ -80,6 +80,10 @@ def _ray():
     return ray
 
 
+LOCAL_START_ATTEMPTS = 3
+LOCAL_RETRY_WAIT_S = 5.0
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """A Ray to run on: the one already initialised in this process, else a new local one (or
@@ -90,13 +94,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         t0 = time.perf_counter()
-        try:
-            if address:
-                ray.init(address=address, **kw)
-            else:
-                ray.init(num_cpus=int(num_cpus or 2), **kw)  # one node on this machine
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RsitrError(f"cannot start or join Ray{f' at {address}' if address else ''}: {exc}") from exc
+        # a local start on a loaded machine can miss Ray's own start-up timeout (its GCS server's
+        # port file): start again, up to LOCAL_START_ATTEMPTS times; joining a cluster is not retried
+        attempts = 1 if address else LOCAL_START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                if address:
+                    ray.init(address=address, **kw)
+                else:
+                    ray.init(num_cpus=int(num_cpus or 2), **kw)  # one node on this machine
+                break
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                if attempt < attempts and isinstance(exc, RuntimeError):
+                    log.warning("ray: local start failed (%s); starting again (%d of %d)", str(exc).splitlines()[0][:200], attempt + 1, attempts)
+                    ray.shutdown()
+                    time.sleep(LOCAL_RETRY_WAIT_S)
+                    continue
+                raise RsitrError(f"cannot start or join Ray{f' at {address}' if address else ''}: {exc}") from exc
         started = True
         log.info("ray: %s in %.1fs (%s)", "joined " + address if address else "started locally", time.perf_counter() - t0,
                  ray.cluster_resources())
