@@ -84,6 +84,13 @@ LOCAL_START_ATTEMPTS = 3
 LOCAL_RETRY_WAIT_S = 5.0
 
 
+def _start_timed_out(exc: Exception) -> bool:
+    """Whether a failed ``ray.init`` looks like a start-up timeout of a loaded machine (worth a new
+    start): the GCS port file not written in time (RuntimeError) or the raylet not registered within
+    Ray's fixed 30 s (a bare Exception saying it "timed out")."""
+    return isinstance(exc, RuntimeError) or (type(exc) is Exception and "timed out" in str(exc).lower())
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """A Ray to run on: the one already initialised in this process, else a new local one (or
@@ -94,8 +101,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         t0 = time.perf_counter()
-        # a local start on a loaded machine can miss Ray's own start-up timeout (its GCS server's
-        # port file): start again, up to LOCAL_START_ATTEMPTS times; joining a cluster is not retried
+        # a local start on a loaded machine can miss Ray's own start-up timeouts (its GCS server's
+        # port file, the raylet's registration): start again, up to LOCAL_START_ATTEMPTS times; joining
+        # a cluster is not retried; whatever fails in the end is one RsitrError line
         attempts = 1 if address else LOCAL_START_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
@@ -104,8 +112,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
                 else:
                     ray.init(num_cpus=int(num_cpus or 2), **kw)  # one node on this machine
                 break
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                if attempt < attempts and isinstance(exc, RuntimeError):
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its raylet misses the 30 s start-up wait
+                if attempt < attempts and _start_timed_out(exc):
                     log.warning("ray: local start failed (%s); starting again (%d of %d)", str(exc).splitlines()[0][:200], attempt + 1, attempts)
                     ray.shutdown()
                     time.sleep(LOCAL_RETRY_WAIT_S)
