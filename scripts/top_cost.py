@@ -27,13 +27,14 @@ def measure(modes: list[str], texts: list[str], batch: int, rounds: int, threads
     ids = bb.tokenize((texts * (batch // max(len(texts), 1) + 1))[:batch])
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, 224, 224, generator=gen)
-    cached = {}
-    for m in modes:  # the activations the trunk cache would hold for this cut
+    cached, trained = {}, {}
+    for m in modes:  # the activations the trunk cache would hold for this cut, and what the mode trains
         bb.apply_mode(m)
         bb.eval()
         with torch.no_grad():
             cached[m] = (bb.image_trunk(pixels), bb.text_trunk(ids))
-    trained: dict[str, dict[str, int]] = {}
+        trained[m] = {what: sum(p.numel() for n, p in bb.named_parameters() if p.requires_grad and n.startswith(what))
+                      for what in ("image", "text")}  # image_tower + image_proj, text_tower + text_proj
     times: dict[str, dict[str, list[float]]] = {m: {"image": [], "text": []} for m in modes}
     for _ in range(rounds):
         for m in modes:
@@ -44,8 +45,6 @@ def measure(modes: list[str], texts: list[str], batch: int, rounds: int, threads
                 head(feats).pooled.float().pow(2).sum().backward()
                 times[m][what].append(time.perf_counter() - t)
             bb.zero_grad(set_to_none=True)
-            trained[m] = {what: sum(p.numel() for n, p in bb.named_parameters() if p.requires_grad and n.startswith(what))
-                          for what in ("image", "text")}  # image_tower + image_proj, text_tower + text_proj
     out = {}
     for m in modes:
         # the step is the sum of the two rounded parts, so the three columns add up as printed
