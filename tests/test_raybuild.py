@@ -188,6 +188,7 @@ def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, caplog, fails,
         with R.ray_session(address=address, num_cpus=2) as got:
             assert got is fake and fake.up
         assert len(fake.inits) == fails + 1 and not fake.up
+        assert fake.shutdowns == fails + 1  # each failed start cleaned up before the next, and the session's own at exit
         assert sum("starting again" in r.getMessage() for r in caplog.records) == fails
     else:
         with pytest.raises(RsitrError, match="cannot start or join Ray") as info:
