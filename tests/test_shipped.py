@@ -98,19 +98,52 @@ def test_release_build_trains_exports_and_cards(release, capsys):
     assert rc == 0 and again[0]["mR"] == pytest.approx(rows[0]["mR"], abs=1e-6)
 
 
-def test_the_shipped_default_matches_its_card():
-    """The model in the package, on the smallest real set its card reports (Sydney9, zero-shot)."""
+@pytest.mark.parametrize("root", ["/work/wt/rs2", "/home/u/clone", "rel/clone", "."])
+def test_a_card_names_release_files_from_src_rsitr_whatever_the_clone(root, tmp_path):
+    """Cards built in a worktree, a clone or from a relative path name the same files."""
+    from rsitr.bench.release import _card_path
+
+    rel = f"{root}/src/rsitr/configs/releases/x-rs9.yaml"
+    assert _card_path(rel) == "src/rsitr/configs/releases/x-rs9.yaml"
+    assert _card_path(f"{root}/src/rsitr/configs/releases/../ucm.yaml") == "src/rsitr/configs/ucm.yaml"
+    outside = tmp_path / "my" / "rel.yaml"  # outside a checkout: as given
+    assert _card_path(outside) == str(outside)
+
+
+def _shipped_names() -> list[str]:
+    from rsitr.models import shipped
+
+    return shipped.list_shipped()
+
+
+def test_the_default_is_shipped_and_newest():
+    """The default model is in the package, and it is the newest release (rs1 stays for indexes built with it)."""
+    from rsitr.models import shipped
+
+    names = shipped.list_shipped()
+    if not names:
+        pytest.skip("no shipped model in this checkout")
+    assert shipped.DEFAULT in names and shipped.DEFAULT == max(names, key=lambda n: int(n.rsplit("-rs", 1)[1]))
+    for name in names:  # each has its release file, and its card names it
+        assert (ROOT / "src" / "rsitr" / "configs" / "releases" / f"{name}.yaml").is_file()
+        assert shipped.read_card(name)["card"]["release_file"].endswith(f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", _shipped_names() or ["none"])
+def test_each_shipped_model_matches_its_card(name):
+    """Every model in the package, on the smallest real set its card reports (Sydney9, zero-shot):
+    the weights, the frozen trunks and the encode path still give the card's number."""
     from rsitr.bench.release import EvalSet, evaluate_model
     from rsitr.models import shipped
 
-    if shipped.DEFAULT not in shipped.list_shipped():
-        pytest.skip("no shipped default model in this checkout")
-    card = shipped.read_card(shipped.DEFAULT)
+    if name not in shipped.list_shipped():
+        pytest.skip("no shipped model in this checkout")
+    card = shipped.read_card(name)
     want = [r for r in card["card"]["metrics"] if r["dataset"] == "sydney9" and r["tta"] == 1 and r["rerank"] == "none"]
     data = SHARED / "data" / "eval" / "sydney9"
     if not want or not data.exists():
         pytest.skip("no sydney9 row in the card or no ../shared/data/eval/sydney9 here")
-    rows = evaluate_model(shipped.default_checkpoint(), [EvalSet("sydney9", str(data), bank=None, zero_shot=True)], ttas=(1,), progress=False)
+    rows = evaluate_model(shipped.PREFIX + name, [EvalSet("sydney9", str(data), bank=None, zero_shot=True)], ttas=(1,), progress=False)
     assert rows[0]["mR"] == pytest.approx(want[0]["mR"], abs=0.01)
 
 

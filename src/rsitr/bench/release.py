@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -216,8 +217,8 @@ def build_release(release: Release, out_dir: str | Path, run_dir: str | Path, *,
     train_s = time.perf_counter() - t0
     if not ((run / "checkpoint_best.pt").is_file() or (run / "checkpoint_last.pt").is_file()):
         raise RsitrError(f"{run}: no checkpoint to export (train it first, or drop --no-train)")
-    card = {**release.card, "release_file": str(release.path) if release.path else None, "built_at_commit": git_commit(),
-            "training_config": str(release.config_path()), "seed": release.seed}
+    card = {**release.card, "release_file": _card_path(release.path) if release.path else None, "built_at_commit": git_commit(),
+            "training_config": _card_path(release.config_path()), "seed": release.seed}
     out = export_run(run, release.name, out_dir, card)
     rows = evaluate_model(_shipped_source(out, release.name), release.eval_sets,
                           ttas=release.ttas, qbnorm_beta=release.qbnorm_beta, engine=engine, progress=progress)
@@ -283,6 +284,16 @@ def build_query_bank(release: Release, folder: str | Path, *, engine: str = "aut
             "encoded_as": "search queries: the shipped model's tokenizer + text encoder, L2-normalised, fp16",
             "built_at_commit": git_commit()}
     return write_query_bank(folder, bank.numpy(), meta)
+
+
+def _card_path(path: str | Path) -> str:
+    """A path as a card records it: from ``src/rsitr/`` on when it lies in a checkout (so a card built in
+    any clone or worktree names the same file), else as given."""
+    parts = Path(os.path.normpath(Path(path).absolute())).parts
+    for i in range(len(parts) - 1):
+        if parts[i:i + 2] == ("src", "rsitr"):
+            return "/".join(parts[i:])
+    return str(path)
 
 
 def _shipped_source(folder: Path, name: str) -> str:
