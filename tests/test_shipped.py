@@ -110,6 +110,22 @@ def test_a_card_names_release_files_from_src_rsitr_whatever_the_clone(root, tmp_
     assert _card_path(outside) == str(outside)
 
 
+def test_a_card_records_the_code_commit_not_the_working_directory(tmp_path, monkeypatch):
+    """`models build` run from a folder outside any checkout (a runs folder) still records the commit."""
+    import subprocess
+
+    from rsitr.bench.release import git_commit
+
+    here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    import rsitr
+
+    if here.returncode != 0 or ROOT not in Path(rsitr.__file__).resolve().parents:
+        pytest.skip("not a git checkout, or rsitr is not installed from it (pip install -e)")
+    monkeypatch.chdir(tmp_path)
+    assert git_commit().split("-")[0] == here.stdout.strip()
+    assert git_commit(tmp_path) is None
+
+
 def _shipped_names() -> list[str]:
     from rsitr.models import shipped
 

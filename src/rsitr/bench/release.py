@@ -120,8 +120,10 @@ def expand(text: str) -> str:
     return _expand(text)
 
 
-def git_commit(where: str | Path = ".") -> str | None:
-    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), or None."""
+def git_commit(where: str | Path | None = None) -> str | None:
+    """The commit of the checkout ``where`` (default: the one this rsitr's code runs from, whatever the
+    working directory), with ``-dirty`` when it has uncommitted changes; None outside a checkout."""
+    where = Path(__file__).resolve().parent if where is None else where
     try:
         head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
