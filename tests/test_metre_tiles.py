@@ -199,6 +199,7 @@ def test_black_fill_without_declared_nodata_is_warned_about(tmp_path, metres, ca
         scan.log_notes()
     assert len(scan.items) == 16 and scan.skipped_nodata == 0
     assert f"{p}: 4 of 16 tiles are mostly pure black" in caplog.text and "gdal_edit.py -a_nodata 0" in caplog.text
+    assert "--black-nodata" in caplog.text
     caplog.clear()
     q = write_scene(tmp_path / "declared.tif", d, nodata=0)
     with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):
@@ -209,6 +210,67 @@ def test_black_fill_without_declared_nodata_is_warned_about(tmp_path, metres, ca
     with caplog.at_level(logging.INFO, logger="rsitr.search.sources"):  # dark but not black: no warning
         scan_scene(write_scene(tmp_path / "dark.tif", textured(400, 400, lo=1, hi=20)), tiling).log_notes()
     assert "pure black" not in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_black_nodata_skips_exactly_the_tiles_mostly_black_or_nodata(tmp_path, seed):
+    """--black-nodata on generated scenes: random black rectangles (undeclared fill) and, in some, a
+    declared no-data; a tile is kept iff its black + no-data share is at most --max-nodata, counted
+    against a direct pixel count; without the flag only declared no-data is skipped."""
+    rng = np.random.default_rng(seed)
+    h, w, tile = int(rng.integers(180, 320)), int(rng.integers(180, 320)), 60
+    d = textured(h, w, seed=seed)
+    for _ in range(int(rng.integers(1, 4))):
+        r0, c0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        d[:, r0:r0 + int(rng.integers(20, h)), c0:c0 + int(rng.integers(20, w))] = 0
+    declared = seed % 2 == 1
+    if declared:  # a no-data value of 7 in a band-1 stripe: declared no-data, and black is then not no-data
+        d[0, :, : w // 5] = 7
+    p = write_scene(tmp_path / "s.tif", d, nodata=7 if declared else None)
+    max_nodata = float(rng.choice([0.25, 0.5, 0.75]))
+    flagged = scan_scene(p, Tiling(tile_size=tile, max_nodata=max_nodata, black_nodata=True))
+    plain = scan_scene(p, Tiling(tile_size=tile, max_nodata=max_nodata))
+    want_flagged = want_plain = 0
+    for r in range(0, h, tile):
+        for c in range(0, w, tile):
+            win = d[:, r:r + tile, c:c + tile]
+            nodata = (win[0] == 7) if declared else np.zeros(win.shape[1:], bool)
+            black = (win == 0).all(axis=0) & ~nodata
+            want_plain += nodata.mean() <= max_nodata
+            want_flagged += (nodata.mean() if declared else black.mean()) <= max_nodata
+    # grid cells approximate pixels at tile edges: within one tile of the pixel count
+    assert abs(len(plain.items) - want_plain) <= 1 and abs(len(flagged.items) - want_flagged) <= 1
+    if declared:  # a raster that declares its no-data: the flag changes nothing
+        assert [it.key for it in flagged.items] == [it.key for it in plain.items]
+    else:
+        assert flagged.skipped_nodata == len(plain.items) - len(flagged.items)
+        assert {it.key for it in flagged.items} <= {it.key for it in plain.items}
+
+
+def test_black_nodata_is_recorded_and_index_add_follows_it(tmp_path, tiny, capsys):
+    """The flag goes into the manifest; `index add` cuts new scenes the same way; continuing a build
+    with the other setting is refused; the warning names the flag."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for folder, seed in ((a, 1), (b, 2)):
+        d = textured(120, 120, seed=seed)
+        d[:, :, :60] = 0  # the left half is undeclared black fill
+        write_scene(folder / f"s{seed}.tif", d, transform=from_origin(500000.0 + 1000 * seed, 5000000.0, 1.0, 1.0))
+    idx = tmp_path / "idx"
+    run_search_cli(["-q", "index", "build", str(a), "--checkpoint", "clip:tiny", "--out", str(idx), "--tile-size", "30",
+                    "--black-nodata", "--engine", "torch"], capsys)
+    m = B.read_manifest(idx)
+    assert m.to_dict()["nodata"] == {"max_fraction": 0.5, "black": True} and m.black_nodata
+    assert len(B.read_items(idx, m)) == 8  # 16 tiles of 30 px, the 8 black ones skipped
+    run_search_cli(["-q", "index", "add", str(idx), str(b), "--engine", "torch"], capsys)
+    assert len(B.read_items(idx, B.read_manifest(idx))) == 16
+    with pytest.raises(RsitrError, match="black as no-data"):
+        B.build_index(a, "clip:tiny", idx, B.BuildOptions(tile_size=30, progress=False), model=tiny)
+    plain = tmp_path / "plain"
+    run_search_cli(["-q", "index", "build", str(a), "--checkpoint", "clip:tiny", "--out", str(plain), "--tile-size", "30",
+                    "--engine", "torch"], capsys)
+    assert len(B.read_items(plain, B.read_manifest(plain))) == 16 and "black" not in B.read_manifest(plain).to_dict()["nodata"]
 
 
 def test_transform_without_crs_gives_pixel_tiles_and_a_warning(tmp_path, caplog):

@@ -31,6 +31,10 @@ def _add_build_opts(p: argparse.ArgumentParser, *, tiling: bool) -> None:
                             "pixel tiles (default 0)")
         p.add_argument("--max-nodata", type=float, default=0.5,
                        help="skip tiles whose no-data share (nodata value, alpha 0, NaN) exceeds this fraction (default 0.5)")
+        p.add_argument("--black-nodata", action="store_true",
+                       help="in rasters that declare no no-data, count pixels that are 0 in every band as no-data (black fill "
+                            "around a footprint), as `gdal_edit.py -a_nodata 0` would declare it; recorded in the index, so "
+                            "`index add` does the same")
         p.add_argument("--index-kind", choices=("flat", "ivf", "hnsw", "auto"), default="flat",
                        help="vector index: exact (flat), approximate (ivf, hnsw), or auto: flat below 50k vectors, else the fastest "
                             "of IVF (nprobe tuned) and HNSW M 32/48 (efSearch tuned) that reaches --target-recall on jittered copies of "
@@ -152,7 +156,7 @@ def tiling_args(args) -> dict:
     (explicit --tile-size: pixel tiles; --tile-meters: metres; neither: the model's card decides)."""
     if args.tile_meters is not None and args.tile_size is not None:
         raise RsitrError("give --tile-meters (tiles in metres) or --tile-size (tiles in pixels), not both")
-    kw: dict = {"max_nodata": args.max_nodata}
+    kw: dict = {"max_nodata": args.max_nodata, "black_nodata": bool(args.black_nodata)}
     if args.tile_meters is not None:
         try:
             meters = tuple(float(v) for v in args.tile_meters.split(",") if v.strip())

@@ -95,7 +95,8 @@ class BuildOptions:
     """What ``index build``/``add`` does. Tiling of georeferenced rasters (see :func:`resolve_tiling`):
     ``tile_meters`` (ground sizes, metres) else, with ``auto_meters``, the sizes the model's card
     gives (``ground_tiles_m``), else ``tile_size``/``overlap`` pixels; ``overlap_m``: metres shared
-    by neighbouring metre tiles; ``max_nodata``: the no-data share above which a tile is skipped."""
+    by neighbouring metre tiles; ``max_nodata``: the no-data share above which a tile is skipped;
+    ``black_nodata``: pure black counts as no-data in rasters that declare none."""
 
     tile_size: int = 256
     overlap: int = 0
@@ -103,6 +104,7 @@ class BuildOptions:
     overlap_m: float = 0.0
     auto_meters: bool = False
     max_nodata: float | None = MAX_NODATA
+    black_nodata: bool = False
     batch_size: int = 32
     index_kind: str = "flat"
     keep_tokens: bool = False
@@ -171,7 +173,7 @@ def resolve_tiling(opts: BuildOptions, checkpoint: str, model) -> tuple[Tiling, 
         source = "card" if meters else "default"
     tiling = Tiling(tile_size=int(opts.tile_size), overlap=int(opts.overlap), meters=tuple(float(m) for m in meters) if meters else None,
                     overlap_m=float(opts.overlap_m) if meters else 0.0, out_px=int(model.preprocess.image_size) if meters else None,
-                    max_nodata=opts.max_nodata, why=WHY.get(source or "", ""))
+                    max_nodata=opts.max_nodata, black_nodata=bool(opts.black_nodata), why=WHY.get(source or "", ""))
     return tiling.check(), source
 
 
@@ -179,7 +181,7 @@ def manifest_tiling(manifest: IndexManifest, adding: bool = False) -> Tiling:
     """The :class:`Tiling` an index records (``index add`` cuts new scenes the same way); indexes
     written before the no-data rule skip no tile."""
     t = manifest.tiling
-    tiling = Tiling.from_manifest(t, manifest.max_nodata)
+    tiling = Tiling.from_manifest(t, manifest.max_nodata, manifest.black_nodata)
     tiling.why = "as the index records" if adding else WHY.get(t.get("source") or "", "")
     return tiling
 
@@ -200,7 +202,7 @@ def _new_manifest(model, ident: ModelRef, opts: BuildOptions, store: dict, tilin
         test_time_views=int(opts.tta),
         tokens=bool(opts.keep_tokens), store=store, created=_now(), updated=_now(),
         tiling_extra={k: v for k, v in record.items() if k not in ("tile_size", "overlap")},
-        extra={"nodata": {"max_fraction": tiling.max_nodata}})
+        extra={"nodata": {"max_fraction": tiling.max_nodata, **({"black": True} if tiling.black_nodata else {})}})
 
 
 # -- encoding ------------------------------------------------------------------------------------
@@ -473,11 +475,12 @@ def open_for_build(source, checkpoint: str, out: str | os.PathLike, opts: BuildO
         check_model(manifest, ident, out)
         m = manifest
         had = manifest_tiling(m)
-        other_nodata = "nodata" in m.extra and had.max_nodata != tiling.max_nodata  # older manifests: not recorded
+        other_nodata = "nodata" in m.extra and (had.max_nodata, had.black_nodata) != (tiling.max_nodata, tiling.black_nodata)  # older: not recorded
         if had.to_manifest() != tiling.to_manifest() or other_nodata or m.kind_option != opts.index_kind \
                 or m.tokens != bool(opts.keep_tokens) or m.store_kind != opts.store \
                 or m.test_time_views != opts.tta:
-            raise RsitrError(f"{out}: an index with other settings is already here ({had.describe()}, max no-data {had.max_nodata}, "
+            raise RsitrError(f"{out}: an index with other settings is already here ({had.describe()}, max no-data {had.max_nodata}"
+                             f"{', black as no-data' if had.black_nodata else ''}, "
                              f"kind {m.kind_option}, tokens {m.tokens}, store {m.store_kind}, tta {m.test_time_views}); use `rsitr index add` "
                              f"to grow it or choose another --out")
         store_class(m.store_kind).check_continue(m.store, store_opts, out)

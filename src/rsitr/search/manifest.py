@@ -198,6 +198,11 @@ class IndexManifest:
         return (self.extra.get("nodata") or {}).get("max_fraction")
 
     @property
+    def black_nodata(self) -> bool:
+        """Whether pure black counts as no-data in rasters that declare none (``--black-nodata``)."""
+        return bool((self.extra.get("nodata") or {}).get("black", False))
+
+    @property
     def store_kind(self) -> str:
         return str(self.store.get("kind", "faiss"))
 

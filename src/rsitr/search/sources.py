@@ -126,8 +126,10 @@ class Tiling:
     ``out_px`` pixels a side (the model's input size; :mod:`rsitr.search.scenes`). Rasters with a
     transform but no CRS are cut in pixel tiles either way (no ground size, no footprint).
     ``max_nodata``: tiles whose no-data share (nodata value, alpha 0, internal mask, NaN) exceeds
-    it are skipped and counted (None: none skipped). ``why`` says in log lines why this tiling
-    was chosen (not recorded)."""
+    it are skipped and counted (None: none skipped). ``black_nodata``: in rasters that declare no
+    no-data, pixels that are 0 in every band count as no-data too (black fill around a footprint;
+    what ``gdal_edit.py -a_nodata 0`` would declare, without editing the file). ``why`` says in log
+    lines why this tiling was chosen (not recorded)."""
 
     tile_size: int = 256
     overlap: int = 0
@@ -135,6 +137,7 @@ class Tiling:
     overlap_m: float = 0.0
     out_px: int | None = None
     max_nodata: float | None = MAX_NODATA
+    black_nodata: bool = False
     why: str = ""
 
     def check(self) -> "Tiling":
@@ -169,11 +172,11 @@ class Tiling:
         return d
 
     @classmethod
-    def from_manifest(cls, tiling: dict, max_nodata: float | None) -> "Tiling":
+    def from_manifest(cls, tiling: dict, max_nodata: float | None, black_nodata: bool = False) -> "Tiling":
         meters = tiling.get("meters")
         return cls(tile_size=int(tiling["tile_size"]), overlap=int(tiling["overlap"]),
                    meters=tuple(float(m) for m in meters) if meters else None, overlap_m=float(tiling.get("overlap_m", 0.0)),
-                   out_px=tiling.get("out_px"), max_nodata=max_nodata, why="as the index records")
+                   out_px=tiling.get("out_px"), max_nodata=max_nodata, black_nodata=bool(black_nodata), why="as the index records")
 
 
 @dataclass
@@ -293,7 +296,8 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
         scan.notes.append((logging.WARNING, f"{path}: every pixel is no-data (nodata value, alpha 0 or NaN): skipped"))
         return scan
     seen: set[str] = set()
-    black = 0
+    black = skipped_black = 0
+    black_is_nodata = grid is not None and not grid.declared and tiling.black_nodata
     for win, extra in cut:
         key = item_key(path, win)
         if key in seen:  # the same window at two scales (a scene smaller than both tiles)
@@ -301,6 +305,10 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
         seen.add(key)
         if grid is not None and 1.0 - grid.fraction(win) > tiling.max_nodata:
             scan.skipped_nodata += 1
+            continue
+        if black_is_nodata and 1.0 - grid.fraction(win) + grid.black_fraction(win) > tiling.max_nodata:
+            scan.skipped_nodata += 1  # --black-nodata: the black fill is no-data (valid and black cells are disjoint)
+            skipped_black += 1
             continue
         if grid is not None and not grid.declared and grid.black_fraction(win) > tiling.max_nodata:
             black += 1
@@ -317,7 +325,11 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
         scan.notes.append((logging.WARNING, f"{path}: {black} of {len(scan.items)} tiles are mostly pure black (0 in every band; more "
                                             f"than {tiling.max_nodata:.0%} of their pixels) but the raster declares no no-data value, "
                                             f"alpha band or mask, so they are indexed as imagery and can rank among the hits; if black "
-                                            f"is fill here, declare it (gdal_edit.py -a_nodata 0 FILE) and rebuild"))
+                                            f"is fill here, build with --black-nodata or declare it (gdal_edit.py -a_nodata 0 FILE), "
+                                            f"and rebuild"))
+    if skipped_black:
+        scan.notes.append((logging.INFO, f"{path.name}: --black-nodata: {skipped_black} tiles mostly black fill skipped "
+                                         f"(the raster declares no no-data)"))
     return scan
 
 
