@@ -307,7 +307,7 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
             scan.skipped_nodata += 1
             continue
         if black_is_nodata and 1.0 - grid.fraction(win) + grid.black_fraction(win) > tiling.max_nodata:
-            scan.skipped_nodata += 1  # --black-nodata: the black fill is no-data (valid and black cells are disjoint)
+            scan.skipped_nodata += 1  # --black-nodata: black fill counts as no-data (black cells are valid ones, so the shares add)
             skipped_black += 1
             continue
         if grid is not None and not grid.declared and grid.black_fraction(win) > tiling.max_nodata:
