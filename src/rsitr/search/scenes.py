@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +265,13 @@ class ValidityGrid:
         """Valid share of the pixel window ``[col, row, width, height]`` (cells it touches)."""
         cells = self._cells(self.grid, window)
         return float(cells.mean()) if cells.size else 0.0
+
+    def black_as_nodata(self) -> "ValidityGrid":
+        """This grid with its pure black cells counted as no-data (``--black-nodata``), the user then
+        declaring what the raster does not; a grid whose raster declares its no-data is returned as is."""
+        if self.declared or self.black is None:
+            return self
+        return replace(self, grid=self.grid & ~self.black, black=None, declared=True)
 
     def black_fraction(self, window) -> float:
         """Share of the window's cells that are valid but pure black (0 in every used band)."""

@@ -295,9 +295,11 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
     if grid is not None and not grid.grid.any():
         scan.notes.append((logging.WARNING, f"{path}: every pixel is no-data (nodata value, alpha 0 or NaN): skipped"))
         return scan
+    if grid is not None and tiling.black_nodata and not grid.declared:
+        grid = grid.black_as_nodata()  # mostly black tiles are then skipped and counted as no-data ones
+        scan.notes.append((logging.INFO, f"{path.name}: --black-nodata: pure black counts as no-data (the raster declares none)"))
     seen: set[str] = set()
-    black = skipped_black = 0
-    black_is_nodata = grid is not None and not grid.declared and tiling.black_nodata
+    black = 0
     for win, extra in cut:
         key = item_key(path, win)
         if key in seen:  # the same window at two scales (a scene smaller than both tiles)
@@ -305,10 +307,6 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
         seen.add(key)
         if grid is not None and 1.0 - grid.fraction(win) > tiling.max_nodata:
             scan.skipped_nodata += 1
-            continue
-        if black_is_nodata and 1.0 - grid.fraction(win) + grid.black_fraction(win) > tiling.max_nodata:
-            scan.skipped_nodata += 1  # --black-nodata: black fill counts as no-data (black cells are valid ones, so the shares add)
-            skipped_black += 1
             continue
         if grid is not None and not grid.declared and grid.black_fraction(win) > tiling.max_nodata:
             black += 1
@@ -327,9 +325,6 @@ def _tiles(ds, path: Path, tiling: Tiling) -> Scan:
                                             f"alpha band or mask, so they are indexed as imagery and can rank among the hits; if black "
                                             f"is fill here, build with --black-nodata or declare it (gdal_edit.py -a_nodata 0 FILE), "
                                             f"and rebuild"))
-    if skipped_black:
-        scan.notes.append((logging.INFO, f"{path.name}: --black-nodata: {skipped_black} tiles mostly black fill skipped "
-                                         f"(the raster declares no no-data)"))
     return scan
 
 
