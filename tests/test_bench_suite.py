@@ -344,3 +344,111 @@ def test_suite_options_merge_and_unknown_measurements(tmp_path):
         load_suite(str(f))
     for name in ("rdb-comparison", "iebaker-ablation"):
         assert load_suite(name).measurements
+
+
+SET_SUITE = """
+name: setme
+base:
+  model:
+    backbone: clip:tiny
+    mode: full
+  epochs: 3
+datasets:
+  synth:
+    synth: {images: 20, seed: 1}
+methods:
+  baseline: {method.name: baseline}
+  short: {method.name: baseline, epochs: 1}
+seeds: [0]
+"""
+
+
+def test_set_goes_over_the_base_and_is_archived(tmp_path):
+    """``bench run --set``: over the suite's base (nested or dotted), under a method's own keys;
+    the archived suite says so; an unknown key fails before any cell."""
+    f = tmp_path / "s.yaml"
+    f.write_text(SET_SUITE)
+    suite = load_suite(str(f), sets={"model.mode": "top:1,3", "epochs": 5, "lr": 0.002})
+    cells = {c.method: c.overrides for c in suite.cells}
+    assert cells["baseline"]["model.mode"] == "top:1,3" and cells["baseline"]["model.backbone"] == "clip:tiny"
+    assert cells["baseline"]["epochs"] == 5 and cells["short"]["epochs"] == 1  # the method's own key wins
+    assert cells["short"]["lr"] == 0.002
+    assert suite.text.startswith("# s.yaml run with --set model.mode=top:1,3 epochs=5 lr=0.002")
+    import yaml
+
+    assert yaml.safe_load(suite.text)["base"]["model.mode"] == "top:1,3"
+    assert {c.method: c.overrides for c in load_suite(str(f)).cells}["baseline"]["model.mode"] == "full"  # file untouched
+    with pytest.raises(RsitrError, match="unknown config key: modle.mode"):
+        load_suite(str(f), sets={"modle.mode": "full"})
+    assert main(["bench", "run", "--suite", str(f), "--out", str(tmp_path / "o"), "--set", "modle.mode=full"]) == 2
+    with pytest.raises(RsitrError, match="expected int"):
+        load_suite(str(f), sets={"epochs": "many"})
+    assert not (tmp_path / "o").exists()
+
+
+def _finish_fake(out, suite):
+    """Every cell of ``suite`` marked finished in ``out`` with the settings it has now (as a run
+    records them: the synthetic dataset generated and pointed at)."""
+    from rsitr.bench.suite import prepare_synthetic
+
+    prepare_synthetic(suite, out)
+    for c in suite.cells:
+        cdir = out / "cells" / c.dataset / c.method / f"seed{c.seed}"
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "spec.json").write_text(json.dumps({"cell": c.key, "overrides": {"cache_dir": str(out / "cache"), **c.overrides,
+                                                                                   "out_dir": str(cdir / "run")}}))
+        (cdir / "cell.json").write_text(json.dumps({"cell": c.key, "dataset": c.dataset, "method": c.method, "seed": c.seed,
+                                                    "status": "ok", "test": {"mR": 1.0}}))
+
+
+def test_finished_cells_with_other_settings_are_refused(tmp_path):
+    """A finished cell is skipped on a second run; with other settings now (an edited suite, a
+    --set) skipping it would mix two recipes in one report: refused before anything runs, every
+    changed key named; moved paths and failed cells do not count. Generated setting changes."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    f = tmp_path / "s.yaml"
+    f.write_text(SET_SUITE)
+    out = tmp_path / "out"
+    _finish_fake(out, load_suite(str(f)))
+    # unchanged: every cell skipped
+    assert [r["status"] for r in run_suite(load_suite(str(f)), out, progress=False)] == ["ok", "ok"]
+
+    pairs = st.one_of(st.tuples(st.just("model.mode"), st.sampled_from(["full", "top:1,3"])), st.tuples(st.just("epochs"), st.integers(1, 5)),
+                      st.tuples(st.just("lr"), st.sampled_from([0.001, 0.002])), st.tuples(st.just("batch_size"), st.sampled_from([8, 16])),
+                      st.tuples(st.sampled_from(["cache_dir", "data.path"]), st.just(str(tmp_path / "elsewhere"))))
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(pairs, min_size=1, max_size=4))
+    def check(sets):
+        suite = load_suite(str(f), sets=dict(sets))
+        before = {c.key: c.overrides for c in load_suite(str(f)).cells}
+        changed = {c.key: sorted(k for k in set(c.overrides) | set(before[c.key])
+                                 if k not in ("cache_dir", "data.path", "out_dir") and c.overrides.get(k) != before[c.key].get(k))
+                   for c in suite.cells}
+        if any(changed.values()):
+            with pytest.raises(RsitrError, match="other settings") as exc:
+                run_suite(suite, out, progress=False)
+            for key, ks in changed.items():
+                assert (key in str(exc.value)) == bool(ks)
+                for k in ks:
+                    assert f"{k}:" in str(exc.value)
+        else:
+            assert [r["status"] for r in run_suite(suite, out, progress=False)] == ["ok", "ok"]
+
+    check()
+    # a failed cell runs again with the new settings: not a reason to refuse
+    rec = out / "cells" / "synth" / "baseline" / "seed0" / "cell.json"
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "status": "failed"}))
+    changed = load_suite(str(f), sets={"epochs": 7})  # changes the baseline cell only (short keeps its 1)
+    import rsitr.bench.suite as S
+
+    ran = []
+    real = S._run_cell_process
+    S._run_cell_process = lambda cdir, **kw: ran.append(cdir) or {"status": "ok", "test": {"mR": 2.0}}
+    try:
+        run_suite(changed, out, progress=False)
+    finally:
+        S._run_cell_process = real
+    assert [p.parent.name for p in ran] == ["baseline"]

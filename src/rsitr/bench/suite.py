@@ -47,7 +47,7 @@ import yaml
 
 from rsitr.models.registry import parse_spec
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_write_json, atomic_write_text
+from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +139,26 @@ def find_suite(name_or_path: str) -> Path:
 
 
 def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: list[str] | None = None,
-               variables: dict[str, str] | None = None) -> Suite:
+               variables: dict[str, str] | None = None, sets: dict[str, Any] | None = None) -> Suite:
     """The suite of a YAML file or a shipped suite's name; ``variables`` take precedence over the
-    environment in ``${VAR}`` expansions."""
+    environment in ``${VAR}`` expansions. ``sets`` (``rsitr bench run --set``): dotted training
+    config keys put over the suite's base (a dataset's or method's own keys still win); the suite
+    archived with the run then is the file with them in its base."""
     path = find_suite(name_or_path)
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise RsitrError(f"{path}: not valid YAML: {exc}") from exc
+    if sets:
+        from rsitr.train.config import TrainConfig
+
+        TrainConfig().override(dict(sets))  # an unknown key is an error here, not in every cell
+        if raw.get("base") is not None and not isinstance(raw["base"], dict):
+            raise RsitrError(f"{path}: 'base' must be a mapping")
+        raw["base"] = {**_flatten(raw.get("base") or {}), **sets}
+        shown = " ".join(f"{k}={v}" for k, v in sets.items())
+        text = f"# {path.name} run with --set {shown} (in the base below)\n" + yaml.safe_dump(raw, sort_keys=False)
     return build_suite(raw, path, text=text, seeds=seeds, methods=methods, variables=variables)
 
 
@@ -384,6 +395,7 @@ def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None
     check_inputs(suite)
     atomic_write_text(out / "suite.yaml", suite.text or suite.source.read_text(encoding="utf-8"))
     atomic_write_json(out / "environment.json", environment())
+    _refuse_changed_cells(suite, out)
     records = []
     for i, cell in enumerate(suite.cells, 1):
         cdir = out / "cells" / cell.dataset / cell.method / f"seed{cell.seed}"
@@ -410,6 +422,36 @@ def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None
             print(f"    FAILED: {rec.get('error', '?').splitlines()[-1] if rec.get('error') else '?'}", flush=True)
         records.append(rec)
     return records
+
+
+# where a cell's inputs may move without changing what it trains
+_MOVABLE = ("cache_dir", "out_dir", "data.path")
+
+
+def _refuse_changed_cells(suite: Suite, out: Path) -> None:
+    """A finished cell is skipped when the suite runs again; if the suite (or ``--set``) now gives
+    that cell other settings, skipping it would mix two recipes in one report: refused, every such
+    cell named, before anything runs."""
+    changed = []
+    for cell in suite.cells:
+        cdir = out / "cells" / cell.dataset / cell.method / f"seed{cell.seed}"
+        rec, spec = cdir / "cell.json", cdir / "spec.json"
+        if not (rec.is_file() and spec.is_file()):
+            continue
+        try:
+            if json.loads(rec.read_text()).get("status") != "ok":
+                continue  # a failed cell runs again with the new settings
+            old = json.loads(spec.read_text()).get("overrides") or {}
+        except (OSError, ValueError):
+            continue
+        new = json.loads(json.dumps(jsonable(cell.overrides)))
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted((set(old) | set(new)) - set(_MOVABLE))
+                if old.get(k) != new.get(k)]
+        if diff:
+            changed.append(f"{cell.key} ({'; '.join(diff)})")
+    if changed:
+        raise RsitrError(f"{out} holds finished cells that ran with other settings than the suite gives them now: "
+                         + ", ".join(changed) + ". Run with another --out, or delete those cells' folders to run them again")
 
 
 def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def _run_and_report(suite, out: Path, args: argparse.Namespace, *, as_json: bool
 def cmd_run(args: argparse.Namespace) -> int:
     from rsitr.bench.suite import load_suite
 
-    suite = load_suite(args.suite, seeds=args.seeds, methods=args.methods)
+    suite = load_suite(args.suite, seeds=args.seeds, methods=args.methods, sets=_overrides(args.set))
     return _run_and_report(suite, Path(args.out or f"runs/bench-{suite.name}"), args)
 
 
@@ -526,6 +526,8 @@ def add_bench_cli(sub) -> None:
     br.add_argument("--out", default=None, help="run folder (default runs/bench-<suite>)")
     br.add_argument("--seeds", type=int, nargs="+", default=None, help="override the suite's seeds")
     br.add_argument("--methods", nargs="+", default=None, help="run only these methods of the suite")
+    br.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="repeatable: a training config key over the suite's base, e.g. model.mode=top:1,3 (a method's own keys still win)")
     br.set_defaults(func=cmd_run)
     add_command(b, "iebaker", "iEBAKER ablation: baseline / +EBA / +KER / +SAR / all, same budget, EBA filter quality", add_iebaker_args,
                 cmd_iebaker)
