@@ -179,6 +179,9 @@ class _FakeRay:
     (1, None, ValueError("bad num_cpus"), False),  # not a start-up timeout: not retried
     (2, None, Exception("The current node timed out during startup. This could happen because ..."), True),  # the raylet's 30 s
     (1, None, Exception("something else"), False),  # a bare Exception that is no timeout: one line, not retried
+    (1, None, RuntimeError("Attempting to kill a process of type 'raylet', but this process is already dead."), False),
+    (1, None, RuntimeError("Unknown keyword argument(s): bad"), False),  # a RuntimeError that is no timeout: not retried
+    (2, None, RuntimeError("Failed to start GCS.  Last 0 lines of error files:"), True),
 ])
 def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, caplog, fails, address, exc, ok):
     fake = _FakeRay(fails, exc)
@@ -197,3 +200,4 @@ def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, caplog, fails,
         assert "\n" not in str(info.value).split(": ", 1)[0]
         retried = address is None and R._start_timed_out(exc)
         assert len(fake.inits) == (R.LOCAL_START_ATTEMPTS if retried else 1)
+        assert fake.shutdowns == len(fake.inits)  # the last failed start is cleaned up too, not left running

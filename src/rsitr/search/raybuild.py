@@ -86,9 +86,15 @@ LOCAL_RETRY_WAIT_S = 5.0
 
 def _start_timed_out(exc: Exception) -> bool:
     """Whether a failed ``ray.init`` looks like a start-up timeout of a loaded machine (worth a new
-    start): the GCS port file not written in time (RuntimeError) or the raylet not registered within
-    Ray's fixed 30 s (a bare Exception saying it "timed out")."""
-    return isinstance(exc, RuntimeError) or (type(exc) is Exception and "timed out" in str(exc).lower())
+    start): the GCS port file not written in time (a RuntimeError "Timed out waiting for file ...
+    gcs_server_port..."), the GCS not answering in its start-up window (RuntimeError "Failed to start
+    GCS ..."), or the raylet not registered within Ray's fixed 30 s (a bare Exception saying the
+    node "timed out during startup"). Any other error (a bad argument, a dead process, a cluster
+    that refuses) fails at once."""
+    if not (isinstance(exc, RuntimeError) or type(exc) is Exception):
+        return False
+    text = str(exc).lower()
+    return "timed out" in text or text.startswith("failed to start gcs")
 
 
 @contextlib.contextmanager
@@ -118,6 +124,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
                     ray.shutdown()
                     time.sleep(LOCAL_RETRY_WAIT_S)
                     continue
+                try:  # what a failed start left running (a GCS server, a raylet) goes with it
+                    ray.shutdown()
+                except Exception:  # noqa: BLE001 - the start's own error is the one to report
+                    log.debug("ray: shutdown after a failed start failed", exc_info=True)
                 raise RsitrError(f"cannot start or join Ray{f' at {address}' if address else ''}: {exc}") from exc
         started = True
         log.info("ray: %s in %.1fs (%s)", "joined " + address if address else "started locally", time.perf_counter() - t0,
