@@ -152,6 +152,21 @@ def test_auto_index_keeps_the_fastest_candidate_that_reaches_the_target(monkeypa
     assert recall_at_k(vi.search(q, 10)[1], exact_neighbours(x, q, 10), 10) >= 0.93
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_auto_index_reaches_the_target_on_queries_it_was_not_tuned_on(seed):
+    """The knob is raised until the lower 95 % bound of the tuning queries' recall reaches the
+    target, not their mean: on 1,000 fresh queries of the same kind the index still reaches it
+    (generated archives; with the mean alone a small graph landed at 0.899 for a 0.9 target)."""
+    from rsitr.retrieval.autoindex import auto_index, exact_neighbours, jittered_queries, recall_at_k
+
+    x = _clustered(6000, seed=seed)
+    vi, rec = auto_index(x, 0.9, flat_below=1000, n_queries=150, seed=seed, candidates=(("hnsw", {"M": 8, "efConstruction": 16}),),
+                         progress=False)
+    assert vi.kind == "hnsw" and 0.9 <= rec["recall_lower95"] <= rec["recall@10"]
+    q = jittered_queries(x, 1000, seed=1000 + seed)
+    assert recall_at_k(vi.search(q, 10)[1], exact_neighbours(x, q, 10), 10) >= 0.9
+
+
 def test_auto_index_falls_back_to_exact_search_only_when_no_candidate_reaches_the_target():
     from rsitr.retrieval.autoindex import auto_index
 

@@ -99,3 +99,38 @@ def test_token_store_top_n_keeps_largest_norm():
     st2 = TokenStore(top_n=2, normalize=False)
     st2.append(t)
     assert st2.get([0])[0][0, :, 0].tolist() == [5.0, 4.0]
+
+
+@pytest.mark.parametrize("n,nlist", [(300, 4), (3000, 8), (5000, None), (20000, 16)])
+def test_ivf_first_add_trains_on_a_bounded_sample(n, nlist, monkeypatch):
+    """An IVF index's k-means sees at most IVF_TRAIN_PER_CELL vectors per cell (a seeded sample)
+    whatever the first add holds, and searches as well as one trained on everything: the
+    explicit ``--index-kind ivf`` path no longer runs k-means over the whole archive."""
+    import rsitr.retrieval.index as I
+
+    rng = np.random.default_rng(n)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, 32)).astype(np.float32)
+    seen = []
+    real = I.VectorIndex._build
+
+    def spy(self, n_first):
+        idx = real(self, n_first)
+        train = idx.train
+        idx.train = lambda v: seen.append(len(v)) or train(v)
+        return idx
+
+    monkeypatch.setattr(I.VectorIndex, "_build", spy)
+    ix = VectorIndex(32, "ivf", nlist=nlist, nprobe=4)
+    ix.add(x)
+    want_nlist = nlist if nlist is not None else round(4 * np.sqrt(n))
+    assert ix.nlist == want_nlist and ix.params()["nlist"] == want_nlist
+    assert seen == [min(n, I.IVF_TRAIN_PER_CELL * want_nlist)]
+    flat = VectorIndex(32)
+    flat.add(x)
+    q = x[rng.choice(n, 50, replace=False)] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
+    got, exact = ix.search(q, 10)[1], flat.search(q, 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]) > 0.8
+    again = VectorIndex(32, "ivf", nlist=nlist, nprobe=4)
+    again.add(x)
+    assert np.array_equal(again.search(q, 10)[1], got)  # the sample is seeded: the same index twice
