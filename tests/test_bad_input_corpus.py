@@ -159,6 +159,10 @@ def test_train_config_ranges(capsys, tmp_path, key, value, msg):
     code, out, err = run(capsys, ["train", "--data", str(tmp_path / "none.json"), "--set", f"{key}={value}", "--out", str(tmp_path / "run")])
     assert_one_error(code, err, msg)
     assert "trained" not in out
+    # the same value given to a suite (`bench run --set`): refused before any cell or dataset
+    code, out, err = run(capsys, ["bench", "run", "--suite", "synthetic-quick", "--set", f"{key}={value}", "--out", str(tmp_path / "bench")])
+    assert_one_error(code, err, msg)
+    assert not (tmp_path / "bench").exists()
 
 
 def test_train_config_yaml_ranges(tmp_path, capsys):

@@ -153,7 +153,7 @@ def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: li
     if sets:
         from rsitr.train.config import TrainConfig
 
-        TrainConfig().override(dict(sets))  # an unknown key is an error here, not in every cell
+        TrainConfig().override(dict(sets)).check_ranges()  # an unknown key or a bad value fails here, not in every cell
         if raw.get("base") is not None and not isinstance(raw["base"], dict):
             raise RsitrError(f"{path}: 'base' must be a mapping")
         raw["base"] = {**_flatten(raw.get("base") or {}), **sets}
