@@ -452,3 +452,65 @@ def test_finished_cells_with_other_settings_are_refused(tmp_path):
     finally:
         S._run_cell_process = real
     assert [p.parent.name for p in ran] == ["baseline"]
+
+
+TT_SUITE = """
+name: tt
+base:
+  model.backbone: clip:tiny
+  model.mode: full
+  epochs: 1
+  max_steps: 2
+  batch_size: 16
+  eval_batch_size: 64
+  augment.enabled: false
+datasets:
+  synth:
+    synth: {images: 40, seed: 3}
+methods:
+  baseline: {method.name: baseline}
+seeds: [0]
+"""
+
+
+@pytest.mark.slow
+def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
+    """``test_time`` (TTA + QB-Norm, alone and together) on a cell: declared in the suite it runs
+    with the cell; ``rsitr bench measure`` adds it to a cell that ran without it, with the same
+    numbers as ``rsitr models evaluate``'s function; bad parameters are recorded as the cell's
+    measurement error (the cell stays finished) and exit 1."""
+    from rsitr.bench.release import EvalSet, evaluate_model
+
+    f = tmp_path / "tt.yaml"
+    f.write_text(TT_SUITE)
+    out = tmp_path / "run"
+    run_suite(load_suite(str(f)), out, progress=False)
+    cdir = out / "cells" / "synth" / "baseline" / "seed0"
+    rec = json.loads((cdir / "cell.json").read_text())
+    assert "measurements" not in rec
+    assert main(["-q", "bench", "measure", str(out), "test_time"]) == 0
+    rec = json.loads((cdir / "cell.json").read_text())
+    tt = rec["measurements"]["test_time"]
+    assert tt["tta_views"] == 8 and tt["beta"] == 14.0 and tt["bank"] == "train"
+    assert tt["plain"] == pytest.approx(rec["test"]["mR"], abs=1e-6)  # the embedding scores of the cell's own test row
+    data = str(out / "data" / "synth" / "dataset_synth.json")
+    rows = evaluate_model(str(cdir / "run"), [EvalSet("s", data)], ttas=(1, 8), progress=False)
+    want = {("plain" if r["tta"] == 1 else "tta") if r["rerank"] == "none" else ("qbnorm" if r["tta"] == 1 else "both"): r["mR"] for r in rows}
+    assert {k: tt[k] for k in want} == pytest.approx(want, abs=1e-9) and len(want) == 4
+    assert json.loads((cdir / "result.json").read_text())["measurements"]["test_time"] == tt
+    md = (out / "report.md").read_text()
+    assert "### Test-time views and QB-Norm (`test_time`)" in md and "| baseline | full | 1 |" in md
+    # a second call keeps what it has; bad parameters: recorded, exit 1, the cell still finished
+    capsys.readouterr()
+    assert main(["-q", "bench", "measure", str(out), "test_time"]) == 0 and "has test_time" in capsys.readouterr().out
+    for bad, msg in (("tta=3", "test-time views must be one of"), ("beta=-1", "beta must be a positive number"), ("views=8", "unknown parameter")):
+        assert main(["-q", "bench", "measure", str(out), "test_time", "--again", "--set", bad]) == 1
+        rec = json.loads((cdir / "cell.json").read_text())
+        assert rec["status"] == "ok" and msg in rec["measurements"]["test_time"]["error"]
+    assert main(["-q", "bench", "measure", str(out), "no_such_measurement"]) == 2
+    assert main(["-q", "bench", "measure", str(tmp_path), "test_time"]) == 2
+    # declared in the suite: measured with the cell (tta 4 here)
+    f.write_text(TT_SUITE + "measurements: {test_time: {tta: 4}}\n")
+    run_suite(load_suite(str(f)), tmp_path / "run2", progress=False)
+    tt2 = json.loads((tmp_path / "run2" / "cells" / "synth" / "baseline" / "seed0" / "cell.json").read_text())["measurements"]["test_time"]
+    assert tt2["tta_views"] == 4 and set(tt2) >= {"plain", "tta", "qbnorm", "both"}

@@ -136,6 +136,42 @@ def add_ties(cell_dir: Path) -> dict:
     return rec
 
 
+def add_measurement(cell_dir: Path, name: str, params: dict | None = None, *, progress: bool = False) -> dict:
+    """Run the measurement ``name`` on a finished cell (its best checkpoint, as the cell's own
+    process would have after training) and add the result to its records
+    (``measurements.<name>``); for cells whose suite did not declare it. Returns the result (a
+    failed measurement: ``{"error": ...}``, recorded too)."""
+    from rsitr.bench.measurements import CellContext, get_measurement, run_on_cell
+    from rsitr.bench.suite import test_split
+    from rsitr.methods.factory import load
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.data import load_training_data
+    from rsitr.utils.errors import RsitrError
+    from rsitr.utils.io import atomic_write_json
+
+    get_measurement(name)  # an unknown name fails before anything is loaded
+    if not (cell_dir / "cell.json").is_file() or not (cell_dir / "spec.json").is_file():
+        raise RsitrError(f"{cell_dir}: not a bench cell folder (no cell.json / spec.json)")
+    rec = json.loads((cell_dir / "cell.json").read_text())
+    if rec.get("status") != "ok":
+        raise RsitrError(f"{cell_dir}: not a finished cell (status {rec.get('status')!r})")
+    spec = json.loads((cell_dir / "spec.json").read_text())
+    cfg = TrainConfig().override(spec["overrides"])
+    source = str(cell_dir / "run") if spec.get("train", True) else cfg.model.backbone
+    loaded = load(source) if spec.get("train", True) else _as_loaded(cfg)["loaded"]
+    data = load_training_data(cfg.data)
+    ctx = CellContext(cell_dir, cfg, loaded, data, test_split(cfg, data), _engine(loaded.backbone, cfg), rec, source)
+    result = run_on_cell({name: dict(params or {})}, ctx).get(name)
+    if result is None:
+        return {}
+    for fname in ("cell.json", "result.json"):
+        if (cell_dir / fname).is_file():
+            r = json.loads((cell_dir / fname).read_text())
+            r.setdefault("measurements", {})[name] = result
+            atomic_write_json(cell_dir / fname, r)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from rsitr.utils.io import atomic_write_json
     from rsitr.utils.logging import setup_logging

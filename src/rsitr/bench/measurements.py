@@ -17,7 +17,8 @@ A :class:`Measurement` has
 
 Built-in measurements: ``params`` (:mod:`rsitr.bench.rdb`), ``eba_filter``
 (:mod:`rsitr.bench.iebaker`), ``ftf_speed`` (:mod:`rsitr.bench.ftf`), ``vector_search`` and
-``index_build`` (:mod:`rsitr.bench.search`), ``encode`` (:mod:`rsitr.bench.throughput`).
+``index_build`` (:mod:`rsitr.bench.search`), ``encode`` (:mod:`rsitr.bench.throughput`),
+``test_time`` (:mod:`rsitr.bench.testtime`).
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class Measurement:
 
 
 _REGISTRY: dict[str, Measurement] = {}
-_BUILTIN = ("rsitr.bench.rdb", "rsitr.bench.iebaker", "rsitr.bench.ftf", "rsitr.bench.search", "rsitr.bench.throughput")
+_BUILTIN = ("rsitr.bench.rdb", "rsitr.bench.iebaker", "rsitr.bench.ftf", "rsitr.bench.search", "rsitr.bench.throughput",
+            "rsitr.bench.testtime")
 
 
 def register_measurement(m: Measurement) -> Measurement:

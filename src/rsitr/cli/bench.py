@@ -60,6 +60,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_and_report(suite, Path(args.out or f"runs/bench-{suite.name}"), args)
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    from rsitr.bench.report import report
+    from rsitr.bench.suite import measure_run
+
+    done = measure_run(Path(args.run_dir), args.measurement, _overrides(args.set), methods=args.methods, again=args.again,
+                       progress=not args.quiet)
+    report(args.run_dir)  # report.md / report.json carry the new section
+    print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+    return 1 if any(d["status"] == "error" for d in done) else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rsitr.bench.report import report
 
@@ -534,6 +545,13 @@ def add_bench_cli(sub) -> None:
     add_command(b, "ftf", "FTF on one index: coarse vs two-stage (K) vs exhaustive fine scoring, mR and per-query latency", add_ftf_args,
                 cmd_ftf)
     add_command(b, "rdb", "RDB comparison: zero-shot / full / adapter / LoRA / RDB and its ablations, same budget", add_rdb_args, cmd_rdb)
+    bm = b.add_parser("measure", help="a measurement (e.g. test_time: TTA and QB-Norm) on the finished cells of a run folder that lack it")
+    bm.add_argument("run_dir", help="the --out folder of a `rsitr bench run`")
+    bm.add_argument("measurement", help="the measurement's name (test_time, params, ...; see rsitr.bench.measurements)")
+    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter of the measurement (test_time: tta=8, beta=14)")
+    bm.add_argument("--methods", nargs="+", default=None, help="only the cells of these methods")
+    bm.add_argument("--again", action="store_true", help="measure cells that already have it too")
+    bm.set_defaults(func=cmd_measure)
     add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir", help="the --out folder of a `rsitr bench run`"), cmd_report)
     add_command(b, "serve", "the HTTP server under N concurrent clients: req/s, latency percentiles, errors, RSS, answers vs sequence",
                 add_serve_bench_args, cmd_serve_bench)
