@@ -160,7 +160,8 @@ def add_measurement(cell_dir: Path, name: str, params: dict | None = None, *, pr
     source = str(cell_dir / "run") if spec.get("train", True) else cfg.model.backbone
     loaded = load(source) if spec.get("train", True) else _as_loaded(cfg)["loaded"]
     data = load_training_data(cfg.data)
-    ctx = CellContext(cell_dir, cfg, loaded, data, test_split(cfg, data), _engine(loaded.backbone, cfg), rec, source)
+    ctx = CellContext(cell_dir, cfg, loaded, data, test_split(cfg, data), _engine(loaded.backbone, cfg), rec, source,
+                      extra={"progress": progress})
     result = run_on_cell({name: dict(params or {})}, ctx).get(name)
     if result is None:
         return {}

@@ -76,7 +76,8 @@ def _on_cell(ctx: CellContext, params: dict[str, Any]) -> dict[str, Any] | None:
     beta = params.get("beta", 14.0)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
         raise RsitrError(f"test_time: beta must be a positive number, got {beta!r}")
-    return measure(ctx.source, ctx.cfg, tta=params.get("tta", 8), beta=float(beta), engine=ctx.cfg.inference.engine)
+    return measure(ctx.source, ctx.cfg, tta=params.get("tta", 8), beta=float(beta), engine=ctx.cfg.inference.engine,
+                   progress=bool(ctx.extra.get("progress", False)))
 
 
 def _render(rows: list[dict[str, Any]]) -> list[str]:
