@@ -71,7 +71,7 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
         "history": history, "environment": environment(), "config": cfg.to_dict(),
     }
     if spec.get("measurements"):
-        ctx = CellContext(cell_dir, cfg, loaded, data, test, engine, rec, trained["source"])
+        ctx = CellContext(cell_dir, cfg, loaded, data, test, engine, rec, trained["source"], extra={"progress": progress})
         rec["measurements"] = run_on_cell(spec["measurements"], ctx)
     return rec
 
