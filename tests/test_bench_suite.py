@@ -414,6 +414,10 @@ def test_finished_cells_with_other_settings_are_refused(tmp_path):
     _finish_fake(out, load_suite(str(f)))
     # unchanged: every cell skipped
     assert [r["status"] for r in run_suite(load_suite(str(f)), out, progress=False)] == ["ok", "ok"]
+    archived = (out / "suite.yaml").read_text()
+    with pytest.raises(RsitrError, match="other settings"):
+        run_suite(load_suite(str(f), sets={"epochs": 9}), out, progress=False)
+    assert (out / "suite.yaml").read_text() == archived  # a refused run leaves the folder's record as it was
 
     pairs = st.one_of(st.tuples(st.just("model.mode"), st.sampled_from(["full", "top:1,3"])), st.tuples(st.just("epochs"), st.integers(1, 5)),
                       st.tuples(st.just("lr"), st.sampled_from([0.001, 0.002])), st.tuples(st.just("batch_size"), st.sampled_from([8, 16])),
@@ -508,6 +512,7 @@ def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
         rec = json.loads((cdir / "cell.json").read_text())
         assert rec["status"] == "ok" and msg in rec["measurements"]["test_time"]["error"]
     assert main(["-q", "bench", "measure", str(out), "no_such_measurement"]) == 2
+    assert main(["-q", "bench", "measure", str(out), "test_time", "--methods", "nope"]) == 2
     assert main(["-q", "bench", "measure", str(tmp_path), "test_time"]) == 2
     # declared in the suite: measured with the cell (tta 4 here)
     f.write_text(TT_SUITE + "measurements: {test_time: {tta: 4}}\n")

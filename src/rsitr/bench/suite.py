@@ -393,9 +393,9 @@ class _exclusive:
 def _run_suite(suite: Suite, out: Path, *, progress: bool, timeout: float | None) -> list[dict[str, Any]]:
     prepare_synthetic(suite, out)
     check_inputs(suite)
+    _refuse_changed_cells(suite, out)  # before the folder's suite.yaml is replaced: a refused run changes nothing
     atomic_write_text(out / "suite.yaml", suite.text or suite.source.read_text(encoding="utf-8"))
     atomic_write_json(out / "environment.json", environment())
-    _refuse_changed_cells(suite, out)
     records = []
     for i, cell in enumerate(suite.cells, 1):
         cdir = out / "cells" / cell.dataset / cell.method / f"seed{cell.seed}"
@@ -485,7 +485,7 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
     """``rsitr bench measure``: the measurement ``name`` on every finished cell of the run folder
     ``out`` that does not have it yet (``again``: on every one; ``methods``: only these), each
     added to the cell's records (:func:`rsitr.bench.cell.add_measurement`); the folder is locked
-    as a ``bench run`` locks it. Returns ``[{"cell", "status": "added"|"had"|"error", ...}]``."""
+    as a ``bench run`` locks it. Returns ``[{"cell", "status": "added"|"had"|"error"|"does not apply", ...}]``."""
     from rsitr.bench.cell import add_measurement
     from rsitr.bench.measurements import get_measurement
 
@@ -496,6 +496,10 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
     done = []
     with _exclusive(out / ".lock"):
         cells = [p.parent for p in sorted(out.glob("cells/*/*/seed*/cell.json"))]
+        if methods:
+            have = {json.loads((c / "cell.json").read_text()).get("method") for c in cells}
+            if not set(methods) & have:
+                raise RsitrError(f"{out}: no cells of the method(s) {methods}; it has {sorted(m for m in have if m)}")
         for i, cdir in enumerate(cells, 1):
             rec = json.loads((cdir / "cell.json").read_text())
             key = rec.get("cell", str(cdir.relative_to(out)))
@@ -508,7 +512,7 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
             print(f"[{i}/{len(cells)}] {key}: measuring {name} ...", flush=True)
             t0 = time.perf_counter()
             res = add_measurement(cdir, name, params, progress=progress)
-            status = "error" if "error" in res else "added"
+            status = "error" if "error" in res else "added" if res else "does not apply"
             print(f"    {status}: " + (res["error"] if status == "error" else json.dumps(res)) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             done.append({"cell": key, "status": status, "result": res})
     return done
