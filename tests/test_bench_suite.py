@@ -519,3 +519,21 @@ def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
     run_suite(load_suite(str(f)), tmp_path / "run2", progress=False)
     tt2 = json.loads((tmp_path / "run2" / "cells" / "synth" / "baseline" / "seed0" / "cell.json").read_text())["measurements"]["test_time"]
     assert tt2["tta_views"] == 4 and set(tt2) >= {"plain", "tta", "qbnorm", "both"}
+
+
+def test_test_time_on_a_mix_of_datasets_has_a_column_group_each():
+    """A cell trained on several datasets (data.sources): each is scored on its own test split with
+    its own training captions as the bank, and the report has four columns per dataset."""
+    from rsitr.bench.testtime import TEST_TIME, _eval_sets
+    from rsitr.train.config import TrainConfig
+
+    cfg = TrainConfig().override({"data.sources": [{"path": "/a/ucm", "name": "ucm"}, {"path": "/b/rsicd", "name": "rsicd", "format": "karpathy"}]})
+    sets = _eval_sets(cfg)
+    assert [(s.label, s.data, s.split, s.bank, s.format) for s in sets] == [("ucm", "/a/ucm", "test", "train", "auto"),
+                                                                            ("rsicd", "/b/rsicd", "test", "train", "karpathy")]
+    res = {"tta_views": 8, "beta": 14.0, "bank": "train", **{f"{d}:{k}": v for d, base in (("ucm", 50.0), ("rsicd", 22.0))
+                                                              for k, v in zip(("plain", "tta", "qbnorm", "both"), (base, base + 1, base + 2, base + 3))}}
+    lines = TEST_TIME.render([{"method": "baseline", "mode": "top:1,3", "seeds": 2, "result": res,
+                               "result_std": {"ucm:plain": 0.5, "rsicd:both": 0.25}}])
+    assert "| ucm:plain | ucm:TTA 8 | ucm:QB-Norm | ucm:both | rsicd:plain |" in lines[2]
+    assert lines[-1] == "| baseline | top:1,3 | 2 | 50.00 ± 0.50 | 51.00 ± 0.00 | 52.00 ± 0.00 | 53.00 ± 0.00 | 22.00 ± 0.00 | 23.00 ± 0.00 | 24.00 ± 0.00 | 25.00 ± 0.25 |"
