@@ -507,7 +507,11 @@ def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
     # a second call keeps what it has; bad parameters: recorded, exit 1, the cell still finished
     capsys.readouterr()
     assert main(["-q", "bench", "measure", str(out), "test_time"]) == 0 and "has test_time" in capsys.readouterr().out
-    for bad, msg in (("tta=3", "test-time views must be one of"), ("beta=-1", "beta must be a positive number"), ("views=8", "unknown parameter")):
+    for bad, msg in (("tta=3", "tta must be 4 or 8"), ("tta=abc", "tta must be 4 or 8"), ("tta=8.5", "tta must be 4 or 8"),
+                     ("tta=1", "tta must be 4 or 8"), ("tta=true", "tta must be 4 or 8"),
+                     ("beta=-1", "beta must be a positive number"), ("beta=.nan", "beta must be a positive number"),
+                     ("beta=.inf", "beta must be a positive number"), ("beta=high", "beta must be a positive number"),
+                     ("views=8", "unknown parameter")):
         assert main(["-q", "bench", "measure", str(out), "test_time", "--again", "--set", bad]) == 1
         rec = json.loads((cdir / "cell.json").read_text())
         assert rec["status"] == "ok" and msg in rec["measurements"]["test_time"]["error"]

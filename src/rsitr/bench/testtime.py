@@ -45,14 +45,10 @@ def measure(source: str, cfg, *, tta: int = 8, beta: float = 14.0, engine: str =
     """``{"tta_views", "beta", "bank", "plain", "tta", "qbnorm", "both"}`` (test mR; with several
     datasets in the cell, ``"<name>:plain"`` ... per dataset)."""
     from rsitr.bench.release import evaluate_model
-    from rsitr.models.tta import check_views
+    from rsitr.models.tta import DIHEDRAL_VIEWS
 
-    try:
-        tta = check_views(tta)
-    except (TypeError, ValueError) as exc:
-        raise RsitrError(f"test_time: {exc}") from None
-    if tta == 1:
-        raise RsitrError("test_time: tta must be 4 or 8 (1 is the plain row)")
+    if isinstance(tta, bool) or not isinstance(tta, int) or tta == 1 or tta not in DIHEDRAL_VIEWS:
+        raise RsitrError(f"test_time: tta must be 4 or 8 (dihedral views of each image; 1 is the plain row), got {tta!r}")
     sets = _eval_sets(cfg)
     rows = evaluate_model(source, sets, ttas=(1, tta), qbnorm_beta=float(beta), engine=engine, progress=progress)
     out: dict[str, Any] = {"tta_views": tta, "beta": float(beta), "bank": cfg.data.train_split}
