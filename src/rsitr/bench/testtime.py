@@ -45,7 +45,7 @@ def measure(source: str, cfg, *, tta: int = 8, beta: float = 14.0, engine: str =
     """``{"tta_views", "beta", "bank", "plain", "tta", "qbnorm", "both"}`` (test mR; with several
     datasets in the cell, ``"<name>:plain"`` ... per dataset)."""
     from rsitr.bench.release import evaluate_model
-    from rsitr.models.tta import DIHEDRAL_VIEWS
+    from rsitr.data.transforms import DIHEDRAL_VIEWS
 
     if isinstance(tta, bool) or not isinstance(tta, int) or tta == 1 or tta not in DIHEDRAL_VIEWS:
         raise RsitrError(f"test_time: tta must be 4 or 8 (dihedral views of each image; 1 is the plain row), got {tta!r}")
