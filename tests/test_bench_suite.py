@@ -86,6 +86,9 @@ def test_report_renders(bench_run):
     assert "| broken | - | 0 (2 failed) |" in md
     assert "## Failed cells" in md and "synth/broken/seed0" in md
     assert "RemoteCLIP" in md  # published UCM rows printed beside ours
+    from rsitr.bench.release import git_commit
+
+    assert f"Code the finished cells ran: {git_commit() or 'not recorded'} (2 cells)." in md  # each number names its code
     assert (out / "report.json").is_file() and (out / "report.md").read_text() == md
     rows = {r["method"]: r for r in summarize(collect(out))}
     ms = [c["test"]["mR"] for c in collect(out) if c["method"] == "baseline"]

@@ -111,6 +111,14 @@ def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, An
     if env:
         out += [f"Environment: rsitr {env.get('rsitr')}, torch {env.get('torch')}, Python {env.get('python')}, "
                 f"{env.get('cpus')} CPUs ({env.get('device')}).", ""]
+    codes: dict[str, int] = {}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        code = (r.get("environment") or {}).get("code") or "not recorded"
+        codes[code] = codes.get(code, 0) + 1
+    if codes:
+        out += ["Code the finished cells ran: " + ", ".join(f"{c} ({n} cell{'s' if n != 1 else ''})" for c, n in codes.items()) + ".", ""]
     out += ["Test split, the field's protocol (ties broken at random in expectation, see `rsitr.retrieval.metrics`); "
             "mean ± std over seeds; the best-validation checkpoint of each run.", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):

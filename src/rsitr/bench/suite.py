@@ -294,12 +294,16 @@ def check_inputs(suite: Suite) -> None:
 
 
 def environment() -> dict[str, Any]:
+    """What a run or cell ran on, with ``code``: the commit of the checkout rsitr runs from
+    (``-dirty`` with uncommitted changes; None outside a checkout), so each number names its code."""
     import torch
 
+    from rsitr.bench.release import git_commit
     from rsitr.utils.version import __version__
 
-    return {"rsitr": __version__, "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    return {"rsitr": __version__, "code": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def test_split(cfg, data=None):
