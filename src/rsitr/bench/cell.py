@@ -1,4 +1,5 @@
-"""One bench cell, run as ``python -m rsitr.bench.cell CELL_DIR`` (by ``rsitr bench run``).
+"""One bench cell, run as ``python -m rsitr.bench.cell CELL_DIR`` (by ``rsitr bench run``), and
+measurements added to finished cells later (``rsitr bench measure``, :func:`measure_run`).
 
 Reads ``CELL_DIR/spec.json``, trains with the shared loop (resuming an interrupted run; a cell
 with ``"train": false`` scores the backbone as loaded), then measures on the test split: metrics,
@@ -12,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -171,6 +173,45 @@ def add_measurement(cell_dir: Path, name: str, params: dict | None = None, *, pr
             r.setdefault("measurements", {})[name] = result
             atomic_write_json(cell_dir / fname, r)
     return result
+
+
+def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, methods: list[str] | None = None, again: bool = False,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """``rsitr bench measure``: the measurement ``name`` on every finished cell of the run folder
+    ``out`` that does not have it yet (``again``: on every one; ``methods``: only these), each
+    added to the cell's records (:func:`add_measurement`); the folder is locked
+    as a ``bench run`` locks it. Returns ``[{"cell", "status": "added"|"had"|"error"|"does not apply", ...}]``."""
+    from rsitr.bench.measurements import get_measurement
+    from rsitr.bench.suite import _exclusive
+    from rsitr.utils.errors import RsitrError
+
+    get_measurement(name)
+    out = Path(out)
+    if not out.is_dir() or not list(out.glob("cells/*/*/seed*/cell.json")):
+        raise RsitrError(f"{out}: not a bench run folder with finished cells (cells/*/*/seed*/cell.json)")
+    done = []
+    with _exclusive(out / ".lock"):
+        cells = [p.parent for p in sorted(out.glob("cells/*/*/seed*/cell.json"))]
+        if methods:
+            have = {json.loads((c / "cell.json").read_text()).get("method") for c in cells}
+            if not set(methods) & have:
+                raise RsitrError(f"{out}: no cells of the method(s) {methods}; it has {sorted(m for m in have if m)}")
+        for i, cdir in enumerate(cells, 1):
+            rec = json.loads((cdir / "cell.json").read_text())
+            key = rec.get("cell", str(cdir.relative_to(out)))
+            if rec.get("status") != "ok" or (methods and rec.get("method") not in methods):
+                continue
+            if name in (rec.get("measurements") or {}) and not again and "error" not in rec["measurements"][name]:
+                print(f"[{i}/{len(cells)}] {key}: has {name}", flush=True)
+                done.append({"cell": key, "status": "had"})
+                continue
+            print(f"[{i}/{len(cells)}] {key}: measuring {name} ...", flush=True)
+            t0 = time.perf_counter()
+            res = add_measurement(cdir, name, params, progress=progress)
+            status = "error" if "error" in res else "added" if res else "does not apply"
+            print(f"    {status}: " + (res["error"] if status == "error" else json.dumps(res)) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            done.append({"cell": key, "status": status, "result": res})
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

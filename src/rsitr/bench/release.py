@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import yaml
 
 from rsitr.utils.errors import RsitrError
+from rsitr.utils.version import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,6 @@ def expand(text: str) -> str:
     from rsitr.bench.suite import _expand
 
     return _expand(text)
-
-
-def git_commit(where: str | Path | None = None) -> str | None:
-    """The commit of the checkout ``where`` (default: the one this rsitr's code runs from, whatever the
-    working directory), with ``-dirty`` when it has uncommitted changes; None outside a checkout."""
-    where = Path(__file__).resolve().parent if where is None else where
-    try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def evaluate_model(source: str, sets: list[EvalSet], *, ttas=(1, 8), qbnorm_beta: float = 14.0, engine: str = "auto",

@@ -298,8 +298,7 @@ def environment() -> dict[str, Any]:
     (``-dirty`` with uncommitted changes; None outside a checkout), so each number names its code."""
     import torch
 
-    from rsitr.bench.release import git_commit
-    from rsitr.utils.version import __version__
+    from rsitr.utils.version import __version__, git_commit
 
     return {"rsitr": __version__, "code": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -482,44 +481,6 @@ def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> d
     tail = stderr_path.read_text(encoding="utf-8", errors="replace")[-4000:]
     return {**{k: base[k] for k in ("cell", "dataset", "method", "seed", "published")}, "status": "failed",
             "returncode": proc.returncode, "error": tail.strip() or f"exit code {proc.returncode}", "peak_rss_mb": round(peak, 1)}
-
-
-def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, methods: list[str] | None = None, again: bool = False,
-                progress: bool = True) -> list[dict[str, Any]]:
-    """``rsitr bench measure``: the measurement ``name`` on every finished cell of the run folder
-    ``out`` that does not have it yet (``again``: on every one; ``methods``: only these), each
-    added to the cell's records (:func:`rsitr.bench.cell.add_measurement`); the folder is locked
-    as a ``bench run`` locks it. Returns ``[{"cell", "status": "added"|"had"|"error"|"does not apply", ...}]``."""
-    from rsitr.bench.cell import add_measurement
-    from rsitr.bench.measurements import get_measurement
-
-    get_measurement(name)
-    out = Path(out)
-    if not out.is_dir() or not list(out.glob("cells/*/*/seed*/cell.json")):
-        raise RsitrError(f"{out}: not a bench run folder with finished cells (cells/*/*/seed*/cell.json)")
-    done = []
-    with _exclusive(out / ".lock"):
-        cells = [p.parent for p in sorted(out.glob("cells/*/*/seed*/cell.json"))]
-        if methods:
-            have = {json.loads((c / "cell.json").read_text()).get("method") for c in cells}
-            if not set(methods) & have:
-                raise RsitrError(f"{out}: no cells of the method(s) {methods}; it has {sorted(m for m in have if m)}")
-        for i, cdir in enumerate(cells, 1):
-            rec = json.loads((cdir / "cell.json").read_text())
-            key = rec.get("cell", str(cdir.relative_to(out)))
-            if rec.get("status") != "ok" or (methods and rec.get("method") not in methods):
-                continue
-            if name in (rec.get("measurements") or {}) and not again and "error" not in rec["measurements"][name]:
-                print(f"[{i}/{len(cells)}] {key}: has {name}", flush=True)
-                done.append({"cell": key, "status": "had"})
-                continue
-            print(f"[{i}/{len(cells)}] {key}: measuring {name} ...", flush=True)
-            t0 = time.perf_counter()
-            res = add_measurement(cdir, name, params, progress=progress)
-            status = "error" if "error" in res else "added" if res else "does not apply"
-            print(f"    {status}: " + (res["error"] if status == "error" else json.dumps(res)) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-            done.append({"cell": key, "status": status, "result": res})
-    return done
 
 
 def collect(out: Path) -> list[dict[str, Any]]:

@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_measure(args: argparse.Namespace) -> int:
     from rsitr.bench.report import report
-    from rsitr.bench.suite import measure_run
+    from rsitr.bench.cell import measure_run
 
     done = measure_run(Path(args.run_dir), args.measurement, _overrides(args.set), methods=args.methods, again=args.again,
                        progress=not args.quiet)
