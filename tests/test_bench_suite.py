@@ -544,3 +544,27 @@ def test_test_time_on_a_mix_of_datasets_has_a_column_group_each():
                                "result_std": {"ucm:plain": 0.5, "rsicd:both": 0.25}}])
     assert "| ucm:plain | ucm:TTA 8 | ucm:QB-Norm | ucm:both | rsicd:plain |" in lines[2]
     assert lines[-1] == "| baseline | top:1,3 | 2 | 50.00 ± 0.50 | 51.00 ± 0.00 | 52.00 ± 0.00 | 53.00 ± 0.00 | 22.00 ± 0.00 | 23.00 ± 0.00 | 24.00 ± 0.00 | 25.00 ± 0.25 |"
+
+
+@pytest.mark.slow
+def test_a_cell_runs_with_the_runs_threads_and_pixel_limit(tmp_path):
+    """`rsitr --threads 1 --max-pixels N bench run`: the cells' own processes use one thread and that
+    limit too (they ran with torch's default, every core, so two runs "at one thread each" were
+    four threads on two cores)."""
+    import torch
+
+    from rsitr.data.images import max_pixels, set_max_pixels
+
+    f = tmp_path / "tt.yaml"
+    f.write_text(TT_SUITE)
+    before_t, before_p = torch.get_num_threads(), max_pixels()
+    want_t = 1 if before_t != 1 else 2
+    torch.set_num_threads(want_t)
+    set_max_pixels(12_345_678)
+    try:
+        (rec,) = run_suite(load_suite(str(f)), tmp_path / "run", progress=False)
+    finally:
+        torch.set_num_threads(before_t)
+        set_max_pixels(before_p)
+    assert rec["status"] == "ok"
+    assert rec["environment"]["threads"] == want_t and rec["environment"]["max_pixels"] == 12_345_678

@@ -215,19 +215,31 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import torch
+
+    from rsitr.data.images import DEFAULT_MAX_PIXELS, set_max_pixels
     from rsitr.utils.io import atomic_write_json
     from rsitr.utils.logging import setup_logging
 
-    argv = sys.argv[1:] if argv is None else argv
-    quiet = "--quiet" in argv
-    cell_dir = Path([a for a in argv if not a.startswith("--")][0])
-    setup_logging(-1 if quiet else 0)
-    if "--add-ties" in argv:
-        rec = add_ties(cell_dir)
+    p = argparse.ArgumentParser(prog="python -m rsitr.bench.cell", description="one bench cell (started by rsitr bench run)")
+    p.add_argument("cell_dir", type=Path)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--add-ties", action="store_true", help="re-score a finished cell under every tie convention")
+    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (bench run passes its own)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="image decode limit (bench run passes its own)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(-1 if args.quiet else 0)
+    if args.threads:
+        torch.set_num_threads(max(1, args.threads))
+    set_max_pixels(args.max_pixels)
+    if args.add_ties:
+        rec = add_ties(args.cell_dir)
         print(json.dumps({t: round(m["mR"], 2) for t, m in rec["test_ties"].items()}))
         return 0
-    rec = run(cell_dir, progress=not quiet)
-    atomic_write_json(cell_dir / "result.json", rec)
+    rec = run(args.cell_dir, progress=not args.quiet)
+    atomic_write_json(args.cell_dir / "result.json", rec)
     return 0
 
 

@@ -300,8 +300,10 @@ def environment() -> dict[str, Any]:
 
     from rsitr.utils.version import __version__, git_commit
 
+    from rsitr.data.images import max_pixels
+
     return {"rsitr": __version__, "code": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "max_pixels": max_pixels(),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
@@ -458,7 +460,13 @@ def _refuse_changed_cells(suite: Suite, out: Path) -> None:
 
 
 def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "rsitr.bench.cell", str(cdir)] + ([] if progress else ["--quiet"])
+    import torch
+
+    from rsitr.data.images import max_pixels
+
+    # the process-wide settings of this run (rsitr --threads, --max-pixels) hold in the cell's process too
+    cmd = [sys.executable, "-m", "rsitr.bench.cell", str(cdir), "--threads", str(torch.get_num_threads()),
+           "--max-pixels", str(max_pixels())] + ([] if progress else ["--quiet"])
     stderr_path = cdir / "stderr.log"
     (cdir / "result.json").unlink(missing_ok=True)
     base = json.loads((cdir / "spec.json").read_text())
