@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"rsitr {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="debug log output (the default level is info; -q: warnings only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and ONNX Runtime (default: torch's, i.e. the cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and ONNX Runtime, in every process rsitr starts for the command (bench run's cells too; default: torch's, i.e. the cores)")
     from rsitr.data.images import DEFAULT_MAX_PIXELS
 
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
