@@ -69,6 +69,27 @@ def test_ray_build_equals_single_process_build(cluster, source, tmp_path):
     assert r.encoded == 0 and r.total == 16
 
 
+def test_ray_workers_use_the_drivers_pixel_limit(cluster, source, tmp_path):
+    """`rsitr --max-pixels N index build --executor ray`: the decode tasks in Ray's worker processes
+    refuse what the driver's limit refuses (they used the default limit), as the single-process
+    build does: the same items skipped, the same index."""
+    from rsitr.data.images import image_size, max_pixels, set_max_pixels
+
+    pngs = sorted(Path(source).rglob("*.png"))
+    w, h = image_size(pngs[0])
+    before = max_pixels()
+    set_max_pixels(w * h - 1)  # every sample PNG is over it; the geo tiles are windows of a raster
+    try:
+        ref = tmp_path / "local"
+        B.build_index(source, "clip:tiny", ref, _opts(skip_bad=True))
+        out = tmp_path / "ray"
+        r = R.build_index_ray(source, "clip:tiny", out, _opts(skip_bad=True), R.RayOptions(workers=1, shard_size=4))
+    finally:
+        set_max_pixels(before)
+    assert B.read_manifest(ref).count == 12 and r.total == 12
+    _same_index(ref, out)
+
+
 def test_ray_build_resumes_after_the_driver_is_killed(cluster, source, tmp_path):
     out = tmp_path / "idx"
     # the driver joins the running Ray (--ray-address) and encodes slowly enough to be killed mid-way;

@@ -48,6 +48,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from rsitr.data.images import max_pixels as pixel_limit
 from rsitr.search import build as B
 from rsitr.search import manifest as M
 from rsitr.search.manifest import IndexManifest, load_model, model_identity
@@ -144,11 +145,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
 
 # -- stage functions (run in Ray tasks / actors) --------------------------------------------------
-def _scan_batch(batch: dict, tiling: dict) -> dict:
+def _scan_batch(batch: dict, tiling: dict, max_pixels: int | None = None) -> dict:
     """Files -> item records (one row per item; a file that cannot be read gives an error row; a
     file's no-data count and log lines come in a row of their own, ``tile`` -1)."""
     from rsitr.search.sources import Tiling, scan_scene
 
+    _use_pixel_limit(max_pixels)
     t = Tiling(**tiling)
     fidx, tidx, recs, errs, notes, nodata = [], [], [], [], [], []
     for f, path in zip(batch["file"].tolist(), batch["path"].tolist()):
@@ -170,11 +172,22 @@ def _scan_batch(batch: dict, tiling: dict) -> dict:
             "error": np.array(errs, object), "notes": np.array(notes, object), "nodata": np.array(nodata, np.int64)}
 
 
-def _decode_batch(batch: dict, preprocess) -> dict:
-    """Item records -> pixel tensors (the model's eval transform); unreadable items get an error."""
+def _use_pixel_limit(max_pixels: int | None) -> None:
+    """A Ray worker is a process of its own: the driver's ``rsitr --max-pixels`` is set in it here,
+    at every batch (a worker runs tasks of several builds)."""
+    if max_pixels is not None:
+        from rsitr.data.images import set_max_pixels
+
+        set_max_pixels(int(max_pixels))
+
+
+def _decode_batch(batch: dict, preprocess, max_pixels: int | None = None) -> dict:
+    """Item records -> pixel tensors (the model's eval transform); unreadable items (or over the
+    driver's pixel limit) get an error."""
     from rsitr.data.transforms import EvalTransform
     from rsitr.search.sources import read_item
 
+    _use_pixel_limit(max_pixels)
     tf = EvalTransform(preprocess)
     px, errs = [], []
     for rec in batch["item"].tolist():
@@ -332,7 +345,8 @@ def _list_items(ray, src: Path, tiling, opts: B.BuildOptions, ro: RayOptions) ->
     if not files:
         return [], 0
     ds = ray.data.from_items([{"file": i, "path": p} for i, p in enumerate(files)], override_num_blocks=min(len(files), 64))
-    ds = ds.map_batches(_scan_batch, fn_kwargs={"tiling": dc.asdict(tiling)}, batch_size=64, batch_format="numpy", num_cpus=ro.decode_cpus)
+    ds = ds.map_batches(_scan_batch, fn_kwargs={"tiling": dc.asdict(tiling), "max_pixels": pixel_limit()}, batch_size=64, batch_format="numpy",
+                        num_cpus=ro.decode_cpus)
     rows = sorted(ds.take_all(), key=lambda r: (int(r["file"]), int(r["tile"]) if int(r["tile"]) >= 0 else 1 << 62))
     items, nodata = [], 0
     for r in rows:
@@ -391,7 +405,7 @@ def _encode_on_ray(ray, model, checkpoint, sha, pending, planned, index_dir, opt
         expected[r["shard"]] += 1
     bs = max(1, int(opts.batch_size))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // bs, 4096)))
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"preprocess": model.preprocess}, batch_size=bs, batch_format="numpy",
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"preprocess": model.preprocess, "max_pixels": pixel_limit()}, batch_size=bs, batch_format="numpy",
                         num_cpus=ro.decode_cpus)
     ds = ds.map_batches(encoder_cls, fn_constructor_kwargs={"checkpoint": str(checkpoint), "state_sha256": sha, "engine": opts.engine,
                                                             "onnx_cache": opts.onnx_cache, "device": opts.device,
