@@ -111,30 +111,43 @@ def _engine(model, cfg):
     return engine_for(model, cfg.inference.engine, cache_dir=cfg.inference.onnx_cache)
 
 
+def _finished_cell(cell_dir: Path) -> tuple[dict, dict, Any]:
+    """``(cell.json, spec.json, TrainConfig)`` of a finished cell, else an RsitrError naming the folder."""
+    from rsitr.train.config import TrainConfig
+    from rsitr.utils.errors import RsitrError
+
+    if not (cell_dir / "cell.json").is_file() or not (cell_dir / "spec.json").is_file():
+        raise RsitrError(f"{cell_dir}: not a bench cell folder (no cell.json / spec.json)")
+    rec = json.loads((cell_dir / "cell.json").read_text())
+    if rec.get("status") != "ok":
+        raise RsitrError(f"{cell_dir}: not a finished cell (status {rec.get('status')!r})")
+    spec = json.loads((cell_dir / "spec.json").read_text())
+    return rec, spec, TrainConfig().override(spec["overrides"])
+
+
+def _add_to_records(cell_dir: Path, update) -> None:
+    """``update(record)`` applied to the cell's ``cell.json`` and ``result.json``, each written atomically."""
+    from rsitr.utils.io import atomic_write_json
+
+    for name in ("cell.json", "result.json"):
+        if (cell_dir / name).is_file():
+            r = json.loads((cell_dir / name).read_text())
+            update(r)
+            atomic_write_json(cell_dir / name, r)
+
+
 def add_ties(cell_dir: Path) -> dict:
     """Score a finished cell's best checkpoint on test under every tie convention and add them to
     its records (``test_ties``), for cells run before the records carried them."""
     from rsitr.bench.suite import test_split
-    from rsitr.methods.factory import load
     from rsitr.eval.evaluate import evaluate_ties
-    from rsitr.train.config import TrainConfig
-    from rsitr.utils.io import atomic_write_json
+    from rsitr.methods.factory import load
 
-    if not (cell_dir / "cell.json").is_file() or not (cell_dir / "spec.json").is_file():
-        raise SystemExit(f"{cell_dir}: not a bench cell folder (no cell.json / spec.json)")
-    rec = json.loads((cell_dir / "cell.json").read_text())
-    if rec.get("status") != "ok":
-        raise SystemExit(f"{cell_dir}: not a finished cell")
-    spec = json.loads((cell_dir / "spec.json").read_text())
-    cfg = TrainConfig().override(spec["overrides"])
+    rec, _, cfg = _finished_cell(cell_dir)
     loaded = load(str(cell_dir / "run"))
     rec["test_ties"] = evaluate_ties(loaded.backbone, test_split(cfg), method=loaded.method, batch_size=cfg.eval_batch_size, progress=False,
                                      engine=_engine(loaded.backbone, cfg))
-    for name in ("cell.json", "result.json"):
-        if (cell_dir / name).is_file():
-            r = json.loads((cell_dir / name).read_text())
-            r["test_ties"] = rec["test_ties"]
-            atomic_write_json(cell_dir / name, r)
+    _add_to_records(cell_dir, lambda r: r.__setitem__("test_ties", rec["test_ties"]))
     return rec
 
 
@@ -146,19 +159,10 @@ def add_measurement(cell_dir: Path, name: str, params: dict | None = None, *, pr
     from rsitr.bench.measurements import CellContext, get_measurement, run_on_cell
     from rsitr.bench.suite import test_split
     from rsitr.methods.factory import load
-    from rsitr.train.config import TrainConfig
     from rsitr.train.data import load_training_data
-    from rsitr.utils.errors import RsitrError
-    from rsitr.utils.io import atomic_write_json
 
     get_measurement(name)  # an unknown name fails before anything is loaded
-    if not (cell_dir / "cell.json").is_file() or not (cell_dir / "spec.json").is_file():
-        raise RsitrError(f"{cell_dir}: not a bench cell folder (no cell.json / spec.json)")
-    rec = json.loads((cell_dir / "cell.json").read_text())
-    if rec.get("status") != "ok":
-        raise RsitrError(f"{cell_dir}: not a finished cell (status {rec.get('status')!r})")
-    spec = json.loads((cell_dir / "spec.json").read_text())
-    cfg = TrainConfig().override(spec["overrides"])
+    rec, spec, cfg = _finished_cell(cell_dir)
     source = str(cell_dir / "run") if spec.get("train", True) else cfg.model.backbone
     loaded = load(source) if spec.get("train", True) else _as_loaded(cfg)["loaded"]
     data = load_training_data(cfg.data)
@@ -167,11 +171,7 @@ def add_measurement(cell_dir: Path, name: str, params: dict | None = None, *, pr
     result = run_on_cell({name: dict(params or {})}, ctx).get(name)
     if result is None:
         return {}
-    for fname in ("cell.json", "result.json"):
-        if (cell_dir / fname).is_file():
-            r = json.loads((cell_dir / fname).read_text())
-            r.setdefault("measurements", {})[name] = result
-            atomic_write_json(cell_dir / fname, r)
+    _add_to_records(cell_dir, lambda r: r.setdefault("measurements", {}).__setitem__(name, result))
     return result
 
 
@@ -235,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, args.threads))
     set_max_pixels(args.max_pixels)
     if args.add_ties:
-        rec = add_ties(args.cell_dir)
+        from rsitr.utils.errors import RsitrError
+
+        try:
+            rec = add_ties(args.cell_dir)
+        except RsitrError as exc:
+            print(f"python -m rsitr.bench.cell: error: {exc}", file=sys.stderr)
+            return 1
         print(json.dumps({t: round(m["mR"], 2) for t, m in rec["test_ties"].items()}))
         return 0
     rec = run(args.cell_dir, progress=not args.quiet)
