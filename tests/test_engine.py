@@ -538,3 +538,71 @@ def test_a_failed_optimisation_keeps_the_exported_file(tmp_path, caplog):
         assert optimise_graph(path) == 0
     assert path.read_bytes() == b"not an onnx graph" and "kept as exported" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["broken.onnx"]
+
+
+def _batch_specialised(model):
+    """``model.text_features`` with a batch size fixed by tracing (a Python int taken from a shape,
+    as RDB's TSA adapter took its phrase windows from the text length): its ONNX graph runs only
+    at the traced size and fails at another, "Attempting to broadcast an axis"."""
+    from rsitr.models.base import Features
+
+    orig = model.text_features
+
+    def fn(ids):
+        f = orig(ids)
+        b = int(ids.shape[0])
+        return Features(f.pooled + 0 * torch.arange(b, dtype=f.pooled.dtype)[:, None], f.tokens, f.mask)
+
+    model.text_features = fn
+    return model
+
+
+def test_a_graph_that_only_runs_at_its_traced_size_is_not_used(tmp_path, caplog):
+    """The export check runs each graph on a second input (another batch size and text length):
+    a graph fixed to its traced size is dropped at export, with the reason, and recorded so, and
+    every call gives torch's answer (an RDB cell's test scoring failed on such a graph)."""
+    import json
+
+    model = _batch_specialised(_tiny())
+    eng = engine_for(model, "onnx", cache_dir=tmp_path)
+    ids = model.tokenize(CAPTIONS)
+    with caplog.at_level(logging.WARNING, logger="rsitr.models.engine"):
+        for n in (1, 2, 3, 5):
+            _close(eng.text_features(ids[:n]), model.text_features(ids[:n]))
+    assert eng.describe()["parts"]["text_features"] == "torch"
+    assert any("fails on inputs of another size" in r.getMessage() and "broadcast" in r.getMessage() for r in caplog.records)
+    (meta,) = [json.loads(p.read_text()) for p in tmp_path.glob("text_features-*.json")]
+    assert meta["exact"] is False and "broadcast" in meta["failed"] and meta["checked"][0][0] != meta["checked"][1][0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsitr.models.engine"):  # a later engine reads the verdict
+        again = engine_for(model, "onnx", cache_dir=tmp_path)
+        _close(again.text_features(ids[:3]), model.text_features(ids[:3]))
+    assert any("fails on inputs of another size" in r.getMessage() for r in caplog.records)
+    assert _tiny().text_features(ids).pooled.shape == eng.text_features(ids).pooled.shape
+
+
+def test_a_graph_that_onnx_runtime_refuses_at_run_time_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    """Past the export check, ONNX Runtime refusing a call (its Fail / InvalidArgument) gives
+    torch's answer for that call and every later one, with one warning, not a traceback."""
+    import onnxruntime.capi.onnxruntime_pybind11_state as C
+
+    from rsitr.models import engine as E
+
+    model = _tiny()
+    eng = engine_for(model, "onnx", cache_dir=tmp_path)
+    ids = model.tokenize(CAPTIONS)
+    assert eng.uses_onnx("text_features")
+    real = E._Graph.__call__
+    calls = []
+
+    def refusing(self, *t):
+        calls.append(1)
+        raise C.Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Mul node")
+
+    monkeypatch.setattr(E._Graph, "__call__", refusing)
+    with caplog.at_level(logging.WARNING, logger="rsitr.models.engine"):
+        _close(eng.text_features(ids), model.text_features(ids))
+        _close(eng.text_features(ids[:2]), model.text_features(ids[:2]))
+    assert len(calls) == 1 and eng.describe()["parts"]["text_features"] == "torch"
+    assert sum("cannot run the text_features" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(E._Graph, "__call__", real)

@@ -63,14 +63,19 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "onnx", "torch")
 OPSET = 17
 # bump when what a graph computes for the same key changes, or how its file is written (2: constants
-# folded and zero pads folded into their convolutions, see optimise_graph)
-FORMAT_VERSION = 2
+# folded and zero pads folded into their convolutions, see optimise_graph; 3: a graph is also
+# checked on inputs of another batch size and text length than it was traced with)
+FORMAT_VERSION = 3
 TOLERANCE = 1e-4
 
 _SAMPLE_TEXTS = [
     "many buildings and green trees are around a playground",
     "three white storage tanks are next to a road in an industrial area with a parking lot",
 ]
+# the second check of an exported graph: another batch size and another (shorter) text length, so
+# a graph whose trace fixed a size that should vary (Python arithmetic on a shape, e.g. the phrase
+# windows of RDB's TSA adapter) is caught at export instead of failing or differing at search time
+_SAMPLE_TEXTS_2 = ["a bridge over a river", "a beach", "green farmland beside a small village"]
 
 
 def default_cache_dir() -> Path:
@@ -173,7 +178,7 @@ def optimise_graph(path: Path) -> int:
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             opts.optimized_model_filepath = str(basic)
-            opts.log_severity_level = 3
+            opts.log_severity_level = 4  # fatal only: a run that fails raises, and rsitr says what failed in one warning
             ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
             model = onnx.load(str(basic))
             n = fold_pads(model)
@@ -213,7 +218,7 @@ class _Graph:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # fatal only: a run that fails raises, and rsitr says what failed in one warning
         # no busy-waiting between ops: on a 2-core machine shared with data loading or other runs,
         # spinning threads take the cores from the work (measured here: 2x texts/s, 1.3x images/s)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -287,6 +292,7 @@ class InferenceEngine:
             names, dyn = ["ids"], {"ids": {0: "batch", 1: "length"}}
         else:  # pragma: no cover - internal
             raise ValueError(name)
+        example = (example, self._second_example(name))
         image = name.startswith("image")
         if self.split and name.endswith("_features"):
             owners = [bb]  # the whole model of a modality: keyed by every tensor of the checkpoint
@@ -297,6 +303,15 @@ class InferenceEngine:
         out_dyn = {"pooled": {0: "batch"}, "tokens": {0: "batch"} if image else {0: "batch", 1: "length"},
                    "mask": {0: "batch"} if image else {0: "batch", 1: "length"}}
         return _FeaturesOut(bb, fn).eval(), owners, example, names, {**dyn, **out_dyn}, (size if image else None)
+
+    def _second_example(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Inputs of another batch size (and text length) than the traced example (see _SAMPLE_TEXTS_2)."""
+        bb = self.backbone
+        if name.startswith("image"):
+            size = int(bb.preprocess.image_size)
+            return (torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+        ids = bb.tokenize(_SAMPLE_TEXTS_2)
+        return (ids[:, : self._trim(ids)] if self.split else ids,)
 
     def _trim(self, ids: torch.Tensor) -> int:
         from rsitr.models.towers.minilm import pad_trim
@@ -336,14 +351,19 @@ class InferenceEngine:
         from rsitr.utils.io import atomic_path, atomic_write_json, read_json
 
         part = self._part(name)
-        module, owners, example, in_names, dyn, _ = part
+        module, owners, (example, example2), in_names, dyn, _ = part
         key = self.key(name, part)
         path = self.cache_dir / f"{name}-{key}.onnx"
         meta_path = path.with_suffix(".json")
         if path.is_file() and meta_path.is_file():
             meta = read_json(meta_path, "ONNX graph record")
             if not meta.get("exact", False):
-                log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", path, meta.get("max_abs_diff", float("nan")), self.tolerance)
+                if meta.get("failed"):
+                    log.warning("inference engine: %s fails on inputs of another size than it was traced with (%s); using torch for it",
+                                path, meta["failed"])
+                else:
+                    log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", path,
+                                meta.get("max_abs_diff", float("nan")), self.tolerance)
                 return None
             mark_used(path)  # its last use, for `rsitr cache prune`
             return _Graph(path, self.threads)
@@ -361,15 +381,30 @@ class InferenceEngine:
                                       dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
                 folded = optimise_graph(Path(tmp))
                 graph = _Graph(tmp, self.threads)
-                ref = module(*example)
-                got = graph(*example)
-            diff = max(float((a.float() - b.float()).abs().max()) if a.numel() else 0.0 for a, b in zip(ref[:2], (got.pooled, got.tokens)))
-            diff = max(diff, float((ref[2].bool() != got.mask).any()))
+                diff, failed = 0.0, None
+                for ex in (example, example2):  # the traced inputs, then another batch size and length
+                    ref = module(*ex)
+                    try:
+                        got = graph(*ex)
+                    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types: a graph that cannot take these sizes
+                        failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:600] if str(exc) else ''}"
+                        diff = float("inf")
+                        break
+                    if tuple(got.tokens.shape) != tuple(ref[1].shape) or tuple(got.pooled.shape) != tuple(ref[0].shape):
+                        failed, diff = f"output shapes {tuple(got.tokens.shape)} vs torch's {tuple(ref[1].shape)}", float("inf")
+                        break
+                    d = max(float((a.float() - b.float()).abs().max()) if a.numel() else 0.0 for a, b in zip(ref[:2], (got.pooled, got.tokens)))
+                    diff = max(diff, d, float((ref[2].bool() != got.mask).any()))
         finally:
             self.backbone.train(was)
         exact = diff <= self.tolerance
         atomic_write_json(meta_path, {"part": name, "key": key, "backbone": self.backbone.info.name, "max_abs_diff": diff,
-                                      "exact": exact, "tolerance": self.tolerance, "torch": torch.__version__, "opset": OPSET})
+                                      "exact": exact, "tolerance": self.tolerance, "torch": torch.__version__, "opset": OPSET,
+                                      "checked": [list(example[0].shape), list(example2[0].shape)], "failed": failed})
+        if failed:
+            log.warning("inference engine: the ONNX %s of %s fails on inputs of another size than it was traced with (%s); using torch for it",
+                        name, self.backbone.info.name, failed)
+            return None
         self.export_seconds += time.perf_counter() - t0
         if not exact:
             log.warning("inference engine: ONNX %s of %s differs from torch by %.2e (> %.0e); using torch for it", name, self.backbone.info.name, diff, self.tolerance)
@@ -383,38 +418,49 @@ class InferenceEngine:
         return self._graph(name) is not None
 
     # -- the calls -------------------------------------------------------------------------------
+    def _onnx(self, name: str, call: Callable[[_Graph], Features]) -> Features | None:
+        """``call(graph)`` of part ``name``; None when the part runs in torch. A graph that ONNX
+        Runtime refuses to run on these inputs is dropped with a warning (torch from then on), as
+        its export check would have dropped it."""
+        g = self._graph(name)
+        if g is None:
+            return None
+        try:
+            return call(g)
+        except _ort_errors() as exc:
+            log.warning("inference engine: ONNX Runtime cannot run the %s of %s on these inputs (%s); using torch for it",
+                        name, self.backbone.info.name, str(exc).splitlines()[0][:600] if str(exc) else type(exc).__name__)
+            self._graphs[name] = None
+            return None
+
     @torch.no_grad()
     def image_trunk(self, pixels: torch.Tensor) -> Features:
         if not self.split:
             raise RsitrError(f"{self.backbone.info.name} has no trunk/head split")
-        g = self._graph("image_trunk")
-        if g is None:
-            return _cpu(self.backbone.image_trunk(pixels))
-        return g(pixels.float())
+        f = self._onnx("image_trunk", lambda g: g(pixels.float()))
+        return f if f is not None else _cpu(self.backbone.image_trunk(pixels))
 
     @torch.no_grad()
     def text_trunk(self, ids: torch.Tensor) -> Features:
         if not self.split:
             raise RsitrError(f"{self.backbone.info.name} has no trunk/head split")
-        g = self._graph("text_trunk")
-        if g is None:
-            return _cpu(self.backbone.text_trunk(ids))
-        return self.backbone.text_trunk(ids.cpu(), core=g)
+        f = self._onnx("text_trunk", lambda g: self.backbone.text_trunk(ids.cpu(), core=g))
+        return f if f is not None else _cpu(self.backbone.text_trunk(ids))
 
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> Features:
-        g = self._graph("image_features") if self.whole else None
-        if g is not None:
-            return g(pixels.float())
+        f = self._onnx("image_features", lambda g: g(pixels.float())) if self.whole else None
+        if f is not None:
+            return f
         if self.split:  # no whole graph: the trunk's graph, then the head and trained blocks in torch
             return _cpu(self._head("image", self.image_trunk(pixels)))
         return _cpu(self.backbone.image_features(pixels))
 
     @torch.no_grad()
     def text_features(self, ids: torch.Tensor) -> Features:
-        g = self._graph("text_features") if self.whole_text else None
-        if g is not None:
-            return self._trimmed(g, ids.cpu()) if self.split else g(ids.cpu())
+        f = self._onnx("text_features", lambda g: self._trimmed(g, ids.cpu()) if self.split else g(ids.cpu())) if self.whole_text else None
+        if f is not None:
+            return f
         if self.split:
             return _cpu(self._head("text", self.text_trunk(ids)))
         return _cpu(self.backbone.text_features(ids))
@@ -448,6 +494,14 @@ class InferenceEngine:
             + (("text_features",) if self.whole_text else ())
         return {"engine": self.kind, "requested": self.requested, "threads": self.threads,
                 "parts": {p: ("onnx" if self.uses_onnx(p) else "torch") for p in parts}}
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's error types for a graph that cannot run on given inputs."""
+    import onnxruntime.capi.onnxruntime_pybind11_state as C
+
+    return tuple(t for t in (getattr(C, n, None) for n in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented"))
+                 if isinstance(t, type))
 
 
 def _device(module: nn.Module) -> torch.device:
