@@ -506,6 +506,12 @@ def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
     assert main(["-q", "bench", "measure", str(out), "no_such_measurement"]) == 2
     assert main(["-q", "bench", "measure", str(out), "test_time", "--methods", "nope"]) == 2
     assert main(["-q", "bench", "measure", str(tmp_path), "test_time"]) == 2
+    # a folder whose cells all failed: said, not a silent success
+    rec = json.loads((cdir / "cell.json").read_text())
+    (cdir / "cell.json").write_text(json.dumps({**rec, "status": "failed"}))
+    capsys.readouterr()
+    assert main(["-q", "bench", "measure", str(out), "test_time"]) == 2 and "no finished cell to measure" in capsys.readouterr().err
+    (cdir / "cell.json").write_text(json.dumps(rec))
     # declared in the suite: measured with the cell (tta 4 here)
     f.write_text(TT_SUITE + "measurements: {test_time: {tta: 4}}\n")
     run_suite(load_suite(str(f)), tmp_path / "run2", progress=False)

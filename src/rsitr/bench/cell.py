@@ -211,6 +211,9 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
             status = "error" if "error" in res else "added" if res else "does not apply"
             print(f"    {status}: " + (res["error"] if status == "error" else json.dumps(res)) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             done.append({"cell": key, "status": status, "result": res})
+    if not done:
+        raise RsitrError(f"{out}: no finished cell{' of ' + ', '.join(methods) if methods else ''} to measure "
+                         f"(bench run retries failed cells; `rsitr bench report {out}` lists them)")
     return done
 
 
