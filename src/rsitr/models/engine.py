@@ -72,10 +72,14 @@ _SAMPLE_TEXTS = [
     "many buildings and green trees are around a playground",
     "three white storage tanks are next to a road in an industrial area with a parking lot",
 ]
-# the second check of an exported graph: another batch size and another (shorter) text length, so
-# a graph whose trace fixed a size that should vary (Python arithmetic on a shape, e.g. the phrase
-# windows of RDB's TSA adapter) is caught at export instead of failing or differing at search time
-_SAMPLE_TEXTS_2 = ["a bridge over a river", "a beach", "green farmland beside a small village"]
+# the second check of an exported graph: another batch size and many text lengths (every residue
+# of small windows, lengths below and above the traced one), so a graph whose trace fixed a size
+# that should vary (Python arithmetic on a shape, e.g. the phrase windows of RDB's TSA adapter,
+# which ran at some lengths and failed at others) is caught at export instead of at search time
+_SAMPLE_TEXTS_2 = ["a bridge over a river", "a beach",
+                   "green farmland beside a small village with a church, a school, a football pitch, a pond and many "
+                   "tall trees along a narrow road that runs north to a railway station and a large car park"]
+_CHECK_LENGTHS = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 23, 26, 29, 32, 37, 41)
 
 
 def default_cache_dir() -> Path:
@@ -292,7 +296,7 @@ class InferenceEngine:
             names, dyn = ["ids"], {"ids": {0: "batch", 1: "length"}}
         else:  # pragma: no cover - internal
             raise ValueError(name)
-        example = (example, self._second_example(name))
+        example = (example, self._other_examples(name))
         image = name.startswith("image")
         if self.split and name.endswith("_features"):
             owners = [bb]  # the whole model of a modality: keyed by every tensor of the checkpoint
@@ -304,14 +308,21 @@ class InferenceEngine:
                    "mask": {0: "batch"} if image else {0: "batch", 1: "length"}}
         return _FeaturesOut(bb, fn).eval(), owners, example, names, {**dyn, **out_dyn}, (size if image else None)
 
-    def _second_example(self, name: str) -> tuple[torch.Tensor, ...]:
-        """Inputs of another batch size (and text length) than the traced example (see _SAMPLE_TEXTS_2)."""
+    def _other_examples(self, name: str) -> list[tuple[torch.Tensor, ...]]:
+        """Inputs of other batch sizes (and text lengths) than the traced example (see _SAMPLE_TEXTS_2):
+        images at batch 1 and 3; texts at batch 3 and every length of :data:`_CHECK_LENGTHS` the
+        tokenizer gives (a split backbone's graph takes trimmed ids of any length; a whole text
+        model, its tokenizer's fixed width)."""
         bb = self.backbone
         if name.startswith("image"):
             size = int(bb.preprocess.image_size)
-            return (torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+            g = torch.Generator().manual_seed(1)
+            return [(torch.randn(3, 3, size, size, generator=g),), (torch.randn(1, 3, size, size, generator=g),)]
         ids = bb.tokenize(_SAMPLE_TEXTS_2)
-        return (ids[:, : self._trim(ids)] if self.split else ids,)
+        if not self.split:
+            return [(ids,), (ids[:1],)]
+        width = self._trim(ids)
+        return [(ids[:, :n],) for n in _CHECK_LENGTHS if n <= width] + [(ids[:, :width],)]
 
     def _trim(self, ids: torch.Tensor) -> int:
         from rsitr.models.towers.minilm import pad_trim
@@ -351,7 +362,7 @@ class InferenceEngine:
         from rsitr.utils.io import atomic_path, atomic_write_json, read_json
 
         part = self._part(name)
-        module, owners, (example, example2), in_names, dyn, _ = part
+        module, owners, (example, others), in_names, dyn, _ = part
         key = self.key(name, part)
         path = self.cache_dir / f"{name}-{key}.onnx"
         meta_path = path.with_suffix(".json")
@@ -382,7 +393,7 @@ class InferenceEngine:
                 folded = optimise_graph(Path(tmp))
                 graph = _Graph(tmp, self.threads)
                 diff, failed = 0.0, None
-                for ex in (example, example2):  # the traced inputs, then another batch size and length
+                for ex in (example, *others):  # the traced inputs, then other batch sizes and lengths
                     ref = module(*ex)
                     try:
                         got = graph(*ex)
@@ -400,7 +411,7 @@ class InferenceEngine:
         exact = diff <= self.tolerance
         atomic_write_json(meta_path, {"part": name, "key": key, "backbone": self.backbone.info.name, "max_abs_diff": diff,
                                       "exact": exact, "tolerance": self.tolerance, "torch": torch.__version__, "opset": OPSET,
-                                      "checked": [list(example[0].shape), list(example2[0].shape)], "failed": failed})
+                                      "checked": [list(ex[0].shape) for ex in (example, *others)], "failed": failed})
         if failed:
             log.warning("inference engine: the ONNX %s of %s fails on inputs of another size than it was traced with (%s); using torch for it",
                         name, self.backbone.info.name, failed)
