@@ -559,3 +559,18 @@ def test_a_cell_runs_with_the_runs_threads_and_pixel_limit(tmp_path):
         set_max_pixels(before_p)
     assert rec["status"] == "ok"
     assert rec["environment"]["threads"] == want_t and rec["environment"]["max_pixels"] == 12_345_678
+
+
+@pytest.mark.parametrize("argv,msg", [
+    ([], "no cell folder given"), (["a", "b"], "unexpected argument 'b'"), (["a", "--threads"], "--threads needs a whole number"),
+    (["a", "--threads", "0"], "--threads needs a whole number"), (["a", "--max-pixels", "x"], "--max-pixels needs a whole number"),
+    (["a", "--nope"], "unexpected argument '--nope'"),
+])
+def test_the_cell_processs_command_line_errors_are_one_line(argv, msg, capsys):
+    from rsitr.bench.cell import _parse, main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+    assert _parse(["d", "--quiet", "--threads", "1", "--max-pixels", "99", "--add-ties"]) == {
+        "cell_dir": __import__("pathlib").Path("d"), "quiet": True, "add_ties": True, "threads": 1, "max_pixels": 99}

@@ -217,38 +217,62 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+_USAGE = "usage: python -m rsitr.bench.cell CELL_DIR [--quiet] [--add-ties] [--threads N] [--max-pixels N]"
 
+
+def _parse(argv: list[str]) -> dict:
+    """The cell process's command line (``rsitr bench run`` writes it; argparse stays in ``cli/``):
+    the cell folder, ``--quiet``, ``--add-ties`` and the run's ``--threads`` / ``--max-pixels``."""
+    from rsitr.utils.errors import RsitrError
+
+    opts: dict = {"cell_dir": None, "quiet": False, "add_ties": False, "threads": None, "max_pixels": None}
+    it = iter(argv)
+    for a in it:
+        if a in ("--quiet", "--add-ties"):
+            opts[a[2:].replace("-", "_")] = True
+        elif a in ("--threads", "--max-pixels"):
+            value = next(it, None)
+            if value is None or not value.isdigit() or int(value) < 1:
+                raise RsitrError(f"{a} needs a whole number >= 1, got {value!r}; {_USAGE}")
+            opts[a[2:].replace("-", "_")] = int(value)
+        elif a.startswith("-") or opts["cell_dir"] is not None:
+            raise RsitrError(f"unexpected argument {a!r}; {_USAGE}")
+        else:
+            opts["cell_dir"] = Path(a)
+    if opts["cell_dir"] is None:
+        raise RsitrError(f"no cell folder given; {_USAGE}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from rsitr.data.images import DEFAULT_MAX_PIXELS, set_max_pixels
+    from rsitr.data.images import set_max_pixels
+    from rsitr.utils.errors import RsitrError
     from rsitr.utils.io import atomic_write_json
     from rsitr.utils.logging import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m rsitr.bench.cell", description="one bench cell (started by rsitr bench run)")
-    p.add_argument("cell_dir", type=Path)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--add-ties", action="store_true", help="re-score a finished cell under every tie convention")
-    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (bench run passes its own)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="image decode limit (bench run passes its own)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(-1 if args.quiet else 0)
-    if args.threads:
-        torch.set_num_threads(max(1, args.threads))
-    set_max_pixels(args.max_pixels)
-    if args.add_ties:
-        from rsitr.utils.errors import RsitrError
-
+    try:
+        opts = _parse(sys.argv[1:] if argv is None else argv)
+    except RsitrError as exc:
+        print(f"python -m rsitr.bench.cell: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(-1 if opts["quiet"] else 0)
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    if opts["max_pixels"]:
+        set_max_pixels(opts["max_pixels"])
+    cell_dir = opts["cell_dir"]
+    if opts["add_ties"]:
         try:
-            rec = add_ties(args.cell_dir)
+            rec = add_ties(cell_dir)
         except RsitrError as exc:
             print(f"python -m rsitr.bench.cell: error: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({t: round(m["mR"], 2) for t, m in rec["test_ties"].items()}))
         return 0
-    rec = run(args.cell_dir, progress=not args.quiet)
-    atomic_write_json(args.cell_dir / "result.json", rec)
+    rec = run(cell_dir, progress=not opts["quiet"])
+    atomic_write_json(cell_dir / "result.json", rec)
     return 0
 
 
