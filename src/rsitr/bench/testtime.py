@@ -8,12 +8,12 @@ options every trained run can take at evaluation time, alone and together (issue
   as the shipped models use it (14, chosen on RSICD val).
 
 Declared in a suite as ``measurements: [test_time]`` or ``{test_time: {tta: 8, beta: 14}}``; a
-cell that ran without it gets it later with ``python -m rsitr.bench.cell CELL_DIR
---add-measurement test_time``. The scores are the ones ``rsitr models evaluate`` gives for the same
-checkpoint (one function, :func:`rsitr.bench.release.evaluate_model`): ``plain`` is the embedding
-similarity, so a method that re-ranks at test time (iEBAKER's SAR) or scores tokens (FTF's
-two-stage) has its own test mR in the suite's main table; a method that scores tokens gets no
-QB-Norm rows (its scores are not a similarity matrix of embeddings).
+run whose cells ran without it gets it later with ``rsitr bench measure RUN_DIR test_time``. The
+scores are the ones ``rsitr models evaluate`` gives for the same checkpoint (one function,
+:func:`rsitr.bench.release.evaluate_model`): ``plain`` is the embedding similarity, so a method
+that re-ranks at test time (iEBAKER's SAR) or scores tokens (FTF's two-stage) has its own test mR
+in the suite's main table; a method that scores tokens gets no QB-Norm rows (its scores are not a
+similarity matrix of embeddings).
 """
 from __future__ import annotations
 

@@ -296,7 +296,6 @@ class InferenceEngine:
             names, dyn = ["ids"], {"ids": {0: "batch", 1: "length"}}
         else:  # pragma: no cover - internal
             raise ValueError(name)
-        example = (example, self._other_examples(name))
         image = name.startswith("image")
         if self.split and name.endswith("_features"):
             owners = [bb]  # the whole model of a modality: keyed by every tensor of the checkpoint
@@ -362,7 +361,7 @@ class InferenceEngine:
         from rsitr.utils.io import atomic_path, atomic_write_json, read_json
 
         part = self._part(name)
-        module, owners, (example, others), in_names, dyn, _ = part
+        module, owners, example, in_names, dyn, _ = part
         key = self.key(name, part)
         path = self.cache_dir / f"{name}-{key}.onnx"
         meta_path = path.with_suffix(".json")
@@ -392,6 +391,7 @@ class InferenceEngine:
                                       dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
                 folded = optimise_graph(Path(tmp))
                 graph = _Graph(tmp, self.threads)
+                others = self._other_examples(name)  # only when exporting: a cached graph carries its verdict
                 diff, failed = 0.0, None
                 for ex in (example, *others):  # the traced inputs, then other batch sizes and lengths
                     ref = module(*ex)
