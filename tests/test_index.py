@@ -114,8 +114,8 @@ def test_ivf_first_add_trains_on_a_bounded_sample(n, nlist, monkeypatch):
     seen = []
     real = I.VectorIndex._build
 
-    def spy(self, n_first):
-        idx = real(self, n_first)
+    def spy(self):
+        idx = real(self)
         train = idx.train
         idx.train = lambda v: seen.append(len(v)) or train(v)
         return idx

@@ -104,10 +104,11 @@ class VectorIndex:
         self.normalize = bool(normalize)
         if self.nlist is not None and self.nlist < 1:
             raise RsitrError(f"nlist must be >= 1, got {nlist}")
-        self._index = None if kind == "ivf" else self._build(None)
+        self._index = None if kind == "ivf" else self._build()
 
     # -- construction --------------------------------------------------------------------------
-    def _build(self, n_first: int | None):
+    def _build(self):
+        """The FAISS index of this kind (an IVF one with ``self.nlist`` cells, set by :meth:`_train`)."""
         faiss = _faiss()
         if self.kind == "flat":
             return faiss.IndexFlatIP(self.dim)
@@ -116,8 +117,6 @@ class VectorIndex:
             idx.hnsw.efSearch = self.ef_search
             idx.hnsw.efConstruction = self.ef_construction
             return idx
-        if self.nlist is None:
-            self.nlist = max(1, int(round(4 * math.sqrt(n_first or 1))))
         quantizer = faiss.IndexFlatIP(self.dim)
         idx = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         idx.nprobe = min(self.nprobe, self.nlist)
@@ -142,7 +141,7 @@ class VectorIndex:
         if self.normalize:
             x = l2_normalize(x)
         if self._index is None:  # ivf: built (and trained) on the first add
-            nlist = self.nlist if self.nlist is not None else max(1, int(round(4 * math.sqrt(x.shape[0]))))
+            nlist = self._nlist_for(x.shape[0])
             cap = IVF_TRAIN_PER_CELL * nlist
             self._train(x if x.shape[0] <= cap else x[np.sort(np.random.default_rng(0).choice(x.shape[0], size=cap, replace=False))],
                         nlist)
@@ -159,15 +158,19 @@ class VectorIndex:
         x = _as_matrix(sample, self.dim, "VectorIndex.train")
         self._train(l2_normalize(x) if self.normalize else x)
 
+    def _nlist_for(self, n: int) -> int:
+        """IVF cells: the ``nlist`` given, else ``round(4 * sqrt(n))`` of the first add (at least 1)."""
+        return self.nlist if self.nlist is not None else max(1, int(round(4 * math.sqrt(n))))
+
     def _train(self, x: np.ndarray, nlist: int | None = None) -> None:
         """Build the IVF index (``nlist`` cells: given, else ``self.nlist``, else 4 sqrt(len(x)))
         and run its k-means on ``x``."""
-        nlist = nlist if nlist is not None else self.nlist if self.nlist is not None else max(1, int(round(4 * math.sqrt(x.shape[0]))))
+        nlist = nlist if nlist is not None else self._nlist_for(x.shape[0])
         if x.shape[0] < nlist:
             raise RsitrError(f"an IVF index with nlist={nlist} needs at least {nlist} vectors on its first add "
                              f"(got {x.shape[0]}); lower nlist or use kind='flat'")
         self.nlist = nlist
-        self._index = self._build(x.shape[0])
+        self._index = self._build()
         self._index.train(x)
 
     def search(self, q: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
