@@ -3,10 +3,13 @@ recorded and the rest go on, the report renders."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rsitr.bench.report import published_rows, render_measurements, report, summarize
 from rsitr.bench.suite import collect, load_suite, run_suite
@@ -60,6 +63,8 @@ def test_cells_run_and_failures_are_recorded(bench_run):
             assert ties["pessimistic"][k] <= ties["expected"][k] + 1e-9 <= ties["optimistic"][k] + 2e-9
     bad = [r for r in records if r["status"] == "failed"]
     assert all("no-such-mode" in r["error"] for r in bad)
+    # a cell that refuses its settings records the refusal's one line, not a traceback
+    assert all("Traceback" not in r["error"] and len(r["error"].splitlines()) == 1 for r in bad)
     # one frozen-trunk cache folder per run folder, shared by every cell
     specs = [json.loads(p.read_text()) for p in out.glob("cells/*/*/seed*/spec.json")]
     assert len(specs) == 4 and {s["overrides"]["cache_dir"] for s in specs} == {str(out / "cache")}
@@ -347,6 +352,49 @@ def test_suite_options_merge_and_unknown_measurements(tmp_path):
         load_suite(str(f))
     for name in ("rdb-comparison", "iebaker-ablation"):
         assert load_suite(name).measurements
+    # a declared measurement's parameters are checked when the suite is read, before any cell
+    for spec, msg in (("{test_time: {tta: 3}}", "tta must be 4 or 8"), ("{params: {x: 1}}", "unknown parameter"),
+                      ("{ftf_speed: {queries: -5}}", "queries must be a whole number"), ("{vector_search: {sizes: []}}", "sizes must be"),
+                      ("{encode: {batch_size: .nan}}", "batch_size must be"), ("{eba_filter: {fractions: [2]}}", "fractions must be in"),
+                      ("{test_time: [1, 2]}", "must be a mapping")):
+        f.write_text(f"name: s\ndatasets: {{d: {{data.path: x}}}}\nmethods: {{m: {{method.name: baseline}}}}\nmeasurements: {spec}\n")
+        with pytest.raises(RsitrError, match=msg):
+            load_suite(str(f))
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**7), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=5), st.lists(st.one_of(st.integers(-2, 50), st.floats(allow_nan=True), st.text(max_size=2)), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(["params", "eba_filter", "ftf_speed", "vector_search", "index_build", "encode", "test_time"]),
+       params=st.dictionaries(st.sampled_from(["tta", "beta", "fractions", "queries", "ks", "sizes", "n_tiles", "batch_size", "nprobe",
+                                               "reference", "kinds", "seed", "alpha", "bogus", "dim", "checkpoint"]), _VALUES, max_size=3))
+def test_measurement_parameters_are_checked_in_one_line(name, params):
+    """Every measurement's parameters, generated: accepted, or one RsitrError naming the
+    parameter -- never another exception; a name the measurement does not take is always refused,
+    and so is a value of another kind than its default's."""
+    from rsitr.bench.measurements import check_params, get_measurement
+
+    try:
+        checked = check_params(name, params)
+    except RsitrError as exc:
+        assert str(exc).startswith(name + ":") and "\n" not in str(exc)
+        return
+    assert checked == params
+    m = get_measurement(name)
+    if name in ("params",):
+        assert not params
+    for key, value in params.items():
+        assert key not in ("bogus", "checkpoint", "dim")  # taken by none on a cell (the cell gives them)
+        if key in ("queries", "n_tiles", "batch_size", "nprobe", "seed") and value is not None:
+            assert isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "seed" else 1)
+        if key in ("ks", "sizes") and value is not None:
+            assert value and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)
+        if key in ("alpha",) and value is not None:
+            assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    assert m.check is not None
 
 
 SET_SUITE = """
@@ -466,11 +514,12 @@ TT_SUITE = SUITE.replace("  broken: {method.name: baseline, model.mode: no-such-
 
 
 @pytest.mark.slow
-def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
+def test_test_time_measurement_declared_and_added_later(tmp_path, capsys, monkeypatch):
     """``test_time`` (TTA + QB-Norm, alone and together) on a cell: declared in the suite it runs
     with the cell; ``rsitr bench measure`` adds it to a cell that ran without it, with the same
-    numbers as ``rsitr models evaluate``'s function; bad parameters are recorded as the cell's
-    measurement error (the cell stays finished) and exit 1."""
+    numbers as ``rsitr models evaluate``'s function; bad parameters are refused in one line before
+    any cell is loaded (exit 2); a measurement failing on a cell is recorded (exit 1) but never
+    replaces a result the cell had."""
     from rsitr.bench.release import EvalSet, evaluate_model
 
     f = tmp_path / "tt.yaml"
@@ -492,17 +541,41 @@ def test_test_time_measurement_declared_and_added_later(tmp_path, capsys):
     assert json.loads((cdir / "result.json").read_text())["measurements"]["test_time"] == tt
     md = (out / "report.md").read_text()
     assert "### Test-time views and QB-Norm (`test_time`)" in md and "| baseline | full | 1 |" in md
-    # a second call keeps what it has; bad parameters: recorded, exit 1, the cell still finished
+    # a second call keeps what it has; bad parameters: one line, exit 2, before any cell is loaded,
+    # even with --again on cells that have the measurement; their result stays
     capsys.readouterr()
     assert main(["-q", "bench", "measure", str(out), "test_time"]) == 0 and "has test_time" in capsys.readouterr().out
     for bad, msg in (("tta=3", "tta must be 4 or 8"), ("tta=abc", "tta must be 4 or 8"), ("tta=8.5", "tta must be 4 or 8"),
                      ("tta=1", "tta must be 4 or 8"), ("tta=true", "tta must be 4 or 8"),
                      ("beta=-1", "beta must be a positive number"), ("beta=.nan", "beta must be a positive number"),
                      ("beta=.inf", "beta must be a positive number"), ("beta=high", "beta must be a positive number"),
-                     ("views=8", "unknown parameter")):
-        assert main(["-q", "bench", "measure", str(out), "test_time", "--again", "--set", bad]) == 1
-        rec = json.loads((cdir / "cell.json").read_text())
-        assert rec["status"] == "ok" and msg in rec["measurements"]["test_time"]["error"]
+                     ("beta=0", "beta must be a positive number"), ("views=8", "unknown parameter")):
+        for again in ([], ["--again"]):
+            assert main(["-q", "bench", "measure", str(out), "test_time", *again, "--set", bad]) == 2
+            err = capsys.readouterr().err
+            assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+            assert json.loads((cdir / "cell.json").read_text())["measurements"]["test_time"] == tt
+    # a measurement that fails on the cell (after its parameters passed): exit 1, recorded only
+    # where the cell had no result of it -- a failed --again never replaces a result
+    import rsitr.bench.testtime as testtime
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(testtime, "measure", broken)
+    assert main(["-q", "bench", "measure", str(out), "test_time", "--again"]) == 1
+    rec = json.loads((cdir / "cell.json").read_text())
+    assert rec["status"] == "ok" and rec["measurements"]["test_time"] == tt
+    assert json.loads((cdir / "result.json").read_text())["measurements"]["test_time"] == tt
+    for name in ("cell.json", "result.json"):
+        r = json.loads((cdir / name).read_text())
+        r["measurements"].pop("test_time")
+        (cdir / name).write_text(json.dumps(r))
+    assert main(["-q", "bench", "measure", str(out), "test_time"]) == 1
+    assert "disk on fire" in json.loads((cdir / "cell.json").read_text())["measurements"]["test_time"]["error"]
+    monkeypatch.undo()
+    assert main(["-q", "bench", "measure", str(out), "test_time"]) == 0  # an error is measured again without --again
+    assert json.loads((cdir / "cell.json").read_text())["measurements"]["test_time"] == tt
     assert main(["-q", "bench", "measure", str(out), "no_such_measurement"]) == 2
     assert main(["-q", "bench", "measure", str(out), "test_time", "--methods", "nope"]) == 2
     assert main(["-q", "bench", "measure", str(tmp_path), "test_time"]) == 2

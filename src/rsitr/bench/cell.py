@@ -156,21 +156,24 @@ def add_measurement(cell_dir: Path, name: str, params: dict | None = None, *, pr
     process would have after training) and add the result to its records
     (``measurements.<name>``); for cells whose suite did not declare it. Returns the result (a
     failed measurement: ``{"error": ...}``, recorded too)."""
-    from rsitr.bench.measurements import CellContext, get_measurement, run_on_cell
+    from rsitr.bench.measurements import CellContext, check_params, run_on_cell
     from rsitr.bench.suite import test_split
     from rsitr.methods.factory import load
     from rsitr.train.data import load_training_data
 
-    get_measurement(name)  # an unknown name fails before anything is loaded
+    params = check_params(name, params)  # an unknown name or a bad parameter fails before anything is loaded
     rec, spec, cfg = _finished_cell(cell_dir)
     source = str(cell_dir / "run") if spec.get("train", True) else cfg.model.backbone
     loaded = load(source) if spec.get("train", True) else _as_loaded(cfg)["loaded"]
     data = load_training_data(cfg.data)
     ctx = CellContext(cell_dir, cfg, loaded, data, test_split(cfg, data), _engine(loaded.backbone, cfg), rec, source,
                       extra={"progress": progress})
-    result = run_on_cell({name: dict(params or {})}, ctx).get(name)
+    result = run_on_cell({name: params}, ctx).get(name)
     if result is None:
         return {}
+    earlier = (rec.get("measurements") or {}).get(name)
+    if "error" in result and isinstance(earlier, dict) and "error" not in earlier:
+        return result  # a failed --again keeps the cell's earlier result: nothing measured is lost
     _add_to_records(cell_dir, lambda r: r.setdefault("measurements", {}).__setitem__(name, result))
     return result
 
@@ -179,13 +182,13 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
                 progress: bool = True) -> list[dict[str, Any]]:
     """``rsitr bench measure``: the measurement ``name`` on every finished cell of the run folder
     ``out`` that does not have it yet (``again``: on every one; ``methods``: only these), each
-    added to the cell's records (:func:`add_measurement`); the folder is locked
-    as a ``bench run`` locks it. Returns ``[{"cell", "status": "added"|"had"|"error"|"does not apply", ...}]``."""
-    from rsitr.bench.measurements import get_measurement
+    added to the cell's records (:func:`add_measurement`; a failure never replaces a result the cell
+    had); the folder is locked as a ``bench run`` locks it; bad parameters are refused first. Returns ``[{"cell", "status": "added"|"had"|"error"|"does not apply", ...}]``."""
+    from rsitr.bench.measurements import check_params
     from rsitr.bench.suite import _exclusive
     from rsitr.utils.errors import RsitrError
 
-    get_measurement(name)
+    params = check_params(name, params)  # before any cell is looked at, even those that have it
     out = Path(out)
     if not out.is_dir() or not list(out.glob("cells/*/*/seed*/cell.json")):
         raise RsitrError(f"{out}: not a bench run folder with finished cells (cells/*/*/seed*/cell.json)")
@@ -247,6 +250,7 @@ def _parse(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from rsitr.bench.suite import CELL_ERROR_PREFIX
     from rsitr.data.images import set_max_pixels
     from rsitr.utils.errors import RsitrError
     from rsitr.utils.io import atomic_write_json
@@ -271,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps({t: round(m["mR"], 2) for t, m in rec["test_ties"].items()}))
         return 0
-    rec = run(cell_dir, progress=not opts["quiet"])
+    try:
+        rec = run(cell_dir, progress=not opts["quiet"])
+    except RsitrError as exc:  # bad settings or inputs: one line (rsitr bench run records it as the cell's error)
+        print(f"{CELL_ERROR_PREFIX}{exc}", file=sys.stderr)
+        return 1
     atomic_write_json(cell_dir / "result.json", rec)
     return 0
 

@@ -294,10 +294,13 @@ def _ftf_on_cell(ctx, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _register() -> None:
-    from rsitr.bench.measurements import Measurement, per_method, register_measurement
+    from rsitr.bench.measurements import Measurement, keyword_check, per_method, register_measurement
 
+    # on a cell: the cell gives the checkpoint and data; the synthetic-archive options do not apply
+    check = keyword_check("ftf_speed", measure, exclude=("checkpoint", "data", "split", "synthetic_archive", "tokens", "dim", "words", "out",
+                                                         "synthetic_data"))
     register_measurement(Measurement("ftf_speed", "FTF: coarse vs two-stage vs exhaustive scoring", per_method(format_markdown), on_cell=_ftf_on_cell,
-                                     run=measure, render_one=format_markdown))
+                                     run=measure, render_one=format_markdown, check=check))
 
 
 _register()

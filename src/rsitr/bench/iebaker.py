@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rsitr.bench.measurements import CellContext, Measurement, fmt_mean, register_measurement
+from rsitr.bench.measurements import CellContext, Measurement, fmt_mean, keyword_check, register_measurement
 from rsitr.utils.errors import RsitrError
 
 log = logging.getLogger(__name__)
@@ -190,4 +190,11 @@ def _eba_render(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-EBA_FILTER = register_measurement(Measurement("eba_filter", "EBA filter quality", _eba_render, on_cell=_eba_on_cell))
+def _eba_check(params: dict[str, Any]) -> None:
+    keyword_check("eba_filter", extra={"fractions": (0.1, 0.2, 0.3, 0.4)})(params)
+    fr = params.get("fractions", (0.1,))
+    if not all(0 < float(f) <= 1 for f in fr):
+        raise RsitrError(f"eba_filter: fractions must be in (0, 1] (shares of the training pairs), got {list(fr)!r}")
+
+
+EBA_FILTER = register_measurement(Measurement("eba_filter", "EBA filter quality", _eba_render, on_cell=_eba_on_cell, check=_eba_check))

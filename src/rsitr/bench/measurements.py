@@ -14,6 +14,10 @@ A :class:`Measurement` has
   :func:`mean_results`; ``result_std`` the standard deviation of its top-level numbers).
 * ``run(**params) -> dict`` (optional): the measurement on inputs of its own, for the standalone
   commands, whose output is ``render_one(result)`` (the same table a report section holds).
+* ``check(params)`` (optional): refuses bad parameters with one line before anything is loaded --
+  when a suite is read, before ``rsitr bench measure`` touches a cell, and again in the cell.
+  :func:`keyword_check` builds one from the keyword parameters of the function a measurement
+  calls (unknown names, and values of another type than the parameter's default).
 
 Built-in measurements: ``params`` (:mod:`rsitr.bench.rdb`), ``eba_filter``
 (:mod:`rsitr.bench.iebaker`), ``ftf_speed`` (:mod:`rsitr.bench.ftf`), ``vector_search`` and
@@ -55,6 +59,91 @@ class Measurement:
     on_cell: Callable[[CellContext, dict[str, Any]], dict[str, Any] | None] | None = None
     run: Callable[..., dict[str, Any]] | None = None
     render_one: Callable[[dict[str, Any]], str] | None = None
+    check: Callable[[dict[str, Any]], None] | None = None
+
+
+def _kind(default: Any, annotation: Any = None) -> str | None:
+    """The parameter kind a default value implies (bool, int, number, str, a list of numbers), or,
+    for a None default, its annotation (``float | None`` -> number)."""
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, int):
+        return "int"
+    if isinstance(default, float):
+        return "number"
+    if isinstance(default, str):
+        return "str"
+    if isinstance(default, (list, tuple)) and default and all(isinstance(x, int) and not isinstance(x, bool) for x in default):
+        return "ints"
+    if isinstance(default, (list, tuple)) and default and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
+        return "numbers"
+    if default is None and isinstance(annotation, str):
+        parts = {a.strip() for a in annotation.split("|")} - {"None"}
+        for names, kind in ((("bool",), "bool"), (("int",), "int"), (("float",), "number"), (("str", "str | Path", "Path"), "str"),
+                            (("Sequence[int]", "list[int]", "tuple[int, ...]"), "ints"), (("Sequence[float]", "list[float]"), "numbers")):
+            if parts and parts <= set(names) | {"Path"} and any(n in parts for n in names):
+                return kind
+    return None
+
+
+def _fits(kind: str | None, v: Any, key: str = "") -> bool:
+    """Whether ``v`` is a value of ``kind``: whole numbers >= 1 (a seed >= 0), finite numbers >= 0."""
+    low = 0 if "seed" in key else 1
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low  # noqa: E731
+    finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0  # noqa: E731
+    if kind is None or v is None:
+        return True  # no kind known, or "not set" (the function's own default)
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return whole(v)
+    if kind == "number":
+        return finite(v)
+    if kind == "str":
+        return isinstance(v, str)
+    ok = whole if kind == "ints" else finite
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(ok(x) for x in v)
+
+
+def keyword_check(name: str, *fns: Callable[..., Any], exclude: tuple[str, ...] = (), extra: dict[str, Any] | None = None
+                  ) -> Callable[[dict[str, Any]], None]:
+    """A ``check`` for a measurement whose parameters are keyword arguments of ``fns`` (less
+    ``exclude``, the ones the measurement sets from the cell; ``extra``: more names with their
+    defaults): an unknown name, or a value of another kind than the default's or annotation's (a
+    whole number >= 1 -- a seed >= 0 --, a finite number >= 0, a string, a boolean, a non-empty
+    list of such numbers), is one error line naming the parameter."""
+    import inspect
+
+    kinds: dict[str, str | None] = {k: _kind(v) for k, v in (extra or {}).items()}
+    for fn in fns:
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in exclude and p.name not in kinds:
+                kinds[p.name] = _kind(None if p.default is p.empty else p.default, p.annotation)
+
+    def check(params: dict[str, Any]) -> None:
+        unknown = sorted(set(params) - set(kinds))
+        if unknown:
+            raise RsitrError(f"{name}: unknown parameter(s) {unknown}; it takes {sorted(kinds)}")
+        for key, value in params.items():
+            kind = kinds[key]
+            if not _fits(kind, value, key):
+                low = 0 if "seed" in key else 1
+                want = {"bool": "true or false", "int": f"a whole number >= {low}", "number": "a finite number >= 0", "str": "a string",
+                        "ints": "a non-empty list of whole numbers >= 1", "numbers": "a non-empty list of finite numbers >= 0"}[kind]
+                raise RsitrError(f"{name}: parameter {key} must be {want}, got {value!r}")
+
+    return check
+
+
+def check_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` of the measurement ``name`` checked (one error line, nothing loaded); returns them as a dict."""
+    m = get_measurement(name)
+    if params is not None and not isinstance(params, dict):
+        raise RsitrError(f"{name}: parameters must be a mapping of name -> value, got {params!r}")
+    params = dict(params or {})
+    if m.check is not None:
+        m.check(params)
+    return params
 
 
 _REGISTRY: dict[str, Measurement] = {}
@@ -97,7 +186,7 @@ def run_on_cell(specs: dict[str, dict[str, Any]], ctx: CellContext) -> dict[str,
     for name, params in (specs or {}).items():
         m = get_measurement(name)
         try:
-            res = m.on_cell(ctx, dict(params or {}))
+            res = m.on_cell(ctx, check_params(name, params))
         except Exception as exc:  # noqa: BLE001 - a failed measurement must not lose the trained cell
             logging.getLogger(__name__).warning("measurement %s failed on %s:\n%s", name, ctx.cell_dir, traceback.format_exc())
             res = {"error": f"{type(exc).__name__}: {exc}"}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rsitr.bench.measurements import CellContext, Measurement, fmt_mean, register_measurement
+from rsitr.bench.measurements import CellContext, Measurement, fmt_mean, keyword_check, register_measurement
 from rsitr.models.registry import parse_spec
 
 SUITE = "rdb-comparison"
@@ -84,4 +84,5 @@ def _params_render(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-PARAMS = register_measurement(Measurement("params", "Parameters and budget", _params_render, on_cell=_params_on_cell))
+PARAMS = register_measurement(Measurement("params", "Parameters and budget", _params_render, on_cell=_params_on_cell,
+                                          check=keyword_check("params")))  # takes no parameters

@@ -245,12 +245,14 @@ def _render_index_build(result: dict) -> str:
 
 
 def _register() -> None:
-    from rsitr.bench.measurements import Measurement, per_method, register_measurement
+    from rsitr.bench.measurements import Measurement, keyword_check, per_method, register_measurement
 
     register_measurement(Measurement("vector_search", "Vector search: flat vs ivf vs hnsw", per_method(_render_vector_search),
-                                     on_cell=_search_on_cell, run=vector_search, render_one=_render_vector_search))
+                                     on_cell=_search_on_cell, run=vector_search, render_one=_render_vector_search,
+                                     check=keyword_check("vector_search", run_search_bench, exclude=("dim", "progress"))))
     register_measurement(Measurement("index_build", "Index-build throughput", per_method(_render_index_build), on_cell=_build_on_cell,
-                                     run=index_build, render_one=_render_index_build))
+                                     run=index_build, render_one=_render_index_build,
+                                     check=keyword_check("index_build", run_build_bench, exclude=("models", "progress"))))
 
 
 _register()

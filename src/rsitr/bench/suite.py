@@ -234,7 +234,7 @@ def _fuse_spec(spec: Any, methods: dict, path: Path) -> dict[str, Any] | None:
 def _measurements(spec: Any, path: Path) -> dict[str, dict[str, Any]]:
     """A suite's ``measurements:`` (a list of names, or name -> parameters), checked against the
     registry."""
-    from rsitr.bench.measurements import get_measurement
+    from rsitr.bench.measurements import check_params, get_measurement
 
     if not spec:
         return {}
@@ -246,7 +246,10 @@ def _measurements(spec: Any, path: Path) -> dict[str, dict[str, Any]]:
         m = get_measurement(str(name))
         if m.on_cell is None:
             raise RsitrError(f"{path}: measurement {name!r} does not run on a cell")
-        out[str(name)] = dict(params or {})
+        try:
+            out[str(name)] = check_params(str(name), params)
+        except RsitrError as exc:
+            raise RsitrError(f"{path}: measurements: {exc}") from None
     return out
 
 
@@ -459,6 +462,9 @@ def _refuse_changed_cells(suite: Suite, out: Path) -> None:
                          + ", ".join(changed) + ". Run with another --out, or delete those cells' folders to run them again")
 
 
+CELL_ERROR_PREFIX = "rsitr: error: "  # a cell process's last line when it refuses its settings or inputs (rsitr.bench.cell)
+
+
 def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> dict[str, Any]:
     import torch
 
@@ -486,9 +492,12 @@ def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> d
         rec = json.loads(result_path.read_text())
         rec["peak_rss_mb"] = round(peak, 1)
         return rec
-    tail = stderr_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+    tail = stderr_path.read_text(encoding="utf-8", errors="replace")[-4000:].strip()
+    last = tail.splitlines()[-1] if tail else ""
+    # a refusal (bad settings, missing input) is its one line; a crash keeps the log's tail with its traceback
+    error = last[len(CELL_ERROR_PREFIX):] if last.startswith(CELL_ERROR_PREFIX) else tail or f"exit code {proc.returncode}"
     return {**{k: base[k] for k in ("cell", "dataset", "method", "seed", "published")}, "status": "failed",
-            "returncode": proc.returncode, "error": tail.strip() or f"exit code {proc.returncode}", "peak_rss_mb": round(peak, 1)}
+            "returncode": proc.returncode, "error": error, "peak_rss_mb": round(peak, 1)}
 
 
 def collect(out: Path) -> list[dict[str, Any]]:

@@ -41,14 +41,26 @@ def _eval_sets(cfg) -> list:
                     image_root=cfg.data.image_root)]
 
 
+def _check(params: dict[str, Any]) -> None:
+    """``tta`` 4 or 8, ``beta`` a positive finite number; nothing else (one line each)."""
+    from rsitr.data.transforms import DIHEDRAL_VIEWS
+
+    unknown = sorted(set(params) - {"tta", "beta"})
+    if unknown:
+        raise RsitrError(f"test_time: unknown parameter(s) {unknown}; it takes ['beta', 'tta']")
+    tta, beta = params.get("tta", 8), params.get("beta", 14.0)
+    if isinstance(tta, bool) or not isinstance(tta, int) or tta == 1 or tta not in DIHEDRAL_VIEWS:
+        raise RsitrError(f"test_time: tta must be 4 or 8 (dihedral views of each image; 1 is the plain row), got {tta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        raise RsitrError(f"test_time: beta must be a positive number, got {beta!r}")
+
+
 def measure(source: str, cfg, *, tta: int = 8, beta: float = 14.0, engine: str = "auto", progress: bool = False) -> dict[str, Any]:
     """``{"tta_views", "beta", "bank", "plain", "tta", "qbnorm", "both"}`` (test mR; with several
     datasets in the cell, ``"<name>:plain"`` ... per dataset)."""
     from rsitr.bench.release import evaluate_model
-    from rsitr.data.transforms import DIHEDRAL_VIEWS
 
-    if isinstance(tta, bool) or not isinstance(tta, int) or tta == 1 or tta not in DIHEDRAL_VIEWS:
-        raise RsitrError(f"test_time: tta must be 4 or 8 (dihedral views of each image; 1 is the plain row), got {tta!r}")
+    _check({"tta": tta, "beta": beta})
     sets = _eval_sets(cfg)
     rows = evaluate_model(source, sets, ttas=(1, tta), qbnorm_beta=float(beta), engine=engine, progress=progress)
     out: dict[str, Any] = {"tta_views": tta, "beta": float(beta), "bank": cfg.data.train_split}
@@ -63,16 +75,10 @@ def measure(source: str, cfg, *, tta: int = 8, beta: float = 14.0, engine: str =
 
 
 def _on_cell(ctx: CellContext, params: dict[str, Any]) -> dict[str, Any] | None:
-    unknown = set(params) - {"tta", "beta"}
-    if unknown:
-        raise RsitrError(f"test_time: unknown parameter(s) {sorted(unknown)} (tta, beta)")
     if ctx.cfg.data.subset:
         log.warning("test_time: %s scores a data.subset of its splits; not measured (the full splits would differ)", ctx.cell_dir)
         return None
-    beta = params.get("beta", 14.0)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
-        raise RsitrError(f"test_time: beta must be a positive number, got {beta!r}")
-    return measure(ctx.source, ctx.cfg, tta=params.get("tta", 8), beta=float(beta), engine=ctx.cfg.inference.engine,
+    return measure(ctx.source, ctx.cfg, tta=params.get("tta", 8), beta=float(params.get("beta", 14.0)), engine=ctx.cfg.inference.engine,
                    progress=bool(ctx.extra.get("progress", False)))
 
 
@@ -93,6 +99,6 @@ def _render(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-TEST_TIME = register_measurement(Measurement("test_time", "Test-time views and QB-Norm", _render, on_cell=_on_cell))
+TEST_TIME = register_measurement(Measurement("test_time", "Test-time views and QB-Norm", _render, on_cell=_on_cell, check=_check))
 
 __all__ = ["KEYS", "TEST_TIME", "measure"]

@@ -193,10 +193,10 @@ def _render_encode(result: dict) -> str:
 
 
 def _register() -> None:
-    from rsitr.bench.measurements import Measurement, per_method, register_measurement
+    from rsitr.bench.measurements import Measurement, keyword_check, per_method, register_measurement
 
     register_measurement(Measurement("encode", "Encoding throughput", per_method(_render_encode), on_cell=_encode_on_cell, run=encode,
-                                     render_one=_render_encode))
+                                     render_one=_render_encode, check=keyword_check("encode", encode_comparison, exclude=("source", "progress"))))
 
 
 _register()
