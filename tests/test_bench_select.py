@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 
-from rsitr.bench.select import Candidate, parse_group, spearman, summarise
+from pathlib import Path
+
+from rsitr.bench.select import Candidate, candidate_labels, pairs_agree, parse_group, spearman, summarise
 from rsitr.utils.errors import RsitrError
 
 
@@ -37,6 +39,25 @@ def test_summarise_picks_by_rule_and_compares_with_the_oracle():
     assert rows["val"]["spearman_mean"] < 0.6
     assert rows["val"]["rule_minus_test_mean"] == pytest.approx((10 + 11 + 8 + 7 + 11 + 9) / 6)
     assert res["variants"]["plain"]["oracle_test_mR_mean"] == pytest.approx((23 + 22) / 2)
+    # between groups: a's mean (val 31, test 21.33) above b's (30, 21) for both rules and test
+    assert rows["val"]["pairs_agree"] == 1.0 and rows["val"]["group_means"]["a"]["rule_mR"] == pytest.approx(31)
+    assert rows["val"]["spearman_groups"] != rows["val"]["spearman_groups"]  # NaN: two groups
+
+
+def test_between_recipes_spearman_and_pair_order():
+    """Three recipes with two seeds each: val orders b above c, test the reverse."""
+    cands = [_cand("a", "s0", 30, 25, 20), _cand("a", "s1", 31, 25, 21), _cand("b", "s0", 29, 24, 18), _cand("b", "s1", 29, 24, 18.5),
+             _cand("c", "s0", 28, 24.5, 19), _cand("c", "s1", 28, 24.5, 19.5)]
+    rows = {r["rule"]: r for r in summarise(cands, ["val", "val2"])["variants"]["plain"]["rows"]}
+    assert rows["val"]["spearman_groups"] == pytest.approx(0.5) and rows["val"]["pairs_agree"] == pytest.approx(2 / 3)
+    assert rows["val2"]["spearman_groups"] == pytest.approx(1.0) and rows["val2"]["pairs_agree"] == 1.0
+    assert pairs_agree([1, 1, 2], [1, 2, 3]) == pytest.approx((0.5 + 1 + 1) / 3) and pairs_agree([1], [2]) != pairs_agree([1], [2])
+
+
+def test_candidate_labels_tell_same_named_checkpoints_apart():
+    files = [Path(f"/r/bench-s{i}/cells/d/m/seed{i}/run/checkpoint_best.pt") for i in range(3)] + [Path("/e/t3s1-ep12.pt")]
+    assert candidate_labels(files) == ["seed0/run/checkpoint_best", "seed1/run/checkpoint_best", "seed2/run/checkpoint_best", "ep12"]
+    assert candidate_labels([Path("/a/x/run/c.pt"), Path("/b/x/run/c.pt")]) == ["a/x/run/c", "b/x/run/c"]
 
 
 def test_parse_group_errors(tmp_path):

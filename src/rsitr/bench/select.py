@@ -13,7 +13,9 @@ Every candidate checkpoint (one per epoch of several seeds' runs: copies of each
 training split as the bank, one ``beta``). Reported: per seed, the epoch each rule picks and its
 test mR against the best test epoch (the oracle); the Spearman rank correlation of each rule's
 scores with test over each seed's epochs (the decision a rule makes), its mean over seeds, and
-over all candidates pooled. Written by the benchmarks' one writer
+over all candidates pooled. With a recipe per group (each seed's chosen checkpoint), also between
+groups: the Spearman of the groups' mean rule score with their mean test score, and the share of
+group pairs the rule orders as test does. Written by the benchmarks' one writer
 (:func:`rsitr.bench.measurements.write_result`): ``select.json`` + ``select.md``.
 """
 from __future__ import annotations
@@ -66,6 +68,32 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float("nan") if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
 
 
+def pairs_agree(a: list[float], b: list[float]) -> float:
+    """The share of pairs ``(i, j)`` that ``a`` orders as ``b`` does (a tie on one side and not the
+    other counts one half); NaN for fewer than two items."""
+    if len(a) != len(b):
+        raise ValueError("pairs_agree: lists of different length")
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    if not pairs:
+        return float("nan")
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    score = sum(1.0 if sign(a[i] - a[j]) == sign(b[i] - b[j]) else 0.5 if 0 in (sign(a[i] - a[j]), sign(b[i] - b[j])) else 0.0
+                for i, j in pairs)
+    return score / len(pairs)
+
+
+def candidate_labels(files: list[Path]) -> list[str]:
+    """A label per checkpoint file: its epoch (``ep7``) or stem, made unique with as many of its
+    parent folders as tell the files apart (``seed1/run/checkpoint_best``)."""
+    base = [epoch_label(f) for f in files]
+    labels = base
+    for depth in range(1, max((len(f.parent.parts) for f in files), default=0) + 1):
+        if len(set(labels)) == len(labels):
+            break
+        labels = ["/".join([*f.parent.parts[-depth:], b]) if base.count(b) > 1 else b for f, b in zip(files, base)]
+    return labels
+
+
 def epoch_label(path: Path) -> str:
     m = re.search(r"ep(?:och)?[-_]?(\d+)", path.stem)
     return f"ep{int(m.group(1))}" if m else path.stem
@@ -85,15 +113,15 @@ def score_candidates(groups: dict[str, tuple[Path, list[Path]]], *, data: str, r
     memo: dict = {}  # trunk caches read once for all checkpoints of one trunk
     out = []
     for group, (run, ckpts) in groups.items():
-        for ck in ckpts:
+        for ck, label in zip(ckpts, candidate_labels(ckpts)):
             m = embed_member(run, data=data, dataset=ds, checkpoint=ck, extra_splits=names, progress=progress, with_bank=beta is not None, trunk_memo=memo)
             scores = {}
             for key, spec in [*names.items(), ("test", "test")]:
                 scores[spec] = pair_metrics(m.sim(key), m.owner[key])
                 if beta is not None:
                     scores[f"{spec}+qb"] = pair_metrics(m.qb(key, beta, False), m.owner[key])
-            out.append(Candidate(group, epoch_label(ck), scores))
-            log.info("%s %s: %s", group, epoch_label(ck), ", ".join(f"{k} {v['mR']:.2f}" for k, v in scores.items()))
+            out.append(Candidate(group, label, scores))
+            log.info("%s %s: %s", group, label, ", ".join(f"{k} {v['mR']:.2f}" for k, v in scores.items()))
     return out
 
 
@@ -117,7 +145,14 @@ def summarise(cands: list[Candidate], rules: list[str]) -> dict[str, Any]:
                             "oracle": oracle.label, "oracle_test_mR": oracle.scores[test_key]["mR"]}
                 rhos[g] = spearman([c.scores[key]["mR"] for c in cs], [c.scores[test_key]["mR"] for c in cs])
             finite = [r for r in rhos.values() if r == r]
+            # between groups (a group = a recipe: its seeds' chosen checkpoints): does the rule
+            # order the recipes by their mean score as test orders them?
+            mean_rule = [statistics.fmean(c.scores[key]["mR"] for c in cands if c.group == g) for g in groups]
+            mean_test = [statistics.fmean(c.scores[test_key]["mR"] for c in cands if c.group == g) for g in groups]
             rows.append({
+                "group_means": {g: {"rule_mR": r, "test_mR": t} for g, r, t in zip(groups, mean_rule, mean_test)},
+                "spearman_groups": spearman(mean_rule, mean_test),
+                "pairs_agree": pairs_agree(mean_rule, mean_test),
                 "rule": rule, "picks": picks, "spearman": rhos,
                 "spearman_mean": statistics.fmean(finite) if finite else float("nan"),
                 "spearman_pooled": spearman([c.scores[key]["mR"] for c in cands], [c.scores[test_key]["mR"] for c in cands]),
@@ -141,6 +176,14 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"| `{r['rule']}` | {r['spearman_mean']:.3f} | {r['spearman_pooled']:.3f} | {picks} | "
                          f"{r['picked_test_mR_mean']:.2f} | {r['rule_minus_test_mean']:+.2f} |")
         lines.append("")
+        if len(res["groups"]) >= 2:  # the groups as recipes (their seeds' chosen checkpoints)
+            lines += ["Between groups (a group as a recipe: the mean over its checkpoints):", "",
+                      "| rule | " + " | ".join(f"{g}: rule / test" for g in res["groups"]) + " | Spearman of the means | pairs ordered as test |",
+                      "|---|" + "---:|" * (len(res["groups"]) + 2)]
+            for r in v["rows"]:
+                cells = [f"{r['group_means'][g]['rule_mR']:.2f} / {r['group_means'][g]['test_mR']:.2f}" for g in res["groups"]]
+                lines.append(f"| `{r['rule']}` | " + " | ".join(cells) + f" | {r['spearman_groups']:.3f} | {r['pairs_agree']:.3f} |")
+            lines.append("")
     keys = list(res["candidates"][0]["mR"]) if res["candidates"] else []
     lines += ["## Every candidate (mR)", "", "| group | checkpoint | " + " | ".join(f"`{k}`" for k in keys) + " |",
               "|---|---|" + "---:|" * len(keys)]
