@@ -435,6 +435,11 @@ def test_set_goes_over_the_base_and_is_archived(tmp_path):
     with pytest.raises(RsitrError, match="expected int"):
         load_suite(str(f), sets={"epochs": "many"})
     assert not (tmp_path / "o").exists()
+    # a teacher that is not there (a path, a folder without checkpoints): named before any cell runs
+    (tmp_path / "empty-run").mkdir()
+    for teachers in (f"[{tmp_path / 'nope'}]", str(tmp_path / "empty-run")):
+        assert main(["bench", "run", "--suite", str(f), "--out", str(tmp_path / "o"), "--set", f"distill.teachers={teachers}"]) == 2
+        assert not list((tmp_path / "o").glob("cells/*/*/seed*/cell.json"))
 
 
 def _finish_fake(out, suite):

@@ -276,7 +276,11 @@ def prepare_synthetic(suite: Suite, out: Path) -> None:
 
 
 def check_inputs(suite: Suite) -> None:
-    """Every dataset path and checkpoint path a suite needs, checked before anything runs."""
+    """Every dataset path and checkpoint path a suite needs (backbone checkpoints, distillation
+    teachers), checked before anything runs."""
+    from rsitr.models.checkpoint import TrainCheckpoint
+    from rsitr.utils.errors import CheckpointError
+
     missing = []
     for c in suite.cells:
         sources = c.overrides.get("data.sources")
@@ -292,6 +296,12 @@ def check_inputs(suite: Suite) -> None:
         b = str(c.overrides.get("model.backbone", ""))
         if b and parse_spec(b).is_path and not Path(b).exists():
             missing.append(f"dataset '{c.dataset}' method '{c.method}': checkpoint {b!r}")
+        teachers = c.overrides.get("distill.teachers") or (c.overrides.get("distill") or {}).get("teachers") or ()
+        for t in [teachers] if isinstance(teachers, str) else teachers:
+            try:
+                TrainCheckpoint.resolve(str(t))
+            except CheckpointError as exc:
+                missing.append(f"dataset '{c.dataset}' method '{c.method}': distill.teachers {t!r} ({exc})")
     if missing:
         raise RsitrError(f"suite {suite.name} cannot run; missing:\n  " + "\n  ".join(sorted(set(missing))))
 
