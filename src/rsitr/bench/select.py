@@ -199,7 +199,7 @@ def parse_group(text: str) -> tuple[str, Path, list[Path]]:
     if not eq or not colon or not name or not run or not pattern:
         raise RsitrError(f"--group {text!r}: expected NAME=RUN_FOLDER:CHECKPOINT_GLOB, e.g. s1=runs/joint-s1:runs/epochs/s1-ep*.pt")
     found = {Path(f) for pat in pattern.split(",") for f in glob.glob(pat)}  # several globs: RUN:a-ep[68].pt,a-ep1[02].pt
-    files = sorted(found, key=lambda p: (len(p.stem), p.stem))
+    files = sorted(found, key=lambda p: (len(p.stem), p.stem, str(p)))  # epochs in order; same-named files by path
     if not files:
         raise RsitrError(f"--group {name}: no checkpoint matches {pattern}")
     return name, Path(run), files
