@@ -20,6 +20,7 @@ search encodes a query, measures test mR with that bank, with the full caption b
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import read_yaml
 from rsitr.utils.version import git_commit
 
 log = logging.getLogger(__name__)
@@ -82,35 +82,110 @@ class Release:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Release":
+        """The release file at ``path``, every field checked: a missing or unknown key, or a value
+        of the wrong type or range, is one error line naming the file and the key."""
+        from rsitr.data.transforms import DIHEDRAL_VIEWS
+
         p = Path(path)
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise RsitrError(f"{p}: unreadable release file ({exc})") from exc
+        raw = read_yaml(p, "release file")
         if not isinstance(raw, dict) or "name" not in raw or "config" not in raw:
             raise RsitrError(f"{p}: a release file needs at least 'name' and 'config'")
-        sets = [EvalSet(**s) for s in raw.get("eval_sets", [])]
-        ttas = tuple(int(t) for t in raw.get("ttas", (1, 8)))
-        qbank = None
-        if raw.get("qbank") is not None:
-            try:
-                qbank = QBankSpec(**raw["qbank"])
-            except TypeError as exc:
-                raise RsitrError(f"{p}: bad qbank entry ({exc}); keys: sources, split, size, seed, beta") from exc
-            unknown = [x for x in qbank.sources if x not in {s.label for s in sets}]
-            if not qbank.sources or unknown:
-                raise RsitrError(f"{p}: qbank.sources must name evaluation sets (labels {[s.label for s in sets]}), got {qbank.sources}")
-            if qbank.size is not None and int(qbank.size) < 1:
-                raise RsitrError(f"{p}: qbank.size must be >= 1, got {qbank.size}")
-        return cls(name=str(raw["name"]), config=str(raw["config"]), seed=int(raw.get("seed", 0)), overrides=dict(raw.get("overrides", {})),
-                   eval_sets=sets, ttas=ttas, qbnorm_beta=float(raw.get("qbnorm_beta", 14.0)), card=dict(raw.get("card", {})), qbank=qbank,
-                   path=p)
+
+        def bad(key: str, want: str, got: Any) -> RsitrError:
+            return RsitrError(f"{p}: {key} must be {want}, got {got!r}")
+
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"path"}  # path: where the file was read from
+        unknown = sorted(set(map(str, raw)) - allowed)
+        if unknown:
+            raise RsitrError(f"{p}: unknown key(s) {unknown}; a release file takes {sorted(allowed)}")
+        for key in ("name", "config"):
+            if not isinstance(raw[key], str) or not raw[key].strip():
+                raise bad(key, "a non-empty string", raw[key])
+        seed = raw.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise bad("seed", "a whole number >= 0", seed)
+        overrides = raw.get("overrides") or {}
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            raise bad("overrides", "a mapping of training-config keys to values", overrides)
+        ttas = raw.get("ttas", [1, 8])
+        if not isinstance(ttas, list) or not ttas or any(isinstance(t, bool) or t not in DIHEDRAL_VIEWS for t in ttas):
+            raise bad("ttas", f"a non-empty list of test-time view counts from {list(DIHEDRAL_VIEWS)}", ttas)
+        beta = raw.get("qbnorm_beta", 14.0)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+            raise bad("qbnorm_beta", "a positive finite number", beta)
+        card = raw.get("card") or {}
+        if not isinstance(card, dict):
+            raise bad("card", "a mapping", card)
+        # the card keys the search commands read (rsitr.search.build, rsitr.cli.search)
+        tiles = card.get("ground_tiles_m")
+        if tiles is not None and (not isinstance(tiles, list) or not tiles or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in tiles)):
+            raise bad("card.ground_tiles_m", "a non-empty list of positive tile sizes in metres", tiles)
+        views = card.get("test_time_views_default", 1)
+        if isinstance(views, bool) or views not in DIHEDRAL_VIEWS:
+            raise bad("card.test_time_views_default", f"one of {list(DIHEDRAL_VIEWS)}", views)
+        sets = _eval_sets(raw.get("eval_sets") or [], p)
+        qbank = _qbank(raw.get("qbank"), sets, p)
+        return cls(name=raw["name"], config=raw["config"], seed=seed, overrides=dict(overrides), eval_sets=sets, ttas=tuple(ttas),
+                   qbnorm_beta=float(beta), card=dict(card), qbank=qbank, path=p)
 
     def config_path(self) -> Path:
         c = Path(self.config)
         if c.is_absolute() or c.exists():
             return c
         return (self.path.parent / c) if self.path is not None else c
+
+
+def _eval_sets(spec: Any, p: Path) -> list[EvalSet]:
+    """A release's ``eval_sets``: a list of mappings with EvalSet's keys; labels unique."""
+    if not isinstance(spec, list):
+        raise RsitrError(f"{p}: eval_sets must be a list of evaluation sets, got {spec!r}")
+    keys = {f.name: f for f in dataclasses.fields(EvalSet)}
+    sets = []
+    for i, s in enumerate(spec):
+        where = f"{p}: eval_sets[{i}]"
+        if not isinstance(s, dict) or "label" not in s or "data" not in s:
+            raise RsitrError(f"{where} must be a mapping with at least label and data, got {s!r}")
+        unknown = sorted(set(map(str, s)) - set(keys))
+        if unknown:
+            raise RsitrError(f"{where}: unknown key(s) {unknown}; it takes {sorted(keys)}")
+        for k in ("label", "data", "split", "format"):
+            if k in s and (not isinstance(s[k], str) or not s[k].strip()):
+                raise RsitrError(f"{where}.{k} must be a non-empty string, got {s[k]!r}")
+        for k in ("bank", "image_root"):
+            if s.get(k) is not None and (not isinstance(s[k], str) or not s[k].strip()):
+                raise RsitrError(f"{where}.{k} must be a non-empty string or null, got {s[k]!r}")
+        if "zero_shot" in s and not isinstance(s["zero_shot"], bool):
+            raise RsitrError(f"{where}.zero_shot must be true or false, got {s['zero_shot']!r}")
+        sets.append(EvalSet(**s))
+    labels = [s.label for s in sets]
+    if len(set(labels)) != len(labels):
+        raise RsitrError(f"{p}: eval_sets labels must be unique, got {labels}")
+    return sets
+
+
+def _qbank(spec: Any, sets: list[EvalSet], p: Path) -> QBankSpec | None:
+    """A release's ``qbank``: sources naming evaluation sets, a split, a size >= 1 (or null), a seed >= 0, a beta > 0 (or null)."""
+    if spec is None:
+        return None
+    keys = [f.name for f in dataclasses.fields(QBankSpec)]
+    if not isinstance(spec, dict) or set(map(str, spec)) - set(keys) or "sources" not in spec:
+        raise RsitrError(f"{p}: bad qbank entry {spec!r}; keys: {', '.join(keys)} (sources required)")
+    labels = [s.label for s in sets]
+    src = spec["sources"]
+    if not isinstance(src, list) or not src or any(x not in labels for x in src):
+        raise RsitrError(f"{p}: qbank.sources must name evaluation sets (labels {labels}), got {src!r}")
+    if not isinstance(spec.get("split", "train"), str) or not spec.get("split", "train").strip():
+        raise RsitrError(f"{p}: qbank.split must be a non-empty string, got {spec.get('split')!r}")
+    whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    if spec.get("size") is not None and not whole(spec["size"], 1):
+        raise RsitrError(f"{p}: qbank.size must be a whole number >= 1 or null (every caption), got {spec['size']!r}")
+    if not whole(spec.get("seed", 0), 0):
+        raise RsitrError(f"{p}: qbank.seed must be a whole number >= 0, got {spec.get('seed')!r}")
+    beta = spec.get("beta")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf")):
+        raise RsitrError(f"{p}: qbank.beta must be a positive finite number or null (the release's qbnorm_beta), got {beta!r}")
+    return QBankSpec(**spec)
 
 
 def expand(text: str) -> str:

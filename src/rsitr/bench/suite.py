@@ -47,7 +47,7 @@ import yaml
 
 from rsitr.models.registry import parse_spec
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable
+from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,10 @@ def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: li
     config keys put over the suite's base (a dataset's or method's own keys still win); the suite
     archived with the run then is the file with them in its base."""
     path = find_suite(name_or_path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise RsitrError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "bench suite") or {}
+    text = path.read_text(encoding="utf-8")  # read_yaml has read it as UTF-8 text
+    if not isinstance(raw, dict):
+        raise RsitrError(f"{path}: a suite is a mapping with 'datasets' and 'methods', got {type(raw).__name__}")
     if sets:
         from rsitr.train.config import TrainConfig
 
@@ -166,6 +165,8 @@ def build_suite(raw: dict[str, Any], path: Path, *, text: str | None = None, see
                 methods: list[str] | None = None, variables: dict[str, str] | None = None) -> Suite:
     """The cells of a parsed suite (``path`` names it in errors and is archived with the run;
     ``text``: its YAML, default ``raw`` dumped)."""
+    if not isinstance(raw, dict):
+        raise RsitrError(f"{path}: a suite is a mapping with 'datasets' and 'methods', got {type(raw).__name__}")
     for key in ("datasets", "methods"):
         if not isinstance(raw.get(key), dict) or not raw[key]:
             raise RsitrError(f"{path}: needs a non-empty '{key}' mapping")

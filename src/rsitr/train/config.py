@@ -13,6 +13,7 @@ import yaml
 
 from rsitr.utils.config import from_mapping
 from rsitr.utils.errors import RsitrError
+from rsitr.utils.io import read_yaml
 
 
 @dataclass
@@ -186,10 +187,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise RsitrError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise RsitrError(f"{path}: not valid YAML: {exc}") from exc
+        raw = read_yaml(path, "training config") or {}
         if not isinstance(raw, dict):
             raise RsitrError(f"{path}: expected a mapping at the top level")
         try:

@@ -168,6 +168,28 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise RsitrError(f"{p}: unreadable {what} ({exc})") from exc
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Parse a YAML file (an empty file is None); an unreadable file, one that is not UTF-8 text
+    or not valid YAML is an ``RsitrError`` of one line naming it, ``what`` it should have been and,
+    for a syntax error, the line and column."""
+    import yaml
+
+    from rsitr.utils.errors import RsitrError
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RsitrError(f"{p}: unreadable {what} ({' '.join(str(exc).split())})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or str(exc)
+        raise RsitrError(f"{p}: not valid YAML{where}: {' '.join(str(why).split())} ({what})") from None
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON-able Python: mappings (keys as strings), lists (from lists and
     tuples), numbers, strings, booleans, None; numpy arrays and scalars converted, anything else
