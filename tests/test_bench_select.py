@@ -58,6 +58,8 @@ def test_candidate_labels_tell_same_named_checkpoints_apart():
     files = [Path(f"/r/bench-s{i}/cells/d/m/seed{i}/run/checkpoint_best.pt") for i in range(3)] + [Path("/e/t3s1-ep12.pt")]
     assert candidate_labels(files) == ["seed0/run/checkpoint_best", "seed1/run/checkpoint_best", "seed2/run/checkpoint_best", "ep12"]
     assert candidate_labels([Path("/a/x/run/c.pt"), Path("/b/x/run/c.pt")]) == ["a/x/run/c", "b/x/run/c"]
+    # the same epoch of two runs' copies in one folder: their stems
+    assert candidate_labels([Path("/e/t3s1-ep9.pt"), Path("/e/t3s2-ep9.pt"), Path("/e/t3s2-ep6.pt")]) == ["t3s1-ep9", "t3s2-ep9", "ep6"]
 
 
 def test_parse_group_errors(tmp_path):

@@ -83,14 +83,17 @@ def pairs_agree(a: list[float], b: list[float]) -> float:
 
 
 def candidate_labels(files: list[Path]) -> list[str]:
-    """A label per checkpoint file: its epoch (``ep7``) or stem, made unique with as many of its
-    parent folders as tell the files apart (``seed1/run/checkpoint_best``)."""
-    base = [epoch_label(f) for f in files]
+    """A label per checkpoint file: its epoch (``ep7``); where epochs repeat, the file's stem
+    (``t3s1-ep9``); where stems repeat too, with as many of its parent folders as tell the files
+    apart (``seed1/run/checkpoint_best``)."""
+    epochs, stems = [epoch_label(f) for f in files], [f.stem for f in files]
+    base = [e if epochs.count(e) == 1 else st for e, st in zip(epochs, stems)]
     labels = base
     for depth in range(1, max((len(f.parent.parts) for f in files), default=0) + 1):
         if len(set(labels)) == len(labels):
             break
-        labels = ["/".join([*f.parent.parts[-depth:], b]) if base.count(b) > 1 else b for f, b in zip(files, base)]
+        labels = ["/".join([*[x for x in f.parent.parts if x != f.parent.anchor][-depth:], b]) if base.count(b) > 1 else b
+                  for f, b in zip(files, base)]
     return labels
 
 
