@@ -116,6 +116,15 @@ def test_suite_errors(tmp_path):
     with pytest.raises(RsitrError, match="RSITR_TEST_UNSET_VAR"):
         load_suite(str(f))
     assert main(["bench", "run", "--suite", str(f), "--out", str(tmp_path / "o")]) == 2
+    # a method option out of its range, or an unknown one: every cell's settings are read before any runs
+    (tmp_path / "data").mkdir()
+    for opts, msg in (("{vea_bottleneck: 0}", "RDB option vea_bottleneck must be >= 1"), ("{vea_bottlenek: 8}", "unknown RDB option")):
+        f.write_text(f"name: x\ndatasets: {{d: {{data.path: {tmp_path / 'data'}}}}}\n"
+                     f"methods: {{b: {{method.name: baseline}}, r: {{method.name: rdb, method.options: {opts}}}}}\nseeds: [0, 1]\n")
+        with pytest.raises(RsitrError, match=msg) as info:
+            run_suite(load_suite(str(f)), tmp_path / "out2")
+        assert "d/r/seed0, d/r/seed1" in str(info.value) and "d/b/" not in str(info.value)
+        assert not list((tmp_path / "out2").glob("cells/*/*/seed*/cell.json"))
 
 
 def test_shipped_suites_parse_and_published_table(tmp_path):

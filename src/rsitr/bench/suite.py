@@ -278,7 +278,8 @@ def prepare_synthetic(suite: Suite, out: Path) -> None:
 
 def check_inputs(suite: Suite) -> None:
     """Every dataset path and checkpoint path a suite needs (backbone checkpoints, distillation
-    teachers), checked before anything runs."""
+    teachers), then every cell's settings (keys, types, ranges, the method's options), checked
+    before anything runs."""
     from rsitr.models.checkpoint import TrainCheckpoint
     from rsitr.utils.errors import CheckpointError
 
@@ -305,6 +306,17 @@ def check_inputs(suite: Suite) -> None:
                 missing.append(f"dataset '{c.dataset}' method '{c.method}': distill.teachers {t!r} ({exc})")
     if missing:
         raise RsitrError(f"suite {suite.name} cannot run; missing:\n  " + "\n  ".join(sorted(set(missing))))
+    from rsitr.train.config import TrainConfig
+
+    bad = {}
+    for c in suite.cells:  # each cell's settings as its process will read them: keys, types, ranges, method options
+        try:
+            TrainConfig().override(c.overrides)
+        except RsitrError as exc:
+            bad.setdefault(str(exc), []).append(c.key)
+    if bad:
+        raise RsitrError(f"suite {suite.name} cannot run; bad settings:\n  " + "\n  ".join(
+            f"{', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}: {msg}" for msg, keys in bad.items()))
 
 
 def environment() -> dict[str, Any]:

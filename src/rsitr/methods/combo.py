@@ -68,6 +68,16 @@ class Combo(Method):
     Options = ComboOptions
     combinable = False
 
+    @classmethod
+    def parse_options(cls, options):
+        """The combo's options, each combinable part's own options read (and range-checked) by its class."""
+        opts = super().parse_options(options)
+        if isinstance(opts.parts, dict):
+            for n, popts in opts.parts.items():
+                if n in _combinable():
+                    method_class(n).parse_options(popts or {})
+        return opts
+
     def __init__(self, backbone: Backbone, options: dict[str, Any] | None, train_data: CaptionDataset | None):
         super().__init__(backbone, options, train_data)
         parts = self.opts.parts

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class FTFOptions:
     """FTF's options (see the module doc)."""
+
+    # allowed values, checked when the options are read (rsitr.utils.config.check_declared_ranges)
+    RANGES: ClassVar[dict] = {"coarse_weight": (0, None, False), "fine_weight": (0, None, False), "intra_weight": (0, None, False),
+                              "fine_candidates": (2, None, False), "k": (1, None, False), "alpha": (0, 1, False), "tau": (0, None, True),
+                              "balance": (0, 1, False), "chunk": (1, None, False)}
+    FINITE: ClassVar[bool] = True
 
     coarse_weight: float = 1.0
     fine_weight: float = 1.0

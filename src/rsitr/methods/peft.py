@@ -53,7 +53,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 class AdapterOptions:
     """``method.name: adapter`` options (see the module doc)."""
 
+    RANGES: ClassVar[dict] = {"bottleneck": (1, None, False)}  # checked when read (rsitr.utils.config)
+    FINITE: ClassVar[bool] = True
+
     bottleneck: int = 64
     layers: Any = "all"
     scale: float = 1.0
@@ -80,6 +83,9 @@ class AdapterOptions:
 @dataclass
 class LoRAOptions:
     """``method.name: lora`` options (see the module doc)."""
+
+    RANGES: ClassVar[dict] = {"rank": (1, None, False), "alpha": (0, None, True)}  # checked when read (rsitr.utils.config)
+    FINITE: ClassVar[bool] = True
 
     rank: int = 8
     alpha: float = 16.0

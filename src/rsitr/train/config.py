@@ -176,6 +176,10 @@ class TrainConfig:
                 node = getattr(node, part)
             if node not in allowed:
                 raise RsitrError(f"{key}: must be one of {allowed}, got {node!r}")
+        from rsitr.methods.base import method_class
+
+        # the method's options: unknown keys, types and declared ranges, before any data is read
+        method_class(self.method.name).parse_options(self.method.options)
         d = self.distill
         if any(not isinstance(t, str) or not t for t in d.teachers):
             raise RsitrError(f"distill.teachers: must be a list of run folders or checkpoint files, got {list(d.teachers)!r}")

@@ -37,7 +37,45 @@ def from_mapping(cls, d: Mapping[str, Any] | None, where: str = "", *, what: str
             kwargs[name] = dict(value)
         else:
             kwargs[name] = _scalar(value, hints.get(name), f"{where}.{name}" if where else name)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_declared_ranges(obj, where or (what if what != "key" else cls.__name__))  # e.g. "RDB option vea_bottleneck must be ..."
+    return obj
+
+
+def in_range(v: Any, lo: float, hi: float | None, mode: bool | str) -> bool:
+    """Whether ``v`` is a finite number in the range ``(lo, hi, mode)``: ``mode`` True excludes
+    ``lo``, ``"hi_open"`` excludes ``hi``, False includes both; ``hi`` None: no upper bound."""
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    return (v > lo if mode is True else v >= lo) and (hi is None or (v < hi if mode == "hi_open" else v <= hi))
+
+
+def describe_range(lo: float, hi: float | None, mode: bool | str) -> str:
+    return f"{'>' if mode is True else '>='} {lo:g}" + (f" and {'<' if mode == 'hi_open' else '<='} {hi:g}" if hi is not None else "")
+
+
+def check_declared_ranges(obj: Any, where: str) -> None:
+    """The ranges a dataclass declares for its numeric fields (``RANGES: ClassVar[dict]``, ``name
+    -> (low, high or None, mode)`` as :func:`in_range`; a list value: each item), and with
+    ``FINITE = True`` every other float field finite: an error of one line naming ``where`` and
+    the field. None values (unset) pass."""
+    import math
+
+    ranges = getattr(type(obj), "RANGES", None) or {}
+    for name, (lo, hi, mode) in ranges.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if not in_range(v, lo, hi, mode):
+                raise RsitrError(f"{where} {name} must be {describe_range(lo, hi, mode)}, got {value!r}")
+    if getattr(type(obj), "FINITE", False):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name not in ranges and isinstance(v, float) and not math.isfinite(v):
+                raise RsitrError(f"{where} {f.name} must be a finite number, got {v!r}")
 
 
 _SCALARS = (bool, int, float, str)
@@ -76,4 +114,4 @@ def _scalar(value: Any, hint: Any, key: str) -> Any:
     raise RsitrError(f"{key}: expected {want}, got {value!r}")
 
 
-__all__ = ["from_mapping"]
+__all__ = ["check_declared_ranges", "describe_range", "from_mapping", "in_range"]

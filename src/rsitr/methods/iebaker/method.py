@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class IEBAKEROptions:
     """iEBAKER's options (see the module doc)."""
+
+    # allowed values, checked when the options are read (rsitr.utils.config.check_declared_ranges)
+    RANGES: ClassVar[dict] = {"eba_fraction": (0, 1, False), "eba_joint_local_weight": (0, None, False), "eba_min_keep": (0, None, False),
+                              "eba_warmup_epochs": (0, None, False), "eba_every": (1, None, False), "local_weight": (0, None, False),
+                              "local_scale": (0, None, True), "local_eval_weight": (0, None, False), "ker_weight": (0, None, False),
+                              "ker_negatives": (1, None, False), "ker_pool": (0, None, False), "ker_vocab_size": (1, None, False),
+                              "ker_min_count": (1, None, False), "ker_seed": (0, None, False), "sar_k": (1, None, False),
+                              "sar_k_t2i": (1, None, False), "sar_k_i2t": (1, None, False), "sar_reverse_weight": (0, None, False)}
+    FINITE: ClassVar[bool] = True
 
     # EBA
     eba: bool = False

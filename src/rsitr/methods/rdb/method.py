@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -100,6 +100,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class RDBOptions:
     """RDB's options (see the module doc)."""
+
+    # allowed values, checked when the options are read (rsitr.utils.config.check_declared_ranges)
+    RANGES: ClassVar[dict] = {"vea_bottleneck": (1, None, False), "vea_heads": (1, None, False), "tsa_bottleneck": (1, None, False),
+                              "phrase_window": (1, None, False), "token_slot_depth": (1, None, False),
+                              "ema_momentum": (0, 1, "hi_open"), "bank_momentum": (0, 1, "hi_open"), "consistency_temperature": (0, None, True),
+                              "weight_contrastive": (0, None, False), "weight_cls": (0, None, False), "weight_consistency": (0, None, False)}
+    FINITE: ClassVar[bool] = True
 
     vea_layers: Any = "all"
     tsa_layers: Any = "all"
