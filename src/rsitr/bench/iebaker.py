@@ -170,7 +170,7 @@ def _eba_on_cell(ctx: CellContext, params: dict[str, Any]) -> dict[str, Any] | N
         return out
     out["noise_auc"] = roc_auc(-score, noisy)
     curve = {}
-    for f in params.get("fractions", (0.1, 0.2, 0.3, 0.4)):
+    for f in params.get("fractions") or (0.1, 0.2, 0.3, 0.4):
         k = int(np.floor(float(f) * len(score)))
         el = np.zeros(len(score), dtype=bool)
         el[np.argsort(score, kind="stable")[:k]] = True
@@ -192,7 +192,7 @@ def _eba_render(rows: list[dict[str, Any]]) -> list[str]:
 
 def _eba_check(params: dict[str, Any]) -> None:
     keyword_check("eba_filter", extra={"fractions": (0.1, 0.2, 0.3, 0.4)})(params)
-    fr = params.get("fractions", (0.1,))
+    fr = params.get("fractions") or ()  # None: the default fractions
     if not all(0 < float(f) <= 1 for f in fr):
         raise RsitrError(f"eba_filter: fractions must be in (0, 1] (shares of the training pairs), got {list(fr)!r}")
 

@@ -115,10 +115,14 @@ def keyword_check(name: str, *fns: Callable[..., Any], exclude: tuple[str, ...] 
     import inspect
 
     kinds: dict[str, str | None] = {k: _kind(v) for k, v in (extra or {}).items()}
+    optional = {k for k, v in (extra or {}).items() if v is None}  # names that take null (their default's "not set")
     for fn in fns:
         for p in inspect.signature(fn).parameters.values():
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in exclude and p.name not in kinds:
-                kinds[p.name] = _kind(None if p.default is p.empty else p.default, p.annotation)
+                default = None if p.default is p.empty else p.default
+                kinds[p.name] = _kind(default, p.annotation)
+                if default is None or "None" in str(p.annotation):
+                    optional.add(p.name)
 
     def check(params: dict[str, Any]) -> None:
         unknown = sorted(set(params) - set(kinds))
@@ -126,6 +130,8 @@ def keyword_check(name: str, *fns: Callable[..., Any], exclude: tuple[str, ...] 
             raise RsitrError(f"{name}: unknown parameter(s) {unknown}; it takes {sorted(kinds)}")
         for key, value in params.items():
             kind = kinds[key]
+            if value is None and key not in optional:
+                raise RsitrError(f"{name}: parameter {key} takes no null (leave it out for its default)")
             if not _fits(kind, value, key):
                 low = 0 if "seed" in key else 1
                 want = {"bool": "true or false", "int": f"a whole number >= {low}", "number": "a finite number >= 0", "str": "a string",
