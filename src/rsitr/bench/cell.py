@@ -24,7 +24,6 @@ def run(cell_dir: Path, progress: bool = True) -> dict:
     from rsitr.bench.measurements import CellContext, run_on_cell
     from rsitr.bench.suite import environment, test_split
     from rsitr.eval.evaluate import encode_dataset, evaluate_ties
-    from rsitr.methods.factory import load
     from rsitr.train.config import TrainConfig
 
     spec = json.loads((cell_dir / "spec.json").read_text())

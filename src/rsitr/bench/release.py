@@ -21,7 +21,6 @@ search encodes a query, measures test mR with that bank, with the full caption b
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from rsitr.utils.config import from_mapping
+from rsitr.utils.config import describe_range, from_mapping, in_range
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import read_yaml
 
@@ -147,8 +147,6 @@ class TrainConfig:
         """Refuse values outside their allowed range (one :class:`RsitrError` naming the key and
         the range): ``batch_size=0`` used to end in a ZeroDivisionError, ``lr=-1`` in the
         optimizer's ValueError, ``epochs=-1`` in a "trained" run without a checkpoint."""
-        import math
-
         from rsitr.data.types import parse_distinct_filter
 
         for key in ("train_split", "val_split", "test_split"):
@@ -163,13 +161,8 @@ class TrainConfig:
                 continue
             values = node if isinstance(node, tuple) else (node,)
             for v in values:
-                hi_open = lo_open == "hi_open"
-                low_open = lo_open is True
-                ok = (isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if low_open else v >= lo)
-                      and (hi is None or (v < hi if hi_open else v <= hi)))
-                if not ok:
-                    rng = f"{'>' if low_open else '>='} {lo:g}" + (f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "")
-                    raise RsitrError(f"{key}: must be {rng}, got {node!r}")
+                if not in_range(v, lo, hi, lo_open):  # the one range rule of every config (rsitr.utils.config)
+                    raise RsitrError(f"{key}: must be {describe_range(lo, hi, lo_open)}, got {node!r}")
         for key, allowed in choices().items():
             node = self
             for part in key.split("."):
