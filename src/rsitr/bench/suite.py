@@ -47,7 +47,7 @@ import yaml
 
 from rsitr.models.registry import parse_spec
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable, read_yaml
+from rsitr.utils.io import atomic_write_json, atomic_write_text, jsonable, parse_yaml, read_text
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,14 @@ def load_suite(name_or_path: str, *, seeds: list[int] | None = None, methods: li
     config keys put over the suite's base (a dataset's or method's own keys still win); the suite
     archived with the run then is the file with them in its base."""
     path = find_suite(name_or_path)
-    raw = read_yaml(path, "bench suite") or {}
-    text = path.read_text(encoding="utf-8")  # read_yaml has read it as UTF-8 text
+    text = read_text(path, "bench suite")
+    raw = parse_yaml(text, path, "bench suite") or {}
     if not isinstance(raw, dict):
         raise RsitrError(f"{path}: a suite is a mapping with 'datasets' and 'methods', got {type(raw).__name__}")
     if sets:
         from rsitr.train.config import TrainConfig
 
-        TrainConfig().override(dict(sets)).check_ranges()  # an unknown key or a bad value fails here, not in every cell
+        TrainConfig().override(dict(sets))  # an unknown key or a bad value fails here (from_dict checks), not in every cell
         if raw.get("base") is not None and not isinstance(raw["base"], dict):
             raise RsitrError(f"{path}: 'base' must be a mapping")
         raw["base"] = {**_flatten(raw.get("base") or {}), **sets}
@@ -165,8 +165,6 @@ def build_suite(raw: dict[str, Any], path: Path, *, text: str | None = None, see
                 methods: list[str] | None = None, variables: dict[str, str] | None = None) -> Suite:
     """The cells of a parsed suite (``path`` names it in errors and is archived with the run;
     ``text``: its YAML, default ``raw`` dumped)."""
-    if not isinstance(raw, dict):
-        raise RsitrError(f"{path}: a suite is a mapping with 'datasets' and 'methods', got {type(raw).__name__}")
     for key in ("datasets", "methods"):
         if not isinstance(raw.get(key), dict) or not raw[key]:
             raise RsitrError(f"{path}: needs a non-empty '{key}' mapping")
@@ -281,9 +279,10 @@ def check_inputs(suite: Suite) -> None:
     teachers), then every cell's settings (keys, types, ranges, the method's options), checked
     before anything runs."""
     from rsitr.models.checkpoint import TrainCheckpoint
+    from rsitr.train.config import TrainConfig
     from rsitr.utils.errors import CheckpointError
 
-    missing = []
+    missing, bad = [], {}
     for c in suite.cells:
         sources = c.overrides.get("data.sources")
         if sources:
@@ -298,22 +297,18 @@ def check_inputs(suite: Suite) -> None:
         b = str(c.overrides.get("model.backbone", ""))
         if b and parse_spec(b).is_path and not Path(b).exists():
             missing.append(f"dataset '{c.dataset}' method '{c.method}': checkpoint {b!r}")
-        teachers = c.overrides.get("distill.teachers") or (c.overrides.get("distill") or {}).get("teachers") or ()
-        for t in [teachers] if isinstance(teachers, str) else teachers:
+        try:  # the cell's settings as its process will read them: keys, types, ranges, method options
+            cfg = TrainConfig().override(c.overrides)
+        except RsitrError as exc:
+            bad.setdefault(str(exc), []).append(c.key)
+            continue
+        for t in cfg.distill.teachers:
             try:
-                TrainCheckpoint.resolve(str(t))
+                TrainCheckpoint.resolve(t)
             except CheckpointError as exc:
                 missing.append(f"dataset '{c.dataset}' method '{c.method}': distill.teachers {t!r} ({exc})")
     if missing:
         raise RsitrError(f"suite {suite.name} cannot run; missing:\n  " + "\n  ".join(sorted(set(missing))))
-    from rsitr.train.config import TrainConfig
-
-    bad = {}
-    for c in suite.cells:  # each cell's settings as its process will read them: keys, types, ranges, method options
-        try:
-            TrainConfig().override(c.overrides)
-        except RsitrError as exc:
-            bad.setdefault(str(exc), []).append(c.key)
     if bad:
         raise RsitrError(f"suite {suite.name} cannot run; bad settings:\n  " + "\n  ".join(
             f"{', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}: {msg}" for msg, keys in bad.items()))

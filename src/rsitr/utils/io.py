@@ -172,15 +172,28 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
     """Parse a YAML file (an empty file is None); an unreadable file, one that is not UTF-8 text
     or not valid YAML is an ``RsitrError`` of one line naming it, ``what`` it should have been and,
     for a syntax error, the line and column."""
+    return parse_yaml(read_text(path, what), path, what)
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """A UTF-8 text file; unreadable or not UTF-8: an ``RsitrError`` of one line naming it and ``what``."""
+    from rsitr.utils.errors import RsitrError
+
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RsitrError(f"{p}: unreadable {what} ({' '.join(str(exc).split())})") from None
+
+
+def parse_yaml(text: str, path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """``text`` (read from ``path``) parsed as YAML; a syntax error is one line naming ``path``, the
+    line and column, and ``what`` it should have been."""
     import yaml
 
     from rsitr.utils.errors import RsitrError
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RsitrError(f"{p}: unreadable {what} ({' '.join(str(exc).split())})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
