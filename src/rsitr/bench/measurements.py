@@ -79,7 +79,7 @@ def _kind(default: Any, annotation: Any = None) -> str | None:
         return "numbers"
     if default is None and isinstance(annotation, str):
         parts = {a.strip() for a in annotation.split("|")} - {"None"}
-        for names, kind in ((("bool",), "bool"), (("int",), "int"), (("float",), "number"), (("str", "str | Path", "Path"), "str"),
+        for names, kind in ((("bool",), "bool"), (("int",), "int"), (("float",), "number"), (("str", "Path"), "str"),
                             (("Sequence[int]", "list[int]", "tuple[int, ...]"), "ints"), (("Sequence[float]", "list[float]"), "numbers")):
             if parts and parts <= set(names) | {"Path"} and any(n in parts for n in names):
                 return kind
@@ -88,9 +88,11 @@ def _kind(default: Any, annotation: Any = None) -> str | None:
 
 def _fits(kind: str | None, v: Any, key: str = "") -> bool:
     """Whether ``v`` is a value of ``kind``: whole numbers >= 1 (a seed >= 0), finite numbers >= 0."""
+    from rsitr.utils.config import in_range
+
     low = 0 if "seed" in key else 1
-    whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low  # noqa: E731
-    finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0  # noqa: E731
+    whole = lambda x: isinstance(x, int) and in_range(x, low, None, False)  # noqa: E731
+    finite = lambda x: in_range(x, 0, None, False)  # noqa: E731
     if kind is None or v is None:
         return True  # no kind known, or "not set" (the function's own default)
     if kind == "bool":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsitr.utils.config import in_range
 from rsitr.utils.errors import RsitrError
 from rsitr.utils.io import read_yaml
 from rsitr.utils.version import git_commit
@@ -101,7 +102,7 @@ class Release:
             if not isinstance(raw[key], str) or not raw[key].strip():
                 raise bad(key, "a non-empty string", raw[key])
         seed = raw.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not _whole(seed, 0):
             raise bad("seed", "a whole number >= 0", seed)
         overrides = raw.get("overrides") or {}
         if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
@@ -110,15 +111,14 @@ class Release:
         if not isinstance(ttas, list) or not ttas or any(isinstance(t, bool) or t not in DIHEDRAL_VIEWS for t in ttas):
             raise bad("ttas", f"a non-empty list of test-time view counts from {list(DIHEDRAL_VIEWS)}", ttas)
         beta = raw.get("qbnorm_beta", 14.0)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        if not in_range(beta, 0, None, True):
             raise bad("qbnorm_beta", "a positive finite number", beta)
         card = raw.get("card") or {}
         if not isinstance(card, dict):
             raise bad("card", "a mapping", card)
         # the card keys the search commands read (rsitr.search.build, rsitr.cli.search)
         tiles = card.get("ground_tiles_m")
-        if tiles is not None and (not isinstance(tiles, list) or not tiles or not all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in tiles)):
+        if tiles is not None and (not isinstance(tiles, list) or not tiles or not all(in_range(t, 0, None, True) for t in tiles)):
             raise bad("card.ground_tiles_m", "a non-empty list of positive tile sizes in metres", tiles)
         views = card.get("test_time_views_default", 1)
         if isinstance(views, bool) or views not in DIHEDRAL_VIEWS:
@@ -133,6 +133,11 @@ class Release:
         if c.is_absolute() or c.exists():
             return c
         return (self.path.parent / c) if self.path is not None else c
+
+
+def _whole(v: Any, low: int) -> bool:
+    """A whole number (not a float, not a boolean) >= ``low``."""
+    return isinstance(v, int) and in_range(v, low, None, False)
 
 
 def _eval_sets(spec: Any, p: Path) -> list[EvalSet]:
@@ -176,13 +181,12 @@ def _qbank(spec: Any, sets: list[EvalSet], p: Path) -> QBankSpec | None:
         raise RsitrError(f"{p}: qbank.sources must name evaluation sets (labels {labels}), got {src!r}")
     if not isinstance(spec.get("split", "train"), str) or not spec.get("split", "train").strip():
         raise RsitrError(f"{p}: qbank.split must be a non-empty string, got {spec.get('split')!r}")
-    whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
-    if spec.get("size") is not None and not whole(spec["size"], 1):
+    if spec.get("size") is not None and not _whole(spec["size"], 1):
         raise RsitrError(f"{p}: qbank.size must be a whole number >= 1 or null (every caption), got {spec['size']!r}")
-    if not whole(spec.get("seed", 0), 0):
+    if not _whole(spec.get("seed", 0), 0):
         raise RsitrError(f"{p}: qbank.seed must be a whole number >= 0, got {spec.get('seed')!r}")
     beta = spec.get("beta")
-    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf")):
+    if beta is not None and not in_range(beta, 0, None, True):
         raise RsitrError(f"{p}: qbank.beta must be a positive finite number or null (the release's qbnorm_beta), got {beta!r}")
     return QBankSpec(**spec)
 

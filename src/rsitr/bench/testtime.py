@@ -44,6 +44,7 @@ def _eval_sets(cfg) -> list:
 def _check(params: dict[str, Any]) -> None:
     """``tta`` 4 or 8, ``beta`` a positive finite number; nothing else (one line each)."""
     from rsitr.data.transforms import DIHEDRAL_VIEWS
+    from rsitr.utils.config import in_range
 
     unknown = sorted(set(params) - {"tta", "beta"})
     if unknown:
@@ -51,7 +52,7 @@ def _check(params: dict[str, Any]) -> None:
     tta, beta = params.get("tta", 8), params.get("beta", 14.0)
     if isinstance(tta, bool) or not isinstance(tta, int) or tta == 1 or tta not in DIHEDRAL_VIEWS:
         raise RsitrError(f"test_time: tta must be 4 or 8 (dihedral views of each image; 1 is the plain row), got {tta!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+    if not in_range(beta, 0, None, True):
         raise RsitrError(f"test_time: beta must be a positive number, got {beta!r}")
 
 
