@@ -24,7 +24,7 @@ PLACES = [("name",), ("config",), ("seed",), ("overrides",), ("ttas",), ("qbnorm
           ("eval_sets", 0, "format"), ("eval_sets", 0, "image_root"), ("eval_sets", 2, "zero_shot"), ("eval_sets", 1, "label"),
           ("qbank", "sources"), ("qbank", "split"), ("qbank", "size"), ("qbank", "seed"), ("qbank", "beta"),
           ("card", "ground_tiles_m"), ("card", "test_time_views_default"), ("ttas", 0), ("card", "ground_tiles_m", 1),
-          ("bogus",), ("eval_sets", 0, "bogus"), ("qbank", "bogus")]
+          ("teachers",), ("overrides", "distill.teachers"), ("bogus",), ("eval_sets", 0, "bogus"), ("qbank", "bogus")]
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 20), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
                    st.lists(st.one_of(st.integers(-2, 9), st.text(max_size=3), st.floats(allow_nan=True)), max_size=3),
@@ -62,6 +62,9 @@ def _well_typed(rel: Release) -> None:
     tiles = rel.card.get("ground_tiles_m")
     assert tiles is None or all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf for t in tiles)
     assert rel.card.get("test_time_views_default", 1) in (1, 4, 8)
+    assert isinstance(rel.teachers, tuple) and len(set(rel.teachers)) == len(rel.teachers)
+    assert all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in rel.teachers)
+    assert not rel.teachers or not {"distill.teachers", "distill.sha256"} & set(rel.overrides)
 
 
 def test_the_shipped_release_files_read():
@@ -100,6 +103,11 @@ def test_a_generated_bad_field_is_one_error_line(tmp_path_factory, place, value)
     ("name: x\nconfig: c.yaml\ncard: {ground_tiles_m: [80, 0]}", "card.ground_tiles_m must be"),
     ("name: x\nconfig: c.yaml\ncard: {test_time_views_default: 3}", "card.test_time_views_default must be"),
     ("name: x\nconfig: c.yaml\nepochs: 3", "unknown key(s) ['epochs']"),
+    ("name: x\nconfig: c.yaml\nteachers: [0, 0]", "teachers must be a list of distinct teacher seeds"),
+    ("name: x\nconfig: c.yaml\nteachers: [-1]", "teachers must be"), ("name: x\nconfig: c.yaml\nteachers: 2", "teachers must be"),
+    ("name: x\nconfig: c.yaml\nteachers: [1.0]", "teachers must be"),
+    ("name: x\nconfig: c.yaml\nteachers: [0]\noverrides: {distill.teachers: [a]}", "overrides must be free of distill.teachers"),
+    ("name: x\nconfig: c.yaml\nteachers: [0]\noverrides: {distill: {sha256: [a]}}", "overrides must be free of distill.teachers"),
 ])
 def test_bad_release_files_name_the_key(tmp_path, text, msg):
     with pytest.raises(RsitrError) as info:

@@ -98,6 +98,53 @@ def test_release_build_trains_exports_and_cards(release, capsys):
     assert rc == 0 and again[0]["mR"] == pytest.approx(rows[0]["mR"], abs=1e-6)
 
 
+def test_a_distilled_release_builds_its_teachers_first(synth, tmp_path):
+    """A release with ``teachers:`` trains each teacher seed into its own folder beside the run, then
+    the student distilled from them (teachers pinned by sha256); the card names them; a second build
+    trains nothing again."""
+    from rsitr.bench.release import Release, build_release, teacher_run
+    from rsitr.models.checkpoint import TrainCheckpoint
+    from rsitr.utils.io import cached_sha256
+
+    (tmp_path / "train.yaml").write_text(f"data:\n  path: {synth}\nmodel:\n  backbone: towers:efficientnet-lite0+minilm-l6\n"
+                                         "  mode: top:1,1\n  embed_dim: 32\nepochs: 1\nbatch_size: 8\nwarmup_steps: 1\n"
+                                         f"eval_batch_size: 16\ncache_views: 1\ncache_dir: {tmp_path / 'cache'}\n")  # shared, as the suites'
+    f = tmp_path / "rel.yaml"
+    f.write_text("name: tiny-student\nconfig: train.yaml\nseed: 2\nteachers: [0, 1]\nttas: [1]\n"
+                 "overrides: {distill.weight: 2.0, lr: 0.002}\n"
+                 f"eval_sets:\n  - {{label: synth, data: {synth}, split: test, bank: null}}\n")
+    rel, run = Release.from_yaml(f), tmp_path / "r"
+    doc = build_release(rel, tmp_path / "zoo" / rel.name, run, progress=False)
+    folders = [teacher_run(run, s) for s in (0, 1)]
+    assert [p.name for p in folders] == ["r-teacher-seed0", "r-teacher-seed1"]
+    for seed, folder in zip((0, 1), folders):
+        cfg = TrainCheckpoint.load(folder).config
+        # a teacher: the release's config and overrides, its own seed, no distillation (distill.weight is the student's)
+        assert cfg["seed"] == seed and cfg["lr"] == 0.002 and not cfg["distill"]["teachers"] and cfg["distill"]["weight"] == 1.0
+    student = TrainCheckpoint.load(run).config
+    assert student["seed"] == 2 and student["distill"]["weight"] == 2.0
+    assert list(student["distill"]["teachers"]) == [str(p) for p in folders]
+    digests = [cached_sha256(TrainCheckpoint.resolve(str(p))) for p in folders]
+    assert list(student["distill"]["sha256"]) == digests
+    entries = doc["card"]["teachers"]
+    assert [(e["seed"], e["run"], e["sha256"]) for e in entries] == list(zip((0, 1), map(str, folders), digests))
+    assert all(e["best"]["mR"] >= 0 for e in entries)
+    assert 0 <= doc["card"]["metrics"][0]["mR"] <= 100
+
+    # built again: every run is finished, nothing trains; the card is the same
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "checkpoint_last.pt", *(q / "checkpoint_last.pt" for q in folders)]}
+    again = build_release(rel, tmp_path / "zoo" / rel.name, run, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["card"]["teachers"] == entries
+    assert [r["mR"] for r in again["card"]["metrics"]] == [r["mR"] for r in doc["card"]["metrics"]]
+
+    # a run folder distilled from other teachers is refused, in one line
+    (tmp_path / "rel2.yaml").write_text(f.read_text().replace("teachers: [0, 1]", "teachers: [0]"))
+    with pytest.raises(RsitrError) as info:
+        build_release(Release.from_yaml(tmp_path / "rel2.yaml"), tmp_path / "zoo2" / "x", run, progress=False)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("root", ["/work/wt/rs2", "/home/u/clone", "rel/clone", "."])
 def test_a_card_names_release_files_from_src_rsitr_whatever_the_clone(root, tmp_path):
     """Cards built in a worktree, a clone or from a relative path name the same files."""

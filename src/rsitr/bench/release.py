@@ -11,6 +11,13 @@ shipped weights', fp16 included) on every set, with and without test-time views 
 writes the metrics into the card. The evaluation sets marked ``zero_shot`` are never used for a
 choice: they are reported only.
 
+A release with a ``teachers:`` entry (a list of seeds) is a distilled model: :func:`build_release`
+first trains the release's config and overrides (its ``distill.*`` overrides aside) once per teacher
+seed, each into its own run folder (``RUN-teacher-seedN`` beside the student's ``RUN``; a finished one
+is not trained again), then trains the student with ``distill.teachers`` set to those folders (their
+checkpoints pinned by sha256 in the student's config.json), so one command rebuilds teachers and
+student from scratch. The card names the teachers (seed, run folder, best epoch and val mR, sha256).
+
 A release with a ``qbank:`` entry (:class:`QBankSpec`) also ships a QB-Norm query bank:
 :func:`build_query_bank` draws ``size`` of the training captions of the named evaluation sets
 (seed ``seed``; :func:`rsitr.bench.qbank.subsample`), encodes them with the exported model as
@@ -78,6 +85,7 @@ class Release:
     qbnorm_beta: float = 14.0
     card: dict[str, Any] = field(default_factory=dict)
     qbank: QBankSpec | None = None
+    teachers: tuple[int, ...] = ()  # seeds of the teacher runs distilled into this one (see the module doc)
     path: Path | None = None
 
     @classmethod
@@ -125,14 +133,39 @@ class Release:
             raise bad("card.test_time_views_default", f"one of {list(DIHEDRAL_VIEWS)}", views)
         sets = _eval_sets(raw.get("eval_sets") or [], p)
         qbank = _qbank(raw.get("qbank"), sets, p)
+        teachers = raw.get("teachers") or []
+        if not isinstance(teachers, list) or not all(_whole(t, 0) for t in teachers) or len(set(teachers)) != len(teachers):
+            raise bad("teachers", "a list of distinct teacher seeds (whole numbers >= 0)", teachers)
+        if teachers and _sets_teachers(overrides):
+            raise bad("overrides", "free of distill.teachers / distill.sha256 when 'teachers' is given (the build sets them)",
+                      overrides)
         return cls(name=raw["name"], config=raw["config"], seed=seed, overrides=dict(overrides), eval_sets=sets, ttas=tuple(ttas),
-                   qbnorm_beta=float(beta), card=dict(card), qbank=qbank, path=p)
+                   qbnorm_beta=float(beta), card=dict(card), qbank=qbank, teachers=tuple(teachers), path=p)
 
     def config_path(self) -> Path:
         c = Path(self.config)
         if c.is_absolute() or c.exists():
             return c
         return (self.path.parent / c) if self.path is not None else c
+
+
+def teacher_run(run_dir: str | Path, seed: int) -> Path:
+    """The run folder of a release's teacher ``seed``, beside the student's ``run_dir``."""
+    run = Path(run_dir)
+    return run.parent / f"{run.name}-teacher-seed{seed}"
+
+
+def _distill_key(key: str) -> bool:
+    return key == "distill" or key.startswith("distill.")
+
+
+def _sets_teachers(overrides: dict[str, Any]) -> bool:
+    """Whether ``overrides`` set the distillation teachers or their digests (dotted or nested)."""
+    keys = set(overrides)
+    nested = overrides.get("distill")
+    if isinstance(nested, dict):
+        keys |= {f"distill.{k}" for k in nested}
+    return bool(keys & {"distill.teachers", "distill.sha256"})
 
 
 def _whole(v: Any, low: int) -> bool:
@@ -267,24 +300,28 @@ def export_run(run_dir: str | Path, name: str, out_dir: str | Path, card: dict[s
 
 def build_release(release: Release, out_dir: str | Path, run_dir: str | Path, *, train: bool = True, engine: str = "auto",
                   progress: bool = True) -> dict[str, Any]:
-    """Train (unless ``run_dir`` holds a finished run, or ``train`` is False), export, evaluate the
-    export, write the card. Returns the card document."""
+    """Train the teachers (a release with ``teachers:``) and the model (a finished run is not
+    trained again; nothing is trained when ``train`` is False), export, evaluate the export, write
+    the card. Returns the card document."""
     from rsitr.models.shipped import read_card, write_card
 
     run = Path(run_dir)
     t0 = time.perf_counter()
+    teachers = [teacher_run(run, s) for s in release.teachers]
     if train:
-        from rsitr.train.config import TrainConfig
-        from rsitr.train.loop import train as train_run
-
-        cfg = TrainConfig.from_yaml(release.config_path()).override({**release.overrides, "seed": release.seed, "out_dir": str(run)})
-        resume = (run / "checkpoint_last.pt").is_file()
-        train_run(cfg, resume=resume, progress=progress)
+        plain = {k: v for k, v in release.overrides.items() if not _distill_key(k)}
+        for seed, folder in zip(release.teachers, teachers):
+            log.info("%s: teacher seed %d -> %s", release.name, seed, folder)
+            _train(release, plain, seed, folder, progress)
+        extra = {"distill.teachers": [str(t) for t in teachers]} if teachers else {}
+        _train(release, {**release.overrides, **extra}, release.seed, run, progress)
     train_s = time.perf_counter() - t0
     if not ((run / "checkpoint_best.pt").is_file() or (run / "checkpoint_last.pt").is_file()):
         raise RsitrError(f"{run}: no checkpoint to export (train it first, or drop --no-train)")
     card = {**release.card, "release_file": _card_path(release.path) if release.path else None, "built_at_commit": git_commit(),
             "training_config": _card_path(release.config_path()), "seed": release.seed}
+    if teachers:
+        card["teachers"] = _teacher_entries(release, run, teachers)
     out = export_run(run, release.name, out_dir, card)
     rows = evaluate_model(_shipped_source(out, release.name), release.eval_sets,
                           ttas=release.ttas, qbnorm_beta=release.qbnorm_beta, engine=engine, progress=progress)
@@ -297,6 +334,33 @@ def build_release(release: Release, out_dir: str | Path, run_dir: str | Path, *,
     doc["card"]["build_seconds"] = {"train_and_cache": round(train_s, 1), "total": round(time.perf_counter() - t0, 1)}
     write_card(out, doc)
     return doc
+
+
+def _train(release: Release, overrides: dict[str, Any], seed: int, run: Path, progress: bool) -> None:
+    """Train the release's config with ``overrides`` and ``seed`` into ``run`` (resumed when it holds a checkpoint)."""
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train as train_run
+
+    cfg = TrainConfig.from_yaml(release.config_path()).override({**overrides, "seed": seed, "out_dir": str(run)})
+    train_run(cfg, resume=(run / "checkpoint_last.pt").is_file(), progress=progress)
+
+
+def _teacher_entries(release: Release, run: Path, teachers: list[Path]) -> list[dict[str, Any]]:
+    """The card's record of the teachers the exported run was distilled from: each one's seed,
+    folder, best epoch / val mR, and the sha256 the student pinned."""
+    from rsitr.models.checkpoint import TrainCheckpoint
+
+    ck = TrainCheckpoint.load(run)
+    d = dict(ck.config.get("distill") or {})
+    given = [str(t) for t in d.get("teachers") or ()]
+    if given != [str(t) for t in teachers]:
+        raise RsitrError(f"{run}: the run was distilled from {given}, not from the release's teachers {[str(t) for t in teachers]} "
+                         f"(seeds {list(release.teachers)}); rebuild it in a new run folder")
+    out = []
+    for seed, folder, sha in zip(release.teachers, teachers, d.get("sha256") or [None] * len(teachers)):
+        best = TrainCheckpoint.load(folder).best if folder.exists() else {}
+        out.append({"seed": seed, "run": str(folder), "best": best, "sha256": sha})
+    return out
 
 
 def build_query_bank(release: Release, folder: str | Path, *, engine: str = "auto", batch_size: int = 256,
@@ -371,4 +435,5 @@ def _shipped_source(folder: Path, name: str) -> str:
     return str(folder)
 
 
-__all__ = ["EvalSet", "QBankSpec", "Release", "build_query_bank", "build_release", "evaluate_model", "export_run", "markdown_table"]
+__all__ = ["EvalSet", "QBankSpec", "Release", "build_query_bank", "build_release", "evaluate_model", "export_run", "markdown_table",
+           "teacher_run"]

@@ -134,7 +134,8 @@ def add_models_cli(sub) -> None:
     ev.set_defaults(func=cmd_evaluate)
     b = ms.add_parser("build", help="train a release's config, export it, evaluate the export, write its card (the rebuild command)")
     b.add_argument("release", help="release file (src/rsitr/configs/releases/NAME.yaml)")
-    b.add_argument("--run", default=None, help="run folder (default runs/release-NAME); a finished run there is not trained again")
+    b.add_argument("--run", default=None, help="run folder (default runs/release-NAME; a release's teachers train into RUN-teacher-seedN beside it); "
+                   "a finished run there is not trained again")
     b.add_argument("--out", default=None, help="folder to write NAME/ into (default: the package's shipped_models/)")
     b.add_argument("--no-train", action="store_true", help="export and evaluate the run folder as it is")
     add_engine_arg(b)
