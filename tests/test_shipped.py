@@ -138,11 +138,14 @@ def test_a_distilled_release_builds_its_teachers_first(synth, tmp_path):
     assert again["card"]["teachers"] == entries
     assert [r["mR"] for r in again["card"]["metrics"]] == [r["mR"] for r in doc["card"]["metrics"]]
 
-    # a run folder distilled from other teachers is refused, in one line
-    (tmp_path / "rel2.yaml").write_text(f.read_text().replace("teachers: [0, 1]", "teachers: [0]"))
-    with pytest.raises(RsitrError) as info:
-        build_release(Release.from_yaml(tmp_path / "rel2.yaml"), tmp_path / "zoo2" / "x", run, progress=False)
-    assert "\n" not in str(info.value)
+    # a finished run of another config is never shipped under the release's name: a student run distilled from
+    # other teachers, a teacher folder trained with another learning rate -- one line naming the key
+    for old, new, key in (("teachers: [0, 1]", "teachers: [0]", "distill.teachers"), ("lr: 0.002", "lr: 0.003", "lr: 0.002 there, 0.003 here")):
+        (tmp_path / "rel2.yaml").write_text(f.read_text().replace(old, new))
+        with pytest.raises(RsitrError) as info:
+            build_release(Release.from_yaml(tmp_path / "rel2.yaml"), tmp_path / "zoo2" / "x", run, progress=False)
+        assert "holds a finished run of another config" in str(info.value) and key in str(info.value) and "\n" not in str(info.value)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 @pytest.mark.parametrize("root", ["/work/wt/rs2", "/home/u/clone", "rel/clone", "."])

@@ -337,12 +337,42 @@ def build_release(release: Release, out_dir: str | Path, run_dir: str | Path, *,
 
 
 def _train(release: Release, overrides: dict[str, Any], seed: int, run: Path, progress: bool) -> None:
-    """Train the release's config with ``overrides`` and ``seed`` into ``run`` (resumed when it holds a checkpoint)."""
+    """Train the release's config with ``overrides`` and ``seed`` into ``run``: resumed when it holds a
+    checkpoint, left as it is when it holds a finished run of that config (another config is an error)."""
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train as train_run
 
     cfg = TrainConfig.from_yaml(release.config_path()).override({**overrides, "seed": seed, "out_dir": str(run)})
+    if _finished(run, cfg.to_dict()):
+        log.info("%s: a finished run of this config, not trained again", run)
+        return
     train_run(cfg, resume=(run / "checkpoint_last.pt").is_file(), progress=progress)
+
+
+# set by the run itself, or where it lies: not part of what a finished run is compared on
+_RUN_OWN = ("out_dir", "distill.sha256")
+
+
+def _finished(run: Path, want: dict[str, Any]) -> bool:
+    """Whether ``run`` holds a finished run (``result.json`` with every planned step, not stopped by a
+    time budget) whose ``config.json`` agrees with ``want`` (a TrainConfig dict) on every key both
+    record (a key a run of older code lacks is not compared). A finished run of another config is
+    an error: it would ship under the release's name."""
+    from rsitr.bench.suite import _flatten
+    from rsitr.utils.io import jsonable, read_json
+
+    if not (run / "result.json").is_file() or not (run / "config.json").is_file():
+        return False
+    result = read_json(run / "result.json", "run result")
+    if not isinstance(result, dict) or result.get("budget_stopped") or result.get("steps", 0) < result.get("planned_steps", 1):
+        return False
+    have, need = _flatten(read_json(run / "config.json", "run config")), _flatten(jsonable(want))
+    differ = sorted(k for k in set(have) & set(need) if have[k] != need[k] and k not in _RUN_OWN)
+    if differ:
+        shown = ", ".join(f"{k}: {have[k]!r} there, {need[k]!r} here" for k in differ[:4])
+        raise RsitrError(f"{run}: holds a finished run of another config ({shown}{', ...' if len(differ) > 4 else ''}); "
+                         f"build into another --run folder")
+    return True
 
 
 def _teacher_entries(release: Release, run: Path, teachers: list[Path]) -> list[dict[str, Any]]:
