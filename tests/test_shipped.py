@@ -129,6 +129,8 @@ def test_a_distilled_release_builds_its_teachers_first(synth, tmp_path):
     entries = doc["card"]["teachers"]
     assert [(e["seed"], e["run"], e["sha256"]) for e in entries] == list(zip((0, 1), map(str, folders), digests))
     assert all(e["best"]["mR"] >= 0 for e in entries)
+    md = (tmp_path / "zoo" / rel.name / "card.md").read_text()
+    assert f"- distilled from: seed 0 (run `{folders[0]}`, best val mR {entries[0]['best']['mR']:.2f}" in md and digests[1][:12] in md
     assert 0 <= doc["card"]["metrics"][0]["mR"] <= 100
 
     # built again: every run is finished, nothing trains; the card is the same

@@ -246,6 +246,14 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _teacher_text(t: dict[str, Any]) -> str:
+    """One teacher of a distilled model as the card reads (see ``rsitr.bench.release``)."""
+    best = t.get("best") or {}
+    val = f", best val mR {best['mR']:.2f} at epoch {best.get('epoch')}" if isinstance(best.get("mR"), (int, float)) else ""
+    sha = f", sha256 `{str(t['sha256'])[:12]}...`" if t.get("sha256") else ""
+    return f"seed {t.get('seed')} (run `{t.get('run')}`{val}{sha})"
+
+
 def card_markdown(doc: dict[str, Any]) -> str:
     """The card for people: the free-form ``card`` section rendered key by key, metrics as tables."""
     c = doc.get("card", {})
@@ -260,6 +268,9 @@ def card_markdown(doc: dict[str, Any]) -> str:
               f"`{doc['checkpoint'].get('method', {}).get('name', '?')}`"]
     for key, val in c.items():
         if key in ("summary", "metrics"):
+            continue
+        if key == "teachers" and isinstance(val, list) and all(isinstance(t, dict) for t in val):
+            lines.append("- distilled from: " + "; ".join(_teacher_text(t) for t in val))
             continue
         lines.append(f"- {key.replace('_', ' ')}: {val if not isinstance(val, (dict, list)) else json.dumps(val)}")
     qb = doc.get("qbank")
