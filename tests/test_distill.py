@@ -286,3 +286,109 @@ def test_teacher_pass_covers_every_cached_view_and_a_batch_looks_up_its_own():
     batch = {"image_index": ii, "image_view": vi, "text_index": ti}
     assert float(teachers.loss(s_img, s_txt, torch.tensor(0.0), batch)) < 1e-3  # fp16 storage
     assert float(teachers.loss(s_img, s_txt, torch.tensor(0.0), {**batch, "image_view": (vi + 1) % views})) > 1e-2
+
+
+def test_a_teacher_pass_is_stored_beside_the_trunk_cache_and_read_by_later_runs(synth, teacher_run, tmp_path, monkeypatch):
+    """The pass is written once (tch-<key>.pt in the run's cache_dir) and read by a resumed run and
+    by other students of the same teacher over the same trunk cache; what they train is what a run
+    that ran the pass itself trains. Another teacher file, or another trunk cache, is another pass."""
+    from rsitr.train import distill
+    from rsitr.train.loop import train
+    from rsitr.utils.cachedir import scan
+
+    calls = []
+    real_pass = distill.teacher_pass
+    monkeypatch.setattr(distill, "teacher_pass", lambda *a, **k: (calls.append(1), real_pass(*a, **k))[1])
+    shared = tmp_path / "cache"
+
+    def student(out: Path, cache: Path, teacher: Path = teacher_run, **over) -> Path:
+        train(cfg_for(synth, out, **{"max_steps": 4, "cache_dir": str(cache), "cache_seed": 0, "distill.teachers": [str(teacher)], **over}),
+              progress=False, evaluate_test=False)
+        return out
+
+    student(tmp_path / "s1", shared, seed=1)
+    stored = sorted(shared.glob("tch-*.pt"))
+    assert len(calls) == 1 and len(stored) == 1
+    item = next(it for it in scan(shared) if it.path == stored[0])
+    assert item.kind == "teacher pass" and "2 views x 16 images / 80 captions" in item.summary()  # the train split
+    # another seed of the student over the same trunk cache: read, not run; trains as a run that ran it
+    s2 = student(tmp_path / "s2", shared, seed=2)
+    assert len(calls) == 1
+    fresh = student(tmp_path / "s2-fresh", tmp_path / "own-cache", seed=2)
+    assert len(calls) == 2
+    a = torch.load(s2 / "checkpoint_last.pt", weights_only=True)["state"]
+    b = torch.load(fresh / "checkpoint_last.pt", weights_only=True)["state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a resumed run reads it too
+    crashed = tmp_path / "s3"
+
+    def crash(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(synth, crashed, max_steps=4, save_every_steps=1, cache_dir=str(shared), cache_seed=0, **{"distill.teachers": [str(teacher_run)]}),
+              progress=False, evaluate_test=False, on_step=crash)
+    train(cfg_for(synth, crashed, max_steps=4, save_every_steps=1, cache_dir=str(shared), cache_seed=0, **{"distill.teachers": [str(teacher_run)]}),
+          resume=True, progress=False, evaluate_test=False)
+    assert len(calls) == 2
+    # another teacher file (same weights, another checkpoint record: another sha256): its own pass
+    other = tmp_path / "teacher2"
+    shutil.copytree(teacher_run, other)
+    state = torch.load(other / "checkpoint_best.pt", weights_only=True)
+    state["best"] = {"epoch": 99}
+    torch.save(state, other / "checkpoint_best.pt")
+    student(tmp_path / "s4", shared, teacher=other, seed=1)
+    assert len(calls) == 3 and len(list(shared.glob("tch-*.pt"))) == 2
+    # other trunk-cache views (cache_seed): another pass
+    student(tmp_path / "s5", shared, seed=1, cache_seed=7)
+    assert len(calls) == 4 and len(list(shared.glob("tch-*.pt"))) == 3
+    # a stored pass that cannot be read: one line naming the file and what to do
+    stored[0].write_bytes(b"not a torch file")
+    with pytest.raises(RsitrError) as exc:
+        student(tmp_path / "s6", shared, seed=1)
+    assert "\n" not in str(exc.value) and stored[0].name in str(exc.value) and "delete it" in str(exc.value)
+
+
+def test_a_stored_pass_of_another_shape_is_run_again(tmp_path, caplog):
+    """A stored pass whose shape does not fit the cache (not possible under one key unless the file
+    was replaced) is run again and overwritten, with a warning."""
+    from types import SimpleNamespace
+
+    from rsitr.data.imagesets import TrunkCache
+    from rsitr.data.types import Features
+    from rsitr.train.distill import cached_teacher_pass, pass_key
+
+    bb = build_seeded("mini", "cpu")
+    tokens = torch.randn(5, 4, 12, generator=torch.Generator().manual_seed(1))
+    f = Features(tokens.mean(1), tokens, torch.ones(5, 4, dtype=torch.bool))
+    cache = TrunkCache([f, f], f, ("img-" + "a" * 20, "img-" + "b" * 20, "txt-" + "c" * 20))
+    teacher, cpu = SimpleNamespace(backbone=bb, method=None), torch.device("cpu")
+    first = cached_teacher_pass(teacher, cache, 4, cpu, cache_dir=tmp_path, sha256="0" * 64, describe={})
+    path = tmp_path / f"tch-{pass_key('0' * 64, cache, 4, cpu)}.pt"
+    assert path.is_file() and first[0].shape == (2, 5, 8)
+    assert pass_key("0" * 64, TrunkCache([f], f), 4, cpu) is None  # a cache without files names no pass
+    assert pass_key("0" * 64, cache, 8, cpu) != pass_key("0" * 64, cache, 4, cpu) != pass_key("1" * 64, cache, 4, cpu)
+    torch.save({"image": first[0][:1], "text": first[1], "scale": first[2]}, path)
+    with caplog.at_level("WARNING"):
+        again = cached_teacher_pass(teacher, cache, 4, cpu, cache_dir=tmp_path, sha256="0" * 64, describe={})
+    assert "another shape" in caplog.text and torch.equal(again[0], first[0])
+    assert torch.load(path, weights_only=True)["image"].shape == (2, 5, 8)
+
+
+def test_a_student_of_a_mix_names_every_part_of_its_trunk_cache(synth, synth_dataset, teacher_run, tmp_path):
+    """A mix's trunk cache is its parts' caches: the stored pass is keyed by every part's files (each
+    view of each part, then each part's text), all of which exist in the cache folder."""
+    from rsitr.train.loop import train
+
+    other = synth_dataset(n_images=18, seed=9, image_size=32)
+    cache = tmp_path / "cache"
+    train(cfg_for(synth, tmp_path / "mix", **{"max_steps": 2, "cache_dir": str(cache), "cache_seed": 0, "data.path": "",
+                                              "data.sources": [{"path": str(synth), "name": "a"}, {"path": str(other), "name": "b"}],
+                                              "distill.teachers": [str(teacher_run)]}), progress=False, evaluate_test=False)
+    (desc,) = [json.loads(p.read_text()) for p in cache.glob("tch-*.json")]
+    trunk = desc["trunk"]
+    assert len(trunk) == 6 and len(set(trunk)) == 6  # 2 parts x (2 image views + text)
+    assert [k[:3] for k in trunk] == ["img", "img", "txt", "img", "img", "txt"]
+    assert all((cache / f"{k}.pt").is_file() for k in trunk)
+    assert desc["views"] == 2 and desc["entries"] == 16 + 12 and desc["captions"] == 5 * (16 + 12)

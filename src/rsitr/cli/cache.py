@@ -16,7 +16,7 @@ def _folders(args: argparse.Namespace) -> list:
 
 def _add_folders(p: argparse.ArgumentParser) -> None:
     p.add_argument("folders", nargs="*", metavar="FOLDER",
-                   help="cache folders: a run's or suite's cache_dir (trunk caches), the ONNX graph cache "
+                   help="cache folders: a run's or suite's cache_dir (trunk caches, stored teacher passes), the ONNX graph cache "
                         "(default: $RSITR_ONNX_CACHE, else ~/.cache/rsitr/onnx)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 

@@ -87,10 +87,14 @@ class _Keyed(Dataset):
 class TrunkCache:
     """Frozen-trunk outputs: ``image[v]`` is a Features over all images for view v (view 0 is
     the eval transform); ``text`` a Features over all captions in ``dataset.texts()`` order.
-    Missing modalities (trainable trunk) are None."""
+    Missing modalities (trainable trunk) are None. ``keys``: the content keys of the cache files
+    it was read from or written to, in order (every image view, then the text; each part of a mix
+    in turn), which name its content; empty when it has no files (no ``cache_dir``) or is a cut of
+    another cache -- then nothing derived from it is stored either."""
 
     image: list[Features] | None
     text: Features | None
+    keys: tuple[str, ...] = ()
 
     def subset(self, dataset: CaptionDataset, start: int, stop: int) -> "TrunkCache":
         """The cache of ``dataset.subset(start, stop)`` (this cache is ``dataset``'s)."""

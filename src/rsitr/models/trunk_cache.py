@@ -123,7 +123,8 @@ def build_trunk_cache(
         caches = [build_trunk_cache(backbone, dataset.subset(a, b), **kw) for a, b in parts]
         image = [_cat([c.image[v] for c in caches]) for v in range(len(caches[0].image))] if caches[0].image is not None else None
         text = _cat([c.text for c in caches]) if caches[0].text is not None else None
-        return TrunkCache(image, text)
+        keys = tuple(k for c in caches for k in c.keys) if all(c.keys for c in caches) else ()
+        return TrunkCache(image, text, keys)
 
     was_training = backbone.training
     backbone.eval()
@@ -196,7 +197,9 @@ def build_trunk_cache(
         if not keep_text and text.tokens.numel():
             text = _features_to_cpu(text, False)
     backbone.train(was_training)
-    return TrunkCache(image_views, text)
+    files = [job[0] for job in image_jobs] + ([text_job[0]] if text_job is not None else [])
+    keys = tuple(p.stem for p in files) if files and all(p is not None for p in files) else ()
+    return TrunkCache(image_views, text, keys)
 
 
 __all__ = ["build_trunk_cache", "supports_trunk_cache", "trunk_cut", "trunk_identity"]

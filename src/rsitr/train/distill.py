@@ -9,8 +9,10 @@ training (:func:`teacher_pass`: its trained heads / top blocks, no grad) over ev
 every training image and every caption; a step then only looks its embeddings up by the batch's
 (image, view) and caption indices. Memory: ``teachers x (views x images + captions) x embed_dim``
 in fp16 -- the joint UCM+RSICD model with 4 views: 4 x 12.8k x 256 x 2 B = 26 MB of images and
-64k x 256 x 2 B = 33 MB of captions per teacher. The pass runs again on ``--resume`` (it is not
-stored). Teachers with another backbone or cut, or a student without a trunk cache (a trainable
+64k x 256 x 2 B = 33 MB of captions per teacher. The pass is stored in the run's trunk-cache folder
+(``tch-<key>.pt``, :func:`cached_teacher_pass`; the key names the teacher file's sha256 and the trunk
+cache files it ran over), so a resumed run and the other seeds of a student read it instead of
+running it again (about one epoch's time per teacher). Teachers with another backbone or cut, or a student without a trunk cache (a trainable
 trunk, ``cache_features: off``), are refused with one error line: computing a teacher from the
 images every step would make a distillation epoch cost several plain ones.
 
@@ -21,6 +23,8 @@ every checkpoint); a resumed run must name the same teachers, whose files must s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +42,8 @@ from rsitr.models.checkpoint import TrainCheckpoint
 from rsitr.models.trunk_cache import trunk_identity
 from rsitr.utils.distributed import gather_rows
 from rsitr.utils.errors import CheckpointError, RsitrError
-from rsitr.utils.io import cached_sha256
+from rsitr.utils.cachedir import mark_used
+from rsitr.utils.io import atomic_path, atomic_write_json, cached_sha256
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,47 @@ def teacher_pass(teacher, cache: TrunkCache, batch_size: int, device: torch.devi
     return image, text, float(logit_scale_exp(temp.detach() if temp is not None else 0.0))
 
 
+PASS_FORMAT = 1  # of the stored teacher passes (tch-<key>.pt); a new format gets new keys
+
+
+def pass_key(teacher_sha256: str, cache: TrunkCache, batch_size: int, device: torch.device) -> str | None:
+    """The content key of one teacher's pass over ``cache``: the teacher file's sha256, the trunk
+    cache files' own content keys, the batch size and device type (which can change the last bits
+    of the fp16 output); None when the cache has no files to name it by."""
+    if not cache.keys:
+        return None
+    blob = json.dumps({"format": PASS_FORMAT, "teacher": teacher_sha256, "trunk": list(cache.keys), "batch_size": int(batch_size),
+                       "device": device.type}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def cached_teacher_pass(teacher, cache: TrunkCache, batch_size: int, device: torch.device, *, cache_dir: Path | None,
+                        sha256: str, describe: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`teacher_pass`, read from ``cache_dir/tch-<key>.pt`` when an earlier run stored it (for
+    the same teacher file and trunk cache), else run and stored there (atomically, with a ``.json``
+    description; ``rsitr cache ls|prune`` list and prune it with the trunk caches)."""
+    key = pass_key(sha256, cache, batch_size, device) if cache_dir is not None else None
+    path = cache_dir / f"tch-{key}.pt" if key is not None else None
+    want = (len(cache.image), cache.image[0].pooled.shape[0], cache.text.pooled.shape[0])
+    if path is not None and path.is_file():
+        from rsitr.utils.weights import load_torch_file
+
+        d = load_torch_file(path, what="stored teacher pass (delete it to run the pass again)")
+        got = (*tuple(d["image"].shape[:2]), d["text"].shape[0]) if isinstance(d, dict) and {"image", "text", "scale"} <= d.keys() else None
+        if got == want:
+            mark_used(path)
+            log.info("teacher pass read from %s", path)
+            return d["image"], d["text"], float(d["scale"])
+        log.warning("%s: a stored teacher pass of another shape (%s, expected views, images, captions %s): running the pass again", path, got, want)
+    image, text, scale = teacher_pass(teacher, cache, batch_size, device)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save({"image": image, "text": text, "scale": scale}, tmp)
+        atomic_write_json(path.with_suffix(".json"), {**describe, "what": "teacher pass", "teacher_sha256": sha256, "trunk": list(cache.keys),
+                                                      "views": want[0], "entries": want[1], "captions": want[2], "embed_dim": int(image.shape[-1])})
+    return image, text, scale
+
+
 @dataclass
 class Teachers:
     """The teachers' embeddings of the training set (what :func:`teacher_pass` gave) and the
@@ -153,9 +199,10 @@ class Teachers:
         return affinity_distill(img, txt, s_scale, i2t, t2i, self.directions)
 
 
-def build_teachers(cfg, student: Backbone, cache: TrunkCache | None, device: torch.device) -> Teachers | None:
+def build_teachers(cfg, student: Backbone, cache: TrunkCache | None, device: torch.device, cache_dir: Path | None = None) -> Teachers | None:
     """Load ``cfg.distill.teachers`` (checked against ``cfg.distill.sha256``), check each against
-    the student and run each once over the trunk cache; None without teachers."""
+    the student and run each once over the trunk cache (or read its stored pass from ``cache_dir``,
+    the run's trunk-cache folder); None without teachers."""
     from rsitr.methods.factory import from_checkpoint
 
     d = cfg.distill
@@ -166,11 +213,12 @@ def build_teachers(cfg, student: Backbone, cache: TrunkCache | None, device: tor
         raise RsitrError(f"distill.teachers: distillation runs the teachers on the student's trunk cache, and student {label} has none "
                          f"(a trainable trunk, cache_features: off, or a method without trunk caching)")
     images, texts, scales = [], [], []
-    for given, path, _ in resolve_teachers(d.teachers, d.sha256):
+    for given, path, sha in resolve_teachers(d.teachers, d.sha256):
         ckpt = TrainCheckpoint.load(path)
         teacher = from_checkpoint(ckpt, device="cpu")
         _check_teacher(teacher, given, ckpt, student, label, cache)
-        img, txt, scale = teacher_pass(teacher, cache, cfg.eval_batch_size, device)
+        img, txt, scale = cached_teacher_pass(teacher, cache, cfg.eval_batch_size, device, cache_dir=cache_dir, sha256=sha,
+                                              describe={"backbone": str(ckpt.backbone_source), "teacher": str(path), "mode": ckpt.model_config.get("mode", "heads")})
         if img.shape[-1] != txt.shape[-1]:
             raise RsitrError(f"distill.teachers: {given}: image and text embeddings differ in size ({img.shape[-1]} vs {txt.shape[-1]})")
         if images and img.shape[-1] != images[0].shape[-1]:
@@ -183,4 +231,4 @@ def build_teachers(cfg, student: Backbone, cache: TrunkCache | None, device: tor
     return Teachers(torch.stack(images), torch.stack(texts), torch.tensor(scales), d.weight, d.temperature, d.directions, d.average)
 
 
-__all__ = ["Teachers", "build_teachers", "pin_teachers", "resolve_teachers", "teacher_pass"]
+__all__ = ["PASS_FORMAT", "Teachers", "build_teachers", "cached_teacher_pass", "pass_key", "pin_teachers", "resolve_teachers", "teacher_pass"]

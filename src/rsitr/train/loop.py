@@ -346,7 +346,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     cache, val_cache = _build_caches(cfg, backbone, method, train_ds, val_ds, out, device, progress and dist_info.is_main, eval_tf, train_tf,
                                      deadline=t_start + cfg.time_budget - elapsed_before if cfg.time_budget is not None else None)
     images = ImageSet(train_ds, train_tf or eval_tf, train=train_tf is not None) if cache is None or cache.image is None else None
-    module.distill = build_teachers(cfg, backbone, cache, device)  # each teacher once over the trunk cache
+    # each teacher once over the trunk cache, its pass stored beside the cache for resumes and other seeds
+    module.distill = build_teachers(cfg, backbone, cache, device, _cache_dir(cfg, out))
     label_ids = train_ds.label_indices()  # -1: no scene label (skipped by losses that use labels)
 
     ddp_module: nn.Module = module
@@ -396,6 +397,11 @@ def _build_model(cfg: TrainConfig, train_ds: CaptionDataset, device: torch.devic
     return backbone, method, module
 
 
+def _cache_dir(cfg: TrainConfig, out: Path) -> Path:
+    """Where the run's trunk caches (and stored teacher passes) go: ``cache_dir``, else ``<out>/cache``."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+
+
 def _build_caches(cfg: TrainConfig, backbone: Backbone, method: Method, train_ds: CaptionDataset, val_ds: CaptionDataset, out: Path,
                   device: torch.device, show: bool, eval_tf, train_tf, deadline: float | None) -> tuple[TrunkCache | None, TrunkCache | None]:
     """The frozen-trunk caches of the training split (``cache_views`` augmented views) and the
@@ -409,7 +415,7 @@ def _build_caches(cfg: TrainConfig, backbone: Backbone, method: Method, train_ds
 
         # the budget covers the whole run: caching the trunks must leave time to train
         budget = CacheBudget(deadline, cfg.time_budget, what="time_budget")
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    cache_dir = _cache_dir(cfg, out)
     engine = _inference_engine(backbone, cfg)
     cache = build_trunk_cache(
         backbone, train_ds, cache_dir=cache_dir, views=cfg.cache_views, train_transform=train_tf, eval_transform=eval_tf,

@@ -5,7 +5,8 @@ weights, datasets and code change (a trunk cache of RSICD is 2-3 GB; an exported
 ~90 MB per trained model):
 
 - trunk-feature caches ``img-<key>.pt`` / ``txt-<key>.pt`` (:mod:`rsitr.models.trunk_cache`; a run's
-  ``cache_dir``), each with a ``.json`` description beside it;
+  ``cache_dir``), each with a ``.json`` description beside it, and the stored passes of distillation
+  teachers over them ``tch-<key>.pt`` (:mod:`rsitr.train.distill`, same folder);
 - exported ONNX graphs ``<part>-<key>.onnx`` (:mod:`rsitr.models.engine`; ``$RSITR_ONNX_CACHE``,
   default ``~/.cache/rsitr/onnx``), each with its ``.json`` export record.
 
@@ -30,6 +31,7 @@ from rsitr.utils.io import pid_alive, temporary_of
 # the names the writers give (a content key of 16-64 hex digits); nothing else is ever pruned
 _ITEMS = (
     (re.compile(r"^(img|txt)-[0-9a-f]{16,64}\.pt$"), "trunk cache"),
+    (re.compile(r"^tch-[0-9a-f]{16,64}\.pt$"), "teacher pass"),
     (re.compile(r"^[a-z][a-z0-9_]*-[0-9a-f]{16,64}\.onnx$"), "onnx graph"),
 )
 
@@ -37,7 +39,7 @@ _ITEMS = (
 @dataclass
 class CacheItem:
     path: Path
-    kind: str  # "trunk cache" | "onnx graph"
+    kind: str  # "trunk cache" | "teacher pass" | "onnx graph"
     size: int  # bytes, the description beside it included
     last_used: float  # epoch seconds
     description: dict[str, Any] = field(default_factory=dict)  # the .json beside it ({} when absent or unreadable)
@@ -51,6 +53,9 @@ class CacheItem:
         d = self.description
         if not d:
             return "(no description: written before rsitr recorded them)"
+        if self.kind == "teacher pass":
+            return (f"{d.get('backbone', '?')} teacher (mode {d.get('mode', '?')}, sha256 {str(d.get('teacher_sha256', '?'))[:12]}), "
+                    f"{d.get('views', '?')} views x {d.get('entries', '?')} images / {d.get('captions', '?')} captions")
         if self.kind == "onnx graph":
             return f"{d.get('backbone', '?')} {d.get('part', '?')}, torch {d.get('torch', '?')}" + ("" if d.get("exact", True) else ", not exact (unused)")
         bits = [str(d.get("backbone", "?")), str(d.get("what", "?"))]
