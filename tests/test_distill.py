@@ -392,3 +392,36 @@ def test_a_student_of_a_mix_names_every_part_of_its_trunk_cache(synth, synth_dat
     assert [k[:3] for k in trunk] == ["img", "img", "txt", "img", "img", "txt"]
     assert all((cache / f"{k}.pt").is_file() for k in trunk)
     assert desc["views"] == 2 and desc["entries"] == 16 + 12 and desc["captions"] == 5 * (16 + 12)
+
+
+@pytest.mark.parametrize("failure", ["a folder in its place", "disk full"])
+def test_a_pass_that_cannot_be_stored_is_used_and_warned_about(tmp_path, caplog, monkeypatch, failure):
+    """A cache folder the pass cannot be written to (read-only, full, a folder where the file goes)
+    costs the next run a pass, never this run: the pass is used, one warning says it was not stored."""
+    from types import SimpleNamespace
+
+    from rsitr.data.imagesets import TrunkCache
+    from rsitr.data.types import Features
+    from rsitr.train import distill
+
+    bb = build_seeded("mini", "cpu")
+    tokens = torch.randn(5, 4, 12, generator=torch.Generator().manual_seed(2))
+    f = Features(tokens.mean(1), tokens, torch.ones(5, 4, dtype=torch.bool))
+    cache = TrunkCache([f], f, ("img-" + "d" * 20, "txt-" + "e" * 20))
+    teacher, cpu = SimpleNamespace(backbone=bb, method=None), torch.device("cpu")
+    path = tmp_path / f"tch-{distill.pass_key('0' * 64, cache, 4, cpu)}.pt"
+    if failure == "a folder in its place":
+        path.mkdir()
+    else:
+        real = torch.save
+
+        def full(obj, where, *a, **k):
+            if str(where).endswith(".tmp"):
+                raise OSError(28, "No space left on device")
+            return real(obj, where, *a, **k)
+
+        monkeypatch.setattr(distill.torch, "save", full)
+    with caplog.at_level("WARNING"):
+        img, txt, _ = distill.cached_teacher_pass(teacher, cache, 4, cpu, cache_dir=tmp_path, sha256="0" * 64, describe={})
+    assert img.shape == (1, 5, 8) and txt.shape == (5, 8)
+    assert "not stored" in caplog.text and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

@@ -160,10 +160,13 @@ def cached_teacher_pass(teacher, cache: TrunkCache, batch_size: int, device: tor
         log.warning("%s: a stored teacher pass of another shape (%s, expected views, images, captions %s): running the pass again", path, got, want)
     image, text, scale = teacher_pass(teacher, cache, batch_size, device)
     if path is not None:
-        with atomic_path(path) as tmp:
-            torch.save({"image": image, "text": text, "scale": scale}, tmp)
-        atomic_write_json(path.with_suffix(".json"), {**describe, "what": "teacher pass", "teacher_sha256": sha256, "trunk": list(cache.keys),
-                                                      "views": want[0], "entries": want[1], "captions": want[2], "embed_dim": int(image.shape[-1])})
+        try:
+            with atomic_path(path) as tmp:
+                torch.save({"image": image, "text": text, "scale": scale}, tmp)
+            atomic_write_json(path.with_suffix(".json"), {**describe, "what": "teacher pass", "teacher_sha256": sha256, "trunk": list(cache.keys),
+                                                          "views": want[0], "entries": want[1], "captions": want[2], "embed_dim": int(image.shape[-1])})
+        except (OSError, RuntimeError) as exc:  # a read-only or full cache folder: the run goes on, later runs pass again
+            log.warning("the teacher pass is not stored (%s); a resumed run or another seed will run it again", str(exc).replace("\n", " "))
     return image, text, scale
 
 
