@@ -27,6 +27,30 @@ def test_atomic_writes_respect_the_umask(tmp_path):
         os.umask(old)
 
 
+@pytest.mark.parametrize("writer", ["safetensors", "replace-0600"])
+def test_atomic_writes_keep_the_mode_when_the_writer_replaces_the_file(tmp_path, writer):
+    """A writer that creates its file anew (safetensors' save_file gives 0600) still leaves a file
+    of the umask's mode: an exported model is readable by the other users of a shared folder."""
+    from rsitr.utils.io import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.bin") as tmp:
+            if writer == "safetensors":
+                import torch
+                from safetensors.torch import save_file
+
+                save_file({"a": torch.zeros(2)}, str(tmp))
+            else:
+                tmp.unlink()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, b"x")
+                os.close(fd)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.bin").stat().st_mode) == 0o644
+
+
 def test_index_files_are_readable_by_others(tmp_path):
     pytest.importorskip("faiss")
     from PIL import Image

@@ -75,12 +75,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise OutputError(path, exc) from exc
     # mkstemp creates 0600; the file gets the mode a plain open() would give it (0644 under the
     # usual umask 022), so that an index built by one user can be served by another
-    os.fchmod(fd, 0o666 & ~_umask())
+    mode = 0o666 & ~_umask()
+    os.fchmod(fd, mode)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         try:
+            # again: a writer that replaces the file (safetensors' save_file) creates it 0600
+            os.chmod(tmp_path, mode)
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp_path, path)
