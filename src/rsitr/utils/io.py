@@ -73,16 +73,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OutputError(path, exc) from exc
-    # mkstemp creates 0600; the file gets the mode a plain open() would give it (0644 under the
-    # usual umask 022), so that an index built by one user can be served by another
     mode = 0o666 & ~_umask()
-    os.fchmod(fd, mode)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         try:
-            # again: a writer that replaces the file (safetensors' save_file) creates it 0600
+            # mkstemp creates 0600, and so does a writer that replaces the file (safetensors'
+            # save_file): the file gets, once written, the mode a plain open() would give it (0644
+            # under the usual umask 022), so that an index built by one user can be served by another
             os.chmod(tmp_path, mode)
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
