@@ -12,9 +12,10 @@ in fp16 -- the joint UCM+RSICD model with 4 views: 4 x 12.8k x 256 x 2 B = 26 MB
 64k x 256 x 2 B = 33 MB of captions per teacher. The pass is stored in the run's trunk-cache folder
 (``tch-<key>.pt``, :func:`cached_teacher_pass`; the key names the teacher file's sha256 and the trunk
 cache files it ran over), so a resumed run and the other seeds of a student read it instead of
-running it again (about one epoch's time per teacher). Teachers with another backbone or cut, or a student without a trunk cache (a trainable
-trunk, ``cache_features: off``), are refused with one error line: computing a teacher from the
-images every step would make a distillation epoch cost several plain ones.
+running it again (about one epoch's time per teacher). Teachers with another backbone or cut, or a
+student without a trunk cache (a trainable trunk, ``cache_features: off``), are refused with one
+error line: computing a teacher from the images every step would make a distillation epoch cost
+several plain ones.
 
 Resume: the teachers' checkpoint files are resolved (a run folder gives its best, else last
 checkpoint) and their sha256 recorded in the run config (``distill.sha256``: config.json and
