@@ -178,17 +178,33 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
 
 
 _STOP_SCRIPT = r"""
-import json, pathlib, subprocess, sys
+import json, os, pathlib, subprocess, sys
 import rsitr.bench.suite as S
 
 cdir = pathlib.Path(sys.argv[1])
 (cdir / "spec.json").write_text(json.dumps({k: "x" for k in ("cell", "dataset", "method", "seed", "published")}))
 real = subprocess.Popen
 
-def popen(cmd, **kw):  # the cell's process, replaced by one that writes its pid and waits
-    return real([sys.executable, "-c", "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % str(cdir / "child.pid")], **kw)
+# the cell's process: its real entry point with the real command line, whose training is replaced by a
+# wait; its pid is written once its options are read (so once it has asked to die with its parent)
+CHILD = '''
+import os, sys, time
+import rsitr.bench.cell as C
+def run(cell_dir, progress=True):
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(120)
+C.run = run
+sys.exit(C.main(sys.argv[2:]))
+'''
+
+def popen(cmd, **kw):
+    i = cmd.index("rsitr.bench.cell")
+    return real([sys.executable, "-c", CHILD, str(cdir / "child.pid")] + cmd[i + 1:], **kw)
 
 S.subprocess.Popen = popen
+# a fork() runs the atfork handlers of every library loaded here, gRPC's among them (pymilvus, Ray), and
+# those can crash the child while gRPC's threads are busy: the cell must start without them (vfork)
+os.register_at_fork(before=lambda: (cdir / "forked").write_text("atfork handlers ran"))
 with S._terminate_as_exit():
     S._run_cell_process(cdir, progress=False, timeout=None)
 """
@@ -215,6 +231,7 @@ def test_a_stopped_run_stops_its_cell(tmp_path, sig):
     parent.send_signal(getattr(signal, sig))
     rc = parent.wait(timeout=30)
     assert rc == (143 if sig == "SIGTERM" else -9)
+    assert not (tmp_path / "forked").exists(), "the cell's process was started by fork(), running the parent's atfork handlers"
     deadline = time.time() + 10
     while time.time() < deadline:
         try:  # gone, or a zombie waiting for a reaper that may not exist in a container
@@ -651,7 +668,7 @@ def test_a_cell_runs_with_the_runs_threads_and_pixel_limit(tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     ([], "no cell folder given"), (["a", "b"], "unexpected argument 'b'"), (["a", "--threads"], "--threads needs a whole number"),
     (["a", "--threads", "0"], "--threads needs a whole number"), (["a", "--max-pixels", "x"], "--max-pixels needs a whole number"),
-    (["a", "--nope"], "unexpected argument '--nope'"),
+    (["a", "--nope"], "unexpected argument '--nope'"), (["a", "--parent", "-3"], "--parent needs a whole number"),
 ])
 def test_the_cell_processs_command_line_errors_are_one_line(argv, msg, capsys):
     from rsitr.bench.cell import _parse, main
@@ -659,5 +676,5 @@ def test_the_cell_processs_command_line_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
-    assert _parse(["d", "--quiet", "--threads", "1", "--max-pixels", "99", "--add-ties"]) == {
-        "cell_dir": __import__("pathlib").Path("d"), "quiet": True, "add_ties": True, "threads": 1, "max_pixels": 99}
+    assert _parse(["d", "--quiet", "--threads", "1", "--max-pixels", "99", "--add-ties", "--parent", "7"]) == {
+        "cell_dir": __import__("pathlib").Path("d"), "quiet": True, "add_ties": True, "threads": 1, "max_pixels": 99, "parent": 7}

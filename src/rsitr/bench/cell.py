@@ -219,20 +219,37 @@ def measure_run(out: Path, name: str, params: dict[str, Any] | None = None, *, m
     return done
 
 
-_USAGE = "usage: python -m rsitr.bench.cell CELL_DIR [--quiet] [--add-ties] [--threads N] [--max-pixels N]"
+_USAGE = "usage: python -m rsitr.bench.cell CELL_DIR [--quiet] [--add-ties] [--threads N] [--max-pixels N] [--parent PID]"
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel (Linux) to send this process SIGTERM when ``parent`` (the ``bench run``
+    process) dies, even by SIGKILL (``PR_SET_PDEATHSIG``); exit at once if it already has."""
+    import ctypes
+    import os
+    import signal
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _parse(argv: list[str]) -> dict:
     """The cell process's command line (``rsitr bench run`` writes it; argparse stays in ``cli/``):
-    the cell folder, ``--quiet``, ``--add-ties`` and the run's ``--threads`` / ``--max-pixels``."""
+    the cell folder, ``--quiet``, ``--add-ties``, the run's ``--threads`` / ``--max-pixels`` and
+    ``--parent`` (the run's process id: the cell stops when that process dies)."""
     from rsitr.utils.errors import RsitrError
 
-    opts: dict = {"cell_dir": None, "quiet": False, "add_ties": False, "threads": None, "max_pixels": None}
+    opts: dict = {"cell_dir": None, "quiet": False, "add_ties": False, "threads": None, "max_pixels": None, "parent": None}
     it = iter(argv)
     for a in it:
         if a in ("--quiet", "--add-ties"):
             opts[a[2:].replace("-", "_")] = True
-        elif a in ("--threads", "--max-pixels"):
+        elif a in ("--threads", "--max-pixels", "--parent"):
             value = next(it, None)
             if value is None or not value.isdigit() or int(value) < 1:
                 raise RsitrError(f"{a} needs a whole number >= 1, got {value!r}; {_USAGE}")
@@ -260,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except RsitrError as exc:
         print(f"python -m rsitr.bench.cell: error: {exc}", file=sys.stderr)
         return 2
+    if opts["parent"]:
+        die_with_parent(opts["parent"])
     setup_logging(-1 if opts["quiet"] else 0)
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])

@@ -375,24 +375,6 @@ def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _die_with_parent(parent: int):
-    """``preexec_fn`` of a cell's process (Linux): the kernel sends it SIGTERM when the ``bench run``
-    process dies, even by SIGKILL (``PR_SET_PDEATHSIG``)."""
-
-    def setup():
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return setup
-
-
 class _exclusive:
     """An advisory ``flock`` on ``path`` for the duration of the block (released by the OS if the
     process dies)."""
@@ -489,14 +471,16 @@ def _run_cell_process(cdir: Path, *, progress: bool, timeout: float | None) -> d
     from rsitr.data.images import max_pixels
 
     # the process-wide settings of this run (rsitr --threads, --max-pixels) hold in the cell's process too
+    # --parent: the cell asks the kernel for SIGTERM when this process dies (even by SIGKILL); it does so
+    # itself rather than in a preexec_fn, which would make Popen fork() instead of vfork(): fork() runs the
+    # parent's atfork handlers, and gRPC's (pymilvus, Ray) can crash the child when its threads are busy
     cmd = [sys.executable, "-m", "rsitr.bench.cell", str(cdir), "--threads", str(torch.get_num_threads()),
-           "--max-pixels", str(max_pixels())] + ([] if progress else ["--quiet"])
+           "--max-pixels", str(max_pixels()), "--parent", str(os.getpid())] + ([] if progress else ["--quiet"])
     stderr_path = cdir / "stderr.log"
     (cdir / "result.json").unlink(missing_ok=True)
     base = json.loads((cdir / "spec.json").read_text())
     with open(stderr_path, "w", encoding="utf-8") as err:
-        linux = sys.platform.startswith("linux")
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent(os.getpid()) if linux else None)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
