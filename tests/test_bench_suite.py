@@ -664,6 +664,17 @@ def test_a_cell_runs_with_the_runs_threads_and_pixel_limit(tmp_path):
     assert rec["environment"]["threads"] == want_t and rec["environment"]["max_pixels"] == 12_345_678
 
 
+def test_a_cell_whose_run_has_stopped_does_not_start(tmp_path):
+    """A cell started for a `bench run` that died before the cell asked for its death signal sees
+    another parent: it stops at once, one line, and writes nothing."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "rsitr.bench.cell", str(tmp_path), "--parent", "999999999"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "is not this process's parent" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv,msg", [
     ([], "no cell folder given"), (["a", "b"], "unexpected argument 'b'"), (["a", "--threads"], "--threads needs a whole number"),
     (["a", "--threads", "0"], "--threads needs a whole number"), (["a", "--max-pixels", "x"], "--max-pixels needs a whole number"),

@@ -234,7 +234,9 @@ def die_with_parent(parent: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             return
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect (or this is not its child)
+        print(f"python -m rsitr.bench.cell: error: --parent {parent} is not this process's parent (the `bench run` that "
+              f"started it has stopped): the cell does not run", file=sys.stderr, flush=True)
         os._exit(1)
 
 
