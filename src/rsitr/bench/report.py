@@ -1,5 +1,10 @@
 """``rsitr bench report RUN_DIR``: the comparison table (mean +- std over seeds), efficiency
-columns, published rows, and plots (matplotlib, PNG, embedded in the markdown)."""
+columns, published rows, and plots (matplotlib, PNG, embedded in the markdown).
+
+``rsitr bench report RUN_DIR... --out DIR`` reports the cells of several run folders as one (cells
+run side by side, one ``bench run`` per seed or method, since a run folder admits one run at a
+time): the same cell in two folders, or seeds of one method trained with other settings, are
+refused rather than averaged."""
 from __future__ import annotations
 
 import csv
@@ -104,10 +109,13 @@ def _params(n: Any) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], plots: list[str]) -> str:
+def render(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], plots: list[str],
+           sources: list[Path] | None = None) -> str:
     suite = (run_dir / "suite.yaml").read_text(encoding="utf-8") if (run_dir / "suite.yaml").is_file() else ""
     env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
     out = [f"# rsitr bench report: {run_dir.name}", ""]
+    if sources:
+        out += ["The cells of " + ", ".join(f"`{s}`" for s in sources) + " (fused rows, if any, stay in each folder's own report).", ""]
     if env:
         out += [f"Environment: rsitr {env.get('rsitr')}, torch {env.get('torch')}, Python {env.get('python')}, "
                 f"{env.get('cpus')} CPUs ({env.get('device')}).", ""]
@@ -228,11 +236,13 @@ def make_plots(run_dir: Path, rows: list[dict[str, Any]], records: list[dict[str
     files.append(save(fig, ax, "latency_vs_mr.png", "query latency p50 (ms)", "test mR", "latency vs mR"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    curves = 0
     for rec in records:
         h = [x for x in rec.get("history", []) if x.get("val_mR") is not None]
         if h:
             ax.plot([x["epoch"] for x in h], [x["val_mR"] for x in h], label=rec["cell"], lw=1)
-    if len(records) <= 12:
+            curves += 1
+    if 0 < curves <= 12:
         ax.legend(fontsize=6)
     files.append(save(fig, ax, "training_curves.png", "epoch", "validation mR", "training curves"))
     return files
@@ -255,9 +265,16 @@ def _suite_order(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[str,
     return sorted(records, key=lambda r: (pos(datasets, r["dataset"]), r["dataset"], pos(methods, r["method"]), r["method"], r.get("seed", 0)))
 
 
-def report(run_dir: str | Path) -> str:
+def report(run_dir: str | Path, sources: list[str | Path] | None = None) -> str:
+    """Write ``report.md`` / ``report.json`` (and the plots) of the run folder ``run_dir`` and return
+    the markdown; with ``sources``, of the cells of those run folders together, written to
+    ``run_dir`` (a folder of its own: not a run folder)."""
     run_dir = Path(run_dir)
-    records = collect(run_dir)
+    srcs = [Path(s) for s in sources] if sources else None
+    if srcs:
+        records = _merge(run_dir, srcs)
+    else:
+        records = collect(run_dir)
     if not records:
         from rsitr.utils.errors import RsitrError
 
@@ -265,7 +282,75 @@ def report(run_dir: str | Path) -> str:
     records = _suite_order(run_dir, records)
     rows = summarize(records)
     plots = make_plots(run_dir, rows, records)
-    md = render(run_dir, rows, records, plots)
+    md = render(run_dir, rows, records, plots, sources=srcs)
     atomic_write_text(run_dir / "report.md", md)
-    atomic_write_json(run_dir / "report.json", {"rows": rows, "cells": [{k: v for k, v in r.items() if k not in ("config", "history")} for r in records]})
+    atomic_write_json(run_dir / "report.json", {"rows": rows, "cells": [{k: v for k, v in r.items() if k not in ("config", "history")} for r in records],
+                                                **({"sources": [str(s) for s in srcs]} if srcs else {})})
     return md
+
+
+# settings a cell's record may differ in between seeds of one recipe: where things are, and how it ran
+_NOT_RECIPE = ("seed", "out_dir", "cache_dir", "data.path", "data.workers", "eval_batch_size", "device", "log_every", "save_every_steps")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merge(out: Path, sources: list[Path]) -> list[dict[str, Any]]:
+    """The cells of ``sources`` as one list (checked: every source a run folder with cells, ``out``
+    none of them; no cell in two folders; the seeds of a method trained with the same settings);
+    ``out`` gets the suite (when the folders share it) and the first folder's environment."""
+    from rsitr.utils.errors import RsitrError
+
+    out = Path(out)
+    for s in sources:
+        if not s.is_dir():
+            raise RsitrError(f"{s}: not a folder (a `rsitr bench run --out` folder was expected)")
+        if out.resolve() == s.resolve():
+            raise RsitrError(f"--out {out} is one of the run folders reported; give the merged report a folder of its own")
+    if (out / "cells").exists():
+        raise RsitrError(f"--out {out} is a bench run folder (it has cells/); give the merged report a folder of its own")
+    seen: dict[tuple, Path] = {}
+    records: list[dict[str, Any]] = []
+    for s in sources:
+        recs = collect(s)
+        if not recs:
+            raise RsitrError(f"{s}: no cells found (not a `rsitr bench run --out` folder, or none of its cells ran)")
+        for r in recs:
+            key = (r.get("dataset"), r.get("method"), r.get("seed"))
+            if key in seen:
+                raise RsitrError(f"cell {r.get('cell')} is in both {seen[key]} and {s}; report one of them")
+            seen[key] = s
+            records.append({**r, "run_folder": str(s)})
+    recipes: dict[tuple, tuple[dict[str, Any], str]] = {}
+    for r in records:
+        if r.get("status") != "ok" or not r.get("config"):
+            continue
+        flat = {k: v for k, v in _flat(r["config"]).items() if k not in _NOT_RECIPE}
+        k = (r["dataset"], r["method"])
+        if k not in recipes:
+            recipes[k] = (flat, r["cell"])
+            continue
+        first, cell = recipes[k]
+        diff = [f"{x}: {first.get(x)!r} vs {flat.get(x)!r}" for x in sorted(set(first) | set(flat)) if first.get(x) != flat.get(x)]
+        if diff:
+            raise RsitrError(f"{cell} and {r['cell']} trained with other settings ({'; '.join(diff[:5])}"
+                             f"{'; ...' if len(diff) > 5 else ''}): their seeds would be averaged as one recipe. "
+                             f"Report them apart, or give the methods other names")
+    out.mkdir(parents=True, exist_ok=True)
+    suites = [(s / "suite.yaml").read_text(encoding="utf-8") if (s / "suite.yaml").is_file() else None for s in sources]
+    if suites[0] is not None and all(x == suites[0] for x in suites):
+        atomic_write_text(out / "suite.yaml", suites[0])
+    else:
+        (out / "suite.yaml").unlink(missing_ok=True)
+    env = next((s / "environment.json" for s in sources if (s / "environment.json").is_file()), None)
+    if env is not None:
+        atomic_write_text(out / "environment.json", env.read_text(encoding="utf-8"))
+    return records

@@ -74,8 +74,20 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rsitr.bench.report import report
 
-    print(report(args.run_dir))
+    dirs = list(args.run_dir)
+    if len(dirs) > 1 and not args.out:
+        raise RsitrError(f"{len(dirs)} run folders: give --out DIR, the folder for their report together")
+    if args.out:
+        print(report(args.out, sources=dirs))
+    else:
+        print(report(dirs[0]))
     return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="+", help="the --out folder of a `rsitr bench run`; several (with --out) are reported as one")
+    p.add_argument("--out", help="with several run folders (one `bench run` per seed or method, run side by side): the folder for "
+                                 "their report together (refused: the same cell in two folders, seeds of a method with other settings)")
 
 
 def _alias_suite(name: str, args: argparse.Namespace, *, base: dict[str, Any], options: dict[str, dict[str, Any]],
@@ -552,7 +564,7 @@ def add_bench_cli(sub) -> None:
     bm.add_argument("--methods", nargs="+", default=None, help="only the cells of these methods")
     bm.add_argument("--again", action="store_true", help="measure cells that already have it too")
     bm.set_defaults(func=cmd_measure)
-    add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder", lambda p: p.add_argument("run_dir", help="the --out folder of a `rsitr bench run`"), cmd_report)
+    add_command(b, "report", "markdown + JSON report (and plots) of a bench run folder, or of several as one", _report_args, cmd_report)
     add_command(b, "serve", "the HTTP server under N concurrent clients: req/s, latency percentiles, errors, RSS, answers vs sequence",
                 add_serve_bench_args, cmd_serve_bench)
     add_command(b, "search", "vector search latency / recall (flat vs ivf vs hnsw) and index-build throughput", add_search_args, cmd_search)
