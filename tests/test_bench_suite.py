@@ -83,6 +83,30 @@ def test_resume_skips_finished_cells(bench_run, capsys):
 
 
 @pytest.mark.slow
+def test_a_cell_scored_again_counts_its_training_not_its_scoring(bench_run, tmp_path):
+    """A cell whose scoring failed after training is run again by the next `bench run`: it finds its
+    training finished, and its train seconds stay the run's training time, not the re-scoring's."""
+    import shutil
+
+    suite_file, out, _ = bench_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".lock"))
+    cdir = copy / "cells" / "synth" / "baseline" / "seed0"
+    before = json.loads((cdir / "cell.json").read_text())
+    import torch
+
+    trained = torch.load(cdir / "run" / "checkpoint_last.pt", weights_only=True)["progress"]["seconds"]
+    (cdir / "cell.json").write_text(json.dumps({**before, "status": "failed", "error": "scoring crashed"}))
+    run_suite(load_suite(str(suite_file)), copy, progress=False)
+    again = json.loads((cdir / "cell.json").read_text())
+    assert again["status"] == "ok" and again["test"] == before["test"]
+    result = json.loads((cdir / "run" / "result.json").read_text())  # what the second process's train() wrote
+    assert trained > 0 and result["run_seconds"] == pytest.approx(trained + result["seconds"], abs=0.02)
+    assert again["train_seconds"] == pytest.approx(result["run_seconds"], abs=0.1)
+    assert again["train_wall_seconds"] >= result["seconds"] - 0.1
+
+
+@pytest.mark.slow
 def test_report_renders(bench_run):
     _, out, _ = bench_run
     md = report(out)

@@ -113,8 +113,13 @@ def test_resume_after_crash_equals_uninterrupted(synth, tmp_path, backbone, mode
     with pytest.raises(Crash):
         train(tiny_cfg(synth, tmp_path / "b", **over), progress=False, on_step=_crash_at(3))
     # the killed run left a consistent checkpoint; resuming finishes the job
-    assert torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)["progress"]["global_step"] == 3
+    progress = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)["progress"]
+    assert progress["global_step"] == 3
     resumed = train(tiny_cfg(synth, tmp_path / "b", **over), resume=True, progress=False)
+    # the run's training time counts the crashed invocation up to its checkpoint
+    assert progress["seconds"] > 0 and resumed.run_seconds == pytest.approx(progress["seconds"] + resumed.seconds)
+    assert full.run_seconds == pytest.approx(full.seconds)
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["run_seconds"] == pytest.approx(resumed.run_seconds, abs=0.01)
     sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -147,7 +152,6 @@ def test_checkpoint_loads_as_model_and_evaluates_via_cli(synth, tmp_path):
     model = load_model(str(run))
     ids = model.tokenize(["a red car"])
     assert model.encode_text(ids).shape[-1] == model.embed_dim
-    out = tmp_path / "eval.json"
     code = subprocess.run(
         [sys.executable, "-m", "rsitr.cli", "-q", "eval", "--data", str(synth), "--checkpoint", str(run), "--json"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},

@@ -62,7 +62,7 @@ def _params_on_cell(ctx: CellContext, params: dict[str, Any]) -> dict[str, Any]:
     hist = rec.get("history") or []
     return {"trainable_params": n_train, "total_params": n_total, "trainable_pct": 100.0 * n_train / n_total if n_total else None,
             "added_params": n_total - base, "steps": hist[-1]["global_step"] if hist else 0,
-            "train_seconds": hist[-1]["seconds"] if hist else 0.0}
+            "train_seconds": (rec.get("train_seconds") or 0.0) if hist else 0.0}  # the run's, resumed invocations included
 
 
 def count(n: float | None) -> str:

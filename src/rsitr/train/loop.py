@@ -169,7 +169,8 @@ class TrainResult:
     best: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, float] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # this invocation
+    run_seconds: float = 0.0  # the whole run: earlier invocations of a resumed run included (as of their last checkpoint)
     trainable_params: int = 0
     total_params: int = 0
     steps: int = 0  # optimizer steps done (over all invocations of a resumed run)
@@ -620,8 +621,10 @@ def finish(run: Run, *, evaluate_test: bool = True) -> TrainResult:
             result.test = evaluate(run.backbone, test_ds, method=run.method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=run.device,
                                    progress=run.progress, engine=_inference_engine(run.backbone, cfg))
     result.seconds = time.perf_counter() - run.t_start
+    result.run_seconds = run.elapsed_before + result.seconds
     if dist_info.is_main:
         atomic_write_json(run.out / "result.json", {"best_val": run.best, "test": result.test, "seconds": round(result.seconds, 2),
+                                                    "run_seconds": round(result.run_seconds, 2),
                                                     "trainable_params": run.n_train, "total_params": run.n_total, "history": run.history,
                                                     "steps": run.global_step, "planned_steps": run.total_steps, "budget_stopped": run.budget_stopped})
     cleanup(dist_info)
