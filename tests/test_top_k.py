@@ -180,11 +180,11 @@ def test_rsicd_suite_parses_into_valid_configs(monkeypatch):
     monkeypatch.setenv("RSITR_RSICD", "/data/rsicd")
     s = load_suite("rsicd-towers")
     assert {c.method for c in s.cells} == {"baseline", "baseline-trainval", "baseline-fn", "baseline-mp", "iebaker", "ftf", "rdb", "combo",
-                                           "rdb-e16", "ftf-e16", "iebaker-e16"}
-    assert len(s.cells) == 24 + 3  # the equal-epoch rows run seed 0 only
+                                           "rdb-e16", "ftf-e16", "iebaker-e16", "combo-e16"}
+    assert len(s.cells) == 24 + 4  # the equal-epoch rows run seed 0 only (--seeds overrides)
     # the equal-epoch rows are their method at the baseline's epochs, nothing else changed
     by = {(c.method, c.seed): c.overrides for c in s.cells}
-    for m in ("rdb", "ftf", "iebaker"):
+    for m in ("rdb", "ftf", "iebaker", "combo"):
         short, e16 = by[(m, 0)], by[(f"{m}-e16", 0)]
         assert e16["epochs"] == by[("baseline", 0)]["epochs"] == 16 and short["epochs"] < 16
         assert {k: v for k, v in e16.items() if k != "epochs"} == {k: v for k, v in short.items() if k != "epochs"}
