@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rsitr.bench.measurements import get_measurement, mean_results, mean_std, std_results
-from rsitr.bench.suite import collect
+from rsitr.bench.suite import _MOVABLE, _flatten, collect
 from rsitr.models.registry import comparison_note
 from rsitr.utils.io import atomic_write_json, atomic_write_text
 
@@ -289,18 +289,9 @@ def report(run_dir: str | Path, sources: list[str | Path] | None = None) -> str:
     return md
 
 
-# settings a cell's record may differ in between seeds of one recipe: where things are, and how it ran
-_NOT_RECIPE = ("seed", "out_dir", "cache_dir", "data.path", "data.workers", "eval_batch_size", "device", "log_every", "save_every_steps")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+# settings a cell's record may differ in between seeds of one recipe: where things are (the suite's
+# movable inputs), and how it ran
+_NOT_RECIPE = ("seed", *_MOVABLE, "data.workers", "eval_batch_size", "device", "log_every", "save_every_steps")
 
 
 def _merge(out: Path, sources: list[Path]) -> list[dict[str, Any]]:
@@ -333,7 +324,7 @@ def _merge(out: Path, sources: list[Path]) -> list[dict[str, Any]]:
     for r in records:
         if r.get("status") != "ok" or not r.get("config"):
             continue
-        flat = {k: v for k, v in _flat(r["config"]).items() if k not in _NOT_RECIPE}
+        flat = {k: v for k, v in _flatten(r["config"]).items() if k not in _NOT_RECIPE}
         k = (r["dataset"], r["method"])
         if k not in recipes:
             recipes[k] = (flat, r["cell"])

@@ -620,8 +620,8 @@ def finish(run: Run, *, evaluate_test: bool = True) -> TrainResult:
                 load_trainable_state(run.module, ckpt.TrainCheckpoint.load(run.best_path).state, str(run.best_path))
             result.test = evaluate(run.backbone, test_ds, method=run.method, batch_size=cfg.eval_batch_size, workers=cfg.data.workers, device=run.device,
                                    progress=run.progress, engine=_inference_engine(run.backbone, cfg))
-    result.seconds = time.perf_counter() - run.t_start
-    result.run_seconds = run.elapsed_before + result.seconds
+    result.run_seconds = run.elapsed()
+    result.seconds = result.run_seconds - run.elapsed_before
     if dist_info.is_main:
         atomic_write_json(run.out / "result.json", {"best_val": run.best, "test": result.test, "seconds": round(result.seconds, 2),
                                                     "run_seconds": round(result.run_seconds, 2),
