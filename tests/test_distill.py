@@ -288,7 +288,7 @@ def test_teacher_pass_covers_every_cached_view_and_a_batch_looks_up_its_own():
     assert float(teachers.loss(s_img, s_txt, torch.tensor(0.0), {**batch, "image_view": (vi + 1) % views})) > 1e-2
 
 
-def test_a_teacher_pass_is_stored_beside_the_trunk_cache_and_read_by_later_runs(synth, teacher_run, tmp_path, monkeypatch):
+def test_a_teacher_pass_is_stored_beside_the_trunk_cache_and_read_by_later_runs(synth, teacher_run, tmp_path, monkeypatch, caplog):
     """The pass is written once (tch-<key>.pt in the run's cache_dir) and read by a resumed run and
     by other students of the same teacher over the same trunk cache; what they train is what a run
     that ran the pass itself trains. Another teacher file, or another trunk cache, is another pass."""
@@ -343,11 +343,13 @@ def test_a_teacher_pass_is_stored_beside_the_trunk_cache_and_read_by_later_runs(
     # other trunk-cache views (cache_seed): another pass
     student(tmp_path / "s5", shared, seed=1, cache_seed=7)
     assert len(calls) == 4 and len(list(shared.glob("tch-*.pt"))) == 3
-    # a stored pass that cannot be read: one line naming the file and what to do
+    # a stored pass that cannot be read costs a pass, not the run: one warning naming the file, the
+    # pass run again and stored in its place (tests/test_cache_items.py: every kind of damage)
     stored[0].write_bytes(b"not a torch file")
-    with pytest.raises(RsitrError) as exc:
+    with caplog.at_level("WARNING"):
         student(tmp_path / "s6", shared, seed=1)
-    assert "\n" not in str(exc.value) and stored[0].name in str(exc.value) and "delete it" in str(exc.value)
+    assert len(calls) == 5 and str(stored[0]) in caplog.text and "computing it again" in caplog.text
+    assert set(torch.load(stored[0], weights_only=True)) == {"image", "text", "scale"}
 
 
 def test_a_stored_pass_of_another_shape_is_run_again(tmp_path, caplog):

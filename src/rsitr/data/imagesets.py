@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rsitr.data.types import CaptionDataset, Features
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.cachedir import mark_used
-from rsitr.utils.io import atomic_path, atomic_write_json
+from rsitr.utils.cachedir import StaleItem, load_or_compute, mark_used
 
 log = logging.getLogger(__name__)
 
@@ -150,21 +149,31 @@ def _cat(parts: list[Features]) -> Features:
     return Features(torch.cat([p.pooled for p in parts]), tokens[:, :n_used], mask[:, :n_used])
 
 
-def _load_or_compute(path: Path | None, compute, description: dict | None = None) -> Features:
-    if path is not None and path.is_file():
+def _load_or_compute(path: Path | None, compute, description: dict | None = None, rows: int | None = None) -> Features:
+    """A trunk-feature cache (``rows`` entries when given) through :func:`load_or_compute`. ``compute``
+    None: the item can only be read (a token cache serving a pooled-only run), so one that cannot
+    be used is an error naming it."""
+
+    def load(p: Path, what: str = "trunk-feature cache") -> Features:
         from rsitr.utils.weights import load_torch_file
 
-        d = load_torch_file(path, what="trunk-feature cache (delete it to recompute)")
-        mark_used(path)  # its last use, for `rsitr cache prune`
-        log.info("loaded cached trunk features %s", path)
+        d = load_torch_file(p, what=what)
+        if not isinstance(d, dict) or not {"pooled", "tokens", "mask"} <= d.keys() or not all(isinstance(d[k], torch.Tensor) for k in ("pooled", "tokens", "mask")):
+            raise StaleItem(f"{p}: not a trunk-feature cache (no pooled / tokens / mask tensors)")
+        n = int(d["pooled"].shape[0]) if d["pooled"].dim() else -1
+        if rows is not None and n != rows:
+            raise StaleItem(f"{p}: a trunk-feature cache of {n} entries where {rows} were expected")
         return Features(d["pooled"], d["tokens"], d["mask"])
-    f = compute()
-    if path is not None:
-        with atomic_path(path) as tmp:
-            torch.save({"pooled": f.pooled, "tokens": f.tokens, "mask": f.mask}, tmp)
-        if description is not None:
-            atomic_write_json(path.with_suffix(".json"), description)
-    return f
+
+    if compute is None:
+        if path is None or not path.is_file():
+            raise RsitrError(f"{path}: trunk-feature cache not found")
+        f = load(path, "trunk-feature cache (delete it to recompute)")
+        mark_used(path)
+        return f
+    return load_or_compute(path, "trunk-feature cache", load=load, compute=compute,
+                           save=lambda f, tmp: torch.save({"pooled": f.pooled, "tokens": f.tokens, "mask": f.mask}, tmp),
+                           describe=lambda f: description)
 
 
 class CacheBudget:

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -212,6 +213,16 @@ class _FeaturesOut(nn.Module):
 CHUNK = 32  # rows per ONNX Runtime call (see _Graph.__call__)
 
 
+@dataclass
+class _Exported:
+    """An exported part as the ONNX cache keeps it: its session (None: torch runs the part), its
+    export record (the ``.json`` beside the graph) and, when just exported, the file it was written to."""
+
+    graph: "_Graph | None"
+    meta: dict
+    file: Path | None = None
+
+
 class _Graph:
     """One exported part: an ONNX Runtime session over ``<part>-<key>.onnx``."""
 
@@ -357,40 +368,66 @@ class InferenceEngine:
         return graph
 
     def _load_or_export(self, name: str) -> _Graph | None:
-        from rsitr.utils.cachedir import mark_used
-        from rsitr.utils.io import atomic_path, atomic_write_json, read_json
+        """Part ``name``'s graph, read from the cache folder or exported, checked against torch and
+        stored there (:func:`rsitr.utils.cachedir.load_or_compute`: a graph ONNX Runtime cannot load,
+        or one without its export record, is exported again; a cache folder it cannot be stored in
+        costs later processes an export, this one still runs it). None: torch runs the part (the
+        graph differs from torch, or fails on other input sizes; that verdict is stored too)."""
+        import shutil
+        import tempfile
+
+        from rsitr.utils.cachedir import StaleItem, load_or_compute
+        from rsitr.utils.io import read_json
 
         part = self._part(name)
-        module, owners, example, in_names, dyn, _ = part
         key = self.key(name, part)
         path = self.cache_dir / f"{name}-{key}.onnx"
         meta_path = path.with_suffix(".json")
-        if path.is_file() and meta_path.is_file():
+
+        def load(p: Path) -> _Exported:
+            if not meta_path.is_file():
+                raise StaleItem(f"{p}: an ONNX graph without its export record ({meta_path.name})")
             meta = read_json(meta_path, "ONNX graph record")
+            if not isinstance(meta, dict):
+                raise StaleItem(f"{meta_path}: not an ONNX graph record")
             if not meta.get("exact", False):
                 if meta.get("failed"):
                     log.warning("inference engine: %s fails on inputs of another size than it was traced with (%s); using torch for it",
-                                path, meta["failed"])
+                                p, meta["failed"])
                 else:
-                    log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", path,
+                    log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", p,
                                 meta.get("max_abs_diff", float("nan")), self.tolerance)
-                return None
-            mark_used(path)  # its last use, for `rsitr cache prune`
-            return _Graph(path, self.threads)
+                return _Exported(None, meta)
+            try:
+                return _Exported(_Graph(p, self.threads), meta)
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types: a truncated or damaged file
+                raise StaleItem(f"{p}: ONNX Runtime cannot load this graph ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
+
+        with tempfile.TemporaryDirectory(prefix="rsitr-onnx-") as work:
+            def export() -> _Exported:
+                return self._export(name, part, key, Path(work) / path.name)
+
+            got = load_or_compute(path, f"ONNX graph of {self.backbone.info.name} {name}", load=load, compute=export,
+                                  save=lambda v, tmp: shutil.copyfile(v.file, tmp), describe=lambda v: v.meta)
+        return got.graph
+
+    def _export(self, name: str, part: tuple, key: str, file: Path) -> _Exported:
+        """Export part ``name`` to ``file``, check it against torch on the traced inputs and on other
+        batch sizes and lengths; the graph only when it matches within the tolerance."""
+        module, owners, example, in_names, dyn, _ = part
         t0 = time.perf_counter()
         was = self.backbone.training
         self.backbone.eval()
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            with torch.no_grad(), atomic_path(path) as tmp:
+            with torch.no_grad():
                 import warnings
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # tracer warnings about the shape checks of forward()
-                    torch.onnx.export(module, example, str(tmp), input_names=in_names, output_names=["pooled", "tokens", "mask"],
+                    torch.onnx.export(module, example, str(file), input_names=in_names, output_names=["pooled", "tokens", "mask"],
                                       dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True, dynamo=False)
-                folded = optimise_graph(Path(tmp))
-                graph = _Graph(tmp, self.threads)
+                folded = optimise_graph(file)
+                graph = _Graph(file, self.threads)
                 others = self._other_examples(name)  # only when exporting: a cached graph carries its verdict
                 diff, failed = 0.0, None
                 for ex in (example, *others):  # the traced inputs, then other batch sizes and lengths
@@ -409,20 +446,20 @@ class InferenceEngine:
         finally:
             self.backbone.train(was)
         exact = diff <= self.tolerance
-        atomic_write_json(meta_path, {"part": name, "key": key, "backbone": self.backbone.info.name, "max_abs_diff": diff,
-                                      "exact": exact, "tolerance": self.tolerance, "torch": torch.__version__, "opset": OPSET,
-                                      "checked": [list(ex[0].shape) for ex in (example, *others)], "failed": failed})
+        meta = {"part": name, "key": key, "backbone": self.backbone.info.name, "max_abs_diff": diff, "exact": exact,
+                "tolerance": self.tolerance, "torch": torch.__version__, "opset": OPSET,
+                "checked": [list(ex[0].shape) for ex in (example, *others)], "failed": failed}
         if failed:
             log.warning("inference engine: the ONNX %s of %s fails on inputs of another size than it was traced with (%s); using torch for it",
                         name, self.backbone.info.name, failed)
-            return None
+            return _Exported(None, meta, file)
         self.export_seconds += time.perf_counter() - t0
         if not exact:
             log.warning("inference engine: ONNX %s of %s differs from torch by %.2e (> %.0e); using torch for it", name, self.backbone.info.name, diff, self.tolerance)
-            return None
-        log.info("inference engine: exported %s of %s to %s in %.1fs (%d pads folded; max abs diff %.1e)", name, self.backbone.info.name, path,
+            return _Exported(None, meta, file)
+        log.info("inference engine: exported %s of %s in %.1fs (%d pads folded; max abs diff %.1e)", name, self.backbone.info.name,
                  time.perf_counter() - t0, folded, diff)
-        return _Graph(path, self.threads)
+        return _Exported(graph, meta, file)
 
     def uses_onnx(self, name: str) -> bool:
         """True iff ``name`` runs through ONNX Runtime (exports it if needed)."""

@@ -189,11 +189,11 @@ def build_trunk_cache(
     if not backbone.trunk_trainable("image"):
         image_views = []
         for path, compute, drop_tokens, description in image_jobs:
-            f = _load_or_compute(path, compute, description)
+            f = _load_or_compute(path, compute, description, rows=len(dataset))
             image_views.append(_features_to_cpu(f, False) if drop_tokens else f)
     text = None
     if text_job is not None:
-        text = _load_or_compute(*text_job)
+        text = _load_or_compute(*text_job, rows=len(texts))
         if not keep_text and text.tokens.numel():
             text = _features_to_cpu(text, False)
     backbone.train(was_training)

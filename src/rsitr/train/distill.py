@@ -43,8 +43,8 @@ from rsitr.models.checkpoint import TrainCheckpoint
 from rsitr.models.trunk_cache import trunk_identity
 from rsitr.utils.distributed import gather_rows
 from rsitr.utils.errors import CheckpointError, RsitrError
-from rsitr.utils.cachedir import mark_used
-from rsitr.utils.io import atomic_path, atomic_write_json, cached_sha256
+from rsitr.utils.cachedir import StaleItem, load_or_compute
+from rsitr.utils.io import cached_sha256
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +149,23 @@ def cached_teacher_pass(teacher, cache: TrunkCache, batch_size: int, device: tor
     key = pass_key(sha256, cache, batch_size, device) if cache_dir is not None else None
     path = cache_dir / f"tch-{key}.pt" if key is not None else None
     want = (len(cache.image), cache.image[0].pooled.shape[0], cache.text.pooled.shape[0])
-    if path is not None and path.is_file():
+
+    def load(p: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
         from rsitr.utils.weights import load_torch_file
 
-        d = load_torch_file(path, what="stored teacher pass (delete it to run the pass again)")
-        got = (*tuple(d["image"].shape[:2]), d["text"].shape[0]) if isinstance(d, dict) and {"image", "text", "scale"} <= d.keys() else None
-        if got == want:
-            mark_used(path)
-            log.info("teacher pass read from %s", path)
-            return d["image"], d["text"], float(d["scale"])
-        log.warning("%s: a stored teacher pass of another shape (%s, expected views, images, captions %s): running the pass again", path, got, want)
-    image, text, scale = teacher_pass(teacher, cache, batch_size, device)
-    if path is not None:
-        try:
-            with atomic_path(path) as tmp:
-                torch.save({"image": image, "text": text, "scale": scale}, tmp)
-            atomic_write_json(path.with_suffix(".json"), {**describe, "what": "teacher pass", "teacher_sha256": sha256, "trunk": list(cache.keys),
-                                                          "views": want[0], "entries": want[1], "captions": want[2], "embed_dim": int(image.shape[-1])})
-        except (OSError, RuntimeError) as exc:  # a read-only or full cache folder: the run goes on, later runs pass again
-            log.warning("the teacher pass is not stored (%s); a resumed run or another seed will run it again", str(exc).replace("\n", " "))
-    return image, text, scale
+        d = load_torch_file(p, what="stored teacher pass")
+        fits = isinstance(d, dict) and {"image", "text", "scale"} <= d.keys() and all(isinstance(d[k], torch.Tensor) for k in ("image", "text"))
+        got = (*tuple(d["image"].shape[:2]), d["text"].shape[0]) if fits and d["image"].dim() >= 2 and d["text"].dim() >= 1 else None
+        if got != want:
+            raise StaleItem(f"{p}: a stored teacher pass of another shape ({got}, expected views, images, captions {want})")
+        return d["image"], d["text"], float(d["scale"])
+
+    def record(value) -> dict:
+        return {**describe, "what": "teacher pass", "teacher_sha256": sha256, "trunk": list(cache.keys), "views": want[0],
+                "entries": want[1], "captions": want[2], "embed_dim": int(value[0].shape[-1])}
+
+    return load_or_compute(path, "teacher pass", load=load, compute=lambda: teacher_pass(teacher, cache, batch_size, device),
+                           save=lambda v, tmp: torch.save({"image": v[0], "text": v[1], "scale": v[2]}, tmp), describe=record)
 
 
 @dataclass

@@ -18,15 +18,19 @@ in the folder, whatever it holds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from rsitr.utils.errors import RsitrError
-from rsitr.utils.io import pid_alive, temporary_of
+from rsitr.utils.io import atomic_path, atomic_write_json, pid_alive, temporary_of
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # the names the writers give (a content key of 16-64 hex digits); nothing else is ever pruned
 _ITEMS = (
@@ -75,6 +79,52 @@ def mark_used(path: str | os.PathLike) -> None:
         os.utime(path)
     except OSError:
         pass
+
+
+class StaleItem(RsitrError):
+    """Raised by a loader of :func:`load_or_compute`: the stored item is readable but not the one
+    wanted (another shape, a record saying it cannot be used); the message says how."""
+
+
+def load_or_compute(path: Path | None, what: str, *, load: Callable[[Path], T], compute: Callable[[], T],
+                    save: Callable[[T, Path], None], describe: Callable[[T], dict | None] | None = None) -> T:
+    """The one policy of every item rsitr keeps in a cache folder to reuse (trunk caches, teacher
+    passes, exported ONNX graphs):
+
+    - ``path`` None (no cache folder): ``compute()``.
+    - an item at ``path``: ``load(path)``, its use recorded (:func:`mark_used`). An item that cannot
+      be used (``load`` raises :class:`RsitrError`: unreadable, truncated, of another shape) costs
+      a recomputation, never the run: one warning names it and why, and it is replaced.
+    - computed: stored at ``path`` atomically (``save(value, temporary)``, renamed in place), then
+      ``describe(value)`` as the ``.json`` beside it (what ``rsitr cache ls`` shows). A folder it
+      cannot be stored in (read-only, full, a folder where the file goes) costs the next run a
+      recomputation, never this one: one warning, and the value is used.
+    """
+    if path is not None and path.is_file():
+        try:
+            value = load(path)
+        except RsitrError as exc:
+            log.warning("%s; computing it again (it will be replaced)", _one_line(exc))
+        else:
+            mark_used(path)
+            log.info("%s read from %s", what, path)
+            return value
+    value = compute()
+    if path is not None:
+        try:
+            with atomic_path(path) as tmp:
+                save(value, tmp)
+            description = describe(value) if describe is not None else None
+            if description is not None:
+                atomic_write_json(path.with_suffix(".json"), description)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            log.warning("the %s is not stored in %s (%s); later runs will compute it again", what, path.parent, _one_line(exc))
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def _is_item_name(name: str) -> bool:
