@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import fake_trunks
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from _tiny_backbone import TinyBackbone
@@ -62,7 +62,18 @@ def _trunk(bb, ds, cache):
     return build_trunk_cache(bb, ds, cache_dir=cache, eval_transform=EvalTransform(bb.preprocess), batch_size=4, progress=False)
 
 
+def _with_every_other(n: int, **fixed):
+    """Every readable file of other contents (``n`` of them) as an explicit example; hypothesis draws the rest."""
+    def wrap(test):
+        for i in range(n):
+            test = example(damage=("other", float(i), b""), **fixed)(test)
+        return test
+    return wrap
+
+
 @SETTINGS
+@_with_every_other(5, which="img")
+@_with_every_other(5, which="txt")
 @given(damage=DAMAGE, which=st.sampled_from(["img", "txt"]))
 def test_a_trunk_cache_that_cannot_be_used_is_computed_again_and_replaced(dataset, tmp_path_factory, caplog, damage, which):
     cache = tmp_path_factory.mktemp("trunk")
@@ -70,7 +81,8 @@ def test_a_trunk_cache_that_cannot_be_used_is_computed_again_and_replaced(datase
     (path,) = cache.glob(f"{which}-*.pt")
     n = len(dataset) if which == "img" else first.text.pooled.shape[0]
     others = [{"pooled": torch.zeros(n + 1, 4), "tokens": torch.zeros(n + 1, 1, 4), "mask": torch.ones(n + 1, 1, dtype=torch.bool)},
-              {"pooled": torch.zeros(n, 4)}, [1, 2, 3], {"pooled": "x", "tokens": 1, "mask": None}]
+              {"pooled": torch.zeros(n, 4)}, [1, 2, 3], {"pooled": "x", "tokens": 1, "mask": None},
+              {"pooled": torch.zeros(n, 4), "tokens": torch.zeros(n - 1, 1, 4), "mask": torch.ones(n, 1, dtype=torch.bool)}]
     _damage(path, damage, others)
     bb = fake_trunks()
     caplog.clear()
@@ -97,6 +109,7 @@ def _teacher_setup():
 
 
 @SETTINGS
+@_with_every_other(6)
 @given(damage=DAMAGE)
 def test_a_stored_teacher_pass_that_cannot_be_used_is_run_again_and_replaced(tmp_path_factory, caplog, damage):
     folder = tmp_path_factory.mktemp("tch")
@@ -105,7 +118,8 @@ def test_a_stored_teacher_pass_that_cannot_be_used_is_run_again_and_replaced(tmp
     first = distill.cached_teacher_pass(teacher, cache, 4, cpu, cache_dir=folder, sha256="0" * 64, describe={})
     (path,) = folder.glob("tch-*.pt")
     others = [{"image": first[0][:1], "text": first[1], "scale": first[2]}, {"image": first[0]}, [1, 2],
-              {"image": torch.zeros(()), "text": torch.zeros(()), "scale": 1.0}]
+              {"image": torch.zeros(()), "text": torch.zeros(()), "scale": 1.0},
+              {"image": first[0], "text": first[1], "scale": "ten"}, {"image": first[0], "text": first[1], "scale": torch.ones(3)}]
     _damage(path, damage, others)
     caplog.clear()
     with caplog.at_level(logging.WARNING):

@@ -160,9 +160,10 @@ def _load_or_compute(path: Path | None, compute, description: dict | None = None
         d = load_torch_file(p, what=what)
         if not isinstance(d, dict) or not {"pooled", "tokens", "mask"} <= d.keys() or not all(isinstance(d[k], torch.Tensor) for k in ("pooled", "tokens", "mask")):
             raise StaleItem(f"{p}: not a trunk-feature cache (no pooled / tokens / mask tensors)")
-        n = int(d["pooled"].shape[0]) if d["pooled"].dim() else -1
-        if rows is not None and n != rows:
-            raise StaleItem(f"{p}: a trunk-feature cache of {n} entries where {rows} were expected")
+        n = [int(d[k].shape[0]) if d[k].dim() else -1 for k in ("pooled", "tokens", "mask")]
+        if len(set(n)) != 1 or (rows is not None and n[0] != rows):
+            raise StaleItem(f"{p}: a trunk-feature cache of {'/'.join(map(str, n))} entries (pooled/tokens/mask) where "
+                            f"{rows if rows is not None else 'one count'} were expected")
         return Features(d["pooled"], d["tokens"], d["mask"])
 
     if compute is None:

@@ -154,7 +154,8 @@ def cached_teacher_pass(teacher, cache: TrunkCache, batch_size: int, device: tor
         from rsitr.utils.weights import load_torch_file
 
         d = load_torch_file(p, what="stored teacher pass")
-        fits = isinstance(d, dict) and {"image", "text", "scale"} <= d.keys() and all(isinstance(d[k], torch.Tensor) for k in ("image", "text"))
+        fits = isinstance(d, dict) and {"image", "text", "scale"} <= d.keys() and all(isinstance(d[k], torch.Tensor) for k in ("image", "text")) \
+            and (isinstance(d["scale"], (int, float)) or (isinstance(d["scale"], torch.Tensor) and d["scale"].numel() == 1))
         got = (*tuple(d["image"].shape[:2]), d["text"].shape[0]) if fits and d["image"].dim() >= 2 and d["text"].dim() >= 1 else None
         if got != want:
             raise StaleItem(f"{p}: a stored teacher pass of another shape ({got}, expected views, images, captions {want})")
