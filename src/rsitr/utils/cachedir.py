@@ -107,7 +107,7 @@ def load_or_compute(path: Path | None, what: str, *, load: Callable[[Path], T], 
             log.warning("%s; computing it again (it will be replaced)", _one_line(exc))
         else:
             mark_used(path)
-            log.info("%s read from %s", what, path)
+            log.debug("%s read from %s", what, path)
             return value
     value = compute()
     if path is not None:
