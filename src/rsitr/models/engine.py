@@ -391,12 +391,7 @@ class InferenceEngine:
             if not isinstance(meta, dict):
                 raise StaleItem(f"{meta_path}: not an ONNX graph record")
             if not meta.get("exact", False):
-                if meta.get("failed"):
-                    log.warning("inference engine: %s fails on inputs of another size than it was traced with (%s); using torch for it",
-                                p, meta["failed"])
-                else:
-                    log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", p,
-                                meta.get("max_abs_diff", float("nan")), self.tolerance)
+                self._warn_unused(str(p), meta)
                 return _Exported(None, meta)
             try:
                 return _Exported(_Graph(p, self.threads), meta)
@@ -450,16 +445,23 @@ class InferenceEngine:
                 "tolerance": self.tolerance, "torch": torch.__version__, "opset": OPSET,
                 "checked": [list(ex[0].shape) for ex in (example, *others)], "failed": failed}
         if failed:
-            log.warning("inference engine: the ONNX %s of %s fails on inputs of another size than it was traced with (%s); using torch for it",
-                        name, self.backbone.info.name, failed)
+            self._warn_unused(f"the ONNX {name} of {self.backbone.info.name}", meta)
             return _Exported(None, meta, file)
         self.export_seconds += time.perf_counter() - t0
         if not exact:
-            log.warning("inference engine: ONNX %s of %s differs from torch by %.2e (> %.0e); using torch for it", name, self.backbone.info.name, diff, self.tolerance)
+            self._warn_unused(f"the ONNX {name} of {self.backbone.info.name}", meta)
             return _Exported(None, meta, file)
         log.info("inference engine: exported %s of %s in %.1fs (%d pads folded; max abs diff %.1e)", name, self.backbone.info.name,
                  time.perf_counter() - t0, folded, diff)
         return _Exported(graph, meta, file)
+
+    def _warn_unused(self, what: str, meta: dict) -> None:
+        """The one warning for a graph torch runs instead, by its export record (new or stored)."""
+        if meta.get("failed"):
+            log.warning("inference engine: %s fails on inputs of another size than it was traced with (%s); using torch for it", what, meta["failed"])
+        else:
+            log.warning("inference engine: %s differs from torch by %.2e (> %.0e); using torch for it", what,
+                        meta.get("max_abs_diff", float("nan")), self.tolerance)
 
     def uses_onnx(self, name: str) -> bool:
         """True iff ``name`` runs through ONNX Runtime (exports it if needed)."""
