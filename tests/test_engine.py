@@ -610,9 +610,10 @@ def test_a_graph_that_onnx_runtime_refuses_at_run_time_falls_back_to_torch(monke
 
 def test_rdb_tsa_text_model_encodes_every_length_as_torch_does(lite0, shared_dir, tmp_path, caplog):
     """The case that failed an RDB cell's test scoring: MiniLM at ``top:1,3`` with RDB's TSA
-    (hierarchical attention over 4-token phrase windows) in layer 5. Its traced ONNX text graph ran
-    at some lengths and failed at others; the export check over many lengths drops it at export,
-    so batches of every length give torch's answer and no call fails at search time."""
+    (hierarchical attention over 4-token phrase windows) in layer 5. Its traced ONNX text graph used
+    to run at some lengths and fail at others (the export check then dropped it: torch ran every
+    text); the TSA now traces at any length, so the whole text model runs in ONNX Runtime and
+    batches of every length give torch's answer."""
     from rsitr.methods.adapters import HierAttnAdapter
 
     _, texts = _real_inputs(lite0, shared_dir)
@@ -631,7 +632,8 @@ def test_rdb_tsa_text_model_encodes_every_length_as_torch_does(lite0, shared_dir
                 batch = [" ".join(words[i : i + n]) for i in range(0, 3 * n, n)]
                 ids = lite0.tokenize(batch)
                 _close(eng.text_features(ids), lite0.text_features(ids))
-        assert not any("cannot run" in r.getMessage() for r in caplog.records)  # caught at export, not at a call
+        assert not any("cannot run" in r.getMessage() or "using torch" in r.getMessage() for r in caplog.records)
+        assert eng.uses_onnx("text_features")
     finally:
         layer.adapter = None
         lite0.set_mode("heads")

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -162,6 +164,73 @@ def test_tsa_matches_hand_hierarchical_attention():
         b = torch.softmax(torch.stack([torch.tanh(a.phrase_proj(p)) @ a.phrase_ctx for p in (p0, p1)]), 0)
     assert torch.allclose(w[0], torch.stack([b[0] * a01[0], b[0] * a01[1], b[1]]), atol=1e-6)
     assert torch.allclose(sentence[0], b[0] * p0 + b[1] * p1, atol=1e-6)
+
+
+def _tsa_by_loops(a: HierAttnAdapter, z: torch.Tensor, valid: torch.Tensor):
+    """TSA's token weights and sentence vector computed phrase by phrase with Python loops over
+    consecutive windows (the module doc's equations, read directly)."""
+    b, n, _ = z.shape
+    k = a.window if 0 < a.window < n else n
+    w, sent = torch.zeros(b, n), torch.zeros(b, z.shape[2])
+    with torch.no_grad():
+        for i in range(b):
+            phrases, tokens = [], []
+            for start in range(0, n, k):
+                idx = [j for j in range(start, min(start + k, n)) if valid[i, j]]
+                if not idx:
+                    continue
+                at = torch.softmax(torch.stack([torch.tanh(a.word_proj(z[i, j])) @ a.word_ctx for j in idx]), 0)
+                phrases.append((at[:, None] * z[i, idx]).sum(0))
+                tokens.append((idx, at))
+            if not phrases:
+                continue
+            bp = torch.softmax(torch.stack([torch.tanh(a.phrase_proj(p)) @ a.phrase_ctx for p in phrases]), 0)
+            for bj, p, (idx, at) in zip(bp, phrases, tokens):
+                w[i, idx] = bj * at
+                sent[i] += bj * p
+    return w, sent
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 13), batch=st.integers(1, 3), window=st.integers(-1, 15), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_tsa_equals_the_phrase_by_phrase_equations_for_every_length_window_and_mask(n, batch, window, seed, data):
+    """Any text length, window (<= 0: one phrase; >= the length: one phrase) and mask of valid
+    tokens (padding anywhere, whole phrases of padding, a text of padding only): the adapter's
+    weights and sentence vector are the loop reference's."""
+    g = torch.Generator().manual_seed(seed)
+    a = HierAttnAdapter(6, bottleneck=5, window=window, ctx_std=1.0)
+    z = torch.randn(batch, n, 5, generator=g)
+    valid = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=batch, max_size=batch)))
+    w, sentence, a_phr = a.hierarchy(z, valid)
+    w_ref, s_ref = _tsa_by_loops(a, z, valid)
+    assert torch.allclose(w, w_ref, atol=1e-5) and torch.allclose(sentence, s_ref, atol=1e-5)
+    has = valid.any(-1)
+    assert torch.allclose(w.sum(-1)[has], torch.ones(int(has.sum())), atol=1e-5) and torch.all(w[~valid] == 0)
+    assert torch.allclose(a_phr.sum(-1)[has], torch.ones(int(has.sum())), atol=1e-5)
+
+
+def test_tsa_traced_graph_takes_every_text_length(tmp_path):
+    """Traced once at one length (as the ONNX export of a text model is), the TSA gives torch's
+    answer at every other length: no shape is taken from the traced text (an RDB model's ONNX text
+    graph used to fail on other lengths, "Attempting to broadcast an axis", and ran in torch)."""
+    ort = pytest.importorskip("onnxruntime")
+    a = HierAttnAdapter(12, bottleneck=8, window=4, ctx_std=1.0).eval()
+    nn.init.normal_(a.up.weight, std=0.1)
+    x = torch.randn(2, 20, 12)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 13:] = False
+    path = tmp_path / "tsa.onnx"
+    with torch.no_grad():
+        torch.onnx.export(a, (x, valid), str(path), input_names=["x", "valid"], output_names=["y"], opset_version=17,
+                          dynamic_axes={"x": {0: "b", 1: "n"}, "valid": {0: "b", 1: "n"}}, dynamo=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b, n in ((2, 20), (1, 23), (3, 1), (2, 4), (4, 9), (1, 37)):
+        x = torch.randn(b, n, 12)
+        valid = torch.rand(b, n) < 0.8
+        (y,) = sess.run(None, {"x": x.numpy(), "valid": valid.numpy()})
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(y), a(x, valid), atol=1e-5), (b, n)
 
 
 def test_tsa_identity_at_init_and_padding_unchanged():

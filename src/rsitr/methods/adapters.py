@@ -50,7 +50,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rsitr.utils.errors import RsitrError
@@ -188,17 +187,22 @@ class HierAttnAdapter(nn.Module):
 
     def hierarchy(self, z: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token weights ``w`` ``[B, N]`` (sum to 1 over valid tokens, 0 on padding), the
-        sentence vector ``[B, r]`` and the phrase weights ``[B, G]`` of features ``z`` ``[B, N, r]``."""
-        b, n, r = z.shape
-        k = self.window if 0 < self.window < n else n
-        g = math.ceil(n / k)
-        pad = g * k - n
-        zp = F.pad(z, (0, 0, 0, pad)).view(b, g, k, r)
-        vm = F.pad(valid, (0, pad), value=False).view(b, g, k)
-        a_tok = masked_softmax(torch.tanh(self.word_proj(zp)) @ self.word_ctx.to(z.dtype), vm)  # [B, G, k]
-        phrases = (a_tok[..., None] * zp).sum(2)  # [B, G, r]
-        a_phr = masked_softmax(torch.tanh(self.phrase_proj(phrases)) @ self.phrase_ctx.to(z.dtype), vm.any(-1))  # [B, G]
-        w = (a_phr[..., None] * a_tok).reshape(b, g * k)[:, :n]
+        sentence vector ``[B, r]`` and the phrase weights ``[B, N]`` of features ``z`` ``[B, N, r]``.
+
+        Phrase ``j`` holds positions ``j*window .. (j+1)*window - 1`` (``window <= 0``, or one
+        at least as long as the text: one phrase). Phrases are indexed ``0 .. N-1``; those past
+        the last real one are empty and weigh 0. Written with no Python number taken from the
+        text length (no padding to a multiple of the window): a traced ONNX graph of a model
+        with this adapter takes texts of every length, as torch does."""
+        n = z.shape[1]
+        pos = torch.arange(n, device=z.device)
+        group = torch.div(pos, self.window, rounding_mode="floor") if self.window > 0 else torch.zeros_like(pos)
+        member = valid[:, None, :] & (group[None, None, :] == pos[None, :, None])  # [B, G=N, N]: token i in phrase j
+        scores = torch.tanh(self.word_proj(z)) @ self.word_ctx.to(z.dtype)  # [B, N]
+        a_tok = masked_softmax(scores[:, None, :].expand_as(member), member)  # [B, G, N] token level, per phrase
+        phrases = a_tok @ z  # [B, G, r]
+        a_phr = masked_softmax(torch.tanh(self.phrase_proj(phrases)) @ self.phrase_ctx.to(z.dtype), member.any(-1))  # [B, G]
+        w = (a_phr[..., None] * a_tok).sum(1)
         sentence = (a_phr[..., None] * phrases).sum(1)
         return w, sentence, a_phr
 
