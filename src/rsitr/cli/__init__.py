@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ties", choices=("expected", "optimistic", "pessimistic"), default="expected",
                    help="how exact score ties count (repeated captions tie exactly); see rsitr.retrieval.metrics")
     e.add_argument("--rerank", choices=("none", "sar", "qbnorm"), default="none",
-                   help="re-rank the score matrix: sar = iEBAKER's Sort After Reversed retrieval (any model); qbnorm = QB-Norm "
+                   help="re-rank the score matrix: none (default) = the checkpoint's method scores each direction by its own "
+                        "matrix, as the bench's cells do; sar = iEBAKER's Sort After Reversed retrieval (any model); qbnorm = QB-Norm "
                         "(Bogolin et al. 2022) over the --qbnorm-bank split's captions and images (any model; pooled cosine)")
     e.add_argument("--rerank-k", type=int, default=10, help="SAR candidate depth per query (both directions)")
     e.add_argument("--qbnorm-bank", default="train",

@@ -232,7 +232,9 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
             raise ValueError("rerank='qbnorm' needs rerank_options={'qbnorm': QBNormBank(bank split, beta)}")
         sim, text_to_image = qbnorm_similarity(backbone, dataset, qb, **kwargs)
     else:
-        sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank is None, **kwargs)
+        # no named re-ranker (None or "none"): each direction by the method's own matrix (a two-stage
+        # method's candidates depend on the query direction); a re-ranker needs the one matrix
+        sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank in (None, "", "none"), **kwargs)
     if not isinstance(sim, tuple):
         sim = apply_rerank(rerank, sim, **(rerank_options or {}))
     out = {t: pair_metrics(sim, text_to_image, ties=t) for t in ties}
