@@ -215,7 +215,7 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
     """:func:`evaluate` under several tie conventions at once (``{ties: metrics}``), scoring the
     split once. See :mod:`rsitr.retrieval.metrics` for what each convention counts."""
     from rsitr.retrieval.metrics import TIES
-    from rsitr.retrieval.rerank import rerank as apply_rerank
+    from rsitr.retrieval.rerank import NO_RERANK, rerank as apply_rerank
 
     for t in ties:
         if t not in TIES:
@@ -234,7 +234,7 @@ def evaluate_ties(backbone: Backbone, dataset: CaptionDataset, method=None, ties
     else:
         # no named re-ranker (None or "none"): each direction by the method's own matrix (a two-stage
         # method's candidates depend on the query direction); a re-ranker needs the one matrix
-        sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank in (None, "", "none"), **kwargs)
+        sim, text_to_image = similarity(backbone, dataset, method=method, per_direction=rerank in NO_RERANK, **kwargs)
     if not isinstance(sim, tuple):
         sim = apply_rerank(rerank, sim, **(rerank_options or {}))
     out = {t: pair_metrics(sim, text_to_image, ties=t) for t in ties}

@@ -219,11 +219,13 @@ def sar_order(sim, query: int, direction: str = "t2i", **kwargs) -> list[int]:
 
 
 RERANKERS = {"sar": sar}
+# the names that ask for no re-ranker (the score matrix as the method gives it)
+NO_RERANK = (None, "", "none")
 
 
 def rerank(name: str | None, sim, **kwargs) -> torch.Tensor:
     """Apply a named re-ranker (``"sar"``; ``None``/``"none"`` returns ``sim``)."""
-    if name in (None, "", "none"):
+    if name in NO_RERANK:
         return sim
     if name not in RERANKERS:
         raise ValueError(f"unknown re-ranker {name!r}; available: none, {', '.join(sorted(RERANKERS))}")
