@@ -108,3 +108,37 @@ def test_eval_command_scores_a_two_stage_checkpoint_as_the_bench_does(ftf_run, c
         assert main(["-q", "eval", "--data", str(ann), "--checkpoint", str(run), "--split", "train", "--ties", ties, "--json"]) == 0
         got = json.loads(capsys.readouterr().out)
         assert {k: got[k] for k in cells[ties]} == pytest.approx(cells[ties], abs=1e-9), ties
+
+
+def test_test_time_scores_a_reranking_method_through_its_reranker(tmp_path):
+    """The ``test_time`` measurement (and ``rsitr models evaluate``) score a checkpoint whose method
+    re-ranks at test time (iEBAKER's SAR) as its bench cell does: the plain row is the method's own
+    score, the TTA row the same scoring over the averaged embeddings, and no QB-Norm rows (a
+    cosine-only option). They used to score such a checkpoint by the plain cosine, so an iEBAKER
+    cell's test-time "plain" column was not its test mR."""
+    from rsitr.bench.release import EvalSet, evaluate_model
+    from rsitr.data.captions import load_dataset
+    from rsitr.data.synth import write_synth
+    from rsitr.eval.evaluate import encode_dataset, evaluate_ties, pair_metrics
+    from rsitr.methods.factory import load
+    from rsitr.train.config import TrainConfig
+    from rsitr.train.loop import train
+
+    ann = write_synth(tmp_path / "synth", n_images=40, seed=5, image_size=32)
+    run = tmp_path / "run"
+    train(TrainConfig().override({
+        "data.path": str(ann), "out_dir": str(run), "model.backbone": "clip:tiny", "model.mode": "full", "epochs": 1, "max_steps": 1,
+        "batch_size": 8, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 64, "seed": 1, "augment.enabled": False,
+        "method.name": "iebaker", "method.options": {"sar": True, "sar_k": 3},
+    }), progress=False, evaluate_test=False)
+    loaded = load(str(run))
+    assert loaded.method.capabilities.reranker == "sar" and not loaded.method.capabilities.cosine
+    split = load_dataset(str(ann)).split("train")
+    rows = evaluate_model(str(run), [EvalSet("s", str(ann), split="train", bank="val")], ttas=(1, 8), engine="torch", progress=False)
+    assert [(r["tta"], r["rerank"]) for r in rows] == [(1, "none"), (8, "none")]  # no QB-Norm rows
+    for r in rows:
+        own = evaluate_ties(loaded.backbone, split, method=loaded.method, ties=("expected",), tta=r["tta"], progress=False)["expected"]
+        assert r["mR"] == pytest.approx(own["mR"], abs=1e-9)
+        # the check can fail: SAR ranks differently from the cosine here
+        enc = encode_dataset(loaded.backbone, split, tta=r["tta"], progress=False)
+        assert pair_metrics(enc.images @ enc.texts.t(), enc.text_to_image)["mR"] != pytest.approx(r["mR"], abs=1e-6)

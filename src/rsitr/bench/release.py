@@ -243,7 +243,9 @@ def evaluate_model(source: str, sets: list[EvalSet], *, ttas=(1, 8), qbnorm_beta
 
     model = load(source)
     eng = engine_for(model.backbone, engine)
-    own_scoring = model.method is not None and (model.method.capabilities.score_tokens or model.method.capabilities.two_stage)
+    # a method that scores by more than the pooled cosine (token or two-stage scoring, a re-ranker such as
+    # iEBAKER's SAR) is scored by its own scoring, as its bench cell is: its plain row is the cell's test row
+    own_scoring = model.method is not None and not model.method.capabilities.cosine
     rows: list[dict[str, Any]] = []
     for s in sets:
         path = expand(s.data)
@@ -261,7 +263,7 @@ def evaluate_model(source: str, sets: list[EvalSet], *, ttas=(1, 8), qbnorm_beta
             bank = encode_dataset(model.backbone, data.split(s.bank), tta=1, **common)
         for tta in ttas:
             t0 = time.perf_counter()
-            if own_scoring:  # the method's own scoring (token features): through the evaluator
+            if own_scoring:  # the method's own scoring (re-ranker, token features): through the evaluator
                 sim, owner = None, None
                 m = evaluate_ties(model.backbone, split, method=model.method, ties=("expected",), tta=tta, **common)["expected"]
             else:

@@ -10,10 +10,11 @@ options every trained run can take at evaluation time, alone and together (issue
 Declared in a suite as ``measurements: [test_time]`` or ``{test_time: {tta: 8, beta: 14}}``; a
 run whose cells ran without it gets it later with ``rsitr bench measure RUN_DIR test_time``. The
 scores are the ones ``rsitr models evaluate`` gives for the same checkpoint (one function,
-:func:`rsitr.bench.release.evaluate_model`): ``plain`` is the embedding similarity, so a method
-that re-ranks at test time (iEBAKER's SAR) or scores tokens (FTF's two-stage) has its own test mR
-in the suite's main table; a method that scores tokens gets no QB-Norm rows (its scores are not a
-similarity matrix of embeddings).
+:func:`rsitr.bench.release.evaluate_model`): ``plain`` is the cell's own test score (the suite's
+test mR), ``tta`` the same scoring over the averaged image embeddings. A method whose score is
+more than the pooled cosine -- a re-ranker (iEBAKER's SAR), token or two-stage scoring (FTF, the
+combination) -- is scored through its own scoring in both and gets no QB-Norm rows: QB-Norm
+normalises a cosine matrix, and stacking it under another re-ranker is not a published method.
 """
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ def _render(rows: list[dict[str, Any]]) -> list[str]:
     # one column group per dataset of the cells ("" for a single dataset, "name:" for each of a mix)
     prefixes = list(dict.fromkeys(k.rpartition(":")[0] + ":" if ":" in k else "" for r in rows for k in (r.get("result") or {})
                                   if k.rpartition(":")[2] in KEYS))
-    lines = [f"Test mR of each method's best checkpoint, embedding scores: plain, `--tta {views}` (mean over {views} dihedral "
-             f"views of each image), QB-Norm (beta {beta:g}, the run's training captions as the query bank) and both; "
-             "mean ± std over seeds.", ""]
+    lines = [f"Test mR of each method's best checkpoint, by its own scoring (plain: the suite's test mR): plain, `--tta {views}` "
+             f"(mean over {views} dihedral views of each image), QB-Norm (beta {beta:g}, the run's training captions as the query "
+             "bank; methods scored by the pooled cosine only) and both; mean ± std over seeds.", ""]
     head = "| method | mode | seeds |" + "".join(f" {p}plain | {p}TTA {views} | {p}QB-Norm | {p}both |" for p in prefixes)
     lines += [head, "|---|---|---:|" + "---:|" * (4 * len(prefixes))]
     for r in rows:

@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  f"(the model's training split)")
             qb = QBNormBank(bank, beta=args.qbnorm_beta, dynamic=args.qbnorm_dynamic)
         caps = model.method.capabilities if model.method is not None else None
-        if caps is not None and (caps.score_tokens or caps.two_stage or caps.reranker):
+        if caps is not None and not caps.cosine:
             log.warning("--rerank qbnorm ranks the pooled cosine; the checkpoint method's own scoring is not applied")
         rerank_options = {"qbnorm": qb}
     metrics = evaluate(model.backbone, split, method=model.method, batch_size=args.batch_size, workers=args.workers, device=args.device,

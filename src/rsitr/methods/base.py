@@ -62,6 +62,13 @@ class Capabilities:
     score_tokens: bool = False
     trunk_cache: bool = True
 
+    @property
+    def cosine(self) -> bool:
+        """Whether the method's test score is the plain pooled cosine: no own scoring, no token
+        scoring, no two-stage scoring and no re-ranker. Only then do cosine-based test-time options
+        (QB-Norm) score what the method scores."""
+        return not (self.two_stage or self.reranker or self.own_scoring or self.score_tokens)
+
 
 SCORING_KINDS = ("cosine", "two_stage", "fine_mix", "local_mix")
 
