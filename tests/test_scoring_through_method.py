@@ -14,21 +14,26 @@ pytest.importorskip("faiss")
 ALPHA, TAU, BALANCE, K = 0.2, 0.03, 0.8, 4
 
 
-@pytest.fixture(scope="module")
-def ftf_run(tmp_path_factory):
+def _tiny_run(root, *, n_images: int, data_seed: int, seed: int, method: str, options: dict):
+    """A synthetic dataset under ``root`` and a one-step tiny-CLIP run of ``method`` on it."""
     from rsitr.data.synth import write_synth
     from rsitr.train.config import TrainConfig
     from rsitr.train.loop import train
 
-    root = tmp_path_factory.mktemp("ftf_scoring")
-    ann = write_synth(root / "synth", n_images=24, seed=2, image_size=32)
+    ann = write_synth(root / "synth", n_images=n_images, seed=data_seed, image_size=32)
     run = root / "run"
     train(TrainConfig().override({
         "data.path": str(ann), "out_dir": str(run), "model.backbone": "clip:tiny", "model.mode": "full", "epochs": 1, "max_steps": 1,
-        "batch_size": 8, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 64, "seed": 3, "augment.enabled": False,
-        "method.name": "ftf", "method.options": {"alpha": ALPHA, "tau": TAU, "balance": BALANCE, "k": K},
+        "batch_size": 8, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 64, "seed": seed, "augment.enabled": False,
+        "method.name": method, "method.options": options,
     }), progress=False, evaluate_test=False)
     return ann, run
+
+
+@pytest.fixture(scope="module")
+def ftf_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory.mktemp("ftf_scoring"), n_images=24, data_seed=2, seed=3, method="ftf",
+                     options={"alpha": ALPHA, "tau": TAU, "balance": BALANCE, "k": K})
 
 
 def test_search_ranks_like_eval_with_the_trained_ftf_parameters(ftf_run, tmp_path, capsys):
@@ -118,19 +123,10 @@ def test_test_time_scores_a_reranking_method_through_its_reranker(tmp_path):
     cell's test-time "plain" column was not its test mR."""
     from rsitr.bench.release import EvalSet, evaluate_model
     from rsitr.data.captions import load_dataset
-    from rsitr.data.synth import write_synth
     from rsitr.eval.evaluate import encode_dataset, evaluate_ties, pair_metrics
     from rsitr.methods.factory import load
-    from rsitr.train.config import TrainConfig
-    from rsitr.train.loop import train
 
-    ann = write_synth(tmp_path / "synth", n_images=40, seed=5, image_size=32)
-    run = tmp_path / "run"
-    train(TrainConfig().override({
-        "data.path": str(ann), "out_dir": str(run), "model.backbone": "clip:tiny", "model.mode": "full", "epochs": 1, "max_steps": 1,
-        "batch_size": 8, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 64, "seed": 1, "augment.enabled": False,
-        "method.name": "iebaker", "method.options": {"sar": True, "sar_k": 3},
-    }), progress=False, evaluate_test=False)
+    ann, run = _tiny_run(tmp_path, n_images=40, data_seed=5, seed=1, method="iebaker", options={"sar": True, "sar_k": 3})
     loaded = load(str(run))
     assert loaded.method.capabilities.reranker == "sar" and not loaded.method.capabilities.cosine
     split = load_dataset(str(ann)).split("train")
